@@ -1,0 +1,181 @@
+"""Figures for the alignment analysis (SPEC §5): heatmaps, entropy bars, MP energy curves.
+
+matplotlib is imported lazily with the non-interactive Agg backend, so ``import fam`` and
+headless training never need a display (or matplotlib at all).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+def _plt() -> Any:
+    import sys
+
+    import matplotlib
+
+    # headless: never try to open a window on servers/CI; but leave an already-chosen
+    # backend alone (a notebook that imported pyplot keeps its inline display)
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    logger.info("wrote %s", path)
+    return path
+
+
+def plot_similarity_heatmaps(image: Image.Image, sim_maps: Sequence[Any], labels: Sequence[str],
+                             path: str | Path, cols: int = 4, alpha: float = 0.55,
+                             normalize: bool = True) -> Path:
+    """Overlay patch-to-label similarity maps on the image, one panel per label.
+
+    The maps live on the token grid of the *processed* image; pass the image in that frame
+    (:func:`fam.analysis.geometry.transform_image`) so patches line up. Each map is
+    stretched over the whole image (nearest-neighbour: one block per patch).
+
+    Args:
+        image: PIL image in the processed frame.
+        sim_maps: K arrays ``(G_h, G_w)`` (numpy or torch) of cosines.
+        labels: K panel titles.
+        path: output file (png/pdf/svg by extension).
+        cols: panels per row.
+        alpha: heatmap opacity.
+        normalize: min-max each map to [0, 1] (as Align(V, W) does) instead of a shared
+            [-1, 1] colour scale.
+    """
+    if len(sim_maps) != len(labels):
+        raise ValueError(f"{len(sim_maps)} maps but {len(labels)} labels")
+    plt = _plt()
+    k = max(1, len(sim_maps))
+    cols = max(1, min(cols, k))
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    w, h = image.size
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, m, lab in zip(axes.flat, sim_maps, labels):
+        m = np.asarray(m.detach().float().cpu() if hasattr(m, "detach") else m, dtype=np.float32)
+        if m.ndim != 2:
+            raise ValueError(f"similarity map for {lab!r} must be (G_h, G_w), got {m.shape}")
+        if normalize:
+            lo, hi = float(m.min()), float(m.max())
+            m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+            vmin, vmax = 0.0, 1.0
+        else:
+            vmin, vmax = -1.0, 1.0
+        ax.imshow(image)
+        im = ax.imshow(m, extent=(0, w, h, 0), cmap="jet", alpha=alpha, vmin=vmin, vmax=vmax,
+                       interpolation="nearest")
+        ax.set_title(str(lab), fontsize=10)
+    if len(sim_maps):
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7)
+    return _save(fig, path)
+
+
+def plot_entropy_comparison(entropies: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+    """Grouped bars of matrix entropy before/after the projector and of text (SPEC §5).
+
+    Args:
+        entropies: name → ``(H_before, H_after, H_text)`` in nats (``H_text`` may be NaN
+            or missing). ΔH is written above each pair.
+        path: output file.
+    """
+    plt = _plt()
+    names = list(entropies)
+    series = ("vision (before P)", "vision (after P)", "text")
+    vals = np.full((len(names), 3), np.nan)
+    for i, n in enumerate(names):
+        v = list(entropies[n])[:3]
+        vals[i, :len(v)] = v
+    x = np.arange(len(names))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(names) + 2), 3.6))
+    for j, s in enumerate(series):
+        ax.bar(x + (j - 1) * width, np.nan_to_num(vals[:, j]), width, label=s)
+    for i in range(len(names)):
+        if not np.isnan(vals[i, :2]).any():
+            ax.text(x[i], np.nanmax(vals[i]) * 1.02, f"ΔH={vals[i, 0] - vals[i, 1]:.2f}",
+                    ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("matrix entropy (nats)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_explained_energy(curves: Mapping[str, Any], path: str | Path) -> Path:
+    """Matching-pursuit explained energy vs number of atoms K (SPEC §5).
+
+    Args:
+        curves: name → ``(K+1,)`` mean curve (e.g. ``MPResult.explained_energy.mean(0)``),
+            or ``(M, K+1)`` per-vector curves (their mean is drawn with a 25–75% band).
+        path: output file.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for name, c in curves.items():
+        c = np.asarray(c.detach().float().cpu() if hasattr(c, "detach") else c, dtype=np.float64)
+        ks = np.arange(c.shape[-1])
+        if c.ndim == 2:
+            ax.fill_between(ks, np.quantile(c, 0.25, axis=0), np.quantile(c, 0.75, axis=0),
+                            alpha=0.2)
+            c = c.mean(0)
+        ax.plot(ks, c, marker="o", ms=3, label=name)
+    ax.set_xlabel("atoms K")
+    ax.set_ylabel("explained energy 1 − ‖r‖²/‖v‖²")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _cell(s: str) -> str:
+    # keep a decoded token visible and the table intact: show spaces, escape pipes
+    return s.replace("|", "\\|").replace("\n", "\\n").replace(" ", "␣") or "∅"
+
+
+def atoms_table(atoms: Any, decode: Callable[[int], str], row_labels: Sequence[str] | None = None,
+                coefs: Any | None = None, k: int | None = None, max_rows: int = 50) -> str:
+    """Markdown table of the top matching-pursuit atoms per row, as decoded strings.
+
+    Args:
+        atoms: ``(R, k_max)`` atom ids (``MPResult.atoms``).
+        decode: token id → string (the tokenizer's decode; passed in so this stays pure).
+        row_labels: R names (e.g. region labels or patch positions); default row numbers.
+        coefs: ``(R, k_max)`` coefficients, shown as ``token (0.42)``.
+        k: atoms per row to show (default all).
+        max_rows: at most this many rows.
+    """
+    a = np.asarray(atoms.cpu() if hasattr(atoms, "cpu") else atoms)
+    c = None if coefs is None else np.asarray(coefs.cpu() if hasattr(coefs, "cpu") else coefs)
+    k = a.shape[1] if k is None else min(k, a.shape[1])
+    n = min(a.shape[0], max_rows)
+    head = "| " + " | ".join(["row"] + [f"atom {j + 1}" for j in range(k)]) + " |"
+    lines = [head, "|" + "---|" * (k + 1)]
+    for i in range(n):
+        name = row_labels[i] if row_labels is not None else str(i)
+        cells = []
+        for j in range(k):
+            t = _cell(decode(int(a[i, j])))
+            cells.append(f"{t} ({float(c[i, j]):.2f})" if c is not None else t)
+        lines.append("| " + " | ".join([_cell(str(name))] + cells) + " |")
+    if a.shape[0] > n:
+        lines.append(f"\n({a.shape[0] - n} more rows not shown)")
+    return "\n".join(lines)

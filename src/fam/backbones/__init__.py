@@ -1,0 +1,56 @@
+"""Backbone adapters: the only code that knows processors, special tokens and layouts.
+
+Use :func:`load_backbone` for a hub id or a checkpoint directory (the family is read from
+its ``config.json``), and :func:`build_tiny` for a small random-initialised model of a real
+architecture with an offline tokenizer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.backbones.llava import LlavaAdapter
+from fam.backbones.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from fam.errors import ConfigError
+
+ADAPTERS: dict[str, type[BackboneAdapter]] = {
+    a.family: a for a in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter)
+}
+
+
+def adapter_for_model_type(model_type: str) -> type[BackboneAdapter]:
+    for a in ADAPTERS.values():
+        if model_type in a.model_types:
+            return a
+    raise ConfigError(f"no adapter for model_type {model_type!r}; supported: "
+                      f"{sorted(t for a in ADAPTERS.values() for t in a.model_types)}")
+
+
+def _model_type(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.exists():
+            raise ConfigError(f"{p} has no config.json: not a checkpoint directory")
+        return json.loads(cfg.read_text())["model_type"]
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(str(path)).model_type
+
+
+def load_backbone(path: str | Path, **kwargs: Any) -> BackboneAdapter:
+    """Load a backbone adapter from a hub id or a local checkpoint directory."""
+    return adapter_for_model_type(_model_type(path)).from_pretrained(path, **kwargs)
+
+
+def build_tiny(family: str = "qwen2_vl", out_dir: str | Path | None = None, **kwargs: Any,
+               ) -> BackboneAdapter:
+    """Build (and optionally save) a tiny random-initialised backbone of ``family``."""
+    if family not in ADAPTERS:
+        raise ConfigError(f"unknown backbone family {family!r}; choose one of {sorted(ADAPTERS)}")
+    return ADAPTERS[family].build_tiny(out_dir, **kwargs)
+
+
+__all__ = ["ADAPTERS", "BackboneAdapter", "EncodedBatch", "build_tiny", "load_backbone",
+           "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter"]

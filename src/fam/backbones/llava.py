@@ -1,0 +1,124 @@
+"""LLaVA-1.5 adapter (CLIP vision tower + 2-layer MLP projector + Llama).
+
+Image block: N × ``<image>``, N = number of vision-tower patches kept by
+``vision_feature_select_strategy`` (``default`` drops CLS). The projector
+(``multi_modal_projector``) is what patch-aligned training (SPEC §4) trains.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from fam.backbones.base import BackboneAdapter
+from fam.backbones.tokenizer import train_bpe_tokenizer
+from fam.errors import ConfigError
+
+LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+
+TINY_SIZES = {
+    "xs": dict(hidden=64, layers=2, heads=2, kv_heads=1, v_dim=32, v_layers=2),
+    "s": dict(hidden=128, layers=4, heads=4, kv_heads=2, v_dim=64, v_layers=2),
+    "m": dict(hidden=256, layers=4, heads=4, kv_heads=2, v_dim=128, v_layers=2),
+}
+
+
+class LlavaAdapter(BackboneAdapter):
+    family = "llava"
+    model_types = ("llava",)
+
+    def __init__(self, model, tokenizer, image_processor, **kwargs: Any):
+        super().__init__(model, tokenizer, image_processor, **kwargs)
+        self._bos = [int(tokenizer.bos_token_id)] if tokenizer.bos_token_id is not None else []
+
+    @classmethod
+    def _model_class(cls):
+        from transformers import LlavaForConditionalGeneration
+        return LlavaForConditionalGeneration
+
+    def bos_ids(self) -> list[int]:
+        return self._bos
+
+    def image_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
+        return [self.image_token_id] * n_tokens, [True] * n_tokens
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        vc = self.config.vision_config
+        n = (height // vc.patch_size) * (width // vc.patch_size)
+        if self.config.vision_feature_select_strategy == "full":
+            n += 1
+        return n
+
+    def process_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        out = self.image_processor(list(images), return_tensors="pt")
+        pv = out["pixel_values"]
+        n = self.num_image_tokens(pv.shape[-2], pv.shape[-1])
+        return {"pixel_values": pv}, [n] * len(images)
+
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the vision tower's patch grid at the processor's crop size."""
+        cs = self.image_processor.crop_size
+        p = self.config.vision_config.patch_size
+        return cs["height"] // p, cs["width"] // p
+
+    @classmethod
+    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None, **kw: Any):
+        from transformers import AutoTokenizer, CLIPImageProcessorPil
+        model_kw: dict[str, Any] = {}
+        if dtype is not None:
+            model_kw["dtype"] = dtype
+        if attn_implementation is not None:
+            model_kw["attn_implementation"] = attn_implementation
+        model = cls._model_class().from_pretrained(str(path), **model_kw)
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        proc = CLIPImageProcessorPil.from_pretrained(str(path))
+        return model, tok, proc
+
+    @classmethod
+    def tiny_config(cls, vocab_size: int, token_ids: dict[str, int], size: str = "s",
+                    image_size: int = 112) -> Any:
+        from transformers import LlavaConfig
+        if size not in TINY_SIZES:
+            raise ConfigError(f"unknown tiny size {size!r}; choose one of {sorted(TINY_SIZES)}")
+        s = TINY_SIZES[size]
+        text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=s["hidden"],
+                    intermediate_size=2 * s["hidden"], num_hidden_layers=s["layers"],
+                    num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                    max_position_embeddings=2048, bos_token_id=token_ids["<s>"],
+                    eos_token_id=token_ids["</s>"], pad_token_id=token_ids["<pad>"],
+                    tie_word_embeddings=False)
+        vision = dict(model_type="clip_vision_model", hidden_size=s["v_dim"],
+                      intermediate_size=2 * s["v_dim"], num_hidden_layers=s["v_layers"],
+                      num_attention_heads=max(1, s["v_dim"] // 16), image_size=image_size,
+                      patch_size=14, projection_dim=s["v_dim"])
+        return LlavaConfig(text_config=text, vision_config=vision,
+                           image_token_id=token_ids["<image>"], vision_feature_layer=-2,
+                           vision_feature_select_strategy="default",
+                           image_seq_length=(image_size // 14) ** 2, tie_word_embeddings=False)
+
+    @classmethod
+    def build_tiny(cls, out_dir: str | Path | None = None, *, size: str = "s", image_size: int = 112,
+                   corpus: Sequence[str] = (), vocab_size: int = 1024, seed: int = 0,
+                   **kwargs: Any) -> "LlavaAdapter":
+        """A small random-initialised LLaVA-1.5 with an offline BPE tokenizer.
+
+        ``(image_size/14)²`` image tokens (64 at 112 px).
+        """
+        from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
+        bpe = train_bpe_tokenizer(corpus, LLAVA_SPECIAL_TOKENS, vocab_size)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                      pad_token="<pad>", unk_token="<unk>",
+                                      additional_special_tokens=["<image>"])
+        ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+        cfg = cls.tiny_config(len(tok), ids, size, image_size)
+        torch.manual_seed(seed)
+        model = cls._model_class()(cfg)
+        model.eval()
+        proc = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                     crop_size={"height": image_size, "width": image_size})
+        adapter = cls(model, tok, proc, **kwargs)
+        if out_dir is not None:
+            adapter.save_pretrained(out_dir)
+        return adapter

@@ -1,0 +1,165 @@
+"""Qwen2-VL and Qwen2.5-VL adapters (the FAM paper's main backbone).
+
+Image block: ``<|vision_start|>`` + N × ``<|image_pad|>`` + ``<|vision_end|>`` with
+``N = t·h·w / merge_size²`` from the image processor's ``image_grid_thw``. The model needs
+``mm_token_type_ids`` (1 on image tokens) to compute its multimodal RoPE positions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from fam.backbones.base import BackboneAdapter
+from fam.backbones.tokenizer import train_bpe_tokenizer
+from fam.errors import ConfigError
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+#: Tiny sizes: (text hidden, text layers, heads, kv heads, vision embed dim, vision depth).
+TINY_SIZES = {
+    "xs": dict(hidden=64, layers=2, heads=2, kv_heads=1, v_dim=32, v_depth=2),
+    "s": dict(hidden=128, layers=4, heads=4, kv_heads=2, v_dim=64, v_depth=2),
+    "m": dict(hidden=256, layers=4, heads=4, kv_heads=2, v_dim=128, v_depth=2),
+}
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (t, h, w) like Qwen2-VL's [16, 24, 24] for 128."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+class Qwen2VLAdapter(BackboneAdapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+    def __init__(self, model, tokenizer, image_processor, **kwargs: Any):
+        super().__init__(model, tokenizer, image_processor, **kwargs)
+        cfg = self.config
+        self.vision_start_id = int(cfg.vision_start_token_id)
+        self.vision_end_id = int(cfg.vision_end_token_id)
+        self.merge_size = int(getattr(image_processor, "merge_size", 2))
+
+    @classmethod
+    def _model_class(cls):
+        from transformers import Qwen2VLForConditionalGeneration
+        return Qwen2VLForConditionalGeneration
+
+    @classmethod
+    def _image_processor_class(cls):
+        from transformers import Qwen2VLImageProcessorPil
+        return Qwen2VLImageProcessorPil
+
+    def image_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
+        ids = [self.vision_start_id] + [self.image_token_id] * n_tokens + [self.vision_end_id]
+        return ids, [False] + [True] * n_tokens + [False]
+
+    def process_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        out = self.image_processor(list(images), return_tensors="pt")
+        grid = out["image_grid_thw"]
+        counts = (grid.prod(-1) // (self.merge_size ** 2)).tolist()
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, counts
+
+    def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mm_token_type_ids": image_mask.to(torch.int32)}
+
+    @classmethod
+    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None,
+                        min_pixels: int | None = None, max_pixels: int | None = None, **kw: Any):
+        from transformers import AutoTokenizer
+        model_kw: dict[str, Any] = {}
+        if dtype is not None:
+            model_kw["dtype"] = dtype
+        if attn_implementation is not None:
+            model_kw["attn_implementation"] = attn_implementation
+        model = cls._model_class().from_pretrained(str(path), **model_kw)
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        ip_kw: dict[str, Any] = {}
+        if min_pixels is not None or max_pixels is not None:
+            ip_kw["min_pixels"] = min_pixels
+            ip_kw["max_pixels"] = max_pixels
+        proc = cls._image_processor_class().from_pretrained(str(path), **ip_kw)
+        return model, tok, proc
+
+    @classmethod
+    def tiny_config(cls, vocab_size: int, token_ids: dict[str, int], size: str = "s") -> Any:
+        from transformers import Qwen2VLConfig
+        if size not in TINY_SIZES:
+            raise ConfigError(f"unknown tiny size {size!r}; choose one of {sorted(TINY_SIZES)}")
+        s = TINY_SIZES[size]
+        head_dim = s["hidden"] // s["heads"]
+        text = dict(vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=2 * s["hidden"],
+                    num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                    num_key_value_heads=s["kv_heads"], max_position_embeddings=2048,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                     "mrope_section": _mrope_section(head_dim)},
+                    bos_token_id=None, eos_token_id=token_ids["<|im_end|>"],
+                    pad_token_id=token_ids["<|endoftext|>"], tie_word_embeddings=False)
+        vision = dict(depth=s["v_depth"], embed_dim=s["v_dim"], hidden_size=s["hidden"],
+                      num_heads=max(1, s["v_dim"] // 16), mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        return Qwen2VLConfig(text_config=text, vision_config=vision,
+                             image_token_id=token_ids["<|image_pad|>"],
+                             video_token_id=token_ids["<|video_pad|>"],
+                             vision_start_token_id=token_ids["<|vision_start|>"],
+                             vision_end_token_id=token_ids["<|vision_end|>"],
+                             tie_word_embeddings=False)
+
+    @classmethod
+    def build_tiny(cls, out_dir: str | Path | None = None, *, size: str = "s", image_size: int = 112,
+                   corpus: Sequence[str] = (), vocab_size: int = 1024, seed: int = 0,
+                   **kwargs: Any) -> "Qwen2VLAdapter":
+        """A small random-initialised Qwen2-VL with an offline BPE tokenizer.
+
+        Images are resized to ``image_size``² pixels (min = max pixels), i.e.
+        ``(image_size/28)²`` image tokens after the 2×2 merge (16 at 112 px).
+        """
+        from transformers import PreTrainedTokenizerFast
+        bpe = train_bpe_tokenizer(corpus, QWEN_SPECIAL_TOKENS, vocab_size)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>",
+                                      additional_special_tokens=QWEN_SPECIAL_TOKENS[1:])
+        ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+        cfg = cls.tiny_config(len(tok), ids, size)
+        torch.manual_seed(seed)
+        model = cls._model_class()(cfg)
+        model.eval()
+        proc = cls._image_processor_class()(min_pixels=image_size * image_size,
+                                            max_pixels=image_size * image_size)
+        adapter = cls(model, tok, proc, **kwargs)
+        if out_dir is not None:
+            adapter.save_pretrained(out_dir)
+        return adapter
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+    @classmethod
+    def _model_class(cls):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        return Qwen2_5_VLForConditionalGeneration
+
+    @classmethod
+    def tiny_config(cls, vocab_size: int, token_ids: dict[str, int], size: str = "s") -> Any:
+        from transformers import Qwen2_5_VLConfig
+        base = super().tiny_config(vocab_size, token_ids, size).to_dict()
+        vis = base["vision_config"]
+        s = TINY_SIZES[size]
+        vision = dict(depth=vis["depth"], hidden_size=vis["embed_dim"], out_hidden_size=s["hidden"],
+                      intermediate_size=2 * vis["embed_dim"], num_heads=vis["num_heads"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      window_size=56, fullatt_block_indexes=list(range(vis["depth"])))
+        return Qwen2_5_VLConfig(text_config=base["text_config"], vision_config=vision,
+                                image_token_id=base["image_token_id"],
+                                video_token_id=base["video_token_id"],
+                                vision_start_token_id=base["vision_start_token_id"],
+                                vision_end_token_id=base["vision_end_token_id"],
+                                tie_word_embeddings=False)

@@ -1,0 +1,1 @@
+"""Benchmarks that back the efficiency claims of the library (run with ``python -m``)."""

@@ -1,0 +1,274 @@
+"""Benchmark: exact MAC (SPEC §2, O(Bd) memory) vs the naive (B·N)×(B·T) form.
+
+Run ``python -m fam.bench.mac [--shapes B,N,T,d ...] [--device cpu|cuda] [--repeats 3]``.
+
+Method (honest by construction):
+
+* Each (shape, variant) runs in a **fresh subprocess**, so allocator caches and earlier
+  peaks of one variant cannot hide or inflate the other's.
+* Peak memory is the extra memory held during one forward+backward pass over the inputs
+  that already exist (token states, embeddings, masks), *including* the input gradients.
+  On CUDA: ``max_memory_allocated() − memory_allocated()`` before the pass. On CPU (no
+  allocator statistics exist): the process's resident-set high-water mark, reset just
+  before the pass through ``/proc/self/clear_refs`` (Linux), minus the resident set
+  before the pass — i.e. real RAM, as ``top`` would see it. Where the reset is not
+  available the ``ru_maxrss`` growth is used (flagged in the report).
+* Time is the median wall-clock of ``repeats`` forward+backward passes after a warm-up.
+
+The naive variant is written the way research code does it (and as the official FAM code
+materialises it): the full token-token cosine matrix, the padding mask applied by a
+broadcast multiply, then means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fam.losses.mac import mac_loss
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["mac_loss_naive", "run_bench", "paper_scale_estimate", "main"]
+
+DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((64, 256, 32, 256), (128, 256, 32, 256))
+# The official FAM run (SPEC §2): batch 512, Phi-3.5-V image tokens 757, caption 64, d 3072.
+PAPER_SCALE = {"B": 512, "N": 757, "T": 64, "d": 3072, "bytes_per_element": 2}
+
+
+def mac_loss_naive(img_emb: Tensor, txt_emb: Tensor, img_tokens: Tensor, txt_tokens: Tensor,
+                   img_mask: Tensor | None = None, txt_mask: Tensor | None = None,
+                   temperature: float = 0.02, weights: Sequence[float] = (1.0, 1.0, 1.0),
+                   c2f_reduction: str = "mean") -> dict[str, Tensor]:
+    """Naive MAC materialising the ``(B·N)×(B·T)`` cosine matrix (benchmark baseline only).
+
+    Same arguments and outputs as :func:`fam.losses.mac.mac_loss` (no gathering). Memory
+    O(B²·N·T); never use it for training.
+    """
+    b, n, d = img_tokens.shape
+    t_len = txt_tokens.shape[1]
+    mi = torch.ones(b, n, dtype=img_tokens.dtype, device=img_tokens.device) if img_mask is None \
+        else img_mask.to(img_tokens.dtype)
+    mt = torch.ones(b, t_len, dtype=txt_tokens.dtype, device=txt_tokens.device) if txt_mask is None \
+        else txt_mask.to(txt_tokens.dtype)
+    h_img = F.normalize(img_tokens, dim=-1).reshape(b * n, d)
+    h_txt = F.normalize(txt_tokens, dim=-1).reshape(b * t_len, d)
+    e_img, e_txt = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
+    labels = torch.arange(b, device=img_emb.device)
+    sim = (h_img @ h_txt.T).view(b, n, b, t_len)  # (B·N)×(B·T): the expensive tensor
+    sim = sim * (mi[:, :, None, None] * mt[None, None, :, :])  # mask padding pairs
+    s_f = sim.sum(dim=(1, 3)) / (mi.sum(1)[:, None] * mt.sum(1)[None, :]) / temperature
+    s_i2t = ((e_img @ h_txt.T).view(b, b, t_len) * mt[None]).sum(-1) / mt.sum(1)[None] / temperature
+    s_t2i = ((e_txt @ h_img.T).view(b, b, n) * mi[None]).sum(-1) / mi.sum(1)[None] / temperature
+    coarse = F.cross_entropy(e_img @ e_txt.T / temperature, labels)
+    i2t, t2i = F.cross_entropy(s_i2t, labels), F.cross_entropy(s_t2i, labels)
+    c2f = i2t + t2i if c2f_reduction == "sum" else 0.5 * (i2t + t2i)
+    fine = F.cross_entropy(s_f, labels)
+    w_c, w_c2f, w_f = weights
+    return {"loss": w_c * coarse + w_c2f * c2f + w_f * fine, "coarse_loss": coarse,
+            "c2f_loss": c2f, "fine_loss": fine}
+
+
+def _variant(name: str):
+    if name == "exact":
+        return lambda *a: mac_loss(*a, gather=False)
+    if name == "naive":
+        return mac_loss_naive
+    raise ValueError(f"unknown variant {name!r}; expected 'exact' or 'naive'.")
+
+
+def _make_inputs(b: int, n: int, t: int, d: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(b, d, generator=g), torch.randn(b, d, generator=g),
+          torch.randn(b, n, d, generator=g), torch.randn(b, t, d, generator=g)]
+    xs = [x.to(device).requires_grad_() for x in xs]
+    # Realistic padding: full images, captions of random length in [T/4, T].
+    txt_len = torch.randint(max(1, t // 4), t + 1, (b,), generator=g)
+    txt_mask = (torch.arange(t)[None] < txt_len[:, None]).to(device)
+    img_mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    return xs, img_mask, txt_mask
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _step(fn, xs, im, tm) -> None:
+    loss = fn(*xs, im, tm)["loss"]
+    loss.backward()
+    for x in xs:
+        x.grad = None
+
+
+def _worker(b: int, n: int, t: int, d: int, variant: str, device: str, repeats: int) -> dict:
+    """Measure one (shape, variant) in this (fresh) process."""
+    fn = _variant(variant)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # Warm up kernels/thread pools on a tiny problem so lazy initialisation is not counted.
+    _step(fn, *_make_inputs(4, 8, 4, 16, device))
+    xs, im, tm = _make_inputs(b, n, t, d, device)
+    sync()
+    method = "cuda_max_memory_allocated"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    elif _reset_cpu_peak() and _status_kb("VmRSS") is not None:
+        method = "cpu_rss_high_water_mark"
+        before = _status_kb("VmRSS") * 1024
+    else:
+        method = "cpu_ru_maxrss_growth"
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    _step(fn, xs, im, tm)
+    sync()
+    first = time.perf_counter() - t0
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - before
+    elif method == "cpu_rss_high_water_mark":
+        peak = _status_kb("VmHWM") * 1024 - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        _step(fn, xs, im, tm)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"B": b, "N": n, "T": t, "d": d, "variant": variant, "device": device,
+            "peak_bytes": int(max(peak, 0)), "time_s": statistics.median(times or [first]),
+            "memory_method": method, "threads": torch.get_num_threads()}
+
+
+def _run_in_subprocess(b, n, t, d, variant, device, repeats) -> dict:
+    src_root = str(Path(__file__).resolve().parents[2])  # .../src, so `fam` imports as here
+    env = dict(os.environ)
+    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "fam.bench.mac", "--_worker",
+           ",".join(map(str, (b, n, t, d))), variant, device, str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {variant} {(b, n, t, d)} failed "
+                           f"(exit {proc.returncode}; out of memory?):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(shapes: Sequence[tuple[int, int, int, int]] = DEFAULT_SHAPES, device: str = "cpu",
+              repeats: int = 3) -> list[dict]:
+    """Time and peak memory of exact vs naive MAC, forward+backward, per shape.
+
+    Args:
+        shapes: ``(B, N, T, d)`` tuples.
+        device: ``"cpu"`` or a CUDA device.
+        repeats: timed passes per variant (median reported) after the measured first pass.
+
+    Returns:
+        One dict per shape: ``B, N, T, d, exact_time_s, naive_time_s, exact_peak_bytes,
+        naive_peak_bytes, memory_ratio, speed_ratio`` (ratios are naive / exact) and
+        ``memory_method``.
+    """
+    rows = []
+    for b, n, t, d in shapes:
+        res = {v: _run_in_subprocess(b, n, t, d, v, device, repeats) for v in ("exact", "naive")}
+        row = {"B": b, "N": n, "T": t, "d": d, "memory_method": res["exact"]["memory_method"],
+               "threads": res["exact"]["threads"]}
+        for v in ("exact", "naive"):
+            row[f"{v}_time_s"] = res[v]["time_s"]
+            row[f"{v}_peak_bytes"] = res[v]["peak_bytes"]
+        row["memory_ratio"] = row["naive_peak_bytes"] / max(row["exact_peak_bytes"], 1)
+        row["speed_ratio"] = row["naive_time_s"] / max(row["exact_time_s"], 1e-9)
+        logger.info("MAC bench %s: %s", (b, n, t, d), row)
+        rows.append(row)
+    return rows
+
+
+def paper_scale_estimate(B: int = 512, N: int = 757, T: int = 64, d: int = 3072,  # noqa: N803
+                         bytes_per_element: int = 2) -> dict:
+    """Analytic memory of the naive similarity tensor vs the exact form's score inputs.
+
+    Returns:
+        dict with ``naive_elements`` (= (B·N)·(B·T)), ``naive_bytes`` (that matrix alone,
+        forward only) and ``exact_bytes``: the four ``(B, d)`` representations plus the
+        four ``B×B`` float32 score matrices of the exact form.
+    """
+    naive_elements = (B * N) * (B * T)
+    exact_bytes = 4 * B * d * bytes_per_element + 4 * B * B * 4
+    return {"naive_elements": naive_elements, "naive_bytes": naive_elements * bytes_per_element,
+            "exact_bytes": exact_bytes}
+
+
+def _fmt_bytes(x: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(x) < 1024 or unit == "TB":
+            return f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} TB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; prints the table, the paper-scale estimate and, last, the ratios."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--_worker"]:  # internal: one measurement in a fresh process
+        b, n, t, d = (int(x) for x in argv[1].split(","))
+        print(json.dumps(_worker(b, n, t, d, argv[2], argv[3], int(argv[4]))))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m fam.bench.mac", description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in DEFAULT_SHAPES],
+                   help="B,N,T,d tuples (default: %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    rows = run_bench(shapes, device=args.device, repeats=args.repeats)
+
+    print(f"MAC forward+backward, float32, device={args.device}, torch threads={rows[0]['threads']}, "
+          f"peak memory method={rows[0]['memory_method']}")
+    print(f"{'B':>5} {'N':>5} {'T':>4} {'d':>5} | {'exact time':>11} {'naive time':>11} | "
+          f"{'exact peak':>11} {'naive peak':>11} | {'mem x':>7} {'speed x':>7}")
+    for r in rows:
+        print(f"{r['B']:>5} {r['N']:>5} {r['T']:>4} {r['d']:>5} | {r['exact_time_s'] * 1e3:>9.1f}ms "
+              f"{r['naive_time_s'] * 1e3:>9.1f}ms | {_fmt_bytes(r['exact_peak_bytes']):>11} "
+              f"{_fmt_bytes(r['naive_peak_bytes']):>11} | {r['memory_ratio']:>6.1f}x "
+              f"{r['speed_ratio']:>6.1f}x")
+    est = paper_scale_estimate(**PAPER_SCALE)
+    ps = PAPER_SCALE
+    print(f"paper scale (B={ps['B']}, N={ps['N']}, T={ps['T']}, d={ps['d']}, bf16): naive "
+          f"(B·N)×(B·T) matrix = {est['naive_elements']:.3g} elements = "
+          f"{est['naive_bytes'] / 1e9:.1f} GB before backward; exact form's score inputs "
+          f"= {est['exact_bytes'] / 1e6:.1f} MB (O(Bd))")
+    first = rows[0]
+    print(f"(ratios below: naive / exact at B,N,T,d = {first['B']},{first['N']},{first['T']},{first['d']})")
+    print(f"peak memory ratio: {first['memory_ratio']:.1f}x")
+    print(f"speed ratio: {first['speed_ratio']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The ``fam`` command line.
+
+    fam demo [--quick] [--out DIR]              the main job on the embedded default
+    fam data scenes --out DIR [...]             generate the built-in Scenes benchmark
+    fam model tiny --out DIR [--family ...]     save a tiny random-initialised backbone
+    fam train stage0|adapt [CONFIG] [k=v ...]   run a training stage (YAML + overrides)
+    fam eval --model DIR --data DIR             MMEB-protocol evaluation
+    fam encode --model DIR --input F --out F    embed items (inference)
+
+Training subcommands take an optional YAML config and ``key=value`` overrides, e.g.
+``fam train adapt configs/adapt.yaml optim.lr=1e-4 lora.r=16``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fam.errors import FamError
+
+log = logging.getLogger("fam")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Offline by default: nothing in the embedded pipeline may reach a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fam.demo import run_demo
+    from fam.eval.metrics import format_table
+    res = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    print(format_table([(k, v) for k, v in res["models"].items()]))
+    nll = res["caption_nll"]
+    print(f"\nheld-out caption loss (nats/token): untrained {nll['untrained']:.3f} -> "
+          f"stage0 {nll['stage0']:.3f}")
+    print(f"total {res['timings_s']['total']:.0f} s, peak RSS {res['peak_rss_mb']:.0f} MB")
+    print(f"artefacts in {Path(args.out).resolve()} (results.json, results.md, */model)")
+    return 0
+
+
+def cmd_data_scenes(args: argparse.Namespace) -> int:
+    from fam.config import load_config
+    from fam.data.scenes import ScenesConfig, generate_scenes
+    cfg = load_config(ScenesConfig, args.config, args.overrides)
+    summary = generate_scenes(cfg, args.out)
+    print(json.dumps(summary.get("counts", summary), indent=2))
+    return 0
+
+
+def cmd_model_tiny(args: argparse.Namespace) -> int:
+    from fam.backbones import build_tiny
+    corpus: list[str] = []
+    if args.corpus:
+        recs = json.loads(Path(args.corpus).read_text())
+        corpus = [r.get("caption") or r.get("blip_caption") or "" for r in recs]
+    build_tiny(args.family, args.out, size=args.size, image_size=args.image_size, corpus=corpus,
+               seed=args.seed)
+    print(f"saved a tiny {args.family} ({args.size}) to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fam.config import AdaptConfig, Stage0Config, load_config
+    if args.stage == "stage0":
+        from fam.train.stage0 import run_stage0
+        path = run_stage0(load_config(Stage0Config, args.config, args.overrides))
+    elif args.stage == "adapt":
+        from fam.train.adapt import run_adapt
+        overrides = list(args.overrides) + (["vein.enabled=true"] if args.vein else [])
+        path = run_adapt(load_config(AdaptConfig, args.config, overrides))
+    else:  # pragma: no cover - argparse restricts choices
+        raise FamError(f"unknown stage {args.stage}")
+    print(f"model saved to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fam.backbones import load_backbone
+    from fam.eval.metrics import format_table
+    from fam.eval.mmeb import evaluate, save_results
+    from fam.model import EmbeddingModel
+    adapter = load_backbone(args.model)
+    res = evaluate(EmbeddingModel(adapter), args.data, args.image_root,
+                   datasets=args.datasets or None, batch_size=args.batch_size,
+                   max_rows=args.max_rows, progress=not args.no_progress)
+    out = Path(args.out) if args.out else Path(args.model) / "eval_results.json"
+    save_results(res, out)
+    print(format_table([(Path(args.model).name, res)], per_dataset=True))
+    print(f"results written to {out}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from fam.backbones import load_backbone
+    from fam.data.types import MMItem
+    from fam.model import EmbeddingModel
+    from fam.utils.io import read_jsonl, resolve_under
+    root = Path(args.image_root or Path(args.input).parent)
+    items = []
+    for line, row in read_jsonl(args.input):
+        img = row.get("image") or None
+        items.append(MMItem(row.get("text", ""),
+                            resolve_under(root, img, source=args.input, line=line, field="image")
+                            if img else None, source=str(args.input), line=line, field="image"))
+    model = EmbeddingModel(load_backbone(args.model))
+    emb = model.encode(items, batch_size=args.batch_size)
+    save_file({"embeddings": emb.contiguous()}, args.out)
+    print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fam", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the main job (Scenes → stage 0 → adaptation → eval)")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--quick", action="store_true", help="tiny sizes (about a minute)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_cmd", required=True)
+    sc = data.add_parser("scenes", help="generate the built-in Scenes benchmark")
+    sc.add_argument("--out", required=True)
+    sc.add_argument("--config", default=None, help="YAML with ScenesConfig fields")
+    sc.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1")
+    sc.set_defaults(func=cmd_data_scenes)
+
+    model = sub.add_parser("model", help="models").add_subparsers(dest="model_cmd", required=True)
+    ti = model.add_parser("tiny", help="save a tiny random-initialised backbone")
+    ti.add_argument("--out", required=True)
+    ti.add_argument("--family", default="qwen2_vl")
+    ti.add_argument("--size", default="s", choices=["xs", "s", "m"])
+    ti.add_argument("--image-size", type=int, default=112)
+    ti.add_argument("--corpus", default=None, help="caption JSON to train the tokenizer on")
+    ti.add_argument("--seed", type=int, default=0)
+    ti.set_defaults(func=cmd_model_tiny)
+
+    tr = sub.add_parser("train", help="run a training stage")
+    tr.add_argument("stage", choices=["stage0", "adapt"])
+    tr.add_argument("config", nargs="?", default=None,
+                    help="YAML config (optional; keys mirror the stage's config dataclass)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+    tr.add_argument("--vein", action="store_true", help="adapt: add the VEIN loss")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="MMEB-protocol evaluation of an embedding model")
+    ev.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    ev.add_argument("--data", required=True, help="MMEB-format eval folder or file")
+    ev.add_argument("--image-root", default=None, help="image root (default: beside the data)")
+    ev.add_argument("--datasets", nargs="*", default=None)
+    ev.add_argument("--max-rows", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--out", default=None, help="results JSON (default: <model>/eval_results.json)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    en = sub.add_parser("encode", help="embed a JSONL of {text, image} items")
+    en.add_argument("--model", required=True)
+    en.add_argument("--input", required=True, help="JSONL rows {text, image (relative path)}")
+    en.add_argument("--image-root", default=None)
+    en.add_argument("--out", required=True, help="safetensors file with 'embeddings' (n, d)")
+    en.add_argument("--batch-size", type=int, default=32)
+    en.set_defaults(func=cmd_encode)
+    return p
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # A YAML path given as the first positional that is really an override goes to overrides.
+    if getattr(args, "config", None) and "=" in str(args.config):
+        args.overrides = [args.config] + list(args.overrides)
+        args.config = None
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except FamError as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

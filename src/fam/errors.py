@@ -1,0 +1,43 @@
+"""Error types with enough context to fix the problem.
+
+Every data error names *where* it happened (file, line, field) and *what to do*,
+so a bad row in a 100K-row file is found in seconds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FamError(Exception):
+    """Base class of all errors raised by fam."""
+
+
+class DataError(FamError, ValueError):
+    """A problem with input data: a malformed row, a missing or corrupt image, a bad path.
+
+    Args:
+        message: what is wrong and, where possible, what to do about it.
+        path: the file the problem is in (a JSONL/parquet/JSON file or an image).
+        line: 1-based line (JSONL) or row (parquet/JSON list) number, if known.
+        field: the offending field of the row, if known.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None,
+                 field: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        prefix = (", ".join(where) + ": ") if where else ""
+        super().__init__(prefix + message)
+
+
+class ConfigError(FamError, ValueError):
+    """An invalid configuration value (names the key and the accepted values)."""

@@ -1,0 +1,264 @@
+"""The MMEB evaluation protocol (SPEC §6): rank candidates by cosine, report precision@1.
+
+For each dataset: every distinct item (query or candidate, keyed by ``(text, image)``) is
+encoded once, each query is scored against its own candidate list by cosine similarity,
+and precision@1 (ties never favour the positive, see :mod:`fam.eval.metrics`) is averaged
+over rows. Real MMEB rows carry 1000 candidates, mostly shared across rows (e.g. the 1000
+ImageNet class names), so deduplication cuts encoding work by up to ~1000x.
+
+Results JSON (what :func:`evaluate` returns and :func:`save_results` writes); every score
+and chance level is a percentage in [0, 100]::
+
+    {
+      "metric": "precision@1",
+      "ties": "expected",                 # tie rule used (see precision_at_1)
+      "datasets": {
+        "<name>": {
+          "precision@1": 63.2,            # mean over rows x 100
+          "n": 1000,                      # rows evaluated
+          "n_candidates": 1000,           # candidates per row (a float mean if they vary)
+          "n_encoded": 2000,              # distinct items encoded (after deduplication)
+          "meta_task": "classification",  # classification | vqa | retrieval | grounding
+          "split": "IND",                 # IND | OOD
+          "chance": 0.1                   # expected precision@1 of a random ranking
+        }, ...
+      },
+      "meta_task": {"classification": 55.1, "vqa": null, ...},  # null: no dataset evaluated
+      "IND": 60.0, "OOD": 50.0, "overall": 55.6,  # equal-weight means over datasets
+      "n_datasets": {"classification": 10, ..., "IND": 20, "OOD": 16, "overall": 36},
+      "chance": {"meta_task": {...}, "IND": ..., "OOD": ..., "overall": ...},
+      "settings": {"data_dir": "...", "image_root": "...", "max_rows": null, "split": null}
+    }
+
+A dataset's chance level is ``datasets.json``'s ``chance`` when given, otherwise computed
+from the rows evaluated (mean of 1 / #candidates), which is exactly what a constant
+scorer obtains under the ``"expected"`` tie rule.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fam.data.mmeb import (EvalRow, dataset_info, discover_datasets, load_dataset_infos,
+                           read_eval_rows, validate_images)
+from fam.data.types import MMItem
+from fam.errors import DataError
+from fam.eval.metrics import Ties, aggregate, precision_at_1
+from fam.utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Encoder", "evaluate", "evaluate_rows", "save_results", "load_results",
+           "PRIMARY_METRIC"]
+
+#: The metric MMEB reports; the key of each dataset's score in the results.
+PRIMARY_METRIC = "precision@1"
+
+# Max float32 elements of one (rows, C, d) candidate block gathered for scoring (128 MiB).
+_SCORE_BLOCK_ELEMS = 2 ** 25
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Anything that embeds MMEB items.
+
+    ``encode`` receives up to ``batch_size`` items (text with optional
+    :data:`~fam.data.types.IMAGE_PLACEHOLDER`, optional absolute image path) and returns
+    their embeddings, (n, d), one row per item in order. Rows should be L2-normalised;
+    :func:`evaluate` re-normalises anyway so the score is exactly cosine. It is called
+    under ``torch.no_grad()``; putting the model in eval mode is the caller's job.
+    """
+
+    def encode(self, items: list[MMItem]) -> torch.Tensor:  # (n, d)
+        ...
+
+
+def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
+                   progress: bool, desc: str) -> torch.Tensor:
+    """Encode ``items`` in batches; returns (len(items), d) float32 unit rows on the CPU.
+
+    Embeddings are moved to the CPU batch by batch so the accelerator keeps its memory for
+    the model; scoring on the CPU is cheap next to encoding.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks: list[torch.Tensor] = []
+    bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, leave=False)
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start:start + batch_size])
+            emb = encoder.encode(batch)
+            if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != len(batch):
+                shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+                raise ValueError(f"encoder.encode returned {shape} for {len(batch)} items; "
+                                 "expected a tensor of shape (n, d)")
+            chunks.append(emb.detach().float().cpu())
+            bar.update(len(batch))
+    bar.close()
+    emb = torch.cat(chunks)
+    return F.normalize(emb, dim=-1)
+
+
+def _score_rows(emb: torch.Tensor, q_idx: torch.Tensor, c_idx: torch.Tensor,
+                ties: Ties) -> torch.Tensor:
+    """Precision@1 credits of rows sharing one candidate count.
+
+    Args:
+        emb: (U, d) unit embeddings of the distinct items.
+        q_idx: (R,) row -> index of its query in ``emb``.
+        c_idx: (R, C) row -> indices of its candidates (positive first).
+
+    Returns:
+        (R,) float64 credits.
+    """
+    r, c = c_idx.shape
+    d = emb.shape[1]
+    # Gather each row's own candidates (R, C, d) rather than scoring against all U
+    # items: U can be ~C*R for retrieval sets, which would cost U/C times more.
+    step = max(1, _SCORE_BLOCK_ELEMS // max(1, c * d))
+    out = []
+    for s in range(0, r, step):
+        q = emb[q_idx[s:s + step]]                                   # (b, d)
+        cands = emb[c_idx[s:s + step]]                               # (b, C, d)
+        scores = torch.einsum("bd,bcd->bc", q, cands)                # (b, C) cosine
+        out.append(precision_at_1(scores, 0, ties))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 32,
+                  ties: Ties = "expected", progress: bool = True, desc: str = "encode"
+                  ) -> tuple[torch.Tensor, int]:
+    """Score one dataset's rows.
+
+    Args:
+        encoder: see :class:`Encoder`.
+        rows: the dataset's rows (candidate lists may differ in length).
+        batch_size: items per ``encoder.encode`` call.
+        ties: tie rule of :func:`~fam.eval.metrics.precision_at_1`.
+        progress: show a progress bar.
+        desc: progress-bar label.
+
+    Returns:
+        ``(credits, n_encoded)``: (R,) float64 per-row precision@1 credit in [0, 1], and
+        the number of distinct items encoded.
+    """
+    index: dict[MMItem, int] = {}  # MMItem is frozen (hashable): equal (text, image) dedupe
+    for row in rows:
+        for item in (row.query, *row.candidates):
+            index.setdefault(item, len(index))
+    emb = _encode_unique(encoder, list(index), batch_size, progress, desc)
+
+    credits = torch.zeros(len(rows), dtype=torch.float64)
+    by_count: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_count.setdefault(len(row.candidates), []).append(i)
+    for _, members in sorted(by_count.items()):
+        q_idx = torch.tensor([index[rows[i].query] for i in members], dtype=torch.long)
+        c_idx = torch.tensor([[index[c] for c in rows[i].candidates] for i in members],
+                             dtype=torch.long)
+        try:
+            credits[members] = _score_rows(emb, q_idx, c_idx, ties)
+        except ValueError as e:
+            row = rows[members[0]]
+            raise ValueError(f"dataset {row.dataset} ({row.source}): {e}") from None
+    return credits, len(index)
+
+
+def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | None = None,
+             datasets: Iterable[str] | None = None, batch_size: int = 32,
+             max_rows: int | None = None, progress: bool = True, ties: Ties = "expected",
+             split: str | None = None, check_images: bool = True) -> dict[str, Any]:
+    """Run the MMEB protocol on every (or the chosen) dataset under ``data_dir``.
+
+    Datasets are loaded and scored one at a time, so memory holds one dataset's rows and
+    embeddings. All dataset names are checked against the metadata (built-in table +
+    ``datasets.json``) before anything is encoded, so an unknown name fails at once.
+
+    Args:
+        encoder: see :class:`Encoder`.
+        data_dir: MMEB-eval folder (``<Dataset>.jsonl|parquet`` files or one folder per
+            dataset), a single data file, or a benchmark root holding ``eval/``.
+        image_root: folder image paths are relative to (default: ``data_dir``, or the
+            folder of a data file).
+        datasets: names to evaluate (default: all found).
+        batch_size: items per ``encoder.encode`` call.
+        max_rows: evaluate only the first ``max_rows`` rows of each dataset (quick runs).
+        progress: show progress bars.
+        ties: tie rule (``"expected"``: a k-way tie with the positive scores 1/k).
+        split: split of multi-split dataset folders (default ``"test"``).
+        check_images: check that every referenced image exists before encoding, so a
+            missing file is reported with its data row rather than from inside the model.
+
+    Returns:
+        The results dict described in this module's docstring.
+
+    Raises:
+        DataError: bad data, unknown dataset or missing image (names file, line, field).
+    """
+    data_dir = Path(data_dir)
+    if image_root is None:
+        image_root = data_dir if data_dir.is_dir() else data_dir.parent
+    found = discover_datasets(data_dir, "eval", split)
+    names = list(found) if datasets is None else list(datasets)
+    if not names:
+        raise ValueError("no dataset selected (datasets=[])")
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DataError(f"dataset(s) {missing} not found; available: {sorted(found)}", data_dir)
+    infos = load_dataset_infos(data_dir)
+    meta = {n: dataset_info(n, data_dir, infos=infos) for n in names}
+
+    per_dataset: dict[str, dict[str, Any]] = {}
+    for name in tqdm(names, desc="MMEB", unit="dataset", disable=not progress):
+        rows = read_eval_rows(name, found[name], image_root, max_rows)
+        if not rows:
+            raise DataError("dataset has no rows", found[name][0])
+        if check_images:
+            validate_images(rows)
+        credits, n_encoded = evaluate_rows(encoder, rows, batch_size, ties, progress, name)
+        counts = [len(r.candidates) for r in rows]
+        info = meta[name]
+        chance = info.chance if info.chance is not None else \
+            sum(1.0 / c for c in counts) / len(counts)
+        n_cand: float = counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
+        per_dataset[name] = {
+            PRIMARY_METRIC: 100.0 * credits.mean().item(),
+            "n": len(rows),
+            "n_candidates": n_cand,
+            "n_encoded": n_encoded,
+            "meta_task": info.meta_task,
+            "split": info.split,
+            "chance": 100.0 * chance,
+        }
+        logger.info("%s: precision@1 %.2f over %d rows (%d distinct items encoded)", name,
+                    per_dataset[name][PRIMARY_METRIC], len(rows), n_encoded)
+
+    summary = aggregate({n: d[PRIMARY_METRIC] for n, d in per_dataset.items()}, infos,
+                        chance={n: d["chance"] for n, d in per_dataset.items()})
+    results: dict[str, Any] = {"metric": PRIMARY_METRIC, "ties": ties, "datasets": per_dataset}
+    results.update(summary)
+    results["settings"] = {"data_dir": str(data_dir), "image_root": str(image_root),
+                           "max_rows": max_rows, "split": split}
+    logger.info("MMEB overall %s (IND %s, OOD %s) over %d datasets", _pct(results["overall"]),
+                _pct(results["IND"]), _pct(results["OOD"]), len(per_dataset))
+    return results
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def save_results(results: dict[str, Any], path: str | Path) -> None:
+    """Write results as JSON atomically (a crash never leaves a truncated file)."""
+    atomic_write_json(path, results)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read results written by :func:`save_results`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

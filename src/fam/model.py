@@ -1,0 +1,157 @@
+"""The embedding model: a generative LVLM turned encoder (SPEC §1, the VLM2Vec recipe).
+
+The embedding of an input is the final-layer hidden state of its last real token (EOS
+pooling), L2-normalised. The same forward also returns, on request, the token states of
+chosen layers with the image/text masks — what MAC (SPEC §2) and VEIN (SPEC §3) consume.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.config import LoraConfig
+from fam.data.types import MMItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingOutput:
+    """What one forward of the embedding model returns.
+
+    Attributes:
+        embedding: (B, d) L2-normalised EOS embeddings.
+        hidden_states: ``{layer: (B, L, d)}`` for the requested layers (layer index into the
+            backbone's ``hidden_states`` tuple: 0 = input embeddings, ``num_layers`` = last).
+        image_mask, text_mask: (B, L) bool masks from the adapter.
+        eos_index: (B,) long.
+        has_image: (B,) bool.
+        attentions: per-layer attention maps when asked for (eager attention only).
+    """
+
+    embedding: torch.Tensor
+    hidden_states: dict[int, torch.Tensor]
+    image_mask: torch.Tensor
+    text_mask: torch.Tensor
+    eos_index: torch.Tensor
+    has_image: torch.Tensor
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    def eos_state(self, layer: int) -> torch.Tensor:
+        """(B, d) un-normalised state of the EOS token at ``layer``."""
+        h = self.hidden_states[layer]
+        return h[torch.arange(h.shape[0], device=h.device), self.eos_index]
+
+
+class EmbeddingModel(nn.Module):
+    """EOS-pooled, L2-normalised embeddings from a backbone adapter.
+
+    Args:
+        adapter: the backbone adapter (owns the transformers model).
+        normalize: L2-normalise embeddings (VLM2Vec: yes).
+    """
+
+    def __init__(self, adapter: BackboneAdapter, normalize: bool = True):
+        super().__init__()
+        self.adapter = adapter
+        # Registering the model makes .parameters()/.train()/.to() reach it.
+        self.backbone = adapter.model
+        self.normalize = normalize
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    def resolve_layer(self, layer: int) -> int:
+        """Map a layer index (negative counts from the end, -1 = last) to hidden_states' index."""
+        n = self.num_layers
+        idx = layer if layer >= 0 else n + 1 + layer
+        if not 1 <= idx <= n:
+            raise ValueError(f"layer {layer} is out of range for a {n}-layer language model "
+                             f"(use 1..{n} or -1..-{n})")
+        return idx
+
+    def forward(self, batch: EncodedBatch, layers: Sequence[int] = (),
+                output_attentions: bool = False) -> EmbeddingOutput:
+        """Embed a batch.
+
+        Args:
+            batch: from ``adapter.encode`` (already on the model's device).
+            layers: hidden-state layers to return besides the embedding (may be negative).
+            output_attentions: also return attention maps (needs eager attention).
+        """
+        out = self.adapter.forward(batch, output_hidden_states=True,
+                                   output_attentions=output_attentions)
+        hs = out.hidden_states
+        last = hs[-1]
+        idx = torch.arange(last.shape[0], device=last.device)
+        emb = last[idx, batch.eos_index]
+        if self.normalize:
+            emb = F.normalize(emb.float(), dim=-1)
+        wanted = {self.resolve_layer(l): hs[self.resolve_layer(l)] for l in layers}
+        return EmbeddingOutput(emb, wanted, batch.image_mask, batch.text_mask, batch.eos_index,
+                               batch.has_image, out.attentions if output_attentions else None)
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[MMItem], batch_size: int = 32) -> torch.Tensor:
+        """Embed items for inference/evaluation (no grad, eval mode restored afterwards).
+
+        Returns:
+            (n, d) float32 L2-normalised embeddings on the CPU.
+        """
+        was_training = self.training
+        self.eval()
+        device = self.adapter.device
+        outs = []
+        try:
+            for i in range(0, len(items), batch_size):
+                batch = self.adapter.encode(items[i:i + batch_size]).to(device)
+                with autocast_for(device, self.adapter.dtype):
+                    outs.append(self(batch).embedding.float().cpu())
+        finally:
+            self.train(was_training)
+        if not outs:
+            return torch.zeros(0, self.adapter.hidden_size)
+        return torch.cat(outs)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA when the model is in half precision; a no-op otherwise."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def apply_lora(model: EmbeddingModel, cfg: LoraConfig) -> None:
+    """Wrap the backbone with a fresh peft LoRA on the language model's linear layers.
+
+    Everything else is frozen; the adapter keeps working (it unwraps peft transparently).
+    """
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    adapter = model.adapter
+
+    pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=adapter.lora_target_modules(), use_dora=cfg.use_dora,
+                          bias="none")
+    adapter.model = get_peft_model(adapter.model, pcfg)
+    model.backbone = adapter.model
+    n_train = sum(p.numel() for p in adapter.model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in adapter.model.parameters())
+    log.info("LoRA r=%d alpha=%d: %d trainable of %d parameters (%.2f%%)", cfg.r, cfg.alpha,
+             n_train, n_all, 100.0 * n_train / max(n_all, 1))
+
+
+def merge_lora(model: EmbeddingModel) -> None:
+    """Merge a peft LoRA into the base weights and drop the wrapper (FAM between stages)."""
+    adapter = model.adapter
+    if hasattr(adapter.model, "merge_and_unload"):
+        adapter.model = adapter.model.merge_and_unload()
+        model.backbone = adapter.model

@@ -1,0 +1,216 @@
+"""Contrastive adaptation on query/target pairs: the VLM2Vec baseline and FAM's stage 2.
+
+``L_adapt = L_task + λ L_rec`` (SPEC §3): ``L_task`` is InfoNCE of query against target
+embeddings with in-batch negatives and the data's hard negatives (SPEC §1); ``L_rec`` is the
+VEIN reconstruction loss, added when ``vein.enabled``. Without VEIN this is the VLM2Vec
+recipe. The VEIN decoders live only in the training module: the exported model (a normal
+checkpoint directory, LoRA merged) holds no trace of them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fam.backbones import load_backbone
+from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.config import AdaptConfig, to_dict
+from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
+from fam.losses.contrastive import info_nce
+from fam.model import EmbeddingModel, apply_lora, merge_lora
+from fam.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairBatch:
+    """A collated batch of training pairs.
+
+    Attributes:
+        query, target: encoded sides, B items each.
+        neg: encoded hard negatives of the rows that have one (or None).
+        neg_rows: (n_neg,) long, the rows ``neg`` belongs to.
+        vein_query, vein_target: (B,) bool, VEIN eligibility of each side's sample.
+    """
+
+    query: EncodedBatch
+    target: EncodedBatch
+    neg: EncodedBatch | None
+    neg_rows: torch.Tensor
+    vein_query: torch.Tensor
+    vein_target: torch.Tensor
+
+    def to(self, device: torch.device) -> "PairBatch":
+        return PairBatch(self.query.to(device), self.target.to(device),
+                         self.neg.to(device) if self.neg is not None else None,
+                         self.neg_rows.to(device), self.vein_query.to(device),
+                         self.vein_target.to(device))
+
+
+class PairCollator:
+    """Tokenises pairs with the adapter; loads images through the pair so errors name the row.
+
+    Args:
+        adapter: the backbone adapter.
+        hard_negatives: encode the rows' ``neg_*`` sides.
+        vein_meta_task: dataset -> meta-task, for the VEIN eligibility rule.
+        vein_override: dataset -> forced eligibility (wins over the rule).
+    """
+
+    def __init__(self, adapter: BackboneAdapter, hard_negatives: bool = True,
+                 vein_meta_task: dict[str, str] | None = None,
+                 vein_override: dict[str, bool] | None = None):
+        self.adapter = adapter
+        self.hard_negatives = hard_negatives
+        self.meta = vein_meta_task or {}
+        self.override = vein_override or {}
+
+    def _eligible(self, pair: TrainPair, has_image: bool) -> bool:
+        from fam.losses.vein import vein_eligible
+        return vein_eligible(has_image, self.meta.get(pair.dataset, "unknown"),
+                             self.override.get(pair.dataset))
+
+    def __call__(self, pairs: Sequence[TrainPair]) -> PairBatch:
+        q_img = [p.load_image("query") for p in pairs]
+        t_img = [p.load_image("pos") for p in pairs]
+        query = self.adapter.encode([p.query for p in pairs], q_img)
+        target = self.adapter.encode([p.pos for p in pairs], t_img)
+        neg, rows = None, []
+        if self.hard_negatives:
+            rows = [i for i, p in enumerate(pairs) if p.neg is not None]
+            if rows:
+                neg = self.adapter.encode([pairs[i].neg for i in rows],
+                                          [pairs[i].load_image("neg") for i in rows])
+        vq = torch.tensor([self._eligible(p, im is not None) for p, im in zip(pairs, q_img)])
+        vt = torch.tensor([self._eligible(p, im is not None) for p, im in zip(pairs, t_img)])
+        return PairBatch(query, target, neg, torch.tensor(rows, dtype=torch.long), vq, vt)
+
+
+class ContrastiveModule(nn.Module):
+    """Embedding model + optional VEIN head; ``forward`` returns the loss terms.
+
+    Args:
+        embedder: the embedding model.
+        temperature: τ of InfoNCE.
+        vein: a :class:`fam.losses.vein.VeinHead` or None.
+        vein_weight: λ.
+    """
+
+    def __init__(self, embedder: EmbeddingModel, temperature: float = 0.02,
+                 vein: nn.Module | None = None, vein_weight: float = 1.0):
+        super().__init__()
+        self.embedder = embedder
+        self.temperature = temperature
+        self.vein = vein
+        self.vein_weight = vein_weight
+
+    def _vein_layers(self) -> list[int]:
+        return list(self.vein.layers) if self.vein is not None else []
+
+    def _vein_loss(self, out, eligible: torch.Tensor) -> dict[str, torch.Tensor]:
+        layers = self._vein_layers()
+        hidden = {l: out.hidden_states[l] for l in layers}
+        emb = {l: out.eos_state(l) for l in layers}
+        return self.vein(hidden, emb, out.image_mask, eligible & out.has_image)
+
+    def forward(self, batch: PairBatch, step: int = 0) -> dict[str, torch.Tensor]:
+        layers = self._vein_layers()
+        q = self.embedder(batch.query, layers)
+        t = self.embedder(batch.target, layers)
+        negs = mask = None
+        if batch.neg is not None:
+            n = self.embedder(batch.neg).embedding
+            negs = t.embedding.new_zeros(t.embedding.shape)
+            negs = negs.index_copy(0, batch.neg_rows, n)
+            mask = torch.zeros(t.embedding.shape[0], dtype=torch.bool, device=negs.device)
+            mask[batch.neg_rows] = True
+        task = info_nce(q.embedding, t.embedding, self.temperature, negs, mask)
+        terms = {"loss": task["loss"], "task_loss": task["loss"].detach(),
+                 "accuracy": task["accuracy"]}
+        if self.vein is not None:
+            rq = self._vein_loss(q, batch.vein_query)
+            rt = self._vein_loss(t, batch.vein_target)
+            # Average over the two sides' eligible samples (each side's loss is a mean).
+            nq, nt = rq["n_samples"], rt["n_samples"]
+            tot = (nq + nt).clamp_min(1)
+            rec = (rq["loss"] * nq + rt["loss"] * nt) / tot
+            terms["loss"] = terms["loss"] + self.vein_weight * rec
+            terms["rec_loss"] = rec.detach()
+        return terms
+
+
+def vein_meta_tasks(pairs: Sequence[TrainPair], data_dir: str | Path) -> dict[str, str]:
+    """Meta-task of each training subset (unknown subsets count as non-VQA, with a warning)."""
+    infos = load_dataset_infos(data_dir)
+    out = {}
+    for name in dict.fromkeys(p.dataset for p in pairs):
+        try:
+            out[name] = dataset_info(name, data_dir, infos).meta_task
+        except Exception:  # noqa: BLE001 - metadata is optional for training subsets
+            log.warning("VEIN: no meta-task known for subset %r; treating it as non-VQA "
+                        "(set vein.eligible_override to change)", name)
+            out[name] = "unknown"
+    return out
+
+
+def build_embedder(cfg: AdaptConfig) -> EmbeddingModel:
+    """Load the backbone, set trainable parameters (LoRA or full) and wrap it."""
+    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
+    emb = EmbeddingModel(adapter)
+    for p in adapter.model.parameters():
+        p.requires_grad_(False)
+    if cfg.full_finetune:
+        for name, p in adapter.model.named_parameters():
+            if not (cfg.freeze_vision and _is_vision_param(name)):
+                p.requires_grad_(True)
+    elif cfg.lora.enabled:
+        apply_lora(emb, cfg.lora)
+    else:
+        raise ValueError("nothing to train: set lora.enabled=true or full_finetune=true")
+    return emb
+
+
+def _is_vision_param(name: str) -> bool:
+    return any(k in name for k in ("visual.", "vision_tower.", "vision_model."))
+
+
+def run_adapt(cfg: AdaptConfig) -> Path:
+    """Train the embedding model; export it to ``<out_dir>/model`` (LoRA merged, no VEIN)."""
+    from fam.losses.vein import VeinHead
+
+    out = Path(cfg.run.out_dir)
+    final = out / "model"
+    if (final / "config.json").exists() and cfg.run.resume:
+        log.info("adapt: %s already holds a trained model; skipping", final)
+        return final
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    root = cfg.image_root or str(Path(cfg.train_dir).parent)
+    pairs = load_train(cfg.train_dir, root, cfg.subsets or None, cfg.max_per_subset or None,
+                       seed=cfg.run.seed)
+    emb = build_embedder(cfg)
+    vein = None
+    meta: dict[str, str] = {}
+    if cfg.vein.enabled:
+        v = cfg.vein
+        layers = [emb.resolve_layer(l) for l in v.layers]
+        vein = VeinHead(emb.adapter.hidden_size, layers, mask_ratio=v.mask_ratio,
+                        detach_target=v.detach_target, num_heads=v.num_heads,
+                        ffn_ratio=v.ffn_ratio)
+        meta = vein_meta_tasks(pairs, cfg.train_dir)
+    module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight)
+    collate = PairCollator(emb.adapter, cfg.hard_negatives, meta, dict(cfg.vein.eligible_override))
+    trainer = Trainer(module, pairs, collate, cfg.optim, cfg.run,
+                      "adapt+vein" if vein is not None else "adapt", config_dump=to_dict(cfg))
+    trainer.train()
+    merge_lora(emb)
+    emb.adapter.model.eval()
+    emb.adapter.save_pretrained(final)
+    log.info("adapt: saved the embedding model to %s", final)
+    return final

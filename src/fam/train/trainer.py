@@ -1,0 +1,321 @@
+"""A small, resumable training loop shared by every stage.
+
+A stage (stage 0, MAC alignment, adaptation, projector training) supplies a module holding
+all trainable parameters whose ``forward(batch, step)`` returns named loss terms (one forward
+per backward, which is what DDP expects), a dataset and a collate function. The loop owns the rest: AdamW with warm-up and decay, gradient accumulation and
+clipping, autocast, tensorboard logging, a progress bar, atomic checkpoints and exact resume
+(same data order, optimizer, scheduler and RNG states), NaN detection, and DDP when launched
+with torchrun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from fam import distributed as dist_utils
+from fam.config import OptimConfig, RunConfig
+from fam.errors import FamError
+from fam.utils.checkpoint import atomic_dir
+from fam.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(FamError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine/linear decay to 0 (or constant) over ``cfg.steps``."""
+    warm = int(round(cfg.warmup_ratio * cfg.steps))
+
+    def f(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - warm)
+        prog = min(1.0, (step - warm) / span)
+        if cfg.schedule == "linear":
+            return 1.0 - prog
+        return 0.5 * (1.0 + math.cos(math.pi * prog))
+    return f
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Yields the index batches of steps ``start_step..total_steps-1``.
+
+    The order is a fixed function of (seed, epoch), so a resumed run sees exactly the batches
+    the uninterrupted run would have seen. Under DDP each global batch is split into equal
+    per-rank slices (rank r takes positions r, r+W, ...), so the global batch is the same for
+    any world size. The last incomplete batch of an epoch is dropped (contrastive losses want
+    full batches).
+    """
+
+    def __init__(self, n: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if n < batch_size * world_size:
+            raise FamError(f"the dataset has {n} examples, fewer than one global batch "
+                           f"({batch_size} × {world_size} processes); lower optim.batch_size")
+        self.n, self.bs, self.total, self.seed = n, batch_size, total_steps, seed
+        self.start, self.rank, self.world = start_step, rank, world_size
+        self.per_epoch = n // (batch_size * world_size)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gbs = self.bs * self.world
+        epoch_cache: dict[int, np.ndarray] = {}
+        for step in range(self.start, self.total):
+            epoch, pos = divmod(step, self.per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            glob = epoch_cache[epoch][pos * gbs:(pos + 1) * gbs]
+            yield glob[self.rank::self.world].tolist()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_metrics: dict[str, float]
+    seconds: float
+    out_dir: Path
+
+
+class Trainer:
+    """Runs one training stage.
+
+    Args:
+        module: holds every parameter the stage may train (those with ``requires_grad``);
+            ``module(batch, step) -> {"loss": scalar, **named terms}`` where the batch is what
+            ``collate`` returned, already moved to the device by ``to_device``.
+        dataset: indexable examples.
+        collate: list of examples -> batch (e.g. tokenised pairs); runs in DataLoader workers.
+        optim: optimisation settings; run: bookkeeping settings.
+        name: stage name for logs.
+        to_device: moves a collated batch to the device.
+        config_dump: the stage's config, stored in each checkpoint's state.json.
+    """
+
+    def __init__(self, module: nn.Module, dataset: Sequence[Any],
+                 collate: Callable[[list[Any]], Any], optim: OptimConfig, run: RunConfig,
+                 name: str, to_device: Callable[[Any, torch.device], Any] | None = None,
+                 config_dump: dict[str, Any] | None = None):
+        self.module = module
+        self.dataset = dataset
+        self.collate = collate
+        self.optim_cfg = optim
+        self.run_cfg = run
+        self.name = name
+        self.to_device = to_device or (lambda b, d: b.to(d) if hasattr(b, "to") else b)
+        self.config_dump = config_dump or {}
+        self.out_dir = Path(run.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.device = resolve_device(run.device)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise FamError(f"{name}: no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
+        self.step = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_dirs(self) -> list[Path]:
+        if not self.ckpt_root.exists():
+            return []
+        dirs = [d for d in self.ckpt_root.iterdir()
+                if d.is_dir() and re.fullmatch(r"step-\d+", d.name) and (d / "state.json").exists()]
+        return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a resumable checkpoint atomically (rank 0 only); prune old ones."""
+        if dist_utils.rank() != 0:
+            return None
+        from safetensors.torch import save_file
+        path = self.ckpt_root / f"step-{self.step}"
+        with atomic_dir(path) as tmp:
+            state = {n: p.detach().cpu().contiguous() for n, p in
+                     zip(self.param_names, self.params)}
+            save_file(state, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                "numpy": np.random.get_state(),
+                                "cuda": torch.cuda.get_rng_state_all()
+                                if torch.cuda.is_available() else None}},
+                       tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(
+                {"step": self.step, "name": self.name, "config": self.config_dump}, indent=2))
+        keep = max(1, self.run_cfg.keep_checkpoints)
+        for old in self._ckpt_dirs()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+        state = load_file(str(path / "trainable.safetensors"))
+        missing = set(self.param_names) - set(state)
+        if missing:
+            raise FamError(f"checkpoint {path} does not match this model: missing "
+                           f"{sorted(missing)[:5]}... (was it written by another config?)")
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params):
+                p.copy_(state[n].to(p.device, p.dtype))
+        extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        rng = extra["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(json.loads((path / "state.json").read_text())["step"])
+        log.info("%s: resumed from %s (step %d)", self.name, path, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        import contextlib
+        prec = self.run_cfg.precision
+        if prec == "fp32":
+            return contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train(self) -> TrainResult:
+        """Run (or finish) the stage; returns the last logged metrics."""
+        run, opt = self.run_cfg, self.optim_cfg
+        t0 = time.time()
+        self.module.to(self.device)
+        if run.resume:
+            ckpts = self._ckpt_dirs()
+            if ckpts:
+                self.load_checkpoint(ckpts[-1])
+        if self.step >= opt.steps:
+            log.info("%s: already complete (%d steps)", self.name, self.step)
+            return TrainResult(self.step, {}, 0.0, self.out_dir)
+        writer = None
+        if dist_utils.rank() == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is an optional extra
+                log.warning("tensorboard not installed; logging to the console only")
+        ddp_module = self.module
+        if dist_utils.is_dist():
+            ddp_module = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False)
+        micro = opt.batch_size // max(1, opt.grad_accum)
+        if micro * opt.grad_accum != opt.batch_size:
+            raise FamError(f"optim.batch_size {opt.batch_size} is not divisible by "
+                           f"optim.grad_accum {opt.grad_accum}")
+        sampler = ResumableBatchSampler(len(self.dataset), opt.batch_size, opt.steps, run.seed,
+                                        self.step, dist_utils.rank(), dist_utils.world_size())
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self._collate_chunks,
+                            num_workers=run.num_workers,
+                            persistent_workers=False)
+        self.module.train()
+        bar = None
+        if run.progress and dist_utils.rank() == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=opt.steps, initial=self.step, desc=self.name, dynamic_ncols=True)
+        last: dict[str, float] = {}
+        agg: dict[str, float] = {}
+        n_agg = 0
+        try:
+            for chunks in loader:
+                self.optimizer.zero_grad(set_to_none=True)
+                terms_sum: dict[str, float] = {}
+                for ci, chunk in enumerate(chunks):
+                    chunk = self.to_device(chunk, self.device)
+                    sync = ci == len(chunks) - 1 or not dist_utils.is_dist()
+                    ctx = ddp_module.no_sync() if (not sync and hasattr(ddp_module, "no_sync")) \
+                        else _null()
+                    with ctx, self._autocast():
+                        terms = ddp_module(chunk, self.step)
+                        loss = terms["loss"]
+                        if not torch.isfinite(loss):
+                            ck = self._ckpt_dirs()
+                            raise TrainingDiverged(
+                                f"{self.name}: loss is {loss.item()} at step {self.step}; "
+                                f"last good checkpoint: {ck[-1] if ck else 'none'} "
+                                "(lower optim.lr, check the data for NaN, or use fp32)")
+                        (loss / len(chunks)).backward()
+                    for k, v in terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
+                if opt.grad_clip > 0:
+                    gn = torch.nn.utils.clip_grad_norm_(self.params, opt.grad_clip)
+                    terms_sum["grad_norm"] = float(gn)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                for k, v in terms_sum.items():
+                    agg[k] = agg.get(k, 0.0) + v
+                n_agg += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
+                if self.step % run.log_every == 0 or self.step == opt.steps:
+                    last = {k: v / n_agg for k, v in agg.items()}
+                    last["lr"] = self.scheduler.get_last_lr()[0]
+                    agg, n_agg = {}, 0
+                    if writer is not None:
+                        for k, v in last.items():
+                            writer.add_scalar(f"{self.name}/{k}", v, self.step)
+                    log.info("%s step %d/%d %s", self.name, self.step, opt.steps,
+                             " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+                if run.save_every and self.step % run.save_every == 0 and self.step < opt.steps:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        self.save_checkpoint()
+        seconds = time.time() - t0
+        if dist_utils.rank() == 0:
+            atomic_write_json(self.out_dir / "train_metrics.json",
+                              {"stage": self.name, "steps": self.step, "seconds": seconds,
+                               "final": last})
+        return TrainResult(self.step, last, seconds, self.out_dir)
+
+    def _collate_chunks(self, examples: list[Any]) -> list[Any]:
+        """Split one step's examples into ``grad_accum`` micro-batches and collate each."""
+        k = max(1, self.optim_cfg.grad_accum)
+        size = len(examples) // k
+        return [self.collate(examples[i * size:(i + 1) * size]) for i in range(k)]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,100 @@
+"""Small I/O helpers: atomic writes, safe path resolution under a data root, JSONL reading.
+
+Used everywhere data or checkpoints touch the disk, so that (1) a crash never leaves a
+half-written file behind and (2) every bad row is reported with file, line and field.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from fam.errors import DataError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
+
+    The rename is atomic on POSIX, so readers see either the old file or the new one,
+    never a truncated one. On an exception the temporary file is removed and ``path``
+    is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def resolve_under(root: str | Path, rel: str, *, source: str | Path | None = None,
+                  line: int | None = None, field: str | None = None) -> Path:
+    """Resolve ``rel`` against ``root`` and refuse paths that escape ``root``.
+
+    Args:
+        root: the data root (image folder).
+        rel: a path from a data row, relative to ``root``.
+        source, line, field: where ``rel`` came from, for the error message.
+
+    Raises:
+        DataError: ``rel`` is absolute, empty, or resolves outside ``root``.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"expected a non-empty relative image path, got {rel!r}",
+                        source, line, field)
+    root_r = Path(root).resolve()
+    cand = (root_r / rel).resolve()
+    if Path(rel).is_absolute() or (cand != root_r and root_r not in cand.parents):
+        raise DataError(f"image path {rel!r} escapes the data root {str(root_r)!r}; "
+                        "paths must be relative to the image root", source, line, field)
+    return cand
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, row)`` for each non-empty line of a JSONL file.
+
+    Raises:
+        DataError: a line is not valid JSON or not a JSON object (names file and line).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path)
+    with path.open("r", encoding="utf-8") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path, i) from None
+            if not isinstance(row, dict):
+                raise DataError(f"expected a JSON object, got {type(row).__name__}", path, i)
+            yield i, row
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write rows as JSONL atomically."""
+    with atomic_path(path) as tmp:
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")

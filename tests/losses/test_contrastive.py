@@ -1,0 +1,80 @@
+"""InfoNCE with in-batch and hard negatives (SPEC §1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fam.losses.contrastive import info_nce
+
+
+def _reference(q, t, negs=None, tau=0.02):
+    """Plain loop: row i's candidates are all targets then all *existing* negatives."""
+    q, t = F.normalize(q, dim=-1), F.normalize(t, dim=-1)
+    cols = t if negs is None else torch.cat([t, F.normalize(negs, dim=-1)])
+    losses = [F.cross_entropy((q[i] @ cols.T / tau)[None], torch.tensor([i])) for i in range(len(q))]
+    return torch.stack(losses).mean()
+
+
+def _data(b=6, d=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def test_in_batch_matches_reference_and_normalises_inside():
+    q, t, _ = _data()
+    out = info_nce(q, t)
+    torch.testing.assert_close(out["loss"], _reference(q, t))
+    # Scaling the inputs does not change anything: they are normalised inside.
+    torch.testing.assert_close(info_nce(3 * q, 0.5 * t)["loss"], out["loss"])
+    assert out["accuracy"].shape == () and not out["accuracy"].requires_grad
+
+
+def test_hard_negatives_are_columns_for_all_queries_and_masked_rows_drop_out():
+    q, t, n = _data()
+    mask = torch.tensor([True, False, True, True, False, True])
+    out = info_nce(q, t, hard_negatives=n, hard_negative_mask=mask, temperature=0.05)
+    ref = _reference(q, t, n[mask], tau=0.05)  # missing negatives dropped outright
+    torch.testing.assert_close(out["loss"], ref)
+    gq, gt, gn = torch.autograd.grad(out["loss"], (q, t, n))
+    rq, rt, rn = torch.autograd.grad(ref, (q, t, n))
+    torch.testing.assert_close((gq, gt, gn), (rq, rt, rn))
+    assert torch.all(gn[~mask] == 0) and torch.all(gn[mask].abs().sum(-1) > 0)
+    # No mask means every negative exists.
+    torch.testing.assert_close(info_nce(q, t, hard_negatives=n)["loss"], _reference(q, t, n))
+
+
+def test_multiple_negatives_per_query():
+    q, t, n = _data()
+    n2 = torch.stack([n, n.flip(0)], dim=1)  # (B, 2, d)
+    mask = torch.ones(6, 2, dtype=torch.bool)
+    mask[2, 1] = False
+    out = info_nce(q, t, hard_negatives=n2, hard_negative_mask=mask)
+    kept = n2.reshape(12, 8)[mask.reshape(12)]
+    torch.testing.assert_close(out["loss"], _reference(q, t, kept))
+
+
+def test_accuracy_and_easy_case():
+    t = torch.eye(4)
+    out = info_nce(t.clone(), t)
+    assert out["accuracy"].item() == 1.0 and out["loss"].item() < 1e-6
+    # Ties do not count as correct.
+    out = info_nce(torch.ones(3, 2), torch.ones(3, 2))
+    assert out["accuracy"].item() == 0.0
+
+
+def test_bf16_scores_in_float32():
+    q, t, _ = _data(dtype=torch.float32)
+    out = info_nce(q.detach().bfloat16(), t.detach().bfloat16())
+    assert out["loss"].dtype == torch.float32
+    torch.testing.assert_close(out["loss"], info_nce(q, t)["loss"].detach(), rtol=5e-2, atol=5e-2)
+
+
+def test_errors():
+    q, t, n = _data()
+    with pytest.raises(ValueError, match="query and target"):
+        info_nce(q, t[:3])
+    with pytest.raises(ValueError, match="hard_negative_mask given without"):
+        info_nce(q, t, hard_negative_mask=torch.ones(6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="hard_negatives must be"):
+        info_nce(q, t, hard_negatives=n[:2])
