@@ -31,7 +31,8 @@ class DemoPlan:
     """Sizes of one demo run (the defaults are the full demo; see :func:`quick_plan`)."""
 
     n_train_images: int = 2000  # Scenes training images
-    n_eval_images: int = 400  # Scenes evaluation images (disjoint)
+    n_eval_images: int = 300  # Scenes IND evaluation images (disjoint from training)
+    n_ood_images: int = 100  # images in each OOD pool (novel combos, crowded, striped)
     eval_rows: int = 200  # rows per evaluation dataset
     n_candidates: int = 16  # candidates per evaluation row (chance = 1/16)
     image_size: int = 112  # pixels; 16 image tokens for Qwen2-VL after the 2×2 merge
@@ -48,7 +49,8 @@ class DemoPlan:
 
 
 def quick_plan() -> DemoPlan:
-    return DemoPlan(n_train_images=160, n_eval_images=48, eval_rows=24, n_candidates=8,
+    return DemoPlan(n_train_images=160, n_eval_images=48, n_ood_images=24, eval_rows=24,
+                    n_candidates=8,
                     model_size="xs", stage0_steps=20, stage0_batch=16, adapt_steps=20,
                     adapt_batch=16, save_every=10)
 
@@ -82,6 +84,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
         generate_scenes(ScenesConfig(seed=seed, image_size=plan.image_size,
                                      n_train_images=plan.n_train_images,
                                      n_eval_images=plan.n_eval_images,
+                                     n_ood_images=plan.n_ood_images,
                                      eval_rows=plan.eval_rows, n_candidates=plan.n_candidates),
                         data)
     timings["data"] = time.time() - t

@@ -28,15 +28,17 @@ in ``[margin/2, margin)`` are treated as ambiguous and never used in any text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from fam.data.rle import rle_encode
 from fam.data.types import IMAGE_PLACEHOLDER
@@ -528,8 +530,12 @@ def _sample_pool(cfg: ScenesConfig, pool: str, n: int) -> list[Scene]:
 # --------------------------------------------------------------------------- rendering
 
 
+@functools.lru_cache(maxsize=None)
 def _shape_mask(shape: str, s: int) -> np.ndarray:
-    """``(s, s)`` boolean mask of a shape filling an ``s``-px square (no anti-aliasing)."""
+    """``(s, s)`` boolean mask of a shape filling an ``s``-px square (no anti-aliasing).
+
+    Cached (there are only ``len(SHAPES) * 2`` distinct masks); the result is read-only.
+    """
     im = Image.new("L", (s, s), 0)
     d = ImageDraw.Draw(im)
     e = s - 1  # last pixel index
@@ -557,7 +563,9 @@ def _shape_mask(shape: str, s: int) -> np.ndarray:
         d.rectangle([0, a, e, a + th - 1], fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
-    return np.asarray(im) > 0
+    mask = np.asarray(im) > 0
+    mask.setflags(write=False)
+    return mask
 
 
 def render_scene(scene: Scene, image_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -989,13 +997,15 @@ def _write_png(arr: np.ndarray, path: Path, level: int) -> None:
     Image.fromarray(arr).save(path, format="PNG", compress_level=level)
 
 
-def _render_all(scenes: Iterable[Scene], out: Path, cfg: ScenesConfig, with_crops: set[str]
-                ) -> tuple[list[dict], int]:
+def _render_all(scenes: Sequence[Scene], out: Path, cfg: ScenesConfig, with_crops: set[str],
+                progress: bool = False) -> tuple[list[dict], int]:
     """Render scenes, write images (and crops) and return their PAD records."""
     records = []
     n_crops = 0
     W = cfg.image_size
-    for sc in scenes:
+    # disable=None: tqdm shows the bar only on a terminal, never in logs or CI output.
+    for sc in tqdm(scenes, desc="Scenes: rendering", unit="img",
+                   disable=None if progress else True):
         img, masks = render_scene(sc, W)
         _write_png(img, out / sc.image_path, cfg.png_compress_level)
         regions = []
@@ -1015,7 +1025,7 @@ def _render_all(scenes: Iterable[Scene], out: Path, cfg: ScenesConfig, with_crop
     return records, n_crops
 
 
-def generate_scenes(cfg: ScenesConfig, out_dir: str | Path) -> dict:
+def generate_scenes(cfg: ScenesConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Generate the Scenes benchmark into ``out_dir`` (the image root of every row).
 
     Layout (a contract; all image paths in every file are relative to ``out_dir``):
@@ -1034,13 +1044,15 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | Path) -> dict:
     * ``qa.json``: ``[{image, question, answer}]`` from the training scenes.
     * ``pad.jsonl``: one PAD record (SPEC §4) per image, train and eval (tell them apart
       by the ``images/train/`` or ``images/eval/`` prefix); regions carry ``label,
-      score, box [x0, y0, x1, y1) , mask`` (COCO RLE), ``expression, attributes``.
+      score, box [x0, y0, x1, y1)`` (exclusive end), ``mask`` (COCO RLE),
+      ``expression, attributes``.
     * ``scenes.json``: the returned summary (config, seed, counts); written last, so
       its presence marks a complete generation.
 
     Args:
         cfg: the configuration.
         out_dir: output folder; created if needed. Existing files are overwritten.
+        progress: show a progress bar while rendering (only on a terminal).
 
     Returns:
         The summary written to ``scenes.json``.
@@ -1094,7 +1106,7 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | Path) -> dict:
         counts[spec.name] = {"train_rows": n_train, "eval_rows": len(rows)}
     logger.info("built rows for %d data sets in %.1fs", len(counts), time.perf_counter() - t0)
 
-    pad, n_crops = _render_all(renders.values(), out, cfg, with_crops)
+    pad, n_crops = _render_all(list(renders.values()), out, cfg, with_crops, progress)
     write_jsonl(out / "pad.jsonl", pad)
     logger.info("rendered %d images and %d crops in %.1fs", len(renders), n_crops,
                 time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """The MMEB evaluation protocol (SPEC §6): rank candidates by cosine, report precision@1.
 
-For each dataset: every distinct item (query or candidate, keyed by ``(text, image)``) is
+For each dataset: every distinct item (query or candidate, e.g. the same ``(text, image)``) is
 encoded once, each query is scored against its own candidate list by cosine similarity,
 and precision@1 (ties never favour the positive, see :mod:`fam.eval.metrics`) is averaged
 over rows. Real MMEB rows carry 1000 candidates, mostly shared across rows (e.g. the 1000
@@ -30,9 +30,11 @@ and chance level is a percentage in [0, 100]::
       "settings": {"data_dir": "...", "image_root": "...", "max_rows": null, "split": null}
     }
 
-A dataset's chance level is ``datasets.json``'s ``chance`` when given, otherwise computed
-from the rows evaluated (mean of 1 / #candidates), which is exactly what a constant
-scorer obtains under the ``"expected"`` tie rule.
+A dataset's chance level comes from ``datasets.json`` when it declares one (its
+``chance``, else ``1 / n_candidates``); otherwise it is computed from the rows evaluated
+(mean of 1 / #candidates), which is exactly what a constant scorer obtains under the
+``"expected"`` tie rule. Items are deduplicated by value (``MMItem`` equality: text,
+image path and content span).
 """
 from __future__ import annotations
 
@@ -60,8 +62,11 @@ __all__ = ["Encoder", "evaluate", "evaluate_rows", "save_results", "load_results
 #: The metric MMEB reports; the key of each dataset's score in the results.
 PRIMARY_METRIC = "precision@1"
 
-# Max float32 elements of one (rows, C, d) candidate block gathered for scoring (128 MiB).
-_SCORE_BLOCK_ELEMS = 2 ** 25
+# Scoring works on chunks of rows with at most this many (row, candidate) scores...
+_SCORE_CHUNK_ELEMS = 2 ** 22
+# ...and, when candidates are not shared, gathers at most this many float32 elements of
+# (rows, C, d) candidate embeddings at once (128 MiB).
+_GATHER_BLOCK_ELEMS = 2 ** 25
 
 
 @runtime_checkable
@@ -98,11 +103,10 @@ def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
                 shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
                 raise ValueError(f"encoder.encode returned {shape} for {len(batch)} items; "
                                  "expected a tensor of shape (n, d)")
-            chunks.append(emb.detach().float().cpu())
+            chunks.append(F.normalize(emb.detach().float().cpu(), dim=-1))
             bar.update(len(batch))
     bar.close()
-    emb = torch.cat(chunks)
-    return F.normalize(emb, dim=-1)
+    return torch.cat(chunks)
 
 
 def _score_rows(emb: torch.Tensor, q_idx: torch.Tensor, c_idx: torch.Tensor,
@@ -119,14 +123,22 @@ def _score_rows(emb: torch.Tensor, q_idx: torch.Tensor, c_idx: torch.Tensor,
     """
     r, c = c_idx.shape
     d = emb.shape[1]
-    # Gather each row's own candidates (R, C, d) rather than scoring against all U
-    # items: U can be ~C*R for retrieval sets, which would cost U/C times more.
-    step = max(1, _SCORE_BLOCK_ELEMS // max(1, c * d))
+    rows_per_chunk = max(1, _SCORE_CHUNK_ELEMS // c)
     out = []
-    for s in range(0, r, step):
-        q = emb[q_idx[s:s + step]]                                   # (b, d)
-        cands = emb[c_idx[s:s + step]]                               # (b, C, d)
-        scores = torch.einsum("bd,bcd->bc", q, cands)                # (b, C) cosine
+    for s in range(0, r, rows_per_chunk):
+        q = emb[q_idx[s:s + rows_per_chunk]]                          # (b, d)
+        cidx = c_idx[s:s + rows_per_chunk]                            # (b, C)
+        uniq, inv = torch.unique(cidx, return_inverse=True)           # (u,), (b, C)
+        if q.shape[0] * len(uniq) <= 4 * _SCORE_CHUNK_ELEMS:
+            # Shared candidates (e.g. the same 1000 class names in every row): one
+            # (b, d) x (d, u) product, then pick each row's own columns.
+            scores = (q @ emb[uniq].T).gather(1, inv)                 # (b, C) cosine
+        else:
+            # Mostly distinct candidates: gather each row's own (C, d) block instead of
+            # scoring every row against all u, which would cost u / C times more.
+            step = max(1, _GATHER_BLOCK_ELEMS // max(1, c * d))
+            scores = torch.cat([torch.einsum("bd,bcd->bc", q[i:i + step], emb[cidx[i:i + step]])
+                                for i in range(0, q.shape[0], step)])
         out.append(precision_at_1(scores, 0, ties))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
@@ -148,20 +160,30 @@ def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 3
         ``(credits, n_encoded)``: (R,) float64 per-row precision@1 credit in [0, 1], and
         the number of distinct items encoded.
     """
-    index: dict[MMItem, int] = {}  # MMItem is frozen (hashable): equal (text, image) dedupe
-    for row in rows:
-        for item in (row.query, *row.candidates):
-            index.setdefault(item, len(index))
+    # Deduplicate by value: MMItem is frozen and compares (text, image, content). The
+    # loader interns repeated items, so an id() lookup first skips most of the (slow)
+    # dataclass hashing of ~1M candidate references per real MMEB dataset.
+    index: dict[MMItem, int] = {}
+    by_id: dict[int, int] = {}
+
+    def slot(item: MMItem) -> int:
+        k = by_id.get(id(item))
+        if k is None:
+            k = index.setdefault(item, len(index))
+            by_id[id(item)] = k  # rows keep the item alive, so its id stays unique
+        return k
+
+    q_of = [slot(row.query) for row in rows]
+    c_of = [[slot(c) for c in row.candidates] for row in rows]
     emb = _encode_unique(encoder, list(index), batch_size, progress, desc)
 
     credits = torch.zeros(len(rows), dtype=torch.float64)
     by_count: dict[int, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_count.setdefault(len(row.candidates), []).append(i)
+    for i, cands in enumerate(c_of):
+        by_count.setdefault(len(cands), []).append(i)
     for _, members in sorted(by_count.items()):
-        q_idx = torch.tensor([index[rows[i].query] for i in members], dtype=torch.long)
-        c_idx = torch.tensor([[index[c] for c in rows[i].candidates] for i in members],
-                             dtype=torch.long)
+        q_idx = torch.tensor([q_of[i] for i in members], dtype=torch.long)
+        c_idx = torch.tensor([c_of[i] for i in members], dtype=torch.long)
         try:
             credits[members] = _score_rows(emb, q_idx, c_idx, ties)
         except ValueError as e:

@@ -14,11 +14,14 @@ Everything here is a pure function of tensors: the selection masks ``S_k`` come 
 :mod:`fam.analysis.geometry`, label token ids from the backbone adapter's tokenizer.
 
 Example:
-    >>> x = torch.randn(2, 9, 16, requires_grad=True)          # (B, N, d) projector output
-    >>> sets = torch.zeros(3, 9, dtype=torch.bool); sets[:, :3] = True
+    >>> import torch
+    >>> x = torch.randn(2, 9, 16, requires_grad=True)           # (B, N, d) projector output
+    >>> sets = torch.zeros(3, 9, dtype=torch.bool); sets[:, :3] = True   # (K, N) S_k
     >>> t = torch.randn(3, 16)                                   # (K, d) label embeddings
     >>> out = patch_alignment_loss(x, sets, t, torch.tensor([0, 0, 1]))
-    >>> total = projector_loss(caption_loss, out["loss"], beta_schedule(step, n_steps))
+    >>> caption_loss = x.square().mean()                         # stand-in for the LM loss
+    >>> beta = beta_schedule(step=10, total_steps=100)           # 0.5
+    >>> projector_loss(caption_loss, out["loss"], beta).backward()
 """
 from __future__ import annotations
 

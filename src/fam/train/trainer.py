@@ -239,8 +239,10 @@ class Trainer:
         sampler = ResumableBatchSampler(len(self.dataset), opt.batch_size, opt.steps, run.seed,
                                         self.step, dist_utils.rank(), dist_utils.world_size())
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self._collate_chunks,
-                            num_workers=run.num_workers,
-                            persistent_workers=False)
+                            num_workers=run.num_workers, persistent_workers=False,
+                            # Own generator: creating the iterator must not draw from the
+                            # global RNG, or a resumed run's dropout would be shifted.
+                            generator=torch.Generator().manual_seed(run.seed))
         self.module.train()
         bar = None
         if run.progress and dist_utils.rank() == 0:

@@ -1,0 +1,140 @@
+"""FAM stage 1: Multi-granularity Aligned Contrastive (MAC) training on image-caption pairs.
+
+Each image and each caption is encoded separately (SPEC §2): the image as
+``<image> Represent the given image.`` and the caption after a retrieval instruction. The
+EOS embeddings give the coarse term, the token states of a chosen layer (image tokens of the
+image input, caption tokens of the text input) the coarse-to-fine and fine terms, all through
+the exact mean-of-normalised-tokens form of :func:`fam.losses.mac.mac_loss`. As in the
+official code, the stage trains a LoRA that is merged into the weights at the end, so
+stage 2 starts from a normal checkpoint and puts a fresh LoRA on top.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.config import LoraConfig, OptimConfig, RunConfig, to_dict
+from fam.data.types import IMAGE_PLACEHOLDER, MMItem
+from fam.losses.mac import mac_loss
+from fam.model import EmbeddingModel, merge_lora
+from fam.train.stage0 import CaptionSample, load_captions
+from fam.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignConfig:
+    """Stage 1 (MAC) settings."""
+
+    model: str = ""  # checkpoint dir or hub id to start from (stage 0 / a pretrained LVLM)
+    captions: str = ""  # LLaVA pre-training caption JSON (image, caption / blip_caption)
+    image_root: str = ""  # root of the image paths (default: the caption file's folder)
+    image_instruction: str = "Represent the given image."  # FAM/VLM2Vec image prompt
+    text_instruction: str = "Find me an everyday image that matches the given caption: "
+    token_layer: int = -1  # LM layer whose token states feed c2f/fine terms (official: last)
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (w_c, w_c2f, w_f), paper: 1
+    c2f_reduction: str = "mean"  # "mean" (paper) | "sum" (official code)
+    temperature: float = 0.02  # τ (FAM: 0.02)
+    max_text_tokens: int = 64  # caption tokens per item
+    full_finetune: bool = False  # train the LM weights instead of LoRA
+    freeze_vision: bool = True  # keep the vision tower frozen
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, steps=200))
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class AlignBatch:
+    images: EncodedBatch
+    texts: EncodedBatch
+
+    def to(self, device: torch.device) -> "AlignBatch":
+        return AlignBatch(self.images.to(device), self.texts.to(device))
+
+
+class AlignCollator:
+    """(image, caption) samples -> separately encoded image and text inputs."""
+
+    def __init__(self, adapter: BackboneAdapter, image_instruction: str, text_instruction: str):
+        self.adapter = adapter
+        self.img_instr = image_instruction
+        self.txt_instr = text_instruction
+
+    def __call__(self, samples: Sequence[CaptionSample]) -> AlignBatch:
+        imgs = [MMItem(f"{IMAGE_PLACEHOLDER}\n{self.img_instr}", s.image, source=s.source,
+                       line=s.line, field=s.field) for s in samples]
+        txts = []
+        for s in samples:
+            text = self.txt_instr + s.target
+            # Only the caption's tokens are text tokens for the c2f/fine terms (SPEC §1).
+            txts.append(MMItem(text, None, content=(len(self.txt_instr), len(text))))
+        return AlignBatch(self.adapter.encode(imgs), self.adapter.encode(txts))
+
+
+class MACModule(nn.Module):
+    """Embedding model trained with the MAC loss; ``forward`` returns its named terms."""
+
+    def __init__(self, embedder: EmbeddingModel, token_layer: int = -1,
+                 temperature: float = 0.02, weights: Sequence[float] = (1.0, 1.0, 1.0),
+                 c2f_reduction: str = "mean"):
+        super().__init__()
+        self.embedder = embedder
+        self.layer = embedder.resolve_layer(token_layer)
+        self.temperature = temperature
+        self.weights = tuple(weights)
+        self.c2f_reduction = c2f_reduction
+
+    def forward(self, batch: AlignBatch, step: int = 0) -> dict[str, torch.Tensor]:
+        io = self.embedder(batch.images, [self.layer])
+        to = self.embedder(batch.texts, [self.layer])
+        # Token states over the whole sequence with the adapter's masks: the exact form of
+        # MAC only needs masked means, so no gather into (B, N, d) is necessary.
+        terms = mac_loss(io.embedding, to.embedding, io.hidden_states[self.layer],
+                         to.hidden_states[self.layer], io.image_mask, to.text_mask,
+                         temperature=self.temperature, weights=self.weights,
+                         c2f_reduction=self.c2f_reduction)
+        return {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
+
+
+def run_align(cfg: AlignConfig) -> Path:
+    """Train stage 1 and save the (LoRA-merged) model to ``<out_dir>/model``."""
+    from fam.backbones import load_backbone
+    from fam.model import apply_lora
+
+    out = Path(cfg.run.out_dir)
+    final = out / "model"
+    if (final / "config.json").exists() and cfg.run.resume:
+        log.info("align: %s already holds a trained model; skipping", final)
+        return final
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
+    emb = EmbeddingModel(adapter)
+    for p in adapter.model.parameters():
+        p.requires_grad_(False)
+    if cfg.full_finetune:
+        for name, p in adapter.model.named_parameters():
+            if not (cfg.freeze_vision and any(k in name for k in
+                                              ("visual.", "vision_tower.", "vision_model."))):
+                p.requires_grad_(True)
+    else:
+        apply_lora(emb, cfg.lora)
+    root = cfg.image_root or str(Path(cfg.captions).parent)
+    samples = load_captions(cfg.captions, root)
+    module = MACModule(emb, cfg.token_layer, cfg.temperature, cfg.weights, cfg.c2f_reduction)
+    collate = AlignCollator(adapter, cfg.image_instruction, cfg.text_instruction)
+    Trainer(module, samples, collate, cfg.optim, cfg.run, "align-mac",
+            config_dump=to_dict(cfg)).train()
+    merge_lora(emb)  # official code: merge before stage 2 puts a fresh LoRA on top
+    adapter.model.eval()
+    adapter.save_pretrained(final)
+    log.info("align: saved the stage-1 model to %s", final)
+    return final

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny backbones built once per session, offline."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+CORPUS = ["a red circle left of a blue square", "a small green triangle above a yellow star",
+          "Represent the given image.", "what colour is the circle?"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Saved tiny checkpoints of every family: {family: path}."""
+    from fam.backbones import build_tiny
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for fam in ("qwen2_vl", "qwen2_5_vl", "llava"):
+        build_tiny(fam, root / fam, size="xs", corpus=CORPUS, vocab_size=400, seed=0)
+        out[fam] = root / fam
+    return out
+
+
+@pytest.fixture
+def scene_images(tmp_path):
+    """Three small real PNGs (different sizes) under tmp_path/img."""
+    d = tmp_path / "img"
+    d.mkdir()
+    paths = []
+    for i, (size, col) in enumerate([((112, 112), (255, 0, 0)), ((150, 100), (0, 0, 255)),
+                                     ((90, 130), (0, 200, 0))]):
+        im = Image.new("RGB", size, (128, 128, 128))
+        ImageDraw.Draw(im).ellipse([10, 10, 60, 60], fill=col)
+        p = d / f"{i}.png"
+        im.save(p)
+        paths.append(p)
+    return paths
