@@ -3,7 +3,7 @@
     fam demo [--quick] [--out DIR]              the main job on the embedded default
     fam data scenes --out DIR [...]             generate the built-in Scenes benchmark
     fam model tiny --out DIR [--family ...]     save a tiny random-initialised backbone
-    fam train stage0|adapt [CONFIG] [k=v ...]   run a training stage (YAML + overrides)
+    fam train stage0|align|adapt [CONFIG] [k=v ...]   a training stage (YAML + overrides)
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
 
@@ -40,14 +40,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fam.demo import run_demo
-    from fam.eval.metrics import format_table
+    from fam.demo import format_report, run_demo
     res = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
-    print(format_table([(k, v) for k, v in res["models"].items()]))
-    nll = res["caption_nll"]
-    print(f"\nheld-out caption loss (nats/token): untrained {nll['untrained']:.3f} -> "
-          f"stage0 {nll['stage0']:.3f}")
-    print(f"total {res['timings_s']['total']:.0f} s, peak RSS {res['peak_rss_mb']:.0f} MB")
+    print(format_report(res))
     print(f"artefacts in {Path(args.out).resolve()} (results.json, results.md, */model)")
     return 0
 
@@ -57,7 +52,7 @@ def cmd_data_scenes(args: argparse.Namespace) -> int:
     from fam.data.scenes import ScenesConfig, generate_scenes
     cfg = load_config(ScenesConfig, args.config, args.overrides)
     summary = generate_scenes(cfg, args.out)
-    print(json.dumps(summary.get("counts", summary), indent=2))
+    print(json.dumps(summary.get("datasets", summary), indent=2))
     return 0
 
 
@@ -78,6 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "stage0":
         from fam.train.stage0 import run_stage0
         path = run_stage0(load_config(Stage0Config, args.config, args.overrides))
+    elif args.stage == "align":
+        from fam.train.align import AlignConfig, run_align
+        path = run_align(load_config(AlignConfig, args.config, args.overrides))
     elif args.stage == "adapt":
         from fam.train.adapt import run_adapt
         overrides = list(args.overrides) + (["vein.enabled=true"] if args.vein else [])
@@ -155,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ti.set_defaults(func=cmd_model_tiny)
 
     tr = sub.add_parser("train", help="run a training stage")
-    tr.add_argument("stage", choices=["stage0", "adapt"])
+    tr.add_argument("stage", choices=["stage0", "align", "adapt"])
     tr.add_argument("config", nargs="?", default=None,
                     help="YAML config (optional; keys mirror the stage's config dataclass)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")

@@ -63,9 +63,8 @@ class VeinConfig:
     weight: float = 1.0  # λ in L_adapt = L_task + λ L_rec (paper: 1)
     mask_ratio: float = 0.3  # γ, fraction of image tokens masked (paper best: 0.3)
     layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # LM layers (paper 2B: last three)
-    detach_target: bool = True  # official code detaches the reconstruction targets
+    detach_target: bool = True  # official code detaches the image-token states (targets)
     num_heads: int = 8  # decoder attention heads (official: 8; reduced to a divisor of d)
-    ffn_ratio: float = 2.0  # decoder FFN width / d (official: 2)
     eligible_override: dict[str, bool] = field(default_factory=dict)  # dataset -> force on/off
 
 

@@ -1,11 +1,13 @@
 """The main job: the whole pipeline on the embedded default, offline, on a CPU.
 
-Scenes benchmark → tiny Qwen2-VL → stage 0 (generative pre-training) → VLM2Vec baseline
-adaptation → MMEB-protocol evaluation, every model in one table. ``--quick`` runs the same
+Scenes benchmark → tiny Qwen2-VL → stage 0 (generative pre-training) → from the same
+stage-0 checkpoint and with the same adaptation budget: the VLM2Vec baseline (contrastive
+adaptation) and FAM (MAC alignment, then adaptation with VEIN) → MMEB-protocol evaluation,
+every model in one table, FAM against the baseline with the difference. ``--quick`` runs the same
 path at a tiny size (for tests and a first look).
 
 Everything lands under ``--out``: ``data/`` (the benchmark), ``models/tiny`` (the random
-initialisation), ``stage0/``, ``baseline/`` (each with ``model/``, checkpoints and
+initialisation), ``stage0/``, ``baseline/``, ``fam_align/``, ``fam/`` (each with ``model/``, checkpoints and
 tensorboard logs), ``results.json`` and ``results.md``. Re-running with the same ``--out``
 resumes: finished stages are skipped, interrupted ones continue from their last checkpoint.
 """
@@ -20,7 +22,8 @@ from typing import Any
 
 import torch
 
-from fam.config import AdaptConfig, LoraConfig, OptimConfig, RunConfig, Stage0Config
+from fam.config import (AdaptConfig, LoraConfig, OptimConfig, RunConfig, Stage0Config,
+                        VeinConfig)
 from fam.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,11 @@ class DemoPlan:
     adapt_steps: int = 300  # contrastive adaptation steps
     adapt_batch: int = 32
     adapt_lr: float = 5e-4
+    align_steps: int = 150  # FAM stage 1 (MAC) steps on image-caption pairs
+    align_batch: int = 32
+    align_lr: float = 5e-4
+    fam: bool = True  # also train FAM (MAC + VEIN) and compare
+    vein_layers: tuple[int, ...] = (-3, -2, -1)  # paper's best for Qwen2-VL-2B: last three
     lora: bool = False  # LoRA (r=8) instead of full fine-tuning of the LM for adaptation
     save_every: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
@@ -51,8 +59,9 @@ class DemoPlan:
 def quick_plan() -> DemoPlan:
     return DemoPlan(n_train_images=160, n_eval_images=48, n_ood_images=24, eval_rows=24,
                     n_candidates=8,
-                    model_size="xs", stage0_steps=20, stage0_batch=16, adapt_steps=20,
-                    adapt_batch=16, save_every=10)
+                    model_size="xs", stage0_steps=20, stage0_batch=16, adapt_steps=15,
+                    adapt_batch=16, align_steps=10, align_batch=16, vein_layers=(-2, -1),
+                    save_every=10)
 
 
 def _peak_rss_mb() -> float:
@@ -69,6 +78,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     from fam.eval.mmeb import evaluate
     from fam.model import EmbeddingModel
     from fam.train.adapt import run_adapt
+    from fam.train.align import AlignConfig, run_align
     from fam.train.stage0 import generative_eval_loss, load_captions, run_stage0
 
     plan = plan or (quick_plan() if quick else DemoPlan())
@@ -124,10 +134,27 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
                                           steps=plan.adapt_steps, warmup_ratio=0.1))
     baseline = run_adapt(AdaptConfig(model=str(s0), run=run_cfg("baseline"), **adapt_common))
     timings["baseline"] = time.time() - t
-
-    # 5. evaluation ---------------------------------------------------------------------
-    t = time.time()
     models = {"untrained": tiny, "stage0": s0, "vlm2vec": baseline}
+
+    # 5. FAM: MAC alignment (LoRA, merged) then adaptation with VEIN -------------------
+    if plan.fam:
+        t = time.time()
+        aligned = run_align(AlignConfig(
+            model=str(s0), captions=str(data / "captions.json"), image_root=str(data),
+            full_finetune=not plan.lora, lora=LoraConfig(enabled=plan.lora),
+            optim=OptimConfig(lr=plan.align_lr, batch_size=plan.align_batch,
+                              steps=plan.align_steps, warmup_ratio=0.1),
+            run=run_cfg("fam_align")))
+        timings["fam_align"] = time.time() - t
+        t = time.time()
+        fam = run_adapt(AdaptConfig(model=str(aligned), run=run_cfg("fam"),
+                                    vein=VeinConfig(enabled=True, layers=list(plan.vein_layers)),
+                                    **adapt_common))
+        timings["fam_adapt"] = time.time() - t
+        models["fam"] = fam
+
+    # 6. evaluation ---------------------------------------------------------------------
+    t = time.time()
     results: dict[str, Any] = {"models": {}, "paths": {k: str(v) for k, v in models.items()}}
     held_out = load_captions(data / "captions_eval.json", data)
     results["caption_nll"] = {}
@@ -145,10 +172,21 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     results["seed"] = seed
     results["torch_threads"] = torch.get_num_threads()
     atomic_write_json(out / "results.json", results)
-    table = format_table([(k, v) for k, v in results["models"].items()])
-    nll = results["caption_nll"]
-    report = (f"{table}\n\nheld-out caption loss (nats/token): untrained "
-              f"{nll['untrained']:.3f}, stage0 {nll['stage0']:.3f}\n"
-              f"total {timings['total']:.0f} s, peak RSS {results['peak_rss_mb']:.0f} MB\n")
+    report = format_report(results)
     atomic_write_text(out / "results.md", report)
     return results
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The demo's printed report: every model, then FAM vs the baseline with the difference."""
+    from fam.eval.metrics import format_table
+    ms = results["models"]
+    table = format_table([(k, v) for k, v in ms.items()])
+    if "fam" in ms:
+        table += "\n\nFAM vs the VLM2Vec baseline (same stage-0 start, same adaptation budget):\n"
+        table += format_table([("vlm2vec", ms["vlm2vec"]), ("fam", ms["fam"])], per_dataset=True)
+    nll = results["caption_nll"]
+    timings = results["timings_s"]
+    return (f"{table}\n\nheld-out caption loss (nats/token): untrained "
+            f"{nll['untrained']:.3f}, stage0 {nll['stage0']:.3f}\n"
+            f"total {timings['total']:.0f} s, peak RSS {results['peak_rss_mb']:.0f} MB\n")

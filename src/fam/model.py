@@ -17,6 +17,7 @@ from torch import nn
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import LoraConfig
 from fam.data.types import MMItem
+from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,26 @@ class EmbeddingOutput:
         return h[torch.arange(h.shape[0], device=h.device), self.eos_index]
 
 
+def select_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the masked positions of each row to the front, in sequence order.
+
+    Args:
+        hidden: (B, L, d) token states.
+        mask: (B, L) bool, the positions to keep (e.g. image tokens).
+
+    Returns:
+        tokens (B, N, d) with N = max kept per row, and valid (B, N) bool (False = padding).
+    """
+    mask = mask.bool()
+    counts = mask.sum(1)
+    n = max(int(counts.max()) if counts.numel() else 0, 1)
+    # Stable sort puts the kept positions first without reordering them.
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+    tokens = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+    valid = torch.arange(n, device=hidden.device)[None] < counts[:, None]
+    return tokens, valid
+
+
 class EmbeddingModel(nn.Module):
     """EOS-pooled, L2-normalised embeddings from a backbone adapter.
 
@@ -73,7 +94,7 @@ class EmbeddingModel(nn.Module):
         n = self.num_layers
         idx = layer if layer >= 0 else n + 1 + layer
         if not 1 <= idx <= n:
-            raise ValueError(f"layer {layer} is out of range for a {n}-layer language model "
+            raise ConfigError(f"layer {layer} is out of range for a {n}-layer language model "
                              f"(use 1..{n} or -1..-{n})")
         return idx
 

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ProjectorTap", "RegionTargets", "analyze_alignment", "label_token_ids",
            "processor_transform", "projector_module", "read_pad_records", "region_targets",
-           "token_layout", "vision_tokens"]
+           "jsonable", "token_layout", "vision_tokens"]
 
 
 # ----------------------------------------------------------------------------- model access
@@ -620,19 +620,19 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
               "counts": {"images": n_img, "regions": k_tot, "tokens_per_image": n_tok,
                          "grid": [gh, gw], "text_sequences": len(h_text)},
               "files": files}
-    atomic_write_json(out / "alignment.json", _jsonable(report))
+    atomic_write_json(out / "alignment.json", jsonable(report))
     logger.info("alignment report of %s: ΔH=%.3f mIoU=%.3f in-mask cos=%.3f retrieval@1=%.3f",
                 name, entropy["delta_H"], align["miou"], align["in_mask_cos"],
                 retrieval["top1"])
     return report
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """NaN/inf → None so the JSON is strict (``json.loads`` in other languages accepts it)."""
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float):
         return _finite(obj)
     return obj

@@ -142,8 +142,9 @@ class VeinDecoder(nn.Module):
         gamma: mask ratio γ (0.3, paper's best; > 0.8 hurts).
         num_heads: attention heads; None = 8 (official code), or the largest divisor of
             d that is <= 8 when 8 does not divide d.
-        detach_target: detach the reconstruction targets (official code; default True) so
-            the loss does not pull the masked states towards the prediction.
+        detach_target: detach the image-token states (targets and memory; official code,
+            default True): the reconstruction gradient then reaches the LVLM only through
+            the embedding token. False lets it reach the visual tokens too.
         dropout: dropout inside the decoder layer (0.0 **[choice]**: the random masking
             already regularises, and it keeps the loss deterministic given the mask).
     """
@@ -188,6 +189,11 @@ class VeinDecoder(nn.Module):
 
         dtype = self.mask_token.dtype
         x = tokens.to(dtype)
+        if self.detach_target:
+            # Official code: the image-token states are detached, so L_rec reaches the
+            # LVLM only through the embedding token e^l (SPEC §3). Detaching x detaches
+            # both the reconstruction targets and the unmasked memory tokens.
+            x = x.detach()
         pos = sinusoidal_positions(n, d, device=tokens.device, dtype=dtype)  # (N, d)
         memory = x.masked_fill(masked[..., None], 0.0) + pos  # (B, N, d)
         memory_pad = masked | ~valid  # True = not attended
@@ -198,8 +204,6 @@ class VeinDecoder(nn.Module):
         pred = out[:, 1:]  # (B, K_max, d)
 
         target = x.gather(1, idx[..., None].expand(b, k_max, d))  # (B, K_max, d)
-        if self.detach_target:
-            target = target.detach()
         cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)  # (B, K_max)
         per_sample = ((1.0 - cos) * slot_valid).sum(dim=1) / k
         return {"loss": per_sample.mean(), "per_sample": per_sample, "masked": masked, "pred": pred}

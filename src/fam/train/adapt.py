@@ -21,7 +21,7 @@ from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import AdaptConfig, to_dict
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.losses.contrastive import info_nce
-from fam.model import EmbeddingModel, apply_lora, merge_lora
+from fam.model import EmbeddingModel, apply_lora, merge_lora, select_tokens
 from fam.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,14 @@ class ContrastiveModule(nn.Module):
 
     def _vein_loss(self, out, eligible: torch.Tensor) -> dict[str, torch.Tensor]:
         layers = self._vein_layers()
-        hidden = {l: out.hidden_states[l] for l in layers}
+        hidden, valid = {}, None
+        for l in layers:
+            # (B, N, d) image tokens in raster order; rows without an image are all-padding
+            # and are excluded through the sample mask.
+            hidden[l], valid = select_tokens(out.hidden_states[l], out.image_mask)
         emb = {l: out.eos_state(l) for l in layers}
-        return self.vein(hidden, emb, out.image_mask, eligible & out.has_image)
+        sample = eligible & out.has_image & (valid.sum(1) >= 2)
+        return self.vein(hidden, emb, valid, sample)
 
     def forward(self, batch: PairBatch, step: int = 0) -> dict[str, torch.Tensor]:
         layers = self._vein_layers()
@@ -136,9 +141,8 @@ class ContrastiveModule(nn.Module):
             rq = self._vein_loss(q, batch.vein_query)
             rt = self._vein_loss(t, batch.vein_target)
             # Average over the two sides' eligible samples (each side's loss is a mean).
-            nq, nt = rq["n_samples"], rt["n_samples"]
-            tot = (nq + nt).clamp_min(1)
-            rec = (rq["loss"] * nq + rt["loss"] * nt) / tot
+            nq, nt = int(rq["n_samples"]), int(rt["n_samples"])
+            rec = (rq["loss"] * nq + rt["loss"] * nt) / max(nq + nt, 1)
             terms["loss"] = terms["loss"] + self.vein_weight * rec
             terms["rec_loss"] = rec.detach()
         return terms
@@ -199,10 +203,11 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     meta: dict[str, str] = {}
     if cfg.vein.enabled:
         v = cfg.vein
+        # Layer indices into hidden_states (0 = input embeddings, num_layers = last).
         layers = [emb.resolve_layer(l) for l in v.layers]
-        vein = VeinHead(emb.adapter.hidden_size, layers, mask_ratio=v.mask_ratio,
-                        detach_target=v.detach_target, num_heads=v.num_heads,
-                        ffn_ratio=v.ffn_ratio)
+        vein = VeinHead(emb.adapter.hidden_size, layers, num_layers=emb.num_layers + 1,
+                        gamma=v.mask_ratio, num_heads=v.num_heads,
+                        detach_target=v.detach_target)
         meta = vein_meta_tasks(pairs, cfg.train_dir)
     module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight)
     collate = PairCollator(emb.adapter, cfg.hard_negatives, meta, dict(cfg.vein.eligible_override))

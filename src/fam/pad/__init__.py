@@ -1,0 +1,50 @@
+"""PAD, the Patch-Aligned Dataset (SPEC §4): records, pluggable stages and the builder.
+
+    from fam.pad import build_pad, list_images, GroundTruthProvider, read_pad
+    gt = GroundTruthProvider("scenes/pad.jsonl")
+    build_pad(list_images("scenes"), gt, gt, gt, "out/pad.jsonl")
+
+Model-based stages (:class:`HFGroundingDinoDetector`, :class:`HFSamSegmenter`) import
+transformers only when constructed.
+"""
+from fam.pad.pipeline import PadStats, build_pad, filter_regions, list_images, mask_iou, stats_path
+from fam.pad.providers import (
+    STOP_WORDS,
+    CaptionNounTagger,
+    Detection,
+    Detector,
+    GroundTruthProvider,
+    HFGroundingDinoDetector,
+    HFSamSegmenter,
+    ImageMeta,
+    ListTagger,
+    Segmenter,
+    Tagger,
+    batched_nms,
+    box_iou,
+    extract_noun_phrases,
+    load_captions,
+    nms,
+    save_tiny_grounding_dino,
+    save_tiny_sam,
+)
+from fam.pad.records import (
+    PadRecord,
+    PadRegion,
+    iter_pad,
+    pad_line,
+    parse_pad_record,
+    read_pad,
+    region_mask,
+    write_pad,
+)
+
+__all__ = [
+    "PadStats", "build_pad", "filter_regions", "list_images", "mask_iou", "stats_path",
+    "STOP_WORDS", "CaptionNounTagger", "Detection", "Detector", "GroundTruthProvider",
+    "HFGroundingDinoDetector", "HFSamSegmenter", "ImageMeta", "ListTagger", "Segmenter",
+    "Tagger", "batched_nms", "box_iou", "extract_noun_phrases", "load_captions", "nms",
+    "save_tiny_grounding_dino", "save_tiny_sam",
+    "PadRecord", "PadRegion", "iter_pad", "pad_line", "parse_pad_record", "read_pad",
+    "region_mask", "write_pad",
+]
