@@ -6,6 +6,8 @@
     fam train stage0|align|adapt [CONFIG] [k=v ...]   a training stage (YAML + overrides)
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
+    fam bench mac                               exact MAC vs the naive similarity tensor
+    fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
 Training subcommands take an optional YAML config and ``key=value`` overrides, e.g.
 ``fam train adapt configs/adapt.yaml optim.lr=1e-4 lora.r=16``.
@@ -123,6 +125,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+    mod = importlib.import_module(f"fam.bench.{args.which}")
+    return int(mod.main(list(args.rest)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fam", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -178,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, help="safetensors file with 'embeddings' (n, d)")
     en.add_argument("--batch-size", type=int, default=32)
     en.set_defaults(func=cmd_encode)
+
+    be = sub.add_parser("bench", help="benchmarks (exact vs reference, printed ratios)")
+    be.add_argument("which", choices=["mac"], help="mac: exact MAC vs the naive (B·N)×(B·T) form")
+    be.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    be.set_defaults(func=cmd_bench)
+
+    from fam.pad.cli import add_pad_subcommand
+    add_pad_subcommand(sub)
     return p
 
 

@@ -161,7 +161,7 @@ def test_grounding_dino_tiny_plumbing(tiny_models):
     # Without torchvision, AutoProcessor must resolve the PIL image processor.
     assert type(det.processor.image_processor).__name__.endswith("Pil")
     im = _image()
-    dets = det.detect(im, ["Red Circle", "blue square", "green star"])
+    dets = det.detect(im, ["red circle", "blue square", "green star"])
     assert dets, "a random tiny model at box threshold 0.25 keeps some of its 20 queries"
     for d in dets:
         assert d.label in LABELS
@@ -174,6 +174,9 @@ def test_grounding_dino_tiny_plumbing(tiny_models):
         b = torch.tensor([d.box for d in dets if d.label == lab])
         iou = box_iou(b, b) - torch.eye(len(b))
         assert (iou <= 0.5 + 1e-6).all()
+    # Labels come back as the caller spelled them, even when the prompt had to change.
+    odd = ["Red Circle", "blue. square"]
+    assert {d.label for d in det.detect(im, odd)} <= set(odd)
     # Thresholds are honoured: a higher box threshold keeps a subset, 1.0 keeps none.
     det.box_threshold = 0.6
     assert all(d.score > 0.6 for d in det.detect(im, LABELS))

@@ -459,6 +459,7 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
         ``align.miou``.
     """
     adapter = _load_adapter(model)
+    projector_module(adapter.model)  # fail early, with a clear message, on non-LLaVA models
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = name or (Path(model).name if isinstance(model, (str, Path)) else "model")

@@ -270,6 +270,10 @@ def build_pad(images: Sequence[tuple[str, str | Path]], tagger: Tagger, detector
     with out_path.open("a", encoding="utf-8") as f, \
             tqdm(total=len(todo), disable=not progress, desc="pad", unit="img") as bar:
         for rel, path in todo:
+            if rel in done:  # listed twice
+                stats.images_skipped += 1
+                bar.update(1)
+                continue
             meta = ImageMeta(rel, path)
             try:
                 rec, n_small, n_dup = _process(meta, tagger, detector, segmenter, min_area,

@@ -501,10 +501,17 @@ class HFGroundingDinoDetector:
 
     def detect(self, image: Image.Image, labels: Sequence[str], *,
                meta: ImageMeta | None = None) -> list[Detection]:
-        labels = _dedup(lab.strip().lower() for lab in labels if lab.strip())
-        if not labels:
+        # Prompt text per label: lower-case, and no "." inside (it separates phrases).
+        # Detections carry the caller's label, so regions match the record's tags.
+        original: dict[str, str] = {}
+        for lab in labels:
+            text = re.sub(r"[.\s]+", " ", lab).strip().lower()
+            if text:
+                original.setdefault(text, lab)
+        if not original:
             return []
-        dets = [d for group in self._prompts(labels) for d in self._detect_prompt(image, group)]
+        dets = [d._replace(label=original[d.label]) for group in self._prompts(list(original))
+                for d in self._detect_prompt(image, group)]
         dets = _nms_detections(dets, self.nms_iou)
         return dets[: self.max_detections] if self.max_detections is not None else dets
 

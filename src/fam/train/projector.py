@@ -180,6 +180,7 @@ def setup_projector(adapter: BackboneAdapter, kind: str = "mlp", reinit: bool = 
         if kind == "mlp" and is_linear_projector(proj):
             raise ConfigError("reinit=false with projector=mlp: the checkpoint holds a linear "
                               "projector; set projector=linear or reinit=true")
+    proj.requires_grad_(False)
     if kind == "linear":
         proj.linear_1.requires_grad_(True)     # linear_2 stays the frozen identity
     else:

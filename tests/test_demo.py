@@ -1,0 +1,72 @@
+"""The main job end to end (`fam demo --quick`) and the CLI on its artefacts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fam.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_demo_results_hold_every_model_and_aggregate(demo_out):
+    res = json.loads((demo_out / "results.json").read_text())
+    assert set(res["models"]) == {"untrained", "stage0", "vlm2vec", "fam"}
+    for name, r in res["models"].items():
+        for key in ("IND", "OOD", "overall"):
+            assert 0.0 <= r[key] <= 100.0, (name, key)
+        assert set(r["meta_task"]) == {"classification", "vqa", "retrieval", "grounding"}
+        assert all(v is not None for v in r["meta_task"].values())
+        assert r["chance"]["overall"] > 0
+    # stage 0 learned the language of the captions
+    assert res["caption_nll"]["stage0"] < res["caption_nll"]["untrained"]
+    for stage in ("stage0", "baseline", "fam_align", "fam"):
+        assert (demo_out / stage / "model" / "config.json").exists()
+    assert "FAM vs the VLM2Vec baseline" in (demo_out / "results.md").read_text()
+
+
+def test_demo_rerun_resumes_without_retraining(demo_out, capsys):
+    before = (demo_out / "fam" / "model" / "model.safetensors").stat().st_mtime
+    assert main(["demo", "--quick", "--out", str(demo_out), "--no-progress"]) == 0
+    assert (demo_out / "fam" / "model" / "model.safetensors").stat().st_mtime == before
+    assert "Overall" in capsys.readouterr().out
+
+
+def test_cli_eval_and_encode(demo_out, tmp_path, capsys):
+    model = demo_out / "fam" / "model"
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", str(model), "--data", str(demo_out / "data" / "eval"),
+                 "--image-root", str(demo_out / "data"), "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    demo = json.loads((demo_out / "results.json").read_text())["models"]["fam"]
+    assert res["overall"] == pytest.approx(demo["overall"])  # evaluation is deterministic
+    items = tmp_path / "items.jsonl"
+    img = sorted((demo_out / "data" / "images" / "eval").glob("*.png"))[0]
+    items.write_text(json.dumps({"text": "<|image_1|>\nRepresent the given image.",
+                                 "image": str(img.relative_to(demo_out / "data"))}) + "\n"
+                     + json.dumps({"text": "a red circle"}) + "\n")
+    emb_path = tmp_path / "emb.safetensors"
+    assert main(["encode", "--model", str(model), "--input", str(items), "--image-root",
+                 str(demo_out / "data"), "--out", str(emb_path)]) == 0
+    from safetensors.torch import load_file
+    emb = load_file(str(emb_path))["embeddings"]
+    assert emb.shape[0] == 2
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+
+
+def test_cli_reports_bad_input_without_traceback(demo_out, tmp_path, capsys):
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"text": "x", "image": "../../escape.png"}) + "\n")
+    rc = main(["encode", "--model", str(demo_out / "fam" / "model"), "--input", str(items),
+               "--image-root", str(demo_out / "data"), "--out", str(tmp_path / "e.st")])
+    assert rc == 2

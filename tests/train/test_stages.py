@@ -1,0 +1,152 @@
+"""Stage 0, MAC alignment and adaptation (baseline and VEIN) on tiny data, end to end."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fam.backbones import build_tiny, load_backbone
+from fam.config import (AdaptConfig, LoraConfig, OptimConfig, RunConfig, Stage0Config,
+                        VeinConfig)
+from fam.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from fam.data.scenes import ScenesConfig, generate_scenes
+    root = tmp_path_factory.mktemp("bench")
+    generate_scenes(ScenesConfig(seed=0, n_train_images=40, n_eval_images=12, n_ood_images=6,
+                                 eval_rows=6, n_candidates=4), root / "data", progress=False)
+    caps = [c["caption"] for c in json.loads((root / "data" / "captions.json").read_text())]
+    build_tiny("qwen2_vl", root / "tiny", size="xs", corpus=caps, vocab_size=400)
+    return root
+
+
+def _run(out, steps=3, save_every=0):
+    return RunConfig(out_dir=str(out), save_every=save_every, progress=False, log_every=1)
+
+
+def _weights(model_dir):
+    keys = []
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys += list(sf.keys())
+    return keys
+
+
+def test_stage0_trains_and_saves_a_loadable_generative_model(bench, tmp_path):
+    from fam.train.stage0 import generative_eval_loss, load_captions, run_stage0
+    data = bench / "data"
+    cfg = Stage0Config(model=str(bench / "tiny"), captions=str(data / "captions.json"),
+                       qa=str(data / "qa.json"), image_root=str(data),
+                       optim=OptimConfig(lr=3e-3, batch_size=8, steps=12, warmup_ratio=0.0),
+                       run=_run(tmp_path))
+    path = run_stage0(cfg)
+    samples = load_captions(data / "captions.json", data)[:16]
+    before = generative_eval_loss(load_backbone(bench / "tiny"), samples)
+    after = generative_eval_loss(load_backbone(path), samples)
+    assert after < before - 0.5  # it learned the captions' language
+    assert json.loads((tmp_path / "train_metrics.json").read_text())["steps"] == 12
+
+
+def test_caption_loader_errors_name_file_line_field(tmp_path):
+    from fam.train.stage0 import load_captions
+    p = tmp_path / "caps.json"
+    p.write_text(json.dumps([{"image": "a.png", "caption": "x"}, {"image": "b.png"}]))
+    with pytest.raises(DataError) as ei:
+        load_captions(p, tmp_path)
+    assert str(p) in str(ei.value) and "line 2" in str(ei.value) and "caption" in str(ei.value)
+    p.write_text(json.dumps([{"image": "../../etc/passwd", "caption": "x"}]))
+    with pytest.raises(DataError, match="escapes the data root"):
+        load_captions(p, tmp_path)
+    p.write_text("[{\"image\": ")
+    with pytest.raises(DataError, match="invalid JSON"):
+        load_captions(p, tmp_path)
+
+
+def _adapt_cfg(bench, out, **kw):
+    data = bench / "data"
+    base = dict(model=str(bench / "tiny"), train_dir=str(data / "train"), image_root=str(data),
+                optim=OptimConfig(lr=1e-3, batch_size=8, steps=3),
+                lora=LoraConfig(enabled=True, r=4, alpha=8), run=_run(out))
+    base.update(kw)
+    return AdaptConfig(**base)
+
+
+def test_adapt_with_vein_exports_a_clean_model(bench, tmp_path):
+    from fam.train.adapt import run_adapt
+    cfg = _adapt_cfg(bench, tmp_path, vein=VeinConfig(enabled=True, layers=[-2, -1]))
+    path = run_adapt(cfg)
+    keys = _weights(path)
+    assert keys and not any("lora" in k or "vein" in k or "decoder" in k for k in keys)
+    m = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert m["stage"] == "adapt+vein" and "rec_loss" in m["final"]
+    assert 0.0 <= m["final"]["rec_loss"] <= 2.0
+    # the exported model loads as a normal checkpoint
+    a = load_backbone(path)
+    assert a.config.model_type == "qwen2_vl"
+    # a finished stage is not run again
+    assert run_adapt(cfg) == path
+
+
+def test_align_merges_lora_and_improves_the_mac_loss(bench, tmp_path):
+    from fam.train.align import AlignBatch, AlignCollator, AlignConfig, MACModule, run_align
+    from fam.model import EmbeddingModel
+    from fam.train.stage0 import load_captions
+    data = bench / "data"
+    cfg = AlignConfig(model=str(bench / "tiny"), captions=str(data / "captions.json"),
+                      image_root=str(data), optim=OptimConfig(lr=3e-3, batch_size=8, steps=8),
+                      lora=LoraConfig(enabled=True, r=4, alpha=8), run=_run(tmp_path))
+    path = run_align(cfg)
+    assert not any("lora" in k for k in _weights(path))
+    samples = load_captions(data / "captions.json", data)[:8]
+
+    def mac(model_dir):
+        a = load_backbone(model_dir)
+        m = MACModule(EmbeddingModel(a)).eval()
+        with torch.no_grad():
+            return m(AlignCollator(a, cfg.image_instruction, cfg.text_instruction)(samples))
+    before, after = mac(bench / "tiny"), mac(path)
+    assert set(before) == {"loss", "coarse_loss", "c2f_loss", "fine_loss"}
+    assert after["loss"] < before["loss"]
+
+
+def test_bad_data_stops_with_row_and_keeps_checkpoints(bench, tmp_path):
+    from fam.train.adapt import run_adapt
+    data = tmp_path / "data"
+    shutil.copytree(bench / "data", data)
+    cfg = _adapt_cfg(bench, tmp_path / "run", train_dir=str(data / "train"),
+                     image_root=str(data), optim=OptimConfig(lr=1e-3, batch_size=8, steps=2))
+    cfg.run.save_every = 1
+    cfg.run.keep_checkpoints = 5
+    run_adapt(cfg)
+    shutil.rmtree(tmp_path / "run" / "model")  # pretend the stage was longer
+    for png in (data / "images" / "train").glob("*.png"):
+        png.write_bytes(b"not a png")
+    cfg.optim.steps = 4
+    with pytest.raises(DataError) as ei:
+        run_adapt(cfg)
+    msg = str(ei.value)
+    assert ".jsonl" in msg and "line" in msg and "image_path" in msg and "corrupt" in msg
+    ck = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "step-2" in ck  # the work done before the bad row is still there
+
+
+def test_malformed_training_row_names_file_line_field(bench, tmp_path):
+    from fam.train.adapt import run_adapt
+    data = tmp_path / "data"
+    shutil.copytree(bench / "data", data)
+    f = data / "train" / "Scenes-Count.jsonl"
+    lines = f.read_text().splitlines()
+    row = json.loads(lines[2])
+    del row["pos_text"]
+    lines[2] = json.dumps(row)
+    f.write_text("\n".join(lines) + "\n")
+    cfg = _adapt_cfg(bench, tmp_path / "run", train_dir=str(data / "train"), image_root=str(data))
+    with pytest.raises(DataError) as ei:
+        run_adapt(cfg)
+    assert "Scenes-Count.jsonl" in str(ei.value) and "line 3" in str(ei.value)
+    assert "pos_text" in str(ei.value)
