@@ -45,7 +45,8 @@ def test_shipped_yaml_configs_load():
     for p in sorted(root.glob("*.yaml")):
         head = p.read_text().splitlines()[0]
         assert head.startswith("#"), f"{p.name}: first line should show the command"
-        kind = {"stage0": Stage0Config, "adapt": AdaptConfig}
-        for key, cls in kind.items():
-            if p.name.startswith(key):
-                load_config(cls, p)
+        from fam.train.align import AlignConfig
+        kind = {"stage0": Stage0Config, "adapt": AdaptConfig, "align": AlignConfig}
+        matched = [cls for key, cls in kind.items() if p.name.startswith(key)]
+        assert matched, f"{p.name}: no config class for this file name"
+        load_config(matched[0], p)

@@ -55,6 +55,9 @@ class RunConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16"
     progress: bool = True  # tqdm progress bars
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    gradient_checkpointing: bool = False  # recompute LM/vision layer activations in backward
+    attn_implementation: str = ""  # "" (transformers' default) | "sdpa" | "eager" | "flash_attention_2"
+    ddp_find_unused_parameters: bool = True  # DDP: tolerate trainable params without grad (lm_head, idle VEIN)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class AdaptConfig:
     temperature: float = 0.02  # τ of InfoNCE (VLM2Vec/FAM: 0.02)
     hard_negatives: bool = True  # use the data's neg_* fields as extra negatives
     max_text_tokens: int = 128  # text tokens per item (images never cut)
-    gradcache_chunk: int = 0  # GradCache chunk size (0: off)
+    gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off; Gao et al. 2021)
     full_finetune: bool = False  # train all LM weights instead of LoRA
     freeze_vision: bool = True  # keep the vision tower frozen (VLM2Vec: frozen)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -20,7 +20,10 @@ from typing import Any
 def cmd_train_projector(args: argparse.Namespace) -> int:
     from fam.config import load_config
     from fam.train.projector import ProjectorConfig, run_projector
-    path = run_projector(load_config(ProjectorConfig, args.config, args.overrides))
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # `fam train projector k=v`: no YAML, only overrides
+        config, overrides = None, [config] + overrides
+    path = run_projector(load_config(ProjectorConfig, config, overrides))
     print(f"model saved to {path}")
     return 0
 
@@ -47,8 +50,12 @@ def cmd_analyze_alignment(args: argparse.Namespace) -> int:
 
 def cmd_projector_compare(args: argparse.Namespace) -> int:
     from fam.projector_demo import format_results, run_projector_compare
-    res = run_projector_compare(args.out, quick=args.quick, seeds=args.seeds,
-                                progress=not args.no_progress)
+    from fam.projector_demo import ComparePlan, quick_plan
+    plan = quick_plan() if args.quick else ComparePlan()
+    if args.threads:
+        plan.threads = args.threads
+    res = run_projector_compare(args.out, seeds=args.seeds, progress=not args.no_progress,
+                                plan=plan)
     print(format_results(res))
     print(f"artefacts in {Path(args.out).resolve()} (projector_results.json/.md)")
     return 0
@@ -95,6 +102,8 @@ def add_projector_subcommands(train_subparsers: Any | None, analyze_subparsers: 
         pc.add_argument("--quick", action="store_true", help="tiny sizes (under 2 minutes)")
         pc.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="projector seeds (default: the plan's, 0 1 2)")
+        pc.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's; use 1 on a shared machine)")
         pc.add_argument("--no-progress", action="store_true")
         pc.set_defaults(func=cmd_projector_compare)
 

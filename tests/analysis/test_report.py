@@ -121,3 +121,29 @@ def test_quick_comparison_completes_and_writes_table(tmp_path):
             assert st["mean"] is not None and math.isfinite(st["mean"]), (arm, key)
     assert (tmp_path / "cmp" / "entropy_compare.png").exists()
     assert res["timings_s"]["total"] < 120
+
+
+def _parser():
+    import argparse
+
+    from fam.projector_cli import add_projector_subcommands
+    p = argparse.ArgumentParser(prog="fam")
+    top = p.add_subparsers(dest="command", required=True)
+    train = top.add_parser("train").add_subparsers(dest="stage", required=True)
+    analyze = top.add_parser("analyze").add_subparsers(dest="what", required=True)
+    add_projector_subcommands(train, analyze, top)
+    return p
+
+
+def test_cli_subcommands(tiny_dirs, pad_data, tmp_path, capsys):
+    p = _parser()
+    a = p.parse_args(["train", "projector", "beta_max=0", "projector=linear"])
+    assert a.func.__name__ == "cmd_train_projector" and a.overrides == ["projector=linear"]
+    a = p.parse_args(["projector-compare", "--out", "x", "--quick", "--seeds", "0", "1"])
+    assert a.quick and a.seeds == [0, 1]
+    a = p.parse_args(["analyze", "alignment", "--model", str(tiny_dirs["llava"]), "--pad",
+                      str(pad_data / "pad.jsonl"), "--out", str(tmp_path / "cli"),
+                      "--k-max", "3", "--no-plots"])
+    assert a.func(a) == 0
+    assert "mIoU" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "alignment.json").exists()

@@ -46,9 +46,11 @@ from PIL import Image
 
 from fam.analysis.alignment import alignment_report, patch_ious, similarity_map
 from fam.analysis.entropy import matrix_entropy
-from fam.analysis.geometry import (RESAMPLE, ImageTransform, clip_transform,
-                                   mask_to_patch_coverage, select_patches, transform_image)
+from fam.analysis.geometry import (RESAMPLE, ImageTransform, _shortest_edge_size,
+                                   clip_transform, mask_to_patch_coverage, select_patches,
+                                   transform_image)
 from fam.analysis.matching_pursuit import matching_pursuit
+from fam.data.images import load_image
 from fam.data.rle import rle_decode
 from fam.errors import ConfigError, DataError
 from fam.losses.patch import region_embeddings
@@ -190,7 +192,6 @@ def processor_transform(image_processor: Any, orig_size: tuple[int, int],
         if pad_sq:
             raise ConfigError("processor_transform: do_pad with a non-square crop is not "
                               "modelled; use a square crop_size")
-        from fam.analysis.geometry import _shortest_edge_size
         resized = _shortest_edge_size(h, w, int(size["shortest_edge"]))
     elif "height" in size and "width" in size:
         if pad_sq:
@@ -397,6 +398,15 @@ def _caption_map(captions: str | Path | None) -> dict[str, str]:
     return out
 
 
+def _decode(tokenizer: Any, token_id: int) -> str:
+    """A token as text; byte-level pieces that are not valid UTF-8 alone show their raw
+    vocabulary string instead of U+FFFD."""
+    s = tokenizer.decode([token_id])
+    if "\ufffd" in s:
+        s = str(tokenizer.convert_ids_to_tokens(token_id))
+    return s
+
+
 def _chance_hit(vocab: int, n_label: int, k: int) -> float:
     """P(at least one of ``n_label`` tokens among ``k`` distinct uniformly drawn atoms)."""
     if n_label <= 0 or vocab <= 0:
@@ -481,7 +491,6 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
         ims = []
         for ln, r in chunk:
             p = resolve_under(image_root, r["image"], source=pad_path, line=ln, field="image")
-            from fam.data.images import load_image
             im = load_image(p, source=pad_path, line=ln, field="image")
             if (im.height, im.width) != (r["height"], r["width"]):
                 raise DataError(f"image is {im.height}x{im.width} but the record says "
@@ -574,18 +583,16 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
     # 6. files --------------------------------------------------------------------------
     files: dict[str, str] = {}
     rows, row_labels, coefs = [], [], []
-    for j in range(k_tot):
-        if len(rows) >= n_atom_rows:
-            break
-        cov = torch.from_numpy(np.concatenate([t.coverage for t in targets]))[j]
-        p = int(cov.argmax())
+    all_cov = np.concatenate([t.coverage for t in targets])                        # (K, N)
+    for j in range(min(k_tot, n_atom_rows)):
+        p = int(all_cov[j].argmax())
         g = p - off
         flat = int(idx[j]) * n_tok + p
         rows.append(mp.atoms[flat])
         coefs.append(mp.coefs[flat])
         row_labels.append(f"img{int(idx[j])} ({g // gw},{g % gw}) [{flat_labels[j]}]")
     from fam.analysis.plots import atoms_table
-    table = atoms_table(torch.stack(rows), lambda i: tok.decode([i]), row_labels,
+    table = atoms_table(torch.stack(rows), lambda i: _decode(tok, i), row_labels,
                         torch.stack(coefs), max_rows=n_atom_rows)
     atomic_write_text(out / "atoms.md",
                       f"# Matching-pursuit atoms of sample patches ({name})\n\n"

@@ -23,6 +23,7 @@ inputs; subclasses implement exactly those hooks.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -35,6 +36,13 @@ from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: ``<|image_k|>``: MMEB's placeholder generalised to the k-th image of an item (1-based).
+_PLACEHOLDER_RE = re.compile(r"<\|image_(\d+)\|>")
+
+
+def _placeholder(k: int) -> str:
+    return IMAGE_PLACEHOLDER.replace("1", str(k))
 
 
 @dataclass
@@ -110,7 +118,7 @@ class BackboneAdapter:
         self.max_text_tokens = max_text_tokens
         self.padding_side = padding_side
         cfg = self.config
-        self.image_token_id: int = int(cfg.image_token_id)
+        self.image_token_id: int = self._resolve_image_token_id()
         self.pad_token_id: int = self._resolve_pad_id()
         self.eos_token_id: int = self._resolve_eos_id()
         self._special_ids = set(int(i) for i in getattr(tokenizer, "all_special_ids", []))
@@ -165,6 +173,13 @@ class BackboneAdapter:
         """Token ids of one image's block and which of them are image tokens."""
         raise NotImplementedError
 
+    def image_block_at(self, n_tokens: int, image_index: int) -> tuple[list[int], list[bool]]:
+        """The block of the ``image_index``-th image of an item (1-based, as in ``<|image_k|>``).
+
+        Only families whose ids depend on the image's position (Phi-3.5-V: ``-k``) override it.
+        """
+        return self.image_block(n_tokens)
+
     def process_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pixel inputs for the model and the number of image tokens each image yields."""
         raise NotImplementedError
@@ -215,6 +230,10 @@ class BackboneAdapter:
             self.image_processor.save_pretrained(tmp)
         return Path(out_dir)
 
+    def _resolve_image_token_id(self) -> int:
+        """The id marking image tokens in ``input_ids``: ``config.image_token_id``."""
+        return int(self.config.image_token_id)
+
     def _resolve_pad_id(self) -> int:
         tok = self.tokenizer
         if tok.pad_token_id is not None:
@@ -243,49 +262,80 @@ class BackboneAdapter:
             is_text.append(inside and tid not in self._special_ids and e > s)
         return ids, is_text
 
-    def _build_sequence(self, item: MMItem, n_image_tokens: int | None) -> _Seq:
-        text = item.text
-        content = item.content
-        if item.image is not None and IMAGE_PLACEHOLDER not in text:
-            # MMEB convention: an image without a placeholder goes first.
-            text = IMAGE_PLACEHOLDER + "\n" + text
-            if content is not None:
-                shift = len(IMAGE_PLACEHOLDER) + 1
-                content = (content[0] + shift, content[1] + shift)
-        if item.image is None and IMAGE_PLACEHOLDER in text:
-            # A placeholder without an image (text-only side of a row): drop it.
-            pos = text.index(IMAGE_PLACEHOLDER)
-            text = text.replace(IMAGE_PLACEHOLDER, "", 1)
-            if content is not None:
-                content = tuple(c - len(IMAGE_PLACEHOLDER) if c > pos else c for c in content)
-        if IMAGE_PLACEHOLDER in text:
-            cut = text.index(IMAGE_PLACEHOLDER)
-            before, after = text[:cut], text[cut + len(IMAGE_PLACEHOLDER):]
-            after_off = cut + len(IMAGE_PLACEHOLDER)
+    def _build_sequence(self, item: MMItem, n_image_tokens: int | Sequence[int] | None) -> _Seq:
+        """Token ids and masks of one item.
+
+        ``n_image_tokens`` is the token count of the item's image, or a list of counts when the
+        item carries several images (``<|image_1|>``, ``<|image_2|>``, ... in the text), or
+        ``None`` without an image.
+        """
+        if n_image_tokens is None:
+            counts: list[int] = []
+        elif isinstance(n_image_tokens, (list, tuple)):
+            counts = list(n_image_tokens)
         else:
-            before, after, after_off = text, "", len(text)
-        b_ids, b_txt = self._tokenize_segment(before, 0, content)
-        a_ids, a_txt = self._tokenize_segment(after, after_off, content)
+            counts = [n_image_tokens]
+        text, content = item.text, item.content
+
+        def drop(t: str, c, pos: int, length: int):
+            c = tuple(x - length if x > pos else x for x in c) if c is not None else None
+            return t[:pos] + t[pos + length:], c
+
+        # Placeholders without an image (text-only side of a row, or <|image_k|> with k above
+        # the image count) and repeats of an already placed image are dropped.
+        def first_stale(t: str):
+            seen: set[int] = set()
+            for m in _PLACEHOLDER_RE.finditer(t):
+                k = int(m.group(1))
+                if not 1 <= k <= len(counts) or k in seen:
+                    return m
+                seen.add(k)
+            return None
+
+        while (stale := first_stale(text)) is not None:
+            text, content = drop(text, content, stale.start(), stale.end() - stale.start())
+        # MMEB convention: an image without a placeholder goes first.
+        referenced = {int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)}
+        prefix = "".join(_placeholder(k) + "\n" for k in range(1, len(counts) + 1)
+                         if k not in referenced)
+        if prefix:
+            text = prefix + text
+            if content is not None:
+                content = (content[0] + len(prefix), content[1] + len(prefix))
+        # Segments of text between image blocks, with their character offsets in ``text``.
+        segments: list[tuple[str, int]] = []
+        blocks: list[int] = []
+        pos = 0
+        for m in _PLACEHOLDER_RE.finditer(text):
+            segments.append((text[pos:m.start()], pos))
+            blocks.append(int(m.group(1)))
+            pos = m.end()
+        segments.append((text[pos:], pos))
         budget = self.max_text_tokens
-        if len(b_ids) + len(a_ids) > budget:
-            # Cut the end of the text (the image block and the EOS token are never cut).
-            keep_a = max(0, budget - len(b_ids))
-            a_ids, a_txt = a_ids[:keep_a], a_txt[:keep_a]
-            b_ids, b_txt = b_ids[:budget], b_txt[:budget]
+        toks: list[tuple[list[int], list[bool]]] = []
+        for seg, off in segments:
+            ids_, txt_ = self._tokenize_segment(seg, off, content)
+            # Cut the end of the text (image blocks and the EOS token are never cut).
+            toks.append((ids_[:budget], txt_[:budget]))
+            budget = max(0, budget - len(ids_))
         bos = self.bos_ids()
-        ids = list(bos) + b_ids
+        ids = list(bos)
         img = [False] * len(ids)
-        txt = [False] * len(bos) + b_txt
-        if item.image is not None:
-            assert n_image_tokens is not None
-            blk_ids, blk_img = self.image_block(n_image_tokens)
-            ids += blk_ids
-            img += blk_img
-            txt += [False] * len(blk_ids)
-        ids += a_ids + [self.eos_token_id]
-        img += [False] * len(a_ids) + [False]
-        txt += a_txt + [False]
-        return _Seq(ids, img, txt, n_image_tokens or 0)
+        txt = [False] * len(ids)
+        for i, (s_ids, s_txt) in enumerate(toks):
+            ids += s_ids
+            img += [False] * len(s_ids)
+            txt += s_txt
+            if i < len(blocks):
+                k = blocks[i]
+                blk_ids, blk_img = self.image_block_at(counts[k - 1], k)
+                ids += blk_ids
+                img += blk_img
+                txt += [False] * len(blk_ids)
+        ids += [self.eos_token_id]
+        img += [False]
+        txt += [False]
+        return _Seq(ids, img, txt, sum(int(c) for c in counts))
 
     def load_item_image(self, item: MMItem) -> Image.Image | None:
         if item.image is None:

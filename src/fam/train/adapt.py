@@ -22,7 +22,8 @@ from fam.config import AdaptConfig, to_dict
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.losses.contrastive import info_nce
 from fam.model import EmbeddingModel, apply_lora, merge_lora, select_tokens
-from fam.train.trainer import Trainer
+from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
+from fam.train.trainer import Trainer, enable_gradient_checkpointing, save_on_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +92,32 @@ class PairCollator:
         return PairBatch(query, target, neg, torch.tensor(rows, dtype=torch.long), vq, vt)
 
 
-class ContrastiveModule(nn.Module):
+class ContrastiveModule(GradCacheMixin, nn.Module):
     """Embedding model + optional VEIN head; ``forward`` returns the loss terms.
+
+    With ``gradcache_chunk > 0`` the Trainer runs :meth:`train_step` (GradCache, see
+    :mod:`fam.train.gradcache`): the cached representations are the query, target and
+    hard-negative embeddings; VEIN runs inside each chunk's re-run.
 
     Args:
         embedder: the embedding model.
         temperature: τ of InfoNCE.
         vein: a :class:`fam.losses.vein.VeinHead` or None.
         vein_weight: λ.
+        gradcache_chunk: GradCache chunk size in rows (0: off).
     """
 
+    gc_aux_name = "rec_loss"
+
     def __init__(self, embedder: EmbeddingModel, temperature: float = 0.02,
-                 vein: nn.Module | None = None, vein_weight: float = 1.0):
+                 vein: nn.Module | None = None, vein_weight: float = 1.0,
+                 gradcache_chunk: int = 0):
         super().__init__()
         self.embedder = embedder
         self.temperature = temperature
         self.vein = vein
         self.vein_weight = vein_weight
+        self.gradcache_chunk = gradcache_chunk
 
     def _vein_layers(self) -> list[int]:
         return list(self.vein.layers) if self.vein is not None else []
@@ -123,28 +133,64 @@ class ContrastiveModule(nn.Module):
         sample = eligible & out.has_image & (valid.sum(1) >= 2)
         return self.vein(hidden, emb, valid, sample)
 
-    def forward(self, batch: PairBatch, step: int = 0) -> dict[str, torch.Tensor]:
+    def forward(self, batch: PairBatch, step: int = 0, mode: str = "loss") -> dict:
+        """``mode="loss"``: the named loss terms. ``mode="reps"``: this batch's embeddings
+        ``{"q", "t", "n"}`` ((B, d), (B, d), (n_neg, d)) and the VEIN sum ``aux`` over its
+        eligible samples with their count ``aux_n`` (the GradCache protocol)."""
         layers = self._vein_layers()
         q = self.embedder(batch.query, layers)
         t = self.embedder(batch.target, layers)
-        negs = mask = None
-        if batch.neg is not None:
-            n = self.embedder(batch.neg).embedding
-            negs = t.embedding.new_zeros(t.embedding.shape)
-            negs = negs.index_copy(0, batch.neg_rows, n)
-            mask = torch.zeros(t.embedding.shape[0], dtype=torch.bool, device=negs.device)
-            mask[batch.neg_rows] = True
-        task = info_nce(q.embedding, t.embedding, self.temperature, negs, mask)
-        terms = {"loss": task["loss"], "task_loss": task["loss"].detach(),
-                 "accuracy": task["accuracy"]}
+        n = self.embedder(batch.neg).embedding if batch.neg is not None else \
+            t.embedding.new_zeros((0, t.embedding.shape[1]))
+        out = {"reps": {"q": q.embedding, "t": t.embedding, "n": n}, "aux": None, "aux_n": 0}
         if self.vein is not None:
             rq = self._vein_loss(q, batch.vein_query)
             rt = self._vein_loss(t, batch.vein_target)
-            # Average over the two sides' eligible samples (each side's loss is a mean).
             nq, nt = int(rq["n_samples"]), int(rt["n_samples"])
-            rec = (rq["loss"] * nq + rt["loss"] * nt) / max(nq + nt, 1)
-            terms["loss"] = terms["loss"] + self.vein_weight * rec
-            terms["rec_loss"] = rec.detach()
+            # Sum over eligible samples (each side's loss is a mean over its samples).
+            out["aux"], out["aux_n"] = rq["loss"] * nq + rt["loss"] * nt, nq + nt
+        if mode == "reps":
+            return out
+        terms = self.gc_loss([out["reps"]], [batch], out["aux_n"])
+        scale = terms.pop("aux_scale")
+        if out["aux"] is not None:
+            terms["loss"] = terms["loss"] + scale * out["aux"]
+            terms["rec_loss"] = (out["aux"] / max(out["aux_n"], 1)).detach()
+        return terms
+
+    def gc_split(self, batch: PairBatch, size: int) -> list[PairBatch]:
+        """Rows ``[s, e)`` of each side; a chunk's hard negatives are those of its rows."""
+        out = []
+        for s, e in chunk_bounds(batch.query.batch_size, size):
+            sel = ((batch.neg_rows >= s) & (batch.neg_rows < e)).nonzero().flatten()
+            neg = None
+            if batch.neg is not None and sel.numel():
+                # neg_rows is ascending (built row by row), so the selection is contiguous.
+                neg = split_encoded(batch.neg, int(sel[0]), int(sel[-1]) + 1)
+            out.append(PairBatch(split_encoded(batch.query, s, e), split_encoded(batch.target, s, e),
+                                 neg, batch.neg_rows[sel] - s, batch.vein_query[s:e],
+                                 batch.vein_target[s:e]))
+        return out
+
+    def gc_loss(self, reps, chunks, aux_n: int) -> dict[str, torch.Tensor]:
+        """InfoNCE over the concatenated chunk embeddings (see :mod:`fam.train.gradcache`)."""
+        q = torch.cat([r["q"] for r in reps])
+        t = torch.cat([r["t"] for r in reps])
+        negs = mask = None
+        offsets = [0]
+        for c in chunks[:-1]:
+            offsets.append(offsets[-1] + c.query.batch_size)
+        rows = torch.cat([c.neg_rows + o for c, o in zip(chunks, offsets)])
+        if rows.numel():
+            n = torch.cat([r["n"] for r in reps])
+            negs = t.new_zeros(t.shape).index_copy(0, rows, n.to(t.dtype))
+            mask = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+            mask[rows] = True
+        task = info_nce(q, t, self.temperature, negs, mask)
+        terms = {"loss": task["loss"], "task_loss": task["loss"].detach(),
+                 "accuracy": task["accuracy"],
+                 # L_rec = Σ_samples rec / N (a per-sample mean, SPEC §3), times λ.
+                 "aux_scale": self.vein_weight / max(aux_n, 1)}
         return terms
 
 
@@ -164,7 +210,8 @@ def vein_meta_tasks(pairs: Sequence[TrainPair], data_dir: str | Path) -> dict[st
 
 def build_embedder(cfg: AdaptConfig) -> EmbeddingModel:
     """Load the backbone, set trainable parameters (LoRA or full) and wrap it."""
-    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
+    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens,
+                            attn_implementation=cfg.run.attn_implementation or None)
     emb = EmbeddingModel(adapter)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
@@ -176,6 +223,8 @@ def build_embedder(cfg: AdaptConfig) -> EmbeddingModel:
         apply_lora(emb, cfg.lora)
     else:
         raise ValueError("nothing to train: set lora.enabled=true or full_finetune=true")
+    if cfg.run.gradient_checkpointing:
+        enable_gradient_checkpointing(emb)
     return emb
 
 
@@ -209,13 +258,13 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                         gamma=v.mask_ratio, num_heads=v.num_heads,
                         detach_target=v.detach_target)
         meta = vein_meta_tasks(pairs, cfg.train_dir)
-    module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight)
+    module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight, cfg.gradcache_chunk)
     collate = PairCollator(emb.adapter, cfg.hard_negatives, meta, dict(cfg.vein.eligible_override))
     trainer = Trainer(module, pairs, collate, cfg.optim, cfg.run,
                       "adapt+vein" if vein is not None else "adapt", config_dump=to_dict(cfg))
     trainer.train()
     merge_lora(emb)
     emb.adapter.model.eval()
-    emb.adapter.save_pretrained(final)
-    log.info("adapt: saved the embedding model to %s", final)
+    if save_on_main_rank(lambda: emb.adapter.save_pretrained(final)):
+        log.info("adapt: saved the embedding model to %s", final)
     return final

@@ -21,10 +21,11 @@ from torch import nn
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import LoraConfig, OptimConfig, RunConfig, to_dict
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
-from fam.losses.mac import mac_loss
+from fam.losses.mac import mac_loss_from_pooled, mac_pool
 from fam.model import EmbeddingModel, merge_lora
 from fam.train.stage0 import CaptionSample, load_captions
-from fam.train.trainer import Trainer
+from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
+from fam.train.trainer import Trainer, enable_gradient_checkpointing, save_on_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class AlignConfig:
     c2f_reduction: str = "mean"  # "mean" (paper) | "sum" (official code)
     temperature: float = 0.02  # τ (FAM: 0.02)
     max_text_tokens: int = 64  # caption tokens per item
+    gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off); see fam.train.gradcache
     full_finetune: bool = False  # train the LM weights instead of LoRA
     freeze_vision: bool = True  # keep the vision tower frozen
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, steps=200))
@@ -78,29 +80,57 @@ class AlignCollator:
         return AlignBatch(self.adapter.encode(imgs), self.adapter.encode(txts))
 
 
-class MACModule(nn.Module):
-    """Embedding model trained with the MAC loss; ``forward`` returns its named terms."""
+class MACModule(GradCacheMixin, nn.Module):
+    """Embedding model trained with the MAC loss; ``forward`` returns its named terms.
+
+    MAC depends on the encoder only through four ``(B, d)`` representations (``e_img``,
+    ``e_txt``, ``v̄``, ``t̄``; :func:`fam.losses.mac.mac_pool`), so it is GradCache-able:
+    with ``gradcache_chunk > 0`` the Trainer runs :meth:`train_step` (see
+    :mod:`fam.train.gradcache`).
+    """
 
     def __init__(self, embedder: EmbeddingModel, token_layer: int = -1,
                  temperature: float = 0.02, weights: Sequence[float] = (1.0, 1.0, 1.0),
-                 c2f_reduction: str = "mean"):
+                 c2f_reduction: str = "mean", gradcache_chunk: int = 0):
         super().__init__()
         self.embedder = embedder
         self.layer = embedder.resolve_layer(token_layer)
         self.temperature = temperature
         self.weights = tuple(weights)
         self.c2f_reduction = c2f_reduction
+        self.gradcache_chunk = gradcache_chunk
 
-    def forward(self, batch: AlignBatch, step: int = 0) -> dict[str, torch.Tensor]:
+    def forward(self, batch: AlignBatch, step: int = 0, mode: str = "loss") -> dict:
+        """``mode="loss"``: the named MAC terms. ``mode="reps"``: ``{"reps": {e_img, e_txt,
+        v_bar, t_bar}}``, each (B, d) (the GradCache protocol)."""
         io = self.embedder(batch.images, [self.layer])
         to = self.embedder(batch.texts, [self.layer])
         # Token states over the whole sequence with the adapter's masks: the exact form of
         # MAC only needs masked means, so no gather into (B, N, d) is necessary.
-        terms = mac_loss(io.embedding, to.embedding, io.hidden_states[self.layer],
-                         to.hidden_states[self.layer], io.image_mask, to.text_mask,
-                         temperature=self.temperature, weights=self.weights,
-                         c2f_reduction=self.c2f_reduction)
-        return {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
+        v_bar, t_bar = mac_pool(io.hidden_states[self.layer], to.hidden_states[self.layer],
+                                io.image_mask, to.text_mask)
+        # One dtype for the four score inputs (embeddings are float32; float64 models in tests).
+        dt = io.embedding.dtype
+        reps = {"e_img": io.embedding, "e_txt": to.embedding, "v_bar": v_bar.to(dt),
+                "t_bar": t_bar.to(dt)}
+        if mode == "reps":
+            return {"reps": reps, "aux": None, "aux_n": 0}
+        terms = self.gc_loss([reps], [batch], 0)
+        terms.pop("aux_scale")
+        return terms
+
+    def gc_split(self, batch: AlignBatch, size: int) -> list[AlignBatch]:
+        return [AlignBatch(split_encoded(batch.images, s, e), split_encoded(batch.texts, s, e))
+                for s, e in chunk_bounds(batch.images.batch_size, size)]
+
+    def gc_loss(self, reps, chunks, aux_n: int) -> dict[str, torch.Tensor]:
+        cat = {k: torch.cat([r[k] for r in reps]) for k in reps[0]}
+        terms = mac_loss_from_pooled(cat["e_img"], cat["e_txt"], cat["v_bar"], cat["t_bar"],
+                                     temperature=self.temperature, weights=self.weights,
+                                     c2f_reduction=self.c2f_reduction)
+        out = {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
+        out["aux_scale"] = 0.0
+        return out
 
 
 def run_align(cfg: AlignConfig) -> Path:
@@ -116,7 +146,8 @@ def run_align(cfg: AlignConfig) -> Path:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
-    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
+    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens,
+                            attn_implementation=cfg.run.attn_implementation or None)
     emb = EmbeddingModel(adapter)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
@@ -127,14 +158,17 @@ def run_align(cfg: AlignConfig) -> Path:
                 p.requires_grad_(True)
     else:
         apply_lora(emb, cfg.lora)
+    if cfg.run.gradient_checkpointing:
+        enable_gradient_checkpointing(emb)
     root = cfg.image_root or str(Path(cfg.captions).parent)
     samples = load_captions(cfg.captions, root)
-    module = MACModule(emb, cfg.token_layer, cfg.temperature, cfg.weights, cfg.c2f_reduction)
+    module = MACModule(emb, cfg.token_layer, cfg.temperature, cfg.weights, cfg.c2f_reduction,
+                       cfg.gradcache_chunk)
     collate = AlignCollator(adapter, cfg.image_instruction, cfg.text_instruction)
     Trainer(module, samples, collate, cfg.optim, cfg.run, "align-mac",
             config_dump=to_dict(cfg)).train()
     merge_lora(emb)  # official code: merge before stage 2 puts a fresh LoRA on top
     adapter.model.eval()
-    adapter.save_pretrained(final)
-    log.info("align: saved the stage-1 model to %s", final)
+    if save_on_main_rank(lambda: adapter.save_pretrained(final)):
+        log.info("align: saved the stage-1 model to %s", final)
     return final

@@ -47,6 +47,59 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def init_distributed_from_env() -> bool:
+    """Initialise the default process group when launched by torchrun (``WORLD_SIZE > 1``).
+
+    Backend: NCCL on CUDA, gloo otherwise. Returns whether a group is (now) initialised.
+    A no-op when a group already exists (tests spawn their own) or for a single process.
+    """
+    import torch.distributed as dist
+    if dist_utils.is_dist():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    log.info("distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(),
+             dist.get_backend())
+    return True
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if dist_utils.is_dist():
+        torch.distributed.barrier()
+
+
+def save_on_main_rank(save: Callable[[], Any]) -> bool:
+    """Run ``save()`` on rank 0 only, then wait for all ranks; returns whether it ran here.
+
+    Every rank holds the same weights after DDP training; concurrent writers of one
+    directory would race on its atomic rename.
+    """
+    ran = dist_utils.rank() == 0
+    if ran:
+        save()
+    barrier()
+    return ran
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute transformer-layer activations in backward (``run.gradient_checkpointing``).
+
+    Uses transformers' non-reentrant checkpointing, which needs no input gradients (works
+    with LoRA on frozen embeddings) and replays the RNG state, so dropout and therefore
+    gradients are unchanged. Only active in ``train()`` mode (transformers' rule).
+
+    Args:
+        model: an :class:`fam.model.EmbeddingModel` (or anything with ``.adapter``).
+    """
+    hf = model.adapter.hf_model
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("gradient checkpointing on (%s)", type(hf).__name__)
+
+
 def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
     """Linear warm-up to 1, then cosine/linear decay to 0 (or constant) over ``cfg.steps``."""
     warm = int(round(cfg.warmup_ratio * cfg.steps))
@@ -154,8 +207,13 @@ class Trainer:
         return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
 
     def save_checkpoint(self) -> Path | None:
-        """Write a resumable checkpoint atomically (rank 0 only); prune old ones."""
+        """Write a resumable checkpoint atomically (rank 0 only); prune old ones.
+
+        All ranks call it; they wait for rank 0's write to finish, so no rank can start
+        a resume from (or end the job before) a half-written checkpoint.
+        """
         if dist_utils.rank() != 0:
+            barrier()
             return None
         from safetensors.torch import save_file
         path = self.ckpt_root / f"step-{self.step}"
@@ -175,6 +233,7 @@ class Trainer:
         keep = max(1, self.run_cfg.keep_checkpoints)
         for old in self._ckpt_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -212,6 +271,7 @@ class Trainer:
         """Run (or finish) the stage; returns the last logged metrics."""
         run, opt = self.run_cfg, self.optim_cfg
         t0 = time.time()
+        init_distributed_from_env()
         self.module.to(self.device)
         if run.resume:
             ckpts = self._ckpt_dirs()
@@ -231,7 +291,7 @@ class Trainer:
         if dist_utils.is_dist():
             ddp_module = torch.nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=False)
+                find_unused_parameters=run.ddp_find_unused_parameters)
         micro = opt.batch_size // max(1, opt.grad_accum)
         if micro * opt.grad_accum != opt.batch_size:
             raise FamError(f"optim.batch_size {opt.batch_size} is not divisible by "
@@ -244,6 +304,7 @@ class Trainer:
                             # global RNG, or a resumed run's dropout would be shifted.
                             generator=torch.Generator().manual_seed(run.seed))
         self.module.train()
+        step_fn = getattr(self.module, "train_step", None)
         bar = None
         if run.progress and dist_utils.rank() == 0:
             from tqdm.auto import tqdm
@@ -261,7 +322,13 @@ class Trainer:
                     ctx = ddp_module.no_sync() if (not sync and hasattr(ddp_module, "no_sync")) \
                         else _null()
                     with ctx, self._autocast():
-                        terms = ddp_module(chunk, self.step)
+                        if step_fn is not None:
+                            # The module does its own backward (GradCache: several
+                            # forwards per step, all but the last under no_sync).
+                            terms = step_fn(chunk, self.step, ddp_module if ddp_module is not
+                                            self.module else None, 1.0 / len(chunks), sync)
+                        else:
+                            terms = ddp_module(chunk, self.step)
                         loss = terms["loss"]
                         if not torch.isfinite(loss):
                             ck = self._ckpt_dirs()
@@ -269,7 +336,8 @@ class Trainer:
                                 f"{self.name}: loss is {loss.item()} at step {self.step}; "
                                 f"last good checkpoint: {ck[-1] if ck else 'none'} "
                                 "(lower optim.lr, check the data for NaN, or use fp32)")
-                        (loss / len(chunks)).backward()
+                        if step_fn is None:
+                            (loss / len(chunks)).backward()
                     for k, v in terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
                 if opt.grad_clip > 0:
@@ -285,14 +353,15 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
                 if self.step % run.log_every == 0 or self.step == opt.steps:
-                    last = {k: v / n_agg for k, v in agg.items()}
+                    last = _mean_over_ranks({k: v / n_agg for k, v in agg.items()})
                     last["lr"] = self.scheduler.get_last_lr()[0]
                     agg, n_agg = {}, 0
                     if writer is not None:
                         for k, v in last.items():
                             writer.add_scalar(f"{self.name}/{k}", v, self.step)
-                    log.info("%s step %d/%d %s", self.name, self.step, opt.steps,
-                             " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+                    if dist_utils.rank() == 0:
+                        log.info("%s step %d/%d %s", self.name, self.step, opt.steps,
+                                 " ".join(f"{k}={v:.4g}" for k, v in last.items()))
                 if run.save_every and self.step % run.save_every == 0 and self.step < opt.steps:
                     self.save_checkpoint()
         finally:
@@ -313,6 +382,18 @@ class Trainer:
         k = max(1, self.optim_cfg.grad_accum)
         size = len(examples) // k
         return [self.collate(examples[i * size:(i + 1) * size]) for i in range(k)]
+
+
+def _mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
+    """Average logged terms over ranks (local terms such as VEIN's differ per rank)."""
+    if not dist_utils.is_dist() or not terms:
+        return terms
+    keys = sorted(terms)
+    vec = torch.tensor([terms[k] for k in keys], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        vec = vec.cuda()
+    torch.distributed.all_reduce(vec)
+    return {k: float(v) / dist_utils.world_size() for k, v in zip(keys, vec.tolist())}
 
 
 class _null:

@@ -1,0 +1,465 @@
+"""Ablations of FAM on the Scenes benchmark, over several seeds (``fam ablate``).
+
+Groups (SPEC §6 reference: MAC only 56.4, VEIN only 55.9, FAM 57.3 vs VLM2Vec 55.0 on
+MMEB with Qwen2-VL-2B; VEIN position: none 55.0, all 54.2, last 55.3, second-to-last
+55.6, last three 55.9):
+
+* ``main`` — the VLM2Vec baseline; MAC only (MAC, then plain adaptation); VEIN only
+  (adaptation with VEIN from stage 0); both (FAM).
+* ``mac_terms`` — MAC terms added one at a time, each followed by *plain* adaptation so
+  the group isolates MAC: coarse; coarse + c2f; coarse + c2f + fine (= MAC only).
+* ``mask_ratio`` — VEIN only with γ ∈ {0.1, 0.3, 0.5, 0.8} (paper: 0.3 best, > 0.8 worse
+  than none).
+* ``vein_layers`` — VEIN only at the last, the second-to-last, the last three and all
+  layers (paper's position ablation, also VEIN only).
+
+For each seed the Scenes data (generated once, with seed 0, shared by every seed: the
+seed varies the model's initialisation, stage 0 and the training order, not the
+benchmark), one tiny model and one stage-0 checkpoint are built; every config of every
+group starts from that stage-0 checkpoint with the same adaptation budget. Runs are
+identified by their settings, not their labels, so a config that appears in two groups
+(e.g. γ = 0.3 at the default layers is "VEIN only") trains once, and the three MAC
+variants' aligned checkpoints are shared by every config that adapts from them.
+
+Layout under ``--out``::
+
+    data/                                  the benchmark (shared by seeds)
+    seed<s>/models/tiny, seed<s>/stage0/   per-seed initialisation and stage 0
+    seed<s>/align/<w_c>-<w_c2f>-<w_f>/     MAC stage-1 checkpoints
+    seed<s>/runs/<run key>/                adaptation runs (model/, checkpoints)
+    seed<s>/results/<run key>.json         evaluation + timings of a finished run
+    ablation.json, ablation.md             all runs, aggregates (mean ± std), tables
+
+Re-running with the same ``--out`` skips finished runs and resumes interrupted stages.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fam.config import AdaptConfig, LoraConfig, OptimConfig, RunConfig, VeinConfig
+from fam.demo import DemoPlan, quick_plan
+from fam.errors import ConfigError
+from fam.train.align import AlignConfig
+from fam.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AblationRun", "GROUPS", "SIZES", "plan_for_size", "expand_groups", "vein_layer_sets",
+           "align_config", "adapt_config", "run_ablation", "aggregate_runs", "format_ablation",
+           "add_ablate_subcommand"]
+
+#: Ablation groups in report order.
+GROUPS: tuple[str, ...] = ("main", "mac_terms", "mask_ratio", "vein_layers")
+#: Metrics aggregated over seeds (keys of :func:`fam.eval.mmeb.evaluate`'s summary).
+META_TASKS: tuple[str, ...] = ("classification", "vqa", "retrieval", "grounding")
+METRICS: tuple[str, ...] = META_TASKS + ("IND", "OOD", "overall")
+MASK_RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.8)
+MAC_ALL: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One training configuration (what differs from the VLM2Vec baseline).
+
+    Attributes:
+        align_weights: (w_c, w_c2f, w_f) of the MAC stage, or ``None`` for no MAC stage
+            (adaptation starts from stage 0).
+        vein: adaptation with VEIN.
+        mask_ratio: VEIN's γ.
+        vein_layers: VEIN's layers (negative: from the end).
+    """
+
+    align_weights: tuple[float, float, float] | None = None
+    vein: bool = False
+    mask_ratio: float = 0.3
+    vein_layers: tuple[int, ...] = (-3, -2, -1)
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe identity: equal settings share one run (and one folder)."""
+        mac = "none" if self.align_weights is None else "-".join(f"{w:g}" for w in self.align_weights)
+        vein = (f"g{self.mask_ratio:g}_L{'_'.join(str(l) for l in self.vein_layers)}"
+                if self.vein else "off")
+        return f"mac{mac}__vein{vein}"
+
+
+def plan_for_size(size: str) -> DemoPlan:
+    """Budgets of one ablation size.
+
+    ``quick``: the demo's quick plan (seconds per config; tests). ``small``: a 4-layer tiny
+    model with short stages, sized so that every group with 2 seeds fits in about 40
+    minutes on 2 shared CPU cores. ``demo``: the full demo's budgets (hours on a CPU).
+    """
+    if size == "quick":
+        plan = quick_plan()
+        plan.eval_rows = 16
+        return plan
+    if size == "small":
+        return DemoPlan(n_train_images=600, n_eval_images=64, n_ood_images=32, eval_rows=32,
+                        n_candidates=8, model_size="s", stage0_steps=150, stage0_batch=32,
+                        adapt_steps=60, adapt_batch=32, align_steps=40, align_batch=32,
+                        vein_layers=(-3, -2, -1), save_every=50)
+    if size == "demo":
+        return DemoPlan()
+    raise ConfigError(f"unknown ablation size {size!r}; choose one of {list(SIZES)}")
+
+
+SIZES: tuple[str, ...] = ("quick", "small", "demo")
+
+
+def vein_layer_sets(num_layers: int) -> dict[str, tuple[int, ...]]:
+    """The position ablation's layer sets for a ``num_layers``-layer LM (negative indices).
+
+    ``last_three`` is cut to the layers that exist, so with fewer than 4 layers some sets
+    coincide (and then share one run).
+    """
+    if num_layers < 1:
+        raise ConfigError(f"num_layers must be ≥ 1, got {num_layers}")
+    return {"last": (-1,), "second_to_last": (-2,) if num_layers >= 2 else (-1,),
+            "last_three": tuple(range(-min(3, num_layers), 0)),
+            "all": tuple(range(-num_layers, 0))}
+
+
+def expand_groups(groups: Sequence[str], num_layers: int,
+                  default_layers: Sequence[int] = (-3, -2, -1), default_ratio: float = 0.3,
+                  ) -> dict[str, list[tuple[str, AblationRun]]]:
+    """``{group: [(config label, run)]}``; the baseline is always part of ``main``.
+
+    Args:
+        groups: subset of :data:`GROUPS`.
+        num_layers: LM layers of the backbone (for the layer sets and to cut
+            ``default_layers`` to what exists).
+        default_layers: VEIN layers of "VEIN only"/FAM and of the γ sweep.
+        default_ratio: γ of "VEIN only"/FAM and of the layer sweep.
+    """
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ConfigError(f"unknown ablation group(s) {bad}; choose from {list(GROUPS)}")
+    layers = tuple(sorted({l for l in default_layers if -num_layers <= l < 0}))
+    if not layers:
+        raise ConfigError(f"vein layers {list(default_layers)} do not exist in a "
+                          f"{num_layers}-layer model")
+    vein = dict(vein=True, mask_ratio=default_ratio, vein_layers=layers)
+    out: dict[str, list[tuple[str, AblationRun]]] = {}
+    for g in groups:
+        if g == "main":
+            out[g] = [("baseline", AblationRun()),
+                      ("mac_only", AblationRun(align_weights=MAC_ALL)),
+                      ("vein_only", AblationRun(**vein)),
+                      ("fam", AblationRun(align_weights=MAC_ALL, **vein))]
+        elif g == "mac_terms":
+            out[g] = [("coarse", AblationRun(align_weights=(1.0, 0.0, 0.0))),
+                      ("coarse+c2f", AblationRun(align_weights=(1.0, 1.0, 0.0))),
+                      ("coarse+c2f+fine", AblationRun(align_weights=MAC_ALL))]
+        elif g == "mask_ratio":
+            out[g] = [(f"gamma={r:g}", AblationRun(vein=True, mask_ratio=r, vein_layers=layers))
+                      for r in MASK_RATIOS]
+        elif g == "vein_layers":
+            out[g] = [(name, AblationRun(vein=True, mask_ratio=default_ratio, vein_layers=ls))
+                      for name, ls in vein_layer_sets(num_layers).items()]
+    return out
+
+
+# --------------------------------------------------------------------------- configs
+
+def _run_cfg(out: Path, seed: int, plan: DemoPlan, progress: bool) -> RunConfig:
+    return RunConfig(out_dir=str(out), seed=seed, save_every=plan.save_every, progress=progress,
+                     log_every=max(1, plan.save_every // 2))
+
+
+def align_config(weights: Sequence[float], stage0: str | Path, data: str | Path, out: str | Path,
+                 seed: int, plan: DemoPlan, progress: bool = False) -> AlignConfig:
+    """The MAC stage of a run: the demo's align settings with the given term weights."""
+    data = Path(data)
+    return AlignConfig(model=str(stage0), captions=str(data / "captions.json"),
+                       image_root=str(data), weights=tuple(float(w) for w in weights),
+                       full_finetune=not plan.lora, lora=LoraConfig(enabled=plan.lora),
+                       optim=OptimConfig(lr=plan.align_lr, batch_size=plan.align_batch,
+                                         steps=plan.align_steps, warmup_ratio=0.1),
+                       run=_run_cfg(Path(out), seed, plan, progress))
+
+
+def adapt_config(run: AblationRun, start: str | Path, data: str | Path, out: str | Path,
+                 seed: int, plan: DemoPlan, progress: bool = False) -> AdaptConfig:
+    """The adaptation of a run: the demo's settings, VEIN as the run says."""
+    data = Path(data)
+    vein = VeinConfig(enabled=run.vein, mask_ratio=run.mask_ratio,
+                      layers=list(run.vein_layers)) if run.vein else VeinConfig(enabled=False)
+    return AdaptConfig(model=str(start), train_dir=str(data / "train"), image_root=str(data),
+                       full_finetune=not plan.lora, lora=LoraConfig(enabled=plan.lora),
+                       optim=OptimConfig(lr=plan.adapt_lr, batch_size=plan.adapt_batch,
+                                         steps=plan.adapt_steps, warmup_ratio=0.1),
+                       vein=vein, run=_run_cfg(Path(out), seed, plan, progress))
+
+
+# --------------------------------------------------------------------------- running
+
+def _prepare_data(out: Path, plan: DemoPlan) -> Path:
+    from fam.data.scenes import ScenesConfig, generate_scenes
+
+    data = out / "data"
+    if not (data / "scenes.json").exists():
+        generate_scenes(ScenesConfig(seed=0, image_size=plan.image_size,
+                                     n_train_images=plan.n_train_images,
+                                     n_eval_images=plan.n_eval_images,
+                                     n_ood_images=plan.n_ood_images, eval_rows=plan.eval_rows,
+                                     n_candidates=plan.n_candidates), data, progress=False)
+    return data
+
+
+def _prepare_stage0(root: Path, data: Path, seed: int, plan: DemoPlan, progress: bool) -> Path:
+    from fam.backbones import build_tiny
+    from fam.config import Stage0Config
+    from fam.train.stage0 import run_stage0
+
+    tiny = root / "models" / "tiny"
+    if not (tiny / "config.json").exists():
+        corpus = [c["caption"] for c in json.loads((data / "captions.json").read_text())]
+        qa_path = data / "qa.json"
+        if qa_path.exists():
+            corpus += [q["question"] + " " + q["answer"] for q in json.loads(qa_path.read_text())]
+        build_tiny("qwen2_vl", tiny, size=plan.model_size, image_size=plan.image_size,
+                   corpus=corpus, seed=seed)
+    qa = data / "qa.json"
+    return run_stage0(Stage0Config(
+        model=str(tiny), captions=str(data / "captions.json"),
+        qa=str(qa) if qa.exists() else "", image_root=str(data),
+        optim=OptimConfig(lr=plan.stage0_lr, batch_size=plan.stage0_batch,
+                          steps=plan.stage0_steps, warmup_ratio=0.05),
+        run=_run_cfg(root / "stage0", seed, plan, progress)))
+
+
+def _num_layers(model_dir: Path) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    return int(text["num_hidden_layers"])
+
+
+def _train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed: int,
+                    plan: DemoPlan, progress: bool) -> dict[str, Any]:
+    """Train one run (reusing finished stages) and evaluate it; returns its result record."""
+    from fam.backbones import load_backbone
+    from fam.eval.mmeb import evaluate
+    from fam.model import EmbeddingModel
+    from fam.train.adapt import run_adapt
+    from fam.train.align import run_align
+
+    timings: dict[str, float] = {}
+    start: Path = stage0
+    if run.align_weights is not None:
+        t = time.time()
+        wkey = "-".join(f"{w:g}" for w in run.align_weights)
+        start = run_align(align_config(run.align_weights, stage0, data, root / "align" / wkey,
+                                       seed, plan, progress))
+        timings["align"] = time.time() - t  # ~0 when the checkpoint is shared
+    t = time.time()
+    model = run_adapt(adapt_config(run, start, data, root / "runs" / run.key, seed, plan,
+                                   progress))
+    timings["adapt"] = time.time() - t
+    t = time.time()
+    res = evaluate(EmbeddingModel(load_backbone(model)), data / "eval", data, progress=progress)
+    timings["eval"] = time.time() - t
+    return {"key": run.key, "seed": seed, "run": dataclasses.asdict(run), "model": str(model),
+            "results": res, "timings_s": timings}
+
+
+def _get(res: Mapping[str, Any], metric: str) -> float | None:
+    if metric in META_TASKS:
+        return res.get("meta_task", {}).get(metric)
+    return res.get(metric)
+
+
+def _mean_std(xs: Sequence[float]) -> dict[str, Any]:
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "std": None, "n": 0}
+    m = sum(xs) / n
+    # Sample standard deviation over seeds (ddof=1); 0 for a single seed.
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return {"mean": m, "std": s, "n": n}
+
+
+def aggregate_runs(records: Sequence[Mapping[str, Any]], baseline_key: str | None = None,
+                   ) -> dict[str, dict[str, Any]]:
+    """``{run key: {metric: {mean, std, n}, "delta": {metric: {mean, std, n}}}}``.
+
+    The deltas to the baseline are paired by seed (``run − baseline`` per seed, then mean ±
+    std), which removes the seed-to-seed variation both share.
+    """
+    by_key: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for r in records:
+        by_key.setdefault(r["key"], {})[int(r["seed"])] = r["results"]
+    base = by_key.get(baseline_key or AblationRun().key, {})
+    out: dict[str, dict[str, Any]] = {}
+    for key, seeds in by_key.items():
+        agg: dict[str, Any] = {}
+        delta: dict[str, Any] = {}
+        for m in METRICS:
+            vals = [v for v in (_get(seeds[s], m) for s in sorted(seeds)) if v is not None]
+            agg[m] = _mean_std(vals)
+            diffs = [_get(seeds[s], m) - _get(base[s], m) for s in sorted(seeds)
+                     if s in base and _get(seeds[s], m) is not None
+                     and _get(base[s], m) is not None]
+            delta[m] = _mean_std(diffs)
+        agg["delta"] = delta
+        agg["seeds"] = sorted(seeds)
+        out[key] = agg
+    return out
+
+
+def _cell(d: Mapping[str, Any], signed: bool = False) -> str:
+    if d.get("mean") is None:
+        return "-"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return fmt.format(d["mean"]) + (f" ± {d['std']:.1f}" if d["n"] > 1 else "")
+
+
+def format_ablation(report: Mapping[str, Any]) -> str:
+    """Markdown: per group, mean ± std over seeds, then the paired differences to baseline."""
+    agg = report["aggregates"]
+    groups = report["groups"]
+    heads = ["Class.", "VQA", "Retr.", "Ground.", "IND", "OOD", "Overall"]
+    seeds = report.get("seeds", [])
+    lines = [f"# Ablations on Scenes ({report.get('size', '?')} size, seeds {seeds})", "",
+             "Precision@1 (%), mean ± sample std over seeds; Δ = config − baseline, paired "
+             "by seed. Chance: " + _chance_line(report) + ".", ""]
+    base_key = AblationRun().key
+    for g, cfgs in groups.items():
+        lines += [f"## {g}", "", "| config | " + " | ".join(heads) + " |",
+                  "|---|" + "---|" * len(heads)]
+        rows = list(cfgs)
+        if all(key != base_key for _, key in rows):
+            rows = [("baseline", base_key)] + rows  # every table shows its reference
+        for label, key in rows:
+            a = agg.get(key)
+            cells = [_cell(a[m]) if a else "(not run)" for m in METRICS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "| Δ vs baseline | " + " | ".join(heads) + " |",
+                  "|---|" + "---|" * len(heads)]
+        for label, key in rows:
+            if key == base_key:
+                continue
+            a = agg.get(key)
+            cells = [_cell(a["delta"][m], signed=True) if a else "(not run)" for m in METRICS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    t = report.get("time_per_config_s")
+    if t:
+        lines.append(f"Time per config (median over runs, training + evaluation): "
+                     f"{t['median']:.0f} s; stage 0 {t.get('stage0_median', 0):.0f} s per seed; "
+                     f"total wall time {report.get('wall_s', 0) / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def _chance_line(report: Mapping[str, Any]) -> str:
+    for r in report.get("runs", []):
+        ch = r["results"].get("chance", {})
+        if ch.get("overall") is not None:
+            return f"{ch['overall']:.1f}"
+    return "-"
+
+
+def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "small",
+                 groups: Sequence[str] | None = None, progress: bool = False,
+                 plan: DemoPlan | None = None) -> dict[str, Any]:
+    """Run (or resume) the ablation; writes and returns ``ablation.json``'s content.
+
+    Args:
+        out: output folder.
+        seeds: training seeds (each gets its own tiny model and stage-0 checkpoint).
+        size: one of :data:`SIZES` (ignored when ``plan`` is given).
+        groups: subset of :data:`GROUPS` (default: all).
+        progress: progress bars in the stages.
+        plan: explicit budgets (tests).
+    """
+    if not seeds:
+        raise ConfigError("give at least one seed (--seeds 0 1 2)")
+    plan = plan or plan_for_size(size)
+    groups = list(groups or GROUPS)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    data = _prepare_data(out, plan)
+    records: list[dict[str, Any]] = []
+    stage0_times: list[float] = []
+    expanded: dict[str, list[tuple[str, AblationRun]]] = {}
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        t = time.time()
+        stage0 = _prepare_stage0(root, data, seed, plan, progress)
+        stage0_times.append(time.time() - t)
+        expanded = expand_groups(groups, _num_layers(stage0), plan.vein_layers)
+        # main's baseline is always needed: every Δ is taken against it.
+        runs = {AblationRun().key: AblationRun()}
+        for cfgs in expanded.values():
+            for _, r in cfgs:
+                runs.setdefault(r.key, r)
+        for i, (key, run) in enumerate(runs.items(), 1):
+            rpath = root / "results" / f"{key}.json"
+            if rpath.exists():
+                rec = json.loads(rpath.read_text())
+                log.info("ablate seed %d: %s already evaluated; skipping", seed, key)
+            else:
+                log.info("ablate seed %d: run %d/%d %s", seed, i, len(runs), key)
+                rec = _train_and_eval(run, root, stage0, data, seed, plan, progress)
+                atomic_write_json(rpath, rec)
+                log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s", seed,
+                         key, rec["results"]["overall"], rec["results"]["IND"],
+                         rec["results"]["OOD"], sum(rec["timings_s"].values()))
+            records.append(rec)
+            # Rewrite the report after every run so a long ablation can be read while it runs.
+            _write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start)
+    return _write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start)
+
+
+def _write_report(out: Path, records: list[dict[str, Any]],
+                  expanded: Mapping[str, list[tuple[str, AblationRun]]], seeds: Sequence[int],
+                  size: str, plan: DemoPlan, stage0_times: Sequence[float], t_start: float,
+                  ) -> dict[str, Any]:
+    per_run = sorted(sum(r["timings_s"].values()) for r in records)
+    s0 = sorted(stage0_times)
+    report = {
+        "size": size, "seeds": list(seeds),
+        "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "extra"},
+        "groups": {g: [(label, r.key) for label, r in cfgs] for g, cfgs in expanded.items()},
+        "configs": {r.key: dataclasses.asdict(r) for cfgs in expanded.values() for _, r in cfgs},
+        "aggregates": aggregate_runs(records),
+        "runs": records,
+        "time_per_config_s": {"median": per_run[len(per_run) // 2] if per_run else 0.0,
+                              "stage0_median": s0[len(s0) // 2] if s0 else 0.0},
+        "wall_s": time.time() - t_start,
+    }
+    atomic_write_json(out / "ablation.json", report)
+    atomic_write_text(out / "ablation.md", format_ablation(report))
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    report = run_ablation(args.out, seeds=args.seeds, size=args.size, groups=args.only,
+                          progress=not args.no_progress)
+    log.info("ablation written to %s\n%s", args.out, format_ablation(report))
+    return 0
+
+
+def add_ablate_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``fam ablate`` (returns the sub-parser)."""
+    p = subparsers.add_parser(
+        "ablate", help="FAM ablations on Scenes over seeds (MAC/VEIN, MAC terms, γ, layers)")
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--size", choices=SIZES, default="small", help="budget preset")
+    p.add_argument("--only", nargs="+", choices=GROUPS, default=None, metavar="GROUP",
+                   help=f"run only these groups ({', '.join(GROUPS)})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ablate)
+    return p

@@ -1,0 +1,240 @@
+"""GradCache (fam.train.gradcache) gives the full-batch gradient (STYLE practice 5).
+
+Tiny xs Qwen2-VL with LoRA, float64 weights. Batches mix image and text-only rows (so
+chunks split Qwen2-VL's flat pixel_values by image) and rows with and without hard
+negatives. "Full batch" is one forward of the whole batch when no randomness is involved;
+with dropout and VEIN masks (drawn from the global RNG) the reference keeps the graph of
+every chunk (same random draws as GradCache's first pass) and back-propagates once.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fam.backbones import build_tiny
+from fam.config import LoraConfig, OptimConfig, RunConfig
+from fam.data.mmeb import TrainPair
+from fam.data.types import MMItem
+from fam.losses.vein import VeinHead
+from fam.model import EmbeddingModel, apply_lora
+from fam.train import gradcache as gc
+from fam.train.adapt import ContrastiveModule, PairCollator
+from fam.train.align import AlignCollator, MACModule
+from fam.train.stage0 import CaptionSample
+from fam.train.trainer import Trainer
+
+CORPUS = ["a red circle left of a blue square", "a small green triangle above a yellow star",
+          "Represent the given image.", "what colour is the circle?"]
+WORDS = ["red", "blue", "green", "yellow", "circle", "square", "star", "small", "left", "above"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_pairs(images, n: int = 8, neg_every: int = 2) -> list[TrainPair]:
+    """Pairs mixing image queries, text-only queries, and rows with/without negatives."""
+    pairs = []
+    for i in range(n):
+        img = images[i % len(images)]
+        text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 3))
+        q = MMItem("<|image_1|>\nRepresent the given image.", img) if i % 4 != 3 else \
+            MMItem(f"Find: {text}")
+        pos = MMItem(f"a photo of {text}") if i % 3 else MMItem("<|image_1|> the image", img)
+        neg = MMItem(f"not {text} {i}") if i % neg_every == 0 else None
+        pairs.append(TrainPair(q, pos, neg, "toy", "toy.jsonl", i + 1))
+    return pairs
+
+
+def make_module(kind: str, lora_dropout: float = 0.0, vein: bool = False, vein_dropout: float = 0.0,
+                dtype=torch.float64, seed: int = 0):
+    adapter = build_tiny("qwen2_vl", size="xs", corpus=CORPUS, vocab_size=400, seed=seed,
+                         image_size=84)
+    emb = EmbeddingModel(adapter)
+    for p in adapter.model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    apply_lora(emb, LoraConfig(enabled=True, r=4, alpha=8, dropout=lora_dropout))
+    if kind == "mac":
+        module = MACModule(emb, token_layer=-1)
+    else:
+        head = None
+        if vein:
+            head = VeinHead(adapter.hidden_size, [emb.resolve_layer(-1), emb.resolve_layer(-2)],
+                            num_layers=emb.num_layers + 1, gamma=0.3, dropout=vein_dropout)
+        module = ContrastiveModule(emb, 0.05, head, vein_weight=0.7)
+    return module.to(dtype).train()
+
+
+def _grads(module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in module.named_parameters()
+           if p.requires_grad and p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def _assert_same(a: dict, b: dict, rtol=1e-5, atol=1e-9):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def _chunkwise_reference(module, batch, chunk: int):
+    """Full graph over all chunks (same RNG draws as GradCache's pass 1), one backward."""
+    chunks = module.gc_split(batch, chunk)
+    outs = [module(c, 0, mode="reps") for c in chunks]
+    terms = module.gc_loss([o["reps"] for o in outs], chunks, sum(o["aux_n"] for o in outs))
+    scale = terms.pop("aux_scale")
+    loss = terms["loss"]
+    auxes = [o["aux"] for o in outs if o["aux"] is not None]
+    if auxes:
+        loss = loss + scale * torch.stack(auxes).sum()
+    loss.backward()
+    return loss.detach()
+
+
+def _pair_batch(module, scene_images, n=8, dtype=torch.float64):
+    adapter = module.embedder.adapter
+    batch = PairCollator(adapter, hard_negatives=True)(make_pairs(scene_images, n))
+    cast = lambda e: e.to("cpu", dtype) if e is not None else None  # noqa: E731
+    batch.query, batch.target, batch.neg = cast(batch.query), cast(batch.target), cast(batch.neg)
+    batch.vein_query = batch.query.has_image.clone()
+    batch.vein_target = batch.target.has_image.clone()
+    return batch
+
+
+def test_split_encoded_splits_flat_qwen_pixels_by_image(scene_images):
+    module = make_module("task", dtype=torch.float32)
+    batch = _pair_batch(module, scene_images, 8, torch.float32)
+    q = batch.query
+    parts = [gc.split_encoded(q, s, e) for s, e in gc.chunk_bounds(q.batch_size, 3)]
+    assert [p.batch_size for p in parts] == [3, 3, 2]
+    assert torch.equal(torch.cat([p.inputs["pixel_values"] for p in parts if "pixel_values" in p.inputs]),
+                       q.inputs["pixel_values"])
+    n_img = [int(p.has_image.sum()) for p in parts]
+    assert [p.inputs["image_grid_thw"].shape[0] if n else 0 for p, n in zip(parts, n_img)] == n_img
+    # Row 3 is text-only: a chunk made of it alone carries no pixel inputs at all.
+    assert "pixel_values" not in gc.split_encoded(q, 3, 4).inputs
+
+
+def test_task_loss_with_hard_negatives_matches_full_batch(scene_images):
+    module = make_module("task")
+    batch = _pair_batch(module, scene_images, 8)
+    assert batch.neg is not None and 0 < batch.neg_rows.numel() < 8
+    full = module(batch, 0)
+    full["loss"].backward()
+    want = _grads(module)
+    module.gradcache_chunk = 3  # uneven chunks: 3, 3, 2
+    terms = module.train_step(batch, 0)
+    got = _grads(module)
+    torch.testing.assert_close(terms["loss"], full["loss"].detach(), rtol=1e-6, atol=0)
+    _assert_same(got, want)
+
+
+def test_mac_matches_full_batch(scene_images):
+    module = make_module("mac")
+    adapter = module.embedder.adapter
+    samples = [CaptionSample(scene_images[i % 3], "", " ".join(WORDS[i:i + 3 + i % 2]),
+                             "caps.json", i + 1, "caption") for i in range(6)]
+    batch = AlignCollator(adapter, "Represent the given image.", "Find: ")(samples)
+    batch.images = batch.images.to("cpu", torch.float64)
+    batch.texts = batch.texts.to("cpu", torch.float64)
+    full = module(batch, 0)
+    full["loss"].backward()
+    want = _grads(module)
+    module.gradcache_chunk = 4
+    terms = module.train_step(batch, 0)
+    _assert_same(_grads(module), want)
+    for k in ("loss", "coarse_loss", "c2f_loss", "fine_loss"):
+        torch.testing.assert_close(terms[k], full[k].detach(), rtol=1e-6, atol=0)
+
+
+def test_vein_and_dropout_replay_the_rng(scene_images, monkeypatch):
+    """Dropout in LoRA and the VEIN decoder, random VEIN masks: exact only with RNG replay."""
+    module = make_module("task", lora_dropout=0.2, vein=True, vein_dropout=0.2)
+    batch = _pair_batch(module, scene_images, 8)
+    torch.manual_seed(123)
+    ref_loss = _chunkwise_reference(module, batch, 3)
+    want = _grads(module)
+    after_ref = torch.rand(3)
+    module.gradcache_chunk = 3
+    torch.manual_seed(123)
+    terms = module.train_step(batch, 0)
+    # The RNG continues where pass 1 left it: later draws do not depend on GradCache.
+    torch.testing.assert_close(torch.rand(3), after_ref)
+    torch.testing.assert_close(terms["loss"], ref_loss, rtol=1e-6, atol=0)
+    assert "rec_loss" in terms and terms["rec_loss"] > 0
+    _assert_same(_grads(module), want)
+    # Without the replay the re-run draws other dropout/mask values: the test would see it.
+    monkeypatch.setattr(gc.RngState, "restore", lambda self: None)
+    torch.manual_seed(123)
+    module.train_step(batch, 0)
+    bad = _grads(module)
+    assert any(not torch.allclose(bad[k], want[k], rtol=1e-5, atol=1e-9) for k in want)
+
+
+def test_vein_chunk_scaling_matches_one_forward_full_batch(scene_images, monkeypatch):
+    """With row-independent (deterministic) masks, GradCache's per-chunk VEIN sums scaled
+    by λ/N equal the one-forward full-batch loss and gradient."""
+    import fam.losses.vein as vein_mod
+
+    def fixed(valid, gamma, generator=None):  # same rule, noise that depends on position only
+        b, n = valid.shape
+        n_valid = valid.sum(1)
+        k = torch.minimum((n_valid.double() * gamma + 1e-9).floor().long().clamp(min=1), n_valid - 1)
+        noise = ((torch.arange(n) * 7 % n).double() / n)[None].expand(b, n)
+        order = noise.masked_fill(~valid, 2.0).argsort(dim=1, stable=True)
+        idx = order[:, :int(k.max())]
+        slot = torch.arange(idx.shape[1])[None] < k[:, None]
+        masked = torch.zeros(b, n, dtype=torch.bool).scatter_(1, idx, slot)
+        return masked, idx, k
+    monkeypatch.setattr(vein_mod, "vein_mask_positions", fixed)
+    module = make_module("task", vein=True)
+    batch = _pair_batch(module, scene_images, 8)
+    full = module(batch, 0)
+    full["loss"].backward()
+    want = _grads(module)
+    module.gradcache_chunk = 3
+    terms = module.train_step(batch, 0)
+    torch.testing.assert_close(terms["loss"], full["loss"].detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["rec_loss"], full["rec_loss"], rtol=1e-6, atol=0)
+    _assert_same(_grads(module), want)
+
+
+def _trainer(module, pairs, out, chunk: int, steps: int = 3):
+    module.gradcache_chunk = chunk
+    adapter = module.embedder.adapter
+    opt = OptimConfig(lr=5e-3, batch_size=8, steps=steps, warmup_ratio=0.0, grad_clip=1.0)
+    run = RunConfig(out_dir=str(out), save_every=0, progress=False, log_every=1, device="cpu")
+    return Trainer(module, pairs, PairCollator(adapter, True), opt, run, "gc-test")
+
+
+def test_trainer_run_with_gradcache_equals_without(scene_images, tmp_path):
+    pairs = make_pairs(scene_images, 16)
+    runs = {}
+    for chunk in (0, 3):
+        module = make_module("task", dtype=torch.float32)
+        _trainer(module, pairs, tmp_path / f"c{chunk}", chunk).train()
+        runs[chunk] = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    base = make_module("task", dtype=torch.float32)
+    changed = [n for n, p in base.named_parameters() if p.requires_grad
+               and not torch.allclose(p, runs[0][n])]
+    assert changed  # training moved the LoRA weights
+    _assert_same(runs[3], runs[0], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_leaves_gradients_unchanged(scene_images):
+    from fam.train.trainer import enable_gradient_checkpointing
+    module = make_module("task", lora_dropout=0.2)
+    batch = _pair_batch(module, scene_images, 6)
+    torch.manual_seed(5)
+    module(batch, 0)["loss"].backward()
+    want = _grads(module)
+    enable_gradient_checkpointing(module.embedder)
+    torch.manual_seed(5)
+    module(batch, 0)["loss"].backward()
+    _assert_same(_grads(module), want)
