@@ -200,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`fam train adapt --vein a=1`): argparse leaves
+    # those as extras; they join the overrides of the commands that take them.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     # A YAML path given as the first positional that is really an override goes to overrides.
     if getattr(args, "config", None) and "=" in str(args.config):
         args.overrides = [args.config] + list(args.overrides)

@@ -11,13 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.backbones.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from fam.backbones.llava import LlavaAdapter
+from fam.backbones.llava_next import LlavaNextAdapter
+from fam.backbones.phi3v import Phi3VAdapter, remote_code_error
 from fam.backbones.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from fam.errors import ConfigError
 
 ADAPTERS: dict[str, type[BackboneAdapter]] = {
-    a.family: a for a in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter)
+    a.family: a for a in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter, LlavaNextAdapter,
+                          Idefics3Adapter, SmolVLMAdapter, Phi3VAdapter)
 }
+#: Families with a native transformers class: tiny models build offline from a config.
+NATIVE_FAMILIES: tuple[str, ...] = tuple(f for f, a in ADAPTERS.items()
+                                         if not getattr(a, "requires_remote_code", False))
 
 
 def adapter_for_model_type(model_type: str) -> type[BackboneAdapter]:
@@ -35,13 +42,30 @@ def _model_type(path: str | Path) -> str:
         if not cfg.exists():
             raise ConfigError(f"{p} has no config.json: not a checkpoint directory")
         return json.loads(cfg.read_text())["model_type"]
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(str(path)).model_type
+    # The raw config dict: AutoConfig would need remote code for remote-code families.
+    from transformers import PretrainedConfig
+    return PretrainedConfig.get_config_dict(str(path))[0]["model_type"]
 
 
-def load_backbone(path: str | Path, **kwargs: Any) -> BackboneAdapter:
-    """Load a backbone adapter from a hub id or a local checkpoint directory."""
-    return adapter_for_model_type(_model_type(path)).from_pretrained(path, **kwargs)
+def load_backbone(path: str | Path, *, trust_remote_code: bool = False, **kwargs: Any,
+                  ) -> BackboneAdapter:
+    """Load a backbone adapter from a hub id or a local checkpoint directory.
+
+    Args:
+        path: hub id or directory with ``config.json`` (its ``model_type`` picks the adapter).
+        trust_remote_code: required for remote-code families (Phi-3.5-V), whose Python code
+            ships with the checkpoint and runs locally; ignored by native families.
+        **kwargs: forwarded to the adapter's ``from_pretrained``.
+
+    Raises:
+        ConfigError: unknown ``model_type``, or a remote-code family without opt-in.
+    """
+    cls = adapter_for_model_type(_model_type(path))
+    if getattr(cls, "requires_remote_code", False):
+        if not trust_remote_code:
+            raise remote_code_error(path)
+        kwargs["trust_remote_code"] = True
+    return cls.from_pretrained(path, **kwargs)
 
 
 def build_tiny(family: str = "qwen2_vl", out_dir: str | Path | None = None, **kwargs: Any,
@@ -52,5 +76,6 @@ def build_tiny(family: str = "qwen2_vl", out_dir: str | Path | None = None, **kw
     return ADAPTERS[family].build_tiny(out_dir, **kwargs)
 
 
-__all__ = ["ADAPTERS", "BackboneAdapter", "EncodedBatch", "build_tiny", "load_backbone",
-           "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter"]
+__all__ = ["ADAPTERS", "NATIVE_FAMILIES", "BackboneAdapter", "EncodedBatch", "build_tiny",
+           "load_backbone", "Idefics3Adapter", "LlavaAdapter", "LlavaNextAdapter", "Phi3VAdapter",
+           "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "SmolVLMAdapter"]

@@ -16,6 +16,11 @@ makes the masks exact under both left and right padding:
 
     [bos?] <text before placeholder> <image block> <text after placeholder> <eos>
 
+Several images per item: pass a list of images for the item to :meth:`BackboneAdapter.encode`
+and write ``<|image_1|>``, ``<|image_2|>``, ... in its text (each image's block goes where its
+tag is; untagged images go first; tags without an image are dropped). Images reach the model in
+the order their blocks appear, which is the order every family scatters features in.
+
 Families differ only in the image block (e.g. Qwen2-VL: ``<|vision_start|>`` + N×``<|image_pad|>``
 + ``<|vision_end|>``; LLaVA: N×``<image>``), in how images become pixel tensors and in extra model
 inputs; subclasses implement exactly those hooks.
@@ -42,7 +47,7 @@ _PLACEHOLDER_RE = re.compile(r"<\|image_(\d+)\|>")
 
 
 def _placeholder(k: int) -> str:
-    return IMAGE_PLACEHOLDER.replace("1", str(k))
+    return f"<|image_{k}|>"
 
 
 @dataclass
@@ -262,6 +267,49 @@ class BackboneAdapter:
             is_text.append(inside and tid not in self._special_ids and e > s)
         return ids, is_text
 
+    def _place_images(self, item: MMItem, n_images: int) -> tuple[str, tuple[int, int] | None]:
+        """The item's text with exactly one ``<|image_k|>`` per image, and its content span.
+
+        Placeholders without an image (text-only side of a row, or ``<|image_k|>`` with k above
+        the image count) and repeats of an already placed image are dropped; images the text
+        does not mention go first (MMEB convention), each followed by a newline.
+        """
+        text, content = item.text, item.content
+
+        def drop(t: str, c, pos: int, length: int):
+            c = tuple(x - length if x > pos else x for x in c) if c is not None else None
+            return t[:pos] + t[pos + length:], c
+
+        def first_stale(t: str):
+            seen: set[int] = set()
+            for m in _PLACEHOLDER_RE.finditer(t):
+                k = int(m.group(1))
+                if not 1 <= k <= n_images or k in seen:
+                    return m
+                seen.add(k)
+            return None
+
+        while (stale := first_stale(text)) is not None:
+            text, content = drop(text, content, stale.start(), stale.end() - stale.start())
+        # MMEB convention: an image without a placeholder goes first.
+        referenced = {int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)}
+        prefix = "".join(_placeholder(k) + "\n" for k in range(1, n_images + 1)
+                         if k not in referenced)
+        if prefix:
+            text = prefix + text
+            if content is not None:
+                content = (content[0] + len(prefix), content[1] + len(prefix))
+        return text, content
+
+    def image_order(self, item: MMItem, n_images: int) -> list[int]:
+        """1-based indices of the item's images in the order their blocks appear.
+
+        Models fill image positions with image features in the order the images are given,
+        so :meth:`encode` processes each item's images in this order.
+        """
+        text, _ = self._place_images(item, n_images)
+        return [int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)]
+
     def _build_sequence(self, item: MMItem, n_image_tokens: int | Sequence[int] | None) -> _Seq:
         """Token ids and masks of one item.
 
@@ -275,33 +323,7 @@ class BackboneAdapter:
             counts = list(n_image_tokens)
         else:
             counts = [n_image_tokens]
-        text, content = item.text, item.content
-
-        def drop(t: str, c, pos: int, length: int):
-            c = tuple(x - length if x > pos else x for x in c) if c is not None else None
-            return t[:pos] + t[pos + length:], c
-
-        # Placeholders without an image (text-only side of a row, or <|image_k|> with k above
-        # the image count) and repeats of an already placed image are dropped.
-        def first_stale(t: str):
-            seen: set[int] = set()
-            for m in _PLACEHOLDER_RE.finditer(t):
-                k = int(m.group(1))
-                if not 1 <= k <= len(counts) or k in seen:
-                    return m
-                seen.add(k)
-            return None
-
-        while (stale := first_stale(text)) is not None:
-            text, content = drop(text, content, stale.start(), stale.end() - stale.start())
-        # MMEB convention: an image without a placeholder goes first.
-        referenced = {int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)}
-        prefix = "".join(_placeholder(k) + "\n" for k in range(1, len(counts) + 1)
-                         if k not in referenced)
-        if prefix:
-            text = prefix + text
-            if content is not None:
-                content = (content[0] + len(prefix), content[1] + len(prefix))
+        text, content = self._place_images(item, len(counts))
         # Segments of text between image blocks, with their character offsets in ``text``.
         segments: list[tuple[str, int]] = []
         blocks: list[int] = []
@@ -342,13 +364,16 @@ class BackboneAdapter:
             return None
         return load_image(item.image, source=item.source, line=item.line, field=item.field)
 
-    def encode(self, items: Sequence[MMItem], images: Sequence[Image.Image | None] | None = None,
+    def encode(self, items: Sequence[MMItem],
+               images: Sequence[Image.Image | Sequence[Image.Image] | None] | None = None,
                ) -> EncodedBatch:
         """Tokenise and pad a batch of items; load and process their images.
 
         Args:
             items: the batch. ``item.image`` is an absolute path (or ``None``).
             images: optional already-loaded images aligned with ``items`` (skips disk reads).
+                An entry may also be a list of images: the item's text then refers to them as
+                ``<|image_1|>``, ``<|image_2|>``, ... (images it does not mention go first).
 
         Returns:
             An :class:`EncodedBatch` on the CPU.
@@ -357,14 +382,25 @@ class BackboneAdapter:
             raise ValueError("encode() needs at least one item")
         if images is None:
             images = [self.load_item_image(it) for it in items]
-        present = [im for im in images if im is not None]
+        per_item: list[list[Image.Image]] = [
+            [] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
+            for im in images]
+        # Images go to the processor in the order their blocks appear in the batch (the models
+        # scatter features into image positions in that order), e.g. "<|image_2|> ... <|image_1|>".
+        orders = [self.image_order(it, len(ims)) if len(ims) > 1 else list(range(1, len(ims) + 1))
+                  for it, ims in zip(items, per_item)]
+        present = [ims[k - 1] for ims, order in zip(per_item, orders) for k in order]
         pix: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if present:
             pix, counts = self.process_images(present)
         count_iter = iter(counts)
-        seqs = [self._build_sequence(it, next(count_iter) if im is not None else None)
-                for it, im in zip(items, images)]
+        seqs = []
+        for it, order in zip(items, orders):
+            by_index = {k: next(count_iter) for k in order}
+            n = [by_index[k] for k in sorted(by_index)]
+            # One image keeps the scalar form of the contract.
+            seqs.append(self._build_sequence(it, n[0] if len(n) == 1 else (n or None)))
         L = max(len(s.ids) for s in seqs)
         B = len(seqs)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
@@ -383,7 +419,7 @@ class BackboneAdapter:
             eos[b] = start + n - 1
         inputs = {"input_ids": input_ids, "attention_mask": attn, **pix}
         inputs.update(self.extra_inputs(input_ids, img_mask))
-        has_image = torch.tensor([im is not None for im in images], dtype=torch.bool)
+        has_image = torch.tensor([len(ims) > 0 for ims in per_item], dtype=torch.bool)
         return EncodedBatch(inputs, img_mask, txt_mask, eos, has_image)
 
     # ------------------------------------------------------------------ forward
