@@ -3,7 +3,9 @@
     fam demo [--quick] [--out DIR]              the main job on the embedded default
     fam data scenes --out DIR [...]             generate the built-in Scenes benchmark
     fam model tiny --out DIR [--family ...]     save a tiny random-initialised backbone
-    fam train stage0|align|adapt [CONFIG] [k=v ...]   a training stage (YAML + overrides)
+    fam train stage0|align|adapt|projector [CONFIG] [k=v ...]   a training stage
+    fam analyze alignment|probes ...             alignment analysis, FAM probes
+    fam projector-compare [--quick]              caption-only vs patch-aligned projectors
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
     fam bench mac                               exact MAC vs the naive similarity tensor
@@ -160,13 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--seed", type=int, default=0)
     ti.set_defaults(func=cmd_model_tiny)
 
-    tr = sub.add_parser("train", help="run a training stage")
-    tr.add_argument("stage", choices=["stage0", "align", "adapt"])
-    tr.add_argument("config", nargs="?", default=None,
-                    help="YAML config (optional; keys mirror the stage's config dataclass)")
-    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
-    tr.add_argument("--vein", action="store_true", help="adapt: add the VEIN loss")
-    tr.set_defaults(func=cmd_train)
+    train = sub.add_parser("train", help="run a training stage").add_subparsers(
+        dest="stage", required=True)
+    for stage, help_ in (("stage0", "generative pre-training of a tiny LVLM"),
+                         ("align", "FAM stage 1: MAC on image-caption pairs"),
+                         ("adapt", "VLM2Vec adaptation (--vein: FAM stage 2)")):
+        tr = train.add_parser(stage, help=help_)
+        tr.add_argument("config", nargs="?", default=None,
+                        help="YAML config (optional; keys mirror the stage's config dataclass)")
+        tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+        if stage == "adapt":
+            tr.add_argument("--vein", action="store_true", help="add the VEIN loss")
+        tr.set_defaults(func=cmd_train)
+    analyze = sub.add_parser("analyze", help="analysis of trained models").add_subparsers(
+        dest="analyze_cmd", required=True)
 
     ev = sub.add_parser("eval", help="MMEB-protocol evaluation of an embedding model")
     ev.add_argument("--model", required=True, help="checkpoint directory or hub id")
@@ -193,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     from fam.pad.cli import add_pad_subcommand
+    from fam.projector_cli import add_projector_subcommands
     add_pad_subcommand(sub)
+    add_projector_subcommands(train, analyze, sub)
     return p
 
 

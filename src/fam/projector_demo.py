@@ -41,16 +41,16 @@ log = logging.getLogger(__name__)
 class ComparePlan:
     """Sizes of one comparison run (defaults: the full run, ≤ 10 min on 2 CPU cores)."""
 
-    n_train_images: int = 600  # Scenes training scenes (+ their counterfactuals as captions)
+    n_train_images: int = 500  # Scenes training scenes (+ their counterfactuals as captions)
     n_eval_images: int = 100  # held-out scenes for the analysis and the caption loss
     n_ood_images: int = 40  # Scenes OOD pools (unused here; kept small to save time)
     image_size: int = 112  # px; LLaVA patch 14 → 8×8 = 64 image tokens
     model_size: str = "xs"  # tiny LLaVA preset (xs: LM hidden 64 × 2 layers, vision 32)
-    stage0_steps: int = 400  # generative pre-training of the whole model
+    stage0_steps: int = 300  # generative pre-training of the whole model
     stage0_batch: int = 32
     stage0_lr: float = 2e-3
     projector: str = "mlp"  # projector type trained in both arms ("mlp" | "linear")
-    proj_steps: int = 150  # projector steps (same budget in both arms)
+    proj_steps: int = 120  # projector steps (same budget in both arms)
     proj_batch: int = 32
     proj_lr: float = 2e-3
     beta_max: float = 5.0  # patch-aligned arm: β ramps 0 → β_max over the stage (paper: 5)
@@ -64,9 +64,9 @@ class ComparePlan:
 
 def quick_plan() -> ComparePlan:
     """A very small run for tests and a first look (well under 2 minutes)."""
-    return ComparePlan(n_train_images=60, n_eval_images=24, n_ood_images=24, stage0_steps=20,
-                       stage0_batch=16, proj_steps=12, proj_batch=16, seeds=[0],
-                       analysis_images=8, heldout_captions=24, k_max=5, save_every=0)
+    return ComparePlan(n_train_images=40, n_eval_images=24, n_ood_images=24, stage0_steps=10,
+                       stage0_batch=16, proj_steps=8, proj_batch=16, seeds=[0],
+                       analysis_images=6, heldout_captions=16, k_max=5, save_every=0)
 
 
 #: (key in the flat metrics, label, direction: +1 higher is better, -1 lower, 0 descriptive)
@@ -151,7 +151,7 @@ def format_results(res: dict[str, Any]) -> str:
     t = res["timings_s"]
     lines += ["", f"Total {t['total']:.0f} s (data {t['data']:.0f} s, stage 0 {t['stage0']:.0f} s,"
               f" projectors {t['projectors']:.0f} s, analysis {t['analysis']:.0f} s), "
-              f"{res['torch_threads']} torch threads.", "",
+              f"torch threads: {res['torch_threads']}.", "",
               "\"ahead\" names the better side for metrics with a direction; \"within 2σ\" "
               "means the gap is smaller than twice the larger seed std, i.e. not a clear win."]
     return "\n".join(lines) + "\n"
@@ -235,7 +235,8 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
     # 4. analysis on held-out images -----------------------------------------------------
     t = time.time()
     held = load_captions(data / "captions_eval.json", data)
-    held = [s for s in held if "-" not in s.image.stem][:plan.heldout_captions]  # no counterfactuals
+    # primary scenes only: counterfactual re-renders (<id>-swap etc.) would repeat them
+    held = [s for s in held if "-" not in s.image.stem][:plan.heldout_captions]
     reports: dict[str, dict[str, Any]] = {}
     flat: dict[str, dict[str, float]] = {}
     for name, path in {"stage0": s0, **models}.items():

@@ -78,3 +78,27 @@ def test_errors():
         info_nce(q, t, hard_negative_mask=torch.ones(6, dtype=torch.bool))
     with pytest.raises(ValueError, match="hard_negatives must be"):
         info_nce(q, t, hard_negatives=n[:2])
+
+
+def test_duplicate_targets_are_not_negatives():
+    """A column identical to the row's positive is masked out (false negative)."""
+    torch.manual_seed(0)
+    q, t, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    t[2] = t[0]  # rows 0 and 2 share their target (e.g. the same class name)
+    n[1] = t[0]  # row 1's hard negative is that same item
+    tid = torch.tensor([10, 11, 10, 12])
+    nid = torch.tensor([20, 10, 21, 22])
+    out = info_nce(q, t, 0.1, n, None, target_ids=tid, negative_ids=nid)
+    # reference: per row, drop the duplicate columns by hand
+    qn, cols = F.normalize(q, dim=-1), F.normalize(torch.cat([t, n]), dim=-1)
+    s = qn @ cols.T / 0.1
+    keep = torch.ones_like(s, dtype=torch.bool)
+    keep[0, 2] = keep[0, 5] = False  # row 0: row 2's target and row 1's negative equal its positive
+    keep[2, 0] = keep[2, 5] = False
+    ref = torch.stack([F.cross_entropy(s[i][keep[i]][None], torch.tensor([int(keep[i, :i].sum())]))
+                       for i in range(4)]).mean()
+    torch.testing.assert_close(out["loss"], ref)
+    # without ids the duplicates count as negatives and the loss is larger
+    assert info_nce(q, t, 0.1, n)["loss"] > out["loss"]
+    with pytest.raises(ValueError, match="negative_ids"):
+        info_nce(q, t, 0.1, n, target_ids=tid)

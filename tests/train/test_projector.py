@@ -178,7 +178,8 @@ def test_linear_projector_is_one_linear_map_and_round_trips(scenes, tmp_path):
 
 def test_run_projector_trains_only_the_projector_and_resumes(scenes, tmp_path):
     from safetensors.torch import load_file
-    cfg = ProjectorConfig(model=str(scenes["model"]), captions=str(scenes["data"] / "captions.json"),
+    cfg = ProjectorConfig(model=str(scenes["model"]),
+                          captions=str(scenes["data"] / "captions.json"),
                           pad=str(scenes["data"] / "pad.jsonl"), beta_max=5.0,
                           optim=OptimConfig(lr=1e-2, batch_size=4, steps=3, warmup_ratio=0.0),
                           run=RunConfig(out_dir=str(tmp_path / "run"), save_every=2,

@@ -612,7 +612,8 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
             t = targets[i]
             if not len(t):
                 continue
-            sims = similarity_map(after[i, off:], torch.stack([emb[x].mean(0) for x in t.token_ids]))
+            t_img = torch.stack([emb[x].mean(0) for x in t.token_ids])           # (K_i, d)
+            sims = similarity_map(after[i, off:], t_img)                         # (K_i, G·G)
             ious = patch_ious(sims, torch.from_numpy(t.patch_sets[:, off:]))
             tf = processor_transform(adapter.image_processor, (im.height, im.width), patch)
             plot_similarity_heatmaps(transform_image(im.convert("RGB"), tf),

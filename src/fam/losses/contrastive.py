@@ -45,6 +45,8 @@ def info_nce(
     hard_negatives: Tensor | None = None,
     hard_negative_mask: Tensor | None = None,
     gather: bool = True,
+    target_ids: Tensor | None = None,
+    negative_ids: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Row-wise InfoNCE of queries against in-batch targets and hard negatives.
 
@@ -72,6 +74,13 @@ def info_nce(
         hard_negative_mask: ``(B,)`` or ``(B, K)`` bool, True where the negative exists.
             None means all exist.
         gather: gather across ranks when distributed (no effect otherwise).
+        target_ids: ``(B,)`` int64 content identifiers of the targets (equal id = identical
+            item, e.g. a hash of text and image path). When given, a column holding an item
+            identical to row ``i``'s positive (another row's target, or a hard negative) is
+            not a negative for row ``i`` and is masked out: with small label spaces (class
+            names, counts, colours) a batch holds many duplicates, and treating them as
+            negatives makes the loss fight itself (VLM2Vec does). ``None``: no masking.
+        negative_ids: ``(B,)`` or ``(B, K)`` ids of the hard negatives (same scheme).
 
     Returns:
         dict with ``loss`` (scalar, mean over global rows) and ``accuracy`` (scalar,
@@ -115,10 +124,24 @@ def info_nce(
         neg = normalize_for_scores(hard_negatives).reshape(b * k, d)  # (B·K, d), row-major
         neg_mask = neg_mask.reshape(b * k)
 
+    col_ids = None
+    if target_ids is not None:
+        target_ids = target_ids.to(device=query.device, dtype=torch.long).reshape(b)
+        col_ids = target_ids
+        if neg is not None:
+            if negative_ids is None:
+                raise ValueError("info_nce: target_ids given with hard negatives but no "
+                                 "negative_ids; pass both or neither.")
+            col_ids = torch.cat([target_ids, negative_ids.to(device=query.device,
+                                                              dtype=torch.long).reshape(-1)])
+
     if gather:
         q, t = gather_with_grad(q), gather_with_grad(t)
         if neg is not None:
             neg, neg_mask = gather_with_grad(neg), gather_no_grad(neg_mask)
+        if col_ids is not None:
+            tid = gather_no_grad(col_ids[:b])
+            col_ids = tid if neg is None else torch.cat([tid, gather_no_grad(col_ids[b:])])
 
     cols = t if neg is None else torch.cat([t, neg], dim=0)  # (Bg [+ Bg·K], d)
     scores = q @ cols.T / temperature  # (Bg, Bg [+ Bg·K])
@@ -126,6 +149,11 @@ def info_nce(
         col_valid = torch.cat([torch.ones(t.shape[0], dtype=torch.bool, device=t.device), neg_mask])
         scores = scores.masked_fill(~col_valid, float("-inf"))
     labels = torch.arange(q.shape[0], device=q.device)
+    if col_ids is not None:
+        # False negatives: columns identical to the row's positive, other than the positive.
+        dup = col_ids[None, :] == col_ids[:q.shape[0], None]  # (Bg, C)
+        dup[labels, labels] = False
+        scores = scores.masked_fill(dup, float("-inf"))
     loss = F.cross_entropy(scores, labels)
     with torch.no_grad():
         pos = scores.gather(1, labels[:, None])

@@ -50,8 +50,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
@@ -89,8 +87,9 @@ class ProjectorConfig:
     pooling: str = "mean"  # region embedding: "mean" (paper) | "coverage" | "token" [choice]
     prompt: str = "Describe the image."  # instruction before the caption
     max_text_tokens: int = 64  # text tokens per sample (the image block is never cut)
+    # LLaVA-1.5 projector pre-training: lr 1e-3, warm-up 3%, no weight decay
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))  # LLaVA PT: 1e-3, no wd
+        lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
