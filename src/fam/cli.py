@@ -5,6 +5,7 @@
     fam model tiny --out DIR [--family ...]     save a tiny random-initialised backbone
     fam train stage0|align|adapt|projector [CONFIG] [k=v ...]   a training stage
     fam analyze alignment|probes ...             alignment analysis, FAM probes
+    fam ablate --out DIR --seeds 0 1             FAM ablations on Scenes (mean ± std)
     fam projector-compare [--quick]              caption-only vs patch-aligned projectors
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fam.projector_cli import add_projector_subcommands
     add_pad_subcommand(sub)
     add_projector_subcommands(train, analyze, sub)
+    from fam.ablate import add_ablate_subcommand
+    from fam.analysis.probes import add_probes_subcommand
+    add_ablate_subcommand(sub)
+    add_probes_subcommand(analyze)
     return p
 
 

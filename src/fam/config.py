@@ -82,6 +82,7 @@ class AdaptConfig:
     max_per_subset: int = 0  # cap rows per subset (0: no cap)
     temperature: float = 0.02  # τ of InfoNCE (VLM2Vec/FAM: 0.02)
     hard_negatives: bool = True  # use the data's neg_* fields as extra negatives
+    mask_duplicates: bool = True  # identical targets of other rows are not negatives (VLM2Vec: no)
     max_text_tokens: int = 128  # text tokens per item (images never cut)
     gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off; Gao et al. 2021)
     full_finetune: bool = False  # train all LM weights instead of LoRA

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from fam.data.images import load_image
@@ -61,10 +59,13 @@ __all__ = ["ProbeConfig", "ProbeRegion", "ProbeImage", "load_probe_images", "cro
 class ProbeConfig:
     """Settings of the probes (defaults follow the Scenes/VLM2Vec prompts)."""
 
-    image_instruction: str = "Represent the given image."  # VLM2Vec/FAM image prompt, whole image and crops
-    text_instruction: str = "Find me an everyday image that matches the given caption: "  # retrieval prompt before an expression
+    # VLM2Vec/FAM image prompt, for the whole image and for the crops
+    image_instruction: str = "Represent the given image."
+    # retrieval prompt before a referring expression (VLM2Vec's T2I instruction)
+    text_instruction: str = "Find me an everyday image that matches the given caption: "
+    # image + text input of the attention probe (the Scenes grounding query)
     attention_prompt: str = ("Select the portion of the image that isolates the object "
-                             "labeled as \"{expression}\"")  # image+text input of the attention probe (Scenes grounding query)
+                             "labeled as \"{expression}\"")
     margin: float = 0.15  # crop margin, as a fraction of the box's larger side (≥ min_margin_px)
     min_margin_px: int = 2  # pixels of context kept around even the smallest box
     split: str = "eval"  # pad.jsonl records under images/<split>/
@@ -357,7 +358,7 @@ def format_probes(results: Mapping[str, Any]) -> str:
 
 
 def plot_similarity_probes(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Grouped bars: global-local and object-caption cosine (matched vs mismatched) per model."""
+    """Bars per model: the cosines (matched vs mismatched) and the matched − mismatched gaps."""
     from fam.analysis.plots import _plt, _save
 
     plt = _plt()
@@ -370,7 +371,11 @@ def plot_similarity_probes(results: Mapping[str, Any], path: str | Path) -> Path
     colours = ["#1f77b4", "#aec7e8", "#d62728", "#ff9896"]
     x = np.arange(len(names))
     w = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names) + 2), 3.6))
+    # Two panels: raw cosines (tiny models' embeddings are anisotropic, so matched and
+    # mismatched can both sit near 1) and the matched-minus-mismatched gaps, which are
+    # what tells whether the embedding keeps the object.
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(names) + 3), 3.6),
+                                  gridspec_kw={"width_ratios": [2, 1]})
     for j, ((probe, kind, label), col) in enumerate(zip(keys, colours)):
         vals = [ms[n][probe][kind]["mean"] for n in names]
         errs = [ms[n][probe][kind]["std"] for n in names]
@@ -380,8 +385,18 @@ def plot_similarity_probes(results: Mapping[str, Any], path: str | Path) -> Path
     ax.set_xticklabels(names)
     ax.set_ylabel("mean cosine (± std over crops)")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_title("FAM pilot probes: what the embedding keeps of objects")
+    ax.set_title("FAM pilot probes: cosine similarity")
     ax.legend(fontsize=7, loc="best")
+    w2 = 0.4
+    for j, (probe, label, col) in enumerate([("global_local", "global-local", colours[0]),
+                                             ("object_caption", "object-caption", colours[2])]):
+        ax2.bar(x + (j - 0.5) * w2, [ms[n][probe]["gap"] for n in names], w2, label=label,
+                color=col)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels(names)
+    ax2.axhline(0, color="black", lw=0.6)
+    ax2.set_title("gap: matched − mismatched")
+    ax2.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 
@@ -471,6 +486,9 @@ def _parse_models(specs: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
+    if args.threads:
+        # Tiny models: one thread avoids OpenMP oversubscription on shared CPUs.
+        torch.set_num_threads(args.threads)
     cfg = ProbeConfig(max_images=args.max_images, attention_images=args.attention_images,
                       margin=args.margin, split=args.split, seed=args.seed)
     res = run_probes(_parse_models(args.models), args.data, args.out, cfg)
@@ -493,5 +511,6 @@ def add_probes_subcommand(analyze_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=d.margin)
     p.add_argument("--split", default=d.split)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.set_defaults(func=cmd_probes)
     return p

@@ -8,6 +8,7 @@ checkpoint directory, LoRA merged) holds no trace of them.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import AdaptConfig, to_dict
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
+from fam.data.types import MMItem
 from fam.losses.contrastive import info_nce
 from fam.model import EmbeddingModel, apply_lora, merge_lora, select_tokens
 from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
@@ -37,6 +39,8 @@ class PairBatch:
         neg: encoded hard negatives of the rows that have one (or None).
         neg_rows: (n_neg,) long, the rows ``neg`` belongs to.
         vein_query, vein_target: (B,) bool, VEIN eligibility of each side's sample.
+        target_ids, neg_ids: (B,) int64 content ids of each row's target and hard negative
+            (-1: none), so identical items in a batch are not used as each other's negatives.
     """
 
     query: EncodedBatch
@@ -45,12 +49,26 @@ class PairBatch:
     neg_rows: torch.Tensor
     vein_query: torch.Tensor
     vein_target: torch.Tensor
+    target_ids: torch.Tensor
+    neg_ids: torch.Tensor
 
     def to(self, device: torch.device) -> "PairBatch":
         return PairBatch(self.query.to(device), self.target.to(device),
                          self.neg.to(device) if self.neg is not None else None,
                          self.neg_rows.to(device), self.vein_query.to(device),
-                         self.vein_target.to(device))
+                         self.vein_target.to(device), self.target_ids.to(device),
+                         self.neg_ids.to(device))
+
+
+def item_id(item: MMItem | None) -> int:
+    """A stable 63-bit content id of an item (same text and image = same id; -1 for None).
+
+    Stable across processes (unlike ``hash``), so ids agree between DDP ranks.
+    """
+    if item is None:
+        return -1
+    h = hashlib.blake2b(f"{item.text}\x00{item.image or ''}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "big") >> 1
 
 
 class PairCollator:
@@ -89,7 +107,11 @@ class PairCollator:
                                           [pairs[i].load_image("neg") for i in rows])
         vq = torch.tensor([self._eligible(p, im is not None) for p, im in zip(pairs, q_img)])
         vt = torch.tensor([self._eligible(p, im is not None) for p, im in zip(pairs, t_img)])
-        return PairBatch(query, target, neg, torch.tensor(rows, dtype=torch.long), vq, vt)
+        tid = torch.tensor([item_id(p.pos) for p in pairs], dtype=torch.long)
+        nid = torch.tensor([item_id(p.neg) if self.hard_negatives else -1 for p in pairs],
+                           dtype=torch.long)
+        return PairBatch(query, target, neg, torch.tensor(rows, dtype=torch.long), vq, vt,
+                         tid, nid)
 
 
 class ContrastiveModule(GradCacheMixin, nn.Module):
@@ -105,14 +127,17 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
         vein: a :class:`fam.losses.vein.VeinHead` or None.
         vein_weight: λ.
         gradcache_chunk: GradCache chunk size in rows (0: off).
+        mask_duplicates: identical targets/negatives of other rows are not negatives
+            (see :func:`fam.losses.contrastive.info_nce`'s ``target_ids``).
     """
 
     gc_aux_name = "rec_loss"
 
     def __init__(self, embedder: EmbeddingModel, temperature: float = 0.02,
                  vein: nn.Module | None = None, vein_weight: float = 1.0,
-                 gradcache_chunk: int = 0):
+                 gradcache_chunk: int = 0, mask_duplicates: bool = True):
         super().__init__()
+        self.mask_duplicates = mask_duplicates
         self.embedder = embedder
         self.temperature = temperature
         self.vein = vein
@@ -169,7 +194,8 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
                 neg = split_encoded(batch.neg, int(sel[0]), int(sel[-1]) + 1)
             out.append(PairBatch(split_encoded(batch.query, s, e), split_encoded(batch.target, s, e),
                                  neg, batch.neg_rows[sel] - s, batch.vein_query[s:e],
-                                 batch.vein_target[s:e]))
+                                 batch.vein_target[s:e], batch.target_ids[s:e],
+                                 batch.neg_ids[s:e]))
         return out
 
     def gc_loss(self, reps, chunks, aux_n: int) -> dict[str, torch.Tensor]:
@@ -186,7 +212,11 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
             negs = t.new_zeros(t.shape).index_copy(0, rows, n.to(t.dtype))
             mask = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
             mask[rows] = True
-        task = info_nce(q, t, self.temperature, negs, mask)
+        tid = torch.cat([c.target_ids for c in chunks])
+        nid = torch.cat([c.neg_ids for c in chunks]) if negs is not None else None
+        task = info_nce(q, t, self.temperature, negs, mask,
+                        target_ids=tid if self.mask_duplicates else None,
+                        negative_ids=nid if self.mask_duplicates else None)
         terms = {"loss": task["loss"], "task_loss": task["loss"].detach(),
                  "accuracy": task["accuracy"],
                  # L_rec = Σ_samples rec / N (a per-sample mean, SPEC §3), times λ.
@@ -258,7 +288,8 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                         gamma=v.mask_ratio, num_heads=v.num_heads,
                         detach_target=v.detach_target)
         meta = vein_meta_tasks(pairs, cfg.train_dir)
-    module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight, cfg.gradcache_chunk)
+    module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight, cfg.gradcache_chunk,
+                               cfg.mask_duplicates)
     collate = PairCollator(emb.adapter, cfg.hard_negatives, meta, dict(cfg.vein.eligible_override))
     trainer = Trainer(module, pairs, collate, cfg.optim, cfg.run,
                       "adapt+vein" if vein is not None else "adapt", config_dump=to_dict(cfg))
