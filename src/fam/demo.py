@@ -36,17 +36,17 @@ class DemoPlan:
     n_train_images: int = 2000  # Scenes training images
     n_eval_images: int = 300  # Scenes IND evaluation images (disjoint from training)
     n_ood_images: int = 100  # images in each OOD pool (novel combos, crowded, striped)
-    eval_rows: int = 200  # rows per evaluation dataset
+    eval_rows: int = 150  # rows per evaluation dataset (at most)
     n_candidates: int = 16  # candidates per evaluation row (chance = 1/16)
     image_size: int = 112  # pixels; 16 image tokens for Qwen2-VL after the 2×2 merge
     model_size: str = "s"  # tiny preset: hidden 128, 4 layers
-    stage0_steps: int = 600  # generative pre-training steps
+    stage0_steps: int = 400  # generative pre-training steps
     stage0_batch: int = 32
     stage0_lr: float = 1e-3
-    adapt_steps: int = 300  # contrastive adaptation steps
+    adapt_steps: int = 250  # contrastive adaptation steps (baseline and FAM alike)
     adapt_batch: int = 32
     adapt_lr: float = 5e-4
-    align_steps: int = 150  # FAM stage 1 (MAC) steps on image-caption pairs
+    align_steps: int = 100  # FAM stage 1 (MAC) steps on image-caption pairs
     align_batch: int = 32
     align_lr: float = 5e-4
     fam: bool = True  # also train FAM (MAC + VEIN) and compare
