@@ -9,7 +9,8 @@
     fam projector-compare [--quick]              caption-only vs patch-aligned projectors
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
-    fam bench mac                               exact MAC vs the naive similarity tensor
+    fam bench mac|gradcache                     benchmarks with ratios against a reference
+    fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
 Training subcommands take an optional YAML config and ``key=value`` overrides, e.g.
@@ -198,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_encode)
 
     be = sub.add_parser("bench", help="benchmarks (exact vs reference, printed ratios)")
-    be.add_argument("which", choices=["mac"], help="mac: exact MAC vs the naive (B·N)×(B·T) form")
+    be.add_argument("which", choices=["mac", "gradcache"],
+                    help="mac: exact MAC vs the naive (B·N)×(B·T) form; gradcache: peak memory "
+                         "of GradCache (batch 256, chunk 16) vs a plain batch of 16")
     be.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     be.set_defaults(func=cmd_bench)
 
@@ -210,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fam.analysis.probes import add_probes_subcommand
     add_ablate_subcommand(sub)
     add_probes_subcommand(analyze)
+    from fam.plan import add_plan_subcommand
+    add_plan_subcommand(sub)
     return p
 
 
