@@ -47,7 +47,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fam.demo import format_report, run_demo
-    res = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    res = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+                   threads=args.threads)
     print(format_report(res))
     print(f"artefacts in {Path(args.out).resolve()} (results.json, results.md, */model)")
     return 0
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny sizes (about a minute)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default 1: fastest for the tiny models; 0 = torch's own)")
     d.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_cmd", required=True)

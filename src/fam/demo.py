@@ -53,6 +53,7 @@ class DemoPlan:
     vein_layers: tuple[int, ...] = (-3, -2, -1)  # paper's best for Qwen2-VL-2B: last three
     lora: bool = False  # LoRA (r=8) instead of full fine-tuning of the LM for adaptation
     save_every: int = 100
+    threads: int = 1  # torch threads (0: torch default); 1 avoids OpenMP oversubscription
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,7 +71,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool = True,
-             plan: DemoPlan | None = None) -> dict[str, Any]:
+             plan: DemoPlan | None = None, threads: int | None = None) -> dict[str, Any]:
     """Run the main job; returns (and writes) ``results.json``'s content."""
     from fam.backbones import build_tiny, load_backbone
     from fam.data.scenes import ScenesConfig, generate_scenes
@@ -82,6 +83,12 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     from fam.train.stage0 import generative_eval_loss, load_captions, run_stage0
 
     plan = plan or (quick_plan() if quick else DemoPlan())
+    if threads is not None:
+        plan.threads = threads
+    if plan.threads > 0:
+        # Tiny models gain little from intra-op threads, and on a busy 2-core machine
+        # OpenMP spin-waiting makes 2 threads up to 10x slower than 1 (measured).
+        torch.set_num_threads(plan.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -105,7 +105,9 @@ def _batch(module, b: int, image_size: int, text_words: int, device: str):
                        _images(b, image_size))
     t = adapter.encode([MMItem(c) for c in caps])
     ones = torch.ones(b, dtype=torch.bool)
-    return PairBatch(q, t, None, torch.zeros(0, dtype=torch.long), ones, ones).to(device)
+    ids = torch.arange(b, dtype=torch.long)  # distinct targets: no duplicate masking
+    return PairBatch(q, t, None, torch.zeros(0, dtype=torch.long), ones, ones, ids,
+                     torch.full((b,), -1, dtype=torch.long)).to(device)
 
 
 def _worker(b: int, chunk: int, size: str, image_size: int, text_words: int, device: str) -> dict:
