@@ -161,6 +161,14 @@ class BackboneAdapter:
     def language_model(self) -> torch.nn.Module:
         return self.hf_model.model.language_model
 
+    #: Substrings of parameter names that belong to the vision tower (frozen by default
+    #: when the language model is fully fine-tuned).
+    vision_param_keys: ClassVar[tuple[str, ...]] = ("visual.", "vision_tower.", "vision_model.")
+
+    def is_vision_param(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to the vision tower."""
+        return any(k in name for k in self.vision_param_keys)
+
     def lora_target_modules(self) -> str:
         """A peft ``target_modules`` regex selecting the language model's linear layers only."""
         return r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -200,6 +208,17 @@ class BackboneAdapter:
     @classmethod
     def build_tiny(cls, out_dir: str | Path | None = None, **kwargs: Any) -> "BackboneAdapter":
         raise NotImplementedError
+
+    @classmethod
+    def _load_model(cls, path: str | Path, dtype: Any = None,
+                    attn_implementation: str | None = None) -> torch.nn.Module:
+        """``cls._model_class().from_pretrained`` with the optional dtype / attention kernel."""
+        kw: dict[str, Any] = {}
+        if dtype is not None:
+            kw["dtype"] = dtype
+        if attn_implementation is not None:
+            kw["attn_implementation"] = attn_implementation
+        return cls._model_class().from_pretrained(str(path), **kw)
 
     @classmethod
     def load_components(cls, path: str | Path, **kwargs: Any) -> tuple[Any, Any, Any]:

@@ -66,12 +66,7 @@ class LlavaAdapter(BackboneAdapter):
     @classmethod
     def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None, **kw: Any):
         from transformers import AutoTokenizer, CLIPImageProcessorPil
-        model_kw: dict[str, Any] = {}
-        if dtype is not None:
-            model_kw["dtype"] = dtype
-        if attn_implementation is not None:
-            model_kw["attn_implementation"] = attn_implementation
-        model = cls._model_class().from_pretrained(str(path), **model_kw)
+        model = cls._load_model(path, dtype, attn_implementation)
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
         proc = CLIPImageProcessorPil.from_pretrained(str(path))
         return model, tok, proc

@@ -73,12 +73,7 @@ class Qwen2VLAdapter(BackboneAdapter):
     def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None,
                         min_pixels: int | None = None, max_pixels: int | None = None, **kw: Any):
         from transformers import AutoTokenizer
-        model_kw: dict[str, Any] = {}
-        if dtype is not None:
-            model_kw["dtype"] = dtype
-        if attn_implementation is not None:
-            model_kw["attn_implementation"] = attn_implementation
-        model = cls._model_class().from_pretrained(str(path), **model_kw)
+        model = cls._load_model(path, dtype, attn_implementation)
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
         ip_kw: dict[str, Any] = {}
         if min_pixels is not None or max_pixels is not None:

@@ -22,6 +22,7 @@ from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import AdaptConfig, to_dict
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.data.types import MMItem
+from fam.errors import ConfigError
 from fam.losses.contrastive import info_nce
 from fam.model import EmbeddingModel, apply_lora, merge_lora, select_tokens
 from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
@@ -238,28 +239,37 @@ def vein_meta_tasks(pairs: Sequence[TrainPair], data_dir: str | Path) -> dict[st
     return out
 
 
-def build_embedder(cfg: AdaptConfig) -> EmbeddingModel:
-    """Load the backbone, set trainable parameters (LoRA or full) and wrap it."""
-    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens,
-                            attn_implementation=cfg.run.attn_implementation or None)
+def prepare_embedder(model: str, run, *, max_text_tokens: int, full_finetune: bool,
+                     freeze_vision: bool, lora) -> EmbeddingModel:
+    """Load a backbone and choose what trains: a fresh LoRA, or the weights (full FT).
+
+    Shared by every contrastive stage (MAC alignment and adaptation). With full fine-tuning
+    the vision tower stays frozen when ``freeze_vision`` (the adapter knows which
+    parameters are vision parameters).
+    """
+    adapter = load_backbone(model, max_text_tokens=max_text_tokens,
+                            attn_implementation=run.attn_implementation or None)
     emb = EmbeddingModel(adapter)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
-    if cfg.full_finetune:
+    if full_finetune:
         for name, p in adapter.model.named_parameters():
-            if not (cfg.freeze_vision and _is_vision_param(name)):
+            if not (freeze_vision and adapter.is_vision_param(name)):
                 p.requires_grad_(True)
-    elif cfg.lora.enabled:
-        apply_lora(emb, cfg.lora)
+    elif lora.enabled:
+        apply_lora(emb, lora)
     else:
-        raise ValueError("nothing to train: set lora.enabled=true or full_finetune=true")
-    if cfg.run.gradient_checkpointing:
+        raise ConfigError("nothing to train: set lora.enabled=true or full_finetune=true")
+    if run.gradient_checkpointing:
         enable_gradient_checkpointing(emb)
     return emb
 
 
-def _is_vision_param(name: str) -> bool:
-    return any(k in name for k in ("visual.", "vision_tower.", "vision_model."))
+def build_embedder(cfg: AdaptConfig) -> EmbeddingModel:
+    """The embedding model of an adaptation run, with its trainable parameters set."""
+    return prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
+                            full_finetune=cfg.full_finetune, freeze_vision=cfg.freeze_vision,
+                            lora=cfg.lora)
 
 
 def run_adapt(cfg: AdaptConfig) -> Path:

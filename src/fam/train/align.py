@@ -135,9 +135,6 @@ class MACModule(GradCacheMixin, nn.Module):
 
 def run_align(cfg: AlignConfig) -> Path:
     """Train stage 1 and save the (LoRA-merged) model to ``<out_dir>/model``."""
-    from fam.backbones import load_backbone
-    from fam.model import apply_lora
-
     out = Path(cfg.run.out_dir)
     final = out / "model"
     if (final / "config.json").exists() and cfg.run.resume:
@@ -146,20 +143,11 @@ def run_align(cfg: AlignConfig) -> Path:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
-    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens,
-                            attn_implementation=cfg.run.attn_implementation or None)
-    emb = EmbeddingModel(adapter)
-    for p in adapter.model.parameters():
-        p.requires_grad_(False)
-    if cfg.full_finetune:
-        for name, p in adapter.model.named_parameters():
-            if not (cfg.freeze_vision and any(k in name for k in
-                                              ("visual.", "vision_tower.", "vision_model."))):
-                p.requires_grad_(True)
-    else:
-        apply_lora(emb, cfg.lora)
-    if cfg.run.gradient_checkpointing:
-        enable_gradient_checkpointing(emb)
+    from fam.train.adapt import prepare_embedder
+    emb = prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
+                           full_finetune=cfg.full_finetune, freeze_vision=cfg.freeze_vision,
+                           lora=LoraConfig(**{**cfg.lora.__dict__, "enabled": True}))
+    adapter = emb.adapter
     root = cfg.image_root or str(Path(cfg.captions).parent)
     samples = load_captions(cfg.captions, root)
     module = MACModule(emb, cfg.token_layer, cfg.temperature, cfg.weights, cfg.c2f_reduction,
