@@ -75,7 +75,6 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     """Run the main job; returns (and writes) ``results.json``'s content."""
     from fam.backbones import build_tiny, load_backbone
     from fam.data.scenes import ScenesConfig, generate_scenes
-    from fam.eval.metrics import format_table
     from fam.eval.mmeb import evaluate
     from fam.model import EmbeddingModel
     from fam.train.adapt import run_adapt

@@ -93,7 +93,7 @@ def test_adapt_with_vein_exports_a_clean_model(bench, tmp_path):
 
 
 def test_align_merges_lora_and_improves_the_mac_loss(bench, tmp_path):
-    from fam.train.align import AlignBatch, AlignCollator, AlignConfig, MACModule, run_align
+    from fam.train.align import AlignCollator, AlignConfig, MACModule, run_align
     from fam.model import EmbeddingModel
     from fam.train.stage0 import load_captions
     data = bench / "data"

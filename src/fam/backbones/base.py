@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from fam.data.images import load_image
-from fam.data.types import IMAGE_PLACEHOLDER, MMItem
+from fam.data.types import MMItem
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,6 @@ class BackboneAdapter:
         self.image_processor = image_processor
         self.max_text_tokens = max_text_tokens
         self.padding_side = padding_side
-        cfg = self.config
         self.image_token_id: int = self._resolve_image_token_id()
         self.pad_token_id: int = self._resolve_pad_id()
         self.eos_token_id: int = self._resolve_eos_id()

@@ -25,7 +25,7 @@ from fam.losses.mac import mac_loss_from_pooled, mac_pool
 from fam.model import EmbeddingModel, merge_lora
 from fam.train.stage0 import CaptionSample, load_captions
 from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
-from fam.train.trainer import Trainer, enable_gradient_checkpointing, save_on_main_rank
+from fam.train.trainer import Trainer, save_on_main_rank
 
 log = logging.getLogger(__name__)
 

@@ -75,16 +75,16 @@ def load_captions(path: str | Path, image_root: str | Path, prompt: str = "Descr
         if not isinstance(img, str) or not img:
             raise DataError("missing or empty image path", path, i, "image")
         image = resolve_under(image_root, img, source=path, line=i, field="image")
-        cap, field = None, None
+        cap = None
         for key in ("caption", "blip_caption"):
             if isinstance(rec.get(key), str) and rec[key].strip():
-                cap, field = rec[key].strip(), key
+                cap = rec[key].strip()
                 break
         if cap is None and isinstance(rec.get("conversations"), list):
             for turn in rec["conversations"]:
                 if isinstance(turn, dict) and turn.get("from") == "gpt" and \
                         isinstance(turn.get("value"), str):
-                    cap, field = turn["value"].strip(), "conversations"
+                    cap = turn["value"].strip()
                     break
         if not cap:
             raise DataError("no caption: expected a non-empty 'caption', 'blip_caption' or a "
