@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from fam.bench import reset_cpu_peak as _reset_cpu_peak, status_kb as _status_kb
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +53,6 @@ __all__ = ["run_bench", "main", "add_bench_gradcache"]
 
 CORPUS = ["a red circle left of a blue square", "a small green triangle above a yellow star",
           "Represent the given image.", "Find the image that matches the caption:"]
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def _images(n: int, size: int, seed: int = 0):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fam.losses.mac import mac_loss
+from fam.bench import reset_cpu_peak as _reset_cpu_peak, status_kb as _status_kb
 
 logger = logging.getLogger(__name__)
 
@@ -99,24 +100,6 @@ def _make_inputs(b: int, n: int, t: int, d: int, device: str, seed: int = 0):
     txt_mask = (torch.arange(t)[None] < txt_len[:, None]).to(device)
     img_mask = torch.ones(b, n, dtype=torch.bool, device=device)
     return xs, img_mask, txt_mask
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def _step(fn, xs, im, tm) -> None:
