@@ -394,3 +394,23 @@ def test_phi3v_lora_targets_only_the_decoder():
              "model.vision_embed_tokens.img_projection.0", "lm_head", "model.embed_tokens"]
     assert all(pat.fullmatch(n) for n in lm)
     assert not any(pat.fullmatch(n) for n in other)
+
+
+def test_dora_wraps_and_merges_exactly(tiny_dirs, scene_images):
+    a = load_backbone(tiny_dirs["qwen2_vl"])
+    m = EmbeddingModel(a)
+    apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, use_dora=True))
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    m.eval()
+    items = _items(scene_images)
+    with torch.no_grad():
+        before = m(a.encode(items)).embedding
+    merge_lora(m)
+    with torch.no_grad():
+        after = m(a.encode(items)).embedding
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
