@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -176,3 +177,32 @@ def merge_lora(model: EmbeddingModel) -> None:
     if hasattr(adapter.model, "merge_and_unload"):
         adapter.model = adapter.model.merge_and_unload()
         model.backbone = adapter.model
+
+
+def save_lora(model: EmbeddingModel, out_dir: str | Path) -> Path:
+    """Save only the LoRA/DoRA adapter (peft format: adapter_config.json + safetensors).
+
+    A few MB instead of the whole model; :func:`load_lora` puts it back on the same base
+    checkpoint. Written into a temporary directory and renamed into place.
+    """
+    from fam.utils.checkpoint import atomic_dir
+
+    peft_model = model.adapter.model
+    if not hasattr(peft_model, "peft_config"):
+        raise ConfigError("save_lora: the model carries no LoRA adapter (was it merged?)")
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    return Path(out_dir)
+
+
+def load_lora(model: EmbeddingModel, adapter_dir: str | Path, trainable: bool = False) -> None:
+    """Wrap the model's backbone with a saved peft adapter (e.g. from :func:`save_lora`)."""
+    from peft import PeftModel
+
+    adapter = model.adapter
+    if not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise ConfigError(f"{adapter_dir} has no adapter_config.json: not a peft adapter "
+                          "directory")
+    adapter.model = PeftModel.from_pretrained(adapter.model, str(adapter_dir),
+                                              is_trainable=trainable)
+    model.backbone = adapter.model

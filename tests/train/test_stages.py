@@ -150,3 +150,23 @@ def test_malformed_training_row_names_file_line_field(bench, tmp_path):
         run_adapt(cfg)
     assert "Scenes-Count.jsonl" in str(ei.value) and "line 3" in str(ei.value)
     assert "pos_text" in str(ei.value)
+
+
+def test_adapt_also_saves_the_lora_adapter_which_reloads_exactly(bench, tmp_path):
+    from fam.data.types import MMItem
+    from fam.model import EmbeddingModel, load_lora
+    from fam.train.adapt import run_adapt
+    cfg = _adapt_cfg(bench, tmp_path)
+    merged_dir = run_adapt(cfg)
+    adapter_dir = tmp_path / "adapter"
+    assert (adapter_dir / "adapter_config.json").exists()
+    img = sorted((bench / "data" / "images" / "eval").glob("*.png"))[0]
+    items = [MMItem("<|image_1|>\nRepresent the given image.", img), MMItem("a red circle")]
+    merged = EmbeddingModel(load_backbone(merged_dir)).eval()
+    base = EmbeddingModel(load_backbone(bench / "tiny"))
+    load_lora(base, adapter_dir)
+    base.eval()
+    with torch.no_grad():
+        e1 = merged(merged.adapter.encode(items)).embedding
+        e2 = base(base.adapter.encode(items)).embedding
+    torch.testing.assert_close(e2, e1, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_trai
 from fam.data.types import MMItem
 from fam.errors import ConfigError
 from fam.losses.contrastive import info_nce
-from fam.model import EmbeddingModel, apply_lora, merge_lora, select_tokens
+from fam.model import EmbeddingModel, apply_lora, merge_lora, save_lora, select_tokens
 from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
 from fam.train.trainer import Trainer, enable_gradient_checkpointing, save_on_main_rank
 
@@ -304,6 +304,9 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     trainer = Trainer(module, pairs, collate, cfg.optim, cfg.run,
                       "adapt+vein" if vein is not None else "adapt", config_dump=to_dict(cfg))
     trainer.train()
+    if hasattr(emb.adapter.model, "peft_config"):
+        # The adapter alone as well (a few MB; fam.model.load_lora puts it back on cfg.model).
+        save_on_main_rank(lambda: save_lora(emb, out / "adapter"))
     merge_lora(emb)
     emb.adapter.model.eval()
     if save_on_main_rank(lambda: emb.adapter.save_pretrained(final)):
