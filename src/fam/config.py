@@ -57,6 +57,7 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     gradient_checkpointing: bool = False  # recompute LM/vision layer activations in backward
     attn_implementation: str = ""  # "" (transformers' default) | "sdpa" | "eager" | "flash_attention_2"
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicated) | "fsdp" (FSDP2, shard per decoder layer)
     ddp_find_unused_parameters: bool = True  # DDP: tolerate trainable params without grad (lm_head, idle VEIN)
 
 

@@ -33,14 +33,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(out, pairs, batch_size: int, chunk: int) -> dict[str, torch.Tensor]:
+def _train(out, pairs, batch_size: int, chunk: int, strategy: str = "ddp",
+           steps: int = STEPS) -> dict[str, torch.Tensor]:
     module = make_module("task", dtype=torch.float32)
     module.gradcache_chunk = chunk
-    opt = OptimConfig(lr=5e-3, batch_size=batch_size, steps=STEPS, warmup_ratio=0.0)
+    opt = OptimConfig(lr=5e-3, batch_size=batch_size, steps=steps, warmup_ratio=0.0)
     # save_every=1: checkpoint writes (rank 0 only, with barriers) happen mid-run too.
-    run = RunConfig(out_dir=str(out), save_every=1, progress=False, log_every=1, device="cpu")
-    Trainer(module, pairs, PairCollator(module.embedder.adapter, True), opt, run, "ddp").train()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    run = RunConfig(out_dir=str(out), save_every=1, progress=False, log_every=1, device="cpu",
+                    strategy=strategy)
+    trainer = Trainer(module, pairs, PairCollator(module.embedder.adapter, True), opt, run,
+                      strategy)
+    trainer.train()
+    full = trainer.full_state_dict()  # collective under FSDP: full tensors on every rank
+    return {n: full[n].detach().clone() for n, p in module.named_parameters()
+            if p.requires_grad}
 
 
 def _worker(rank: int, port: int, out: str, pairs, chunks) -> None:
@@ -54,6 +60,37 @@ def _worker(rank: int, port: int, out: str, pairs, chunks) -> None:
                 torch.save(params, os.path.join(out, f"ddp-c{chunk}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _resume_worker(rank: int, port: int, out: str, pairs, strategy: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        # 1 step, then the run is extended to 2 and resumes from its (full-state) checkpoint
+        _train(os.path.join(out, strategy), pairs, GLOBAL_BATCH // WORLD, 0, strategy, steps=1)
+        params = _train(os.path.join(out, strategy), pairs, GLOBAL_BATCH // WORLD, 0, strategy)
+        if rank == 0:
+            torch.save(params, os.path.join(out, f"{strategy}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rank_resumed_run_equals_one_process(strategy, scene_images, tmp_path):
+    """DDP and FSDP2 (fully_shard per decoder layer) on 2 gloo ranks, stopped after step 1
+    and resumed from the checkpoint, give the single-process parameters after 2 steps."""
+    torch.set_num_threads(1)
+    pairs = make_pairs(scene_images, 16)
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), pairs, strategy), nprocs=WORLD,
+             join=True)
+    ref = _train(tmp_path / "single", pairs, GLOBAL_BATCH, 0)
+    got = torch.load(tmp_path / f"{strategy}.pt")
+    assert got.keys() == ref.keys()
+    bad = {n: float((got[n] - ref[n]).abs().max()) for n in ref
+           if float((got[n] - ref[n]).abs().max()) > 1e-6 + 1e-4 * float(ref[n].abs().max())}
+    assert not bad, f"{len(bad)} of {len(ref)} tensors differ: {bad}"
 
 
 @pytest.mark.slow

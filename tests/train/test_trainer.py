@@ -113,3 +113,21 @@ def test_lr_schedule_warmup_and_decay():
     assert f(55) == pytest.approx(0.5, abs=1e-6)
     g = lr_lambda(OptimConfig(steps=10, warmup_ratio=0.0, schedule="linear"))
     assert g(5) == pytest.approx(0.5)
+
+
+def test_extending_a_finished_run_follows_the_new_schedule(tmp_path):
+    # 4 steps, then the same run extended to 8: steps 5..8 use the 8-step schedule's lr,
+    # exactly as an uninterrupted 8-step run would from the same point.
+    short = _trainer(tmp_path / "a", 4, save_every=0)
+    short.module.drop.p = 0.0
+    short.train()
+    longer = _trainer(tmp_path / "a", 8, save_every=0)
+    longer.module.drop.p = 0.0
+    longer.train()
+    assert longer.step == 8
+    assert longer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    resumed = _trainer(tmp_path / "b", 8, save_every=0)
+    resumed.module.drop.p = 0.0
+    resumed.load_checkpoint(tmp_path / "a" / "checkpoints" / "step-4")
+    f = lr_lambda(resumed.optim_cfg)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * f(4))

@@ -265,6 +265,22 @@ def prepare_embedder(model: str, run, *, max_text_tokens: int, full_finetune: bo
     return emb
 
 
+def trained_embedder(trainer: Trainer, emb: EmbeddingModel, rebuild) -> EmbeddingModel:
+    """The trained embedding model with full weights, ready to merge and save.
+
+    After FSDP the parameters are shards on each rank: every rank gathers the full state
+    (a collective) and loads it into a freshly built, unsharded copy from ``rebuild()``.
+    Without sharding this is ``emb`` itself.
+    """
+    if not trainer.sharded:
+        return emb
+    full = trainer.full_state_dict()
+    fresh = rebuild()
+    fresh.load_state_dict({k[len("embedder."):]: v for k, v in full.items()
+                           if k.startswith("embedder.")})
+    return fresh
+
+
 def build_embedder(cfg: AdaptConfig) -> EmbeddingModel:
     """The embedding model of an adaptation run, with its trainable parameters set."""
     return prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
@@ -304,6 +320,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     trainer = Trainer(module, pairs, collate, cfg.optim, cfg.run,
                       "adapt+vein" if vein is not None else "adapt", config_dump=to_dict(cfg))
     trainer.train()
+    emb = trained_embedder(trainer, emb, lambda: build_embedder(cfg))
     if hasattr(emb.adapter.model, "peft_config"):
         # The adapter alone as well (a few MB; fam.model.load_lora puts it back on cfg.model).
         save_on_main_rank(lambda: save_lora(emb, out / "adapter"))

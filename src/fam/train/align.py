@@ -143,18 +143,25 @@ def run_align(cfg: AlignConfig) -> Path:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
-    from fam.train.adapt import prepare_embedder
-    emb = prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
-                           full_finetune=cfg.full_finetune, freeze_vision=cfg.freeze_vision,
-                           lora=LoraConfig(**{**cfg.lora.__dict__, "enabled": True}))
+    from fam.train.adapt import prepare_embedder, trained_embedder
+
+    def make_embedder() -> EmbeddingModel:
+        return prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
+                                full_finetune=cfg.full_finetune,
+                                freeze_vision=cfg.freeze_vision,
+                                lora=LoraConfig(**{**cfg.lora.__dict__, "enabled": True}))
+    emb = make_embedder()
     adapter = emb.adapter
     root = cfg.image_root or str(Path(cfg.captions).parent)
     samples = load_captions(cfg.captions, root)
     module = MACModule(emb, cfg.token_layer, cfg.temperature, cfg.weights, cfg.c2f_reduction,
                        cfg.gradcache_chunk)
     collate = AlignCollator(adapter, cfg.image_instruction, cfg.text_instruction)
-    Trainer(module, samples, collate, cfg.optim, cfg.run, "align-mac",
-            config_dump=to_dict(cfg)).train()
+    trainer = Trainer(module, samples, collate, cfg.optim, cfg.run, "align-mac",
+                      config_dump=to_dict(cfg))
+    trainer.train()
+    emb = trained_embedder(trainer, emb, make_embedder)
+    adapter = emb.adapter
     merge_lora(emb)  # official code: merge before stage 2 puts a fresh LoRA on top
     adapter.model.eval()
     if save_on_main_rank(lambda: adapter.save_pretrained(final)):

@@ -193,10 +193,63 @@ class Trainer:
         self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
         if not self.params:
             raise FamError(f"{name}: no trainable parameters")
+        if run.strategy not in ("ddp", "fsdp"):
+            raise FamError(f"run.strategy must be 'ddp' or 'fsdp', got {run.strategy!r}")
+        self.sharded = False
+        self._build_optimizer()
+        self.step = 0
+
+    def _build_optimizer(self) -> None:
+        optim = self.optim_cfg
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
-        self.step = 0
+
+    def _shard(self) -> None:
+        """FSDP2: shard every transformer block, then the root; rebuild the optimizer.
+
+        The language model's decoder layers are found by class name (``*DecoderLayer``, the
+        transformer-based auto-wrap policy of accelerate/FSDP); everything else (vision
+        tower, embeddings, VEIN decoders) stays in the root unit. Each sharded block
+        all-gathers in its forward, so every rank must run the same forwards: the vision
+        tower runs only for batches with images, which is why it is not sharded on its own.
+        Gradients are averaged over ranks like DDP's, so the gather-with-gradient scaling of
+        :mod:`fam.distributed` holds.
+        """
+        from torch.distributed.fsdp import fully_shard
+        blocks = [m for m in self.module.modules()
+                  if type(m).__name__.endswith("DecoderLayer")
+                  and any(True for _ in m.parameters())]
+        for m in blocks:
+            fully_shard(m)
+        fully_shard(self.module)
+        self.sharded = True
+        self._build_optimizer()
+        log.info("%s: FSDP over %d ranks, %d blocks sharded", self.name,
+                 dist_utils.world_size(), len(blocks))
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Full (unsharded) trainable tensors and optimizer state; collective under FSDP."""
+        if not self.sharded:
+            return ({n: p.detach().cpu().contiguous() for n, p in
+                     zip(self.param_names, self.params)}, self.optimizer.state_dict())
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+        params = {n: p.detach().full_tensor().cpu().contiguous() for n, p in
+                  zip(self.param_names, self.params)}
+        osd = get_optimizer_state_dict(self.module, self.optimizer,
+                                       options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+        return params, osd
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's full state dict (every rank calls it under FSDP; all get it)."""
+        if not self.sharded:
+            return self.module.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
 
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_dirs(self) -> list[Path]:
@@ -212,16 +265,15 @@ class Trainer:
         All ranks call it; they wait for rank 0's write to finish, so no rank can start
         a resume from (or end the job before) a half-written checkpoint.
         """
+        state, opt_state = self._full_states()  # collective under FSDP: every rank calls it
         if dist_utils.rank() != 0:
             barrier()
             return None
         from safetensors.torch import save_file
         path = self.ckpt_root / f"step-{self.step}"
         with atomic_dir(path) as tmp:
-            state = {n: p.detach().cpu().contiguous() for n, p in
-                     zip(self.param_names, self.params)}
             save_file(state, str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(),
+            torch.save({"optimizer": opt_state,
                         "scheduler": self.scheduler.state_dict(),
                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                 "numpy": np.random.get_state(),
@@ -243,12 +295,31 @@ class Trainer:
         if missing:
             raise FamError(f"checkpoint {path} does not match this model: missing "
                            f"{sorted(missing)[:5]}... (was it written by another config?)")
-        with torch.no_grad():
-            for n, p in zip(self.param_names, self.params):
-                p.copy_(state[n].to(p.device, p.dtype))
         extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(extra["optimizer"])
+        if self.sharded:
+            from torch.distributed.tensor import distribute_tensor
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_optimizer_state_dict)
+            with torch.no_grad():
+                for n, p in zip(self.param_names, self.params):
+                    p.copy_(distribute_tensor(state[n].to(p.device, p.dtype), p.device_mesh,
+                                              p.placements))
+            set_optimizer_state_dict(self.module, self.optimizer, extra["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            with torch.no_grad():
+                for n, p in zip(self.param_names, self.params):
+                    p.copy_(state[n].to(p.device, p.dtype))
+            self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
+        self.step = int(json.loads((path / "state.json").read_text())["step"])
+        # The restored learning rate is the one the saved run's schedule set for this step;
+        # recompute it from this run's schedule, so a run extended to more steps (a new
+        # optim.steps) continues on its own schedule instead of the old one's final lr.
+        f = lr_lambda(self.optim_cfg)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * f(self.step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         rng = extra["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -273,6 +344,8 @@ class Trainer:
         t0 = time.time()
         init_distributed_from_env()
         self.module.to(self.device)
+        if dist_utils.is_dist() and run.strategy == "fsdp" and not self.sharded:
+            self._shard()
         if run.resume:
             ckpts = self._ckpt_dirs()
             if ckpts:
@@ -288,7 +361,7 @@ class Trainer:
             except ImportError:  # tensorboard is an optional extra
                 log.warning("tensorboard not installed; logging to the console only")
         ddp_module = self.module
-        if dist_utils.is_dist():
+        if dist_utils.is_dist() and not self.sharded:
             ddp_module = torch.nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=run.ddp_find_unused_parameters)
@@ -342,6 +415,8 @@ class Trainer:
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
                 if opt.grad_clip > 0:
                     gn = torch.nn.utils.clip_grad_norm_(self.params, opt.grad_clip)
+                    if hasattr(gn, "full_tensor"):  # FSDP: the norm is a DTensor
+                        gn = gn.full_tensor()
                     terms_sum["grad_norm"] = float(gn)
                 self.optimizer.step()
                 self.scheduler.step()
