@@ -110,6 +110,9 @@ def _worker(rank: int, init_file: str) -> None:
         _check_info_nce(rank)
         _check_mac(rank)
         _check_unequal_sizes_raise(rank)
+        # Both ranks reach here before either tears down: a rank destroying its gloo group
+        # while the peer still completes the last collective can abort the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -58,6 +58,7 @@ def _worker(rank: int, port: int, out: str, pairs, chunks) -> None:
             params = _train(os.path.join(out, f"ddp-c{chunk}"), pairs, GLOBAL_BATCH // WORLD, chunk)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"ddp-c{chunk}.pt"))
+        dist.barrier()  # no rank tears the group down while the other still communicates
     finally:
         dist.destroy_process_group()
 
@@ -72,6 +73,7 @@ def _resume_worker(rank: int, port: int, out: str, pairs, strategy: str) -> None
         params = _train(os.path.join(out, strategy), pairs, GLOBAL_BATCH // WORLD, 0, strategy)
         if rank == 0:
             torch.save(params, os.path.join(out, f"{strategy}.pt"))
+        dist.barrier()  # no rank tears the group down while the other still communicates
     finally:
         dist.destroy_process_group()
 
