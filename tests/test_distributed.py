@@ -7,6 +7,7 @@ those of a single process computing the same loss on the whole batch.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -34,6 +35,20 @@ class _TinyEncoder(nn.Module):
     def forward(self, x: torch.Tensor):  # (B, L, d_in) -> ((B, d), (B, L, d))
         tokens = self.proj(x)
         return self.head(torch.tanh(tokens).mean(1)), tokens
+
+
+def _exit_cleanly() -> None:
+    """End a spawned worker that finished its checks, skipping interpreter teardown.
+
+    With torch 2.13 + gloo, tearing down a process group at exit occasionally aborts with
+    "terminate called without an active exception" (a joinable thread destroyed), which
+    fails the whole spawn although every check passed (seen twice in ~10 CI runs). The
+    results are already on disk; exit 0 without running destructors.
+    """
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _grads(model: nn.Module) -> list[torch.Tensor]:
@@ -113,6 +128,7 @@ def _worker(rank: int, init_file: str) -> None:
         # Both ranks reach here before either tears down: a rank destroying its gloo group
         # while the peer still completes the last collective can abort the peer.
         dist.barrier()
+        _exit_cleanly()
     finally:
         dist.destroy_process_group()
 
