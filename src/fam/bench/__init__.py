@@ -23,3 +23,37 @@ def reset_cpu_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+class PeakMemory:
+    """Peak memory growth between construction and :meth:`stop`, measured honestly.
+
+    CUDA: ``max_memory_allocated`` growth. CPU: growth of the resident-set high-water mark
+    (VmHWM after a reset through ``/proc/self/clear_refs``), falling back to ``ru_maxrss``
+    growth (which only counts peaks above the process's earlier maximum). Run each
+    configuration in a fresh process for comparable numbers.
+    """
+
+    def __init__(self, cuda: bool = False):
+        import resource
+
+        import torch
+        self._resource, self._torch, self.cuda = resource, torch, cuda
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.method, self.before = "cuda_max_memory_allocated", torch.cuda.memory_allocated()
+        elif reset_cpu_peak() and status_kb("VmRSS") is not None:
+            self.method, self.before = "cpu_rss_high_water_mark", status_kb("VmRSS") * 1024
+        else:
+            self.method = "cpu_ru_maxrss_growth"
+            self.before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def stop(self) -> tuple[int, str]:
+        """(peak growth in bytes, method name)."""
+        if self.cuda:
+            now = self._torch.cuda.max_memory_allocated()
+        elif self.method == "cpu_rss_high_water_mark":
+            now = status_kb("VmHWM") * 1024
+        else:
+            now = self._resource.getrusage(self._resource.RUSAGE_SELF).ru_maxrss * 1024
+        return now - self.before, self.method

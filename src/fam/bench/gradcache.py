@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from fam.bench import reset_cpu_peak as _reset_cpu_peak, status_kb as _status_kb
+from fam.bench import PeakMemory
 
 logger = logging.getLogger(__name__)
 
@@ -104,26 +103,12 @@ def _worker(b: int, chunk: int, size: str, image_size: int, text_words: int, dev
     module.zero_grad(set_to_none=True)
     batch = _batch(module, b, image_size, text_words, device)
     sync()
-    method = "cuda_max_memory_allocated"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    elif _reset_cpu_peak() and _status_kb("VmRSS") is not None:
-        method = "cpu_rss_high_water_mark"
-        before = _status_kb("VmRSS") * 1024
-    else:
-        method = "cpu_ru_maxrss_growth"
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meter = PeakMemory(cuda)
     t0 = time.perf_counter()
     terms = module.train_step(batch, 0)
     sync()
     seconds = time.perf_counter() - t0
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - before
-    elif method == "cpu_rss_high_water_mark":
-        peak = _status_kb("VmHWM") * 1024 - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak, method = meter.stop()
     seq_len = int(batch.query.inputs["input_ids"].shape[1])
     return {"batch": b, "chunk": chunk, "peak_bytes": int(max(peak, 0)), "time_s": seconds,
             "loss": float(terms["loss"]), "memory_method": method, "query_tokens": seq_len,

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fam.losses.mac import mac_loss
-from fam.bench import reset_cpu_peak as _reset_cpu_peak, status_kb as _status_kb
+from fam.bench import PeakMemory
 
 logger = logging.getLogger(__name__)
 
@@ -118,26 +117,12 @@ def _worker(b: int, n: int, t: int, d: int, variant: str, device: str, repeats: 
     _step(fn, *_make_inputs(4, 8, 4, 16, device))
     xs, im, tm = _make_inputs(b, n, t, d, device)
     sync()
-    method = "cuda_max_memory_allocated"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    elif _reset_cpu_peak() and _status_kb("VmRSS") is not None:
-        method = "cpu_rss_high_water_mark"
-        before = _status_kb("VmRSS") * 1024
-    else:
-        method = "cpu_ru_maxrss_growth"
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meter = PeakMemory(cuda)
     t0 = time.perf_counter()
     _step(fn, xs, im, tm)
     sync()
     first = time.perf_counter() - t0
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - before
-    elif method == "cpu_rss_high_water_mark":
-        peak = _status_kb("VmHWM") * 1024 - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak, method = meter.stop()
     times = []
     for _ in range(repeats):
         sync()
