@@ -1,0 +1,1 @@
+"""Patch-aligned projector training (arXiv 2505.17316): projector modules."""
