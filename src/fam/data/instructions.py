@@ -14,7 +14,7 @@ and a referring expression unique in its scene):
   ``margin`` (12 % of the side, the Scenes relation margin) along the asked axis; ``yes``
   and ``no`` are drawn with equal probability.
 * ``rec`` — "Where is <expression>? Answer with a box." → ``[x0, y0, x1, y1]`` in 0..100
-  (:mod:`fam.eval.rec`, the format contract); ``box`` holds the gold box.
+  (:mod:`fam.data.boxes`, the format contract); ``box`` holds the gold box.
 
 Output: JSON lists ``[{image, question, answer, task[, box]}]`` (the ``{image, question,
 answer}`` layout that stage 0 reads as ``qa``). Training rows come from
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fam.errors import DataError
-from fam.eval.rec import box_to_text, normalise_box
+from fam.data.boxes import box_to_text, normalise_box
 from fam.utils.io import atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,10 @@
 """Referring-expression grounding (REC) answered as text, scored by box IoU.
 
 A generative LVLM answers "where is the red circle left of the blue square?" with a box
-written as text. The format (a contract, used by the Scenes instruction data of
-:mod:`fam.data.instructions` and by the scorer):
-
-    [x0, y0, x1, y1]
-
-four **integers in 0..100**: the box's left, top, right and bottom edges as a percentage of
-the image width (x) and height (y), rounded to the nearest integer; ``x1 > x0`` and
-``y1 > y0``. This is Qwen-VL's integer grid (0..1000) scaled to 0..100 so that each
-coordinate is one short number a tiny byte-level BPE vocabulary learns as a single token;
-LLaVA-1.5 writes the same four edges as fractions with two decimals. One unit is 1 % of
-the side (1.12 px on a 112-px Scenes image), finer than any box needs for IoU ≥ 0.5.
+written as text, ``[x0, y0, x1, y1]`` in integer percent of the image side (the format
+contract is in :mod:`fam.data.boxes`, which also writes the answers of the Scenes
+instruction data). One unit is 1.12 px on a 112-px Scenes image, finer than any box needs
+for IoU ≥ 0.5.
 
 Scoring (RefCOCO protocol): a prediction is correct when ``IoU(pred, gold) ≥ 0.5``. An
 answer that does not contain a well-formed box (fewer than four numbers, an edge outside
@@ -33,11 +26,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from fam.data.boxes import BOX_SCALE, box_to_text, normalise_box
+
 __all__ = ["BOX_SCALE", "IOU_THRESHOLD", "box_iou", "box_to_text", "normalise_box",
            "parse_box", "score_rec"]
 
-#: Coordinates are written as integers in 0..BOX_SCALE (percent of the image side).
-BOX_SCALE = 100
 #: RefCOCO's hit criterion.
 IOU_THRESHOLD = 0.5
 
@@ -49,36 +42,6 @@ Box = tuple[float, float, float, float]
 _NUM = r"[-+]?\d+(?:\.\d+)?"
 _BRACKETED = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
 _ANY_NUM = re.compile(_NUM)
-
-
-def normalise_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
-    """A pixel box ``[x0, y0, x1, y1)`` (exclusive end, as Scenes/PAD boxes) → 0..100 ints.
-
-    Raises:
-        ValueError: a non-positive image size or an empty box.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"empty box {list(box)}: need x1 > x0 and y1 > y0")
-    s = BOX_SCALE
-    out = (round(x0 / width * s), round(y0 / height * s), round(x1 / width * s),
-           round(y1 / height * s))
-    a, b, c, d = (min(s, max(0, v)) for v in out)
-    # a box thinner than one unit would round to zero width; keep it one unit wide
-    if c <= a:
-        c = min(s, a + 1) if a < s else s
-        a = c - 1
-    if d <= b:
-        d = min(s, b + 1) if b < s else s
-        b = d - 1
-    return a, b, c, d
-
-
-def box_to_text(box: Sequence[float], width: int, height: int) -> str:
-    """The answer text of a pixel box: ``"[x0, y0, x1, y1]"`` in 0..100 (module docstring)."""
-    return "[{}, {}, {}, {}]".format(*normalise_box(box, width, height))
 
 
 def parse_box(text: str) -> Box | None:
