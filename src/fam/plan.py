@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from fam.config import PlanConfig
+from fam.config.tools import PLAN_PRECISIONS as BYTES
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelShape", "PlanConfig", "KNOWN_SHAPES", "estimate", "largest_chunk",
            "shape_from_checkpoint", "resolve_shape", "add_plan_subcommand", "main"]
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -112,24 +113,6 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
                               vocab=152064, tie_embeddings=False, vision_depth=32,
                               vision_embed=1280, vision_mlp_ratio=4.0),
 }
-
-
-@dataclass
-class PlanConfig:
-    """A training configuration to estimate."""
-
-    batch: int = 32  # rows (pairs) per step per device
-    chunk: int = 0  # GradCache chunk (0: off)
-    image_size: int = 336  # square image side in pixels (MMEB: 336)
-    text_tokens: int = 32  # text tokens per sequence (instruction + content + EOS)
-    image_sides: int = 1  # sequences per row that carry an image (query and/or target)
-    sequences: int = 2  # sequences per row (query + target; 3 with hard negatives)
-    lora_rank: int = 8  # 0: full fine-tune of the LM
-    lora_dropout: float = 0.05  # > 0 keeps a dropout copy of every LoRA input
-    weight_precision: str = "bf16"  # dtype of the frozen weights
-    precision: str = "bf16"  # activation dtype (autocast / model dtype)
-    gradient_checkpointing: bool = False
-    attn: str = "sdpa"  # "sdpa" | "eager" (eager keeps the L×L attention probabilities)
 
 
 def _seq_tokens(shape: ModelShape, cfg: PlanConfig) -> tuple[int, int]:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fam.config import ProbeConfig
 from fam.data.images import load_image
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import ConfigError, DataError
@@ -53,27 +54,6 @@ __all__ = ["ProbeConfig", "ProbeRegion", "ProbeImage", "load_probe_images", "cro
            "load_probe_model", "embed_items", "similarity_probes", "attention_probe",
            "run_probes", "format_probes", "plot_similarity_probes", "plot_layer_attention",
            "add_probes_subcommand"]
-
-
-@dataclass
-class ProbeConfig:
-    """Settings of the probes (defaults follow the Scenes/VLM2Vec prompts)."""
-
-    # VLM2Vec/FAM image prompt, for the whole image and for the crops
-    image_instruction: str = "Represent the given image."
-    # retrieval prompt before a referring expression (VLM2Vec's T2I instruction)
-    text_instruction: str = "Find me an everyday image that matches the given caption: "
-    # image + text input of the attention probe (the Scenes grounding query)
-    attention_prompt: str = ("Select the portion of the image that isolates the object "
-                             "labeled as \"{expression}\"")
-    margin: float = 0.15  # crop margin, as a fraction of the box's larger side (≥ min_margin_px)
-    min_margin_px: int = 2  # pixels of context kept around even the smallest box
-    split: str = "eval"  # pad.jsonl records under images/<split>/
-    max_images: int = 64  # images probed (crops: all their objects)
-    attention_images: int = 32  # images used for the attention probe
-    top_layers: int = 3  # how many vision-centric layers to name
-    batch_size: int = 16  # items per forward
-    seed: int = 0  # picks the mismatched pairings
 
 
 @dataclass

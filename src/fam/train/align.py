@@ -11,7 +11,7 @@ stage 2 starts from a normal checkpoint and puts a fresh LoRA on top.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
-from fam.config import LoraConfig, OptimConfig, RunConfig, to_dict
+from fam.config import AlignConfig, LoraConfig, to_dict
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.losses.mac import mac_loss_from_pooled, mac_pool
 from fam.model import EmbeddingModel, merge_lora
@@ -28,28 +28,6 @@ from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
 from fam.train.trainer import Trainer, save_on_main_rank
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AlignConfig:
-    """Stage 1 (MAC) settings."""
-
-    model: str = ""  # checkpoint dir or hub id to start from (stage 0 / a pretrained LVLM)
-    captions: str = ""  # LLaVA pre-training caption JSON (image, caption / blip_caption)
-    image_root: str = ""  # root of the image paths (default: the caption file's folder)
-    image_instruction: str = "Represent the given image."  # FAM/VLM2Vec image prompt
-    text_instruction: str = "Find me an everyday image that matches the given caption: "
-    token_layer: int = -1  # LM layer whose token states feed c2f/fine terms (official: last)
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (w_c, w_c2f, w_f), paper: 1
-    c2f_reduction: str = "mean"  # "mean" (paper) | "sum" (official code)
-    temperature: float = 0.02  # τ (FAM: 0.02)
-    max_text_tokens: int = 64  # caption tokens per item
-    gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off); see fam.train.gradcache
-    full_finetune: bool = False  # train the LM weights instead of LoRA
-    freeze_vision: bool = True  # keep the vision tower frozen
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, steps=200))
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass

@@ -48,7 +48,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
@@ -58,9 +58,10 @@ from fam.analysis.report import (ProjectorTap, RegionTargets, projector_module,
                                  read_pad_records, region_targets, token_layout)
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
-from fam.config import OptimConfig, RunConfig, to_dict
+from fam.config import ProjectorConfig, to_dict
+from fam.config.stages import PROJECTOR_TYPES
 from fam.errors import ConfigError, DataError
-from fam.losses.patch import POOLINGS, beta_schedule, label_embedding, patch_alignment_loss, \
+from fam.losses.patch import beta_schedule, label_embedding, patch_alignment_loss, \
     projector_loss
 from fam.train.stage0 import CaptionSample, build_generative_batch, load_captions
 from fam.train.trainer import Trainer
@@ -68,52 +69,6 @@ from fam.utils.io import atomic_write_json, resolve_under
 
 log = logging.getLogger(__name__)
 
-PROJECTOR_TYPES = ("mlp", "linear")
-
-
-@dataclass
-class ProjectorConfig:
-    """Projector pre-training with the patch-alignment loss (SPEC §4)."""
-
-    model: str = ""  # LLaVA-style checkpoint dir (e.g. a stage-0 model); towers stay frozen
-    captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
-    pad: str = ""  # PAD JSONL with region masks for (some of) the caption images
-    image_root: str = ""  # root of all image paths (default: the caption file's folder)
-    projector: str = "mlp"  # "mlp" (2-layer GELU, LLaVA default) | "linear" (single Linear)
-    reinit: bool = True  # start from a fresh projector (paper: projector pre-trained from scratch)
-    beta_max: float = 5.0  # final patch-loss weight (paper: 5); 0 = caption-only baseline
-    ramp_steps: int = 0  # β ramp length in steps; 0 = the whole stage (SPEC §4 [choice])
-    theta: float = 0.5  # coverage threshold of S_k (paper: 0.5)
-    pooling: str = "mean"  # region embedding: "mean" (paper) | "coverage" | "token" [choice]
-    prompt: str = "Describe the image."  # instruction before the caption
-    max_text_tokens: int = 64  # text tokens per sample (the image block is never cut)
-    # LLaVA-1.5 projector pre-training: lr 1e-3, warm-up 3%, no weight decay
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
-        if not self.model:
-            raise ConfigError("ProjectorConfig.model: give the checkpoint to start from")
-        if not self.captions:
-            raise ConfigError("ProjectorConfig.captions: give the caption JSON")
-        if self.projector not in PROJECTOR_TYPES:
-            raise ConfigError(f"ProjectorConfig.projector={self.projector!r}: expected one of "
-                              f"{PROJECTOR_TYPES}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"ProjectorConfig.pooling={self.pooling!r}: expected one of "
-                              f"{POOLINGS}")
-        if self.beta_max < 0:
-            raise ConfigError(f"ProjectorConfig.beta_max={self.beta_max}: must be >= 0")
-        if self.beta_max > 0 and not self.pad:
-            raise ConfigError("ProjectorConfig.pad: beta_max > 0 needs PAD region masks "
-                              "(or set beta_max=0 for the caption-only baseline)")
-        if self.ramp_steps < 0:
-            raise ConfigError(f"ProjectorConfig.ramp_steps={self.ramp_steps}: must be >= 0 "
-                              "(0 = ramp over the whole stage)")
-        if not 0.0 < self.theta <= 1.0:
-            raise ConfigError(f"ProjectorConfig.theta={self.theta}: must be in (0, 1]")
 
 
 # ----------------------------------------------------------------------------- projector
