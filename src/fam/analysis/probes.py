@@ -47,6 +47,7 @@ from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import ConfigError, DataError
 from fam.model import EmbeddingModel
 from fam.utils.io import atomic_write_json, atomic_write_text
+from fam.utils.layers import negative_layer
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,8 @@ def attention_probe(model: EmbeddingModel, images: Sequence[ProbeImage],
             "image_per_token": mean["image_pt"], "text_per_token": mean["text_pt"],
             "image_share": share, "n_image_tokens": n_img_tok / max(n, 1),
             "n_text_tokens": n_txt_tok / max(n, 1),
-            "vision_centric_layers": [l + 1 for l in top],
-            "vision_centric_layers_neg": [l - n_layers for l in top],
+            "vision_centric_layers": [l + 1 for l in top],  # att[l] is layer l + 1
+            "vision_centric_layers_neg": [negative_layer(l + 1, n_layers) for l in top],
             "n_samples": n}
 
 

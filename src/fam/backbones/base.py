@@ -93,8 +93,13 @@ class _Seq:
     extra: dict[str, list[int]] = field(default_factory=dict)
 
 
-class BackboneAdapter:
+class BackboneAdapter(torch.nn.Module):
     """Base class of the per-family adapters.
+
+    The adapter is a module whose only child is the transformers model (``self.model``),
+    so whoever holds the adapter (the embedding model, a training module) reaches the
+    model's parameters through it, and replacing ``self.model`` (a LoRA wrap or merge) is
+    seen by every holder: the model is held in exactly one place.
 
     Args:
         model: the transformers generative model (``*ForConditionalGeneration``), possibly
@@ -117,6 +122,7 @@ class BackboneAdapter:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("the adapter needs a fast tokenizer (offset mapping) for the "
                               "text-content mask; load it with use_fast=True")
+        super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor

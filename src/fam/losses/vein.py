@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fam.utils.layers import resolve_layer
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["VeinDecoder", "VeinHead", "vein_eligible", "vein_mask_positions", "sinusoidal_positions"]
@@ -242,11 +244,9 @@ class VeinHead(nn.Module):
             for l in self.layers})
 
     def resolve_layer(self, layer: int) -> int:
-        """Map a possibly negative layer index to ``[0, num_layers)``."""
-        resolved = layer + self.num_layers if layer < 0 else layer
-        if not 0 <= resolved < self.num_layers:
-            raise ValueError(f"VEIN layer {layer} is out of range for num_layers={self.num_layers}.")
-        return resolved
+        """Map a layer index to ``[0, num_layers)`` with fam's one convention
+        (:func:`fam.utils.layers.resolve_layer`; -1 = last, 0 = input embeddings)."""
+        return resolve_layer(layer, self.num_layers - 1, allow_input=True)
 
     def _lookup(self, per_layer: Mapping[int, Tensor], layer: int, what: str) -> Tensor:
         for key, value in per_layer.items():

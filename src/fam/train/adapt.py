@@ -308,9 +308,8 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     meta: dict[str, str] = {}
     if cfg.vein.enabled:
         v = cfg.vein
-        # Layer indices into hidden_states (0 = input embeddings, num_layers = last).
-        layers = [emb.resolve_layer(l) for l in v.layers]
-        vein = VeinHead(emb.adapter.hidden_size, layers, num_layers=emb.num_layers + 1,
+        # The head resolves the layers (fam.utils.layers) against hidden_states' length.
+        vein = VeinHead(emb.adapter.hidden_size, v.layers, num_layers=emb.num_layers + 1,
                         gamma=v.mask_ratio, num_heads=v.num_heads,
                         detach_target=v.detach_target)
         meta = vein_meta_tasks(pairs, cfg.train_dir)

@@ -266,8 +266,7 @@ class ProjectorModule(nn.Module):
     def __init__(self, adapter: BackboneAdapter, total_steps: int, beta_max: float = 5.0,
                  ramp_steps: int = 0, pooling: str = "mean"):
         super().__init__()
-        self.adapter = adapter
-        self.backbone = adapter.model
+        self.adapter = adapter  # a module: registers the model's parameters
         self.total_steps = total_steps
         self.beta_max = beta_max
         self.ramp_steps = ramp_steps or None
@@ -279,7 +278,7 @@ class ProjectorModule(nn.Module):
         return beta_schedule(step, self.total_steps, self.beta_max, self.ramp_steps)
 
     def forward(self, batch: ProjectorBatch, step: int) -> dict[str, torch.Tensor]:
-        with ProjectorTap(projector_module(self.backbone)) as tap:
+        with ProjectorTap(projector_module(self.adapter.model)) as tap:
             caption = self.adapter.generative_loss(batch.enc, batch.labels)
         tokens = tap.output                                    # (B, N, d), raster order
         beta = self.beta(step)

@@ -130,8 +130,7 @@ class GenerativeModule(nn.Module):
 
     def __init__(self, adapter: BackboneAdapter):
         super().__init__()
-        self.adapter = adapter
-        self.backbone = adapter.model
+        self.adapter = adapter  # a module: registers the model's parameters
 
     def forward(self, batch: tuple[EncodedBatch, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         enc, labels = batch

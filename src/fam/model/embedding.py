@@ -1,14 +1,13 @@
-"""The embedding model: a generative LVLM turned encoder (SPEC §1, the VLM2Vec recipe).
+"""The embedding model: a generative LVLM turned encoder (method.md §1, the VLM2Vec recipe).
 
 The embedding of an input is the final-layer hidden state of its last real token (EOS
 pooling), L2-normalised. The same forward also returns, on request, the token states of
-chosen layers with the image/text masks — what MAC (SPEC §2) and VEIN (SPEC §3) consume.
+chosen layers with the image/text masks — what MAC (method.md §2) and VEIN (method.md §3) consume.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -16,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
-from fam.config import LoraConfig
 from fam.data.types import MMItem
-from fam.errors import ConfigError
+from fam.utils.layers import resolve_layer
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +79,10 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, adapter: BackboneAdapter, normalize: bool = True):
         super().__init__()
+        # The adapter is a module holding the HF model (``adapter.model``): registering it
+        # makes .parameters()/.train()/.to() reach the model, and a LoRA wrap or merge
+        # (which replaces ``adapter.model``) is seen here without any bookkeeping.
         self.adapter = adapter
-        # Registering the model makes .parameters()/.train()/.to() reach it.
-        self.backbone = adapter.model
         self.normalize = normalize
 
     @property
@@ -91,13 +90,9 @@ class EmbeddingModel(nn.Module):
         return self.adapter.num_layers
 
     def resolve_layer(self, layer: int) -> int:
-        """Map a layer index (negative counts from the end, -1 = last) to hidden_states' index."""
-        n = self.num_layers
-        idx = layer if layer >= 0 else n + 1 + layer
-        if not 1 <= idx <= n:
-            raise ConfigError(f"layer {layer} is out of range for a {n}-layer language model "
-                             f"(use 1..{n} or -1..-{n})")
-        return idx
+        """The ``hidden_states`` index of ``layer`` (fam's one convention, see
+        :func:`fam.utils.layers.resolve_layer`: 1..n or -1..-n, -1 = last)."""
+        return resolve_layer(layer, self.num_layers)
 
     def forward(self, batch: EncodedBatch, layers: Sequence[int] = (),
                 output_attentions: bool = False) -> EmbeddingOutput:
@@ -149,60 +144,3 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
         return torch.autocast("cuda", dtype=dtype)
     import contextlib
     return contextlib.nullcontext()
-
-
-def apply_lora(model: EmbeddingModel, cfg: LoraConfig) -> None:
-    """Wrap the backbone with a fresh peft LoRA on the language model's linear layers.
-
-    Everything else is frozen; the adapter keeps working (it unwraps peft transparently).
-    """
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    adapter = model.adapter
-
-    pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=adapter.lora_target_modules(), use_dora=cfg.use_dora,
-                          bias="none")
-    adapter.model = get_peft_model(adapter.model, pcfg)
-    model.backbone = adapter.model
-    n_train = sum(p.numel() for p in adapter.model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in adapter.model.parameters())
-    log.info("LoRA r=%d alpha=%d: %d trainable of %d parameters (%.2f%%)", cfg.r, cfg.alpha,
-             n_train, n_all, 100.0 * n_train / max(n_all, 1))
-
-
-def merge_lora(model: EmbeddingModel) -> None:
-    """Merge a peft LoRA into the base weights and drop the wrapper (FAM between stages)."""
-    adapter = model.adapter
-    if hasattr(adapter.model, "merge_and_unload"):
-        adapter.model = adapter.model.merge_and_unload()
-        model.backbone = adapter.model
-
-
-def save_lora(model: EmbeddingModel, out_dir: str | Path) -> Path:
-    """Save only the LoRA/DoRA adapter (peft format: adapter_config.json + safetensors).
-
-    A few MB instead of the whole model; :func:`load_lora` puts it back on the same base
-    checkpoint. Written into a temporary directory and renamed into place.
-    """
-    from fam.utils.checkpoint import atomic_dir
-
-    peft_model = model.adapter.model
-    if not hasattr(peft_model, "peft_config"):
-        raise ConfigError("save_lora: the model carries no LoRA adapter (was it merged?)")
-    with atomic_dir(out_dir) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
-    return Path(out_dir)
-
-
-def load_lora(model: EmbeddingModel, adapter_dir: str | Path, trainable: bool = False) -> None:
-    """Wrap the model's backbone with a saved peft adapter (e.g. from :func:`save_lora`)."""
-    from peft import PeftModel
-
-    adapter = model.adapter
-    if not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise ConfigError(f"{adapter_dir} has no adapter_config.json: not a peft adapter "
-                          "directory")
-    adapter.model = PeftModel.from_pretrained(adapter.model, str(adapter_dir),
-                                              is_trainable=trainable)
-    model.backbone = adapter.model
