@@ -19,7 +19,7 @@ from typing import Any
 
 def cmd_train_projector(args: argparse.Namespace) -> int:
     from fam.config import load_config
-    from fam.train.projector import ProjectorConfig, run_projector
+    from fam.projector.recipe import ProjectorConfig, run_projector
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # `fam train projector k=v`: no YAML, only overrides
         config, overrides = None, [config] + overrides
@@ -29,7 +29,7 @@ def cmd_train_projector(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_alignment(args: argparse.Namespace) -> int:
-    from fam.analysis.report import analyze_alignment
+    from fam.projector.report import analyze_alignment
     rep = analyze_alignment(args.model, args.pad, args.image_root or Path(args.pad).parent,
                             args.out, max_images=args.max_images, k_max=args.k_max,
                             theta=args.theta, select=args.select, captions=args.captions,

@@ -171,10 +171,10 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
         plan: explicit sizes (overrides ``quick``).
     """
     from fam.analysis.plots import plot_entropy_comparison, plot_explained_energy
-    from fam.analysis.report import analyze_alignment
+    from fam.projector.report import analyze_alignment
     from fam.backbones import build_tiny, load_backbone
     from fam.data.scenes import ScenesConfig, generate_scenes
-    from fam.train.projector import ProjectorConfig, run_projector
+    from fam.projector.recipe import ProjectorConfig, run_projector
     from fam.train.stage0 import generative_eval_loss, load_captions, run_stage0
 
     plan = plan or (quick_plan() if quick else ComparePlan())
@@ -267,7 +267,7 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
                       "eval_regions": rep0["counts"]["regions"],
                       "label_candidates": rep0["retrieval"]["n_candidates"]},
            "timings_s": timings, "torch_threads": torch.get_num_threads()}
-    from fam.analysis.report import jsonable
+    from fam.projector.report import jsonable
     atomic_write_json(out / "projector_results.json", jsonable(res))
     atomic_write_text(out / "projector_results.md", format_results(res))
     log.info("projector comparison written to %s (%.0f s)", out / "projector_results.md",

@@ -73,8 +73,8 @@ def test_ground_truth_provider_reproduces_gt(scenes, tmp_path):
 
 
 def test_tiny_grounding_dino_sam_end_to_end(scenes, tmp_path):
-    from fam.pad import HFGroundingDinoDetector, HFSamSegmenter, save_tiny_grounding_dino, \
-        save_tiny_sam
+    from fam.pad import HFGroundingDinoDetector, HFSamSegmenter
+    from pad_tiny_models import save_tiny_grounding_dino, save_tiny_sam
     vocab = sorted({x.label for r in read_pad(scenes / "pad.jsonl") for x in r.regions})
     gd = HFGroundingDinoDetector(save_tiny_grounding_dino(tmp_path / "gd", vocab))
     sam = HFSamSegmenter(save_tiny_sam(tmp_path / "sam"))

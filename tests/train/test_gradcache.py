@@ -20,7 +20,7 @@ from fam.model import EmbeddingModel, apply_lora
 from fam.train import gradcache as gc
 from fam.train.adapt import ContrastiveModule, PairCollator
 from fam.train.align import AlignCollator, MACModule
-from fam.train.stage0 import CaptionSample
+from fam.data.captions import CaptionSample
 from fam.train.trainer import Trainer
 
 CORPUS = ["a red circle left of a blue square", "a small green triangle above a yellow star",

@@ -1,7 +1,7 @@
 """Patch-level alignment of projected vision tokens with label words: Align(V, W) (SPEC §5).
 
 For each annotated region ``k`` of an image (label embedding ``t_k``, ground-truth patch
-set ``S_k`` from :func:`fam.analysis.geometry.select_patches`):
+set ``S_k`` from :func:`fam.projector.geometry.select_patches`):
 
     s_k[i] = cos(P(X)_i, t_k)                              similarity map over the image
     ŝ_k = (s_k − min_i s_k) / (max_i s_k − min_i s_k)      min-max over *this image's* patches

@@ -48,7 +48,7 @@ def plot_similarity_heatmaps(image: Image.Image, sim_maps: Sequence[Any], labels
     """Overlay patch-to-label similarity maps on the image, one panel per label.
 
     The maps live on the token grid of the *processed* image; pass the image in that frame
-    (:func:`fam.analysis.geometry.transform_image`) so patches line up. Each map is
+    (:func:`fam.projector.geometry.transform_image`) so patches line up. Each map is
     stretched over the whole image (nearest-neighbour: one block per patch).
 
     Args:

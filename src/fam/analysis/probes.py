@@ -30,7 +30,6 @@ Entry point: :func:`run_probes` (``fam analyze probes``); it writes ``probes.jso
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from fam.data.images import load_image
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import ConfigError, DataError
 from fam.model import EmbeddingModel
+from fam.pad.records import iter_pad
 from fam.utils.io import atomic_write_json, atomic_write_text
 from fam.utils.layers import negative_layer
 
@@ -76,8 +76,10 @@ def load_probe_images(data_dir: str | Path, split: str = "eval", max_images: int
                       ) -> list[ProbeImage]:
     """Primary scenes of one split with their objects, read from ``<data_dir>/pad.jsonl``.
 
-    Counterfactual renders (``<id>-swap.png`` etc.) are skipped: they repeat a scene's
-    objects. Images are taken in file order, so a run is deterministic.
+    The file is read (and validated) by :func:`fam.pad.records.read_pad`. Counterfactual
+    renders (``<id>-swap.png`` etc.) are skipped: they repeat a scene's objects. Images
+    are taken in file order, so a run is deterministic. A region's ``expression`` (the
+    Scenes generator writes one) defaults to ``"the <label>"``.
 
     Raises:
         DataError: no ``pad.jsonl``, a malformed record, or no image of the split.
@@ -89,25 +91,16 @@ def load_probe_images(data_dir: str | Path, split: str = "eval", max_images: int
                         "(written by `fam data scenes` or `fam demo`)", data_dir)
     prefix = f"images/{split}/"
     out: list[ProbeImage] = []
-    with pad.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                rel = rec["image"]
-                if not rel.startswith(prefix) or "-" in Path(rel).stem:
-                    continue
-                regions = [ProbeRegion(tuple(int(v) for v in r["box"]), r["label"],
-                                       r.get("expression") or f"the {r['label']}")
-                           for r in rec["regions"]]
-            except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-                raise DataError(f"malformed PAD record ({e!r}); expected image and regions "
-                                f"with box, label, expression", pad, lineno) from None
-            if regions:
-                out.append(ProbeImage(data_dir / rel, regions))
-            if len(out) >= max_images:
-                break
+    for rec in iter_pad(pad, data_dir, select=prefix):
+        if not rec.image.startswith(prefix) or "-" in Path(rec.image).stem:
+            continue
+        regions = [ProbeRegion(tuple(int(v) for v in r.box), r.label,
+                               r.extra.get("expression") or f"the {r.label}")
+                   for r in rec.regions]
+        if regions:
+            out.append(ProbeImage(data_dir / rec.image, regions))
+        if len(out) >= max_images:
+            break
     if not out:
         raise DataError(f"no image under {prefix!r} with regions", pad)
     return out

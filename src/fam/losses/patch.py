@@ -11,7 +11,7 @@ region's label words:
     L = L_caption + β(t) · L_patch,  β: 0 → β_max = 5 linearly
 
 Everything here is a pure function of tensors: the selection masks ``S_k`` come from
-:mod:`fam.analysis.geometry`, label token ids from the backbone adapter's tokenizer.
+:mod:`fam.projector.geometry`, label token ids from the backbone adapter's tokenizer.
 
 Example:
     >>> import torch
@@ -59,7 +59,7 @@ def _region_weights(patch_sets: torch.Tensor, coverage: torch.Tensor | None,
     if pooling == "coverage":
         if coverage is None:
             raise ValueError("pooling='coverage' needs `coverage` (K, N), the patch coverage "
-                             "from fam.analysis.geometry.mask_to_patch_coverage")
+                             "from fam.projector.geometry.mask_to_patch_coverage")
         if coverage.shape != patch_sets.shape:
             raise ValueError(f"coverage shape {tuple(coverage.shape)} != patch_sets shape "
                              f"{tuple(patch_sets.shape)}")

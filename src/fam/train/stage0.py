@@ -6,18 +6,12 @@ answer questions about them, exactly the objective such models are pretrained wi
 result is saved as a normal checkpoint directory that every later stage loads like a real
 checkpoint.
 
-Caption data is read in the LLaVA pre-training formats: a JSON list of
-``{"image", "caption" | "blip_caption"}`` (``blip_laion_cc_sbu_558k_meta.json``) or of
-``{"image", "conversations": [{"from": "human", ...}, {"from": "gpt", "value": caption}]}``
-(``blip_laion_cc_sbu_558k.json``).
+Caption data is read in the LLaVA pre-training formats by :mod:`fam.data.captions`.
 """
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,87 +19,11 @@ from torch import nn
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import Stage0Config, to_dict
+from fam.data.captions import CaptionSample, load_captions, load_qa
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
-from fam.errors import DataError
 from fam.train.trainer import Trainer
-from fam.utils.io import resolve_under
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CaptionSample:
-    """An image with a prompt and the text the model must generate after it."""
-
-    image: Path
-    prompt: str
-    target: str
-    source: str
-    line: int
-    field: str
-
-
-def _read_json_list(path: Path) -> list[Any]:
-    if not path.exists():
-        raise DataError("file not found", path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg}, line {e.lineno} column {e.colno})", path,
-                        e.lineno) from None
-    if not isinstance(data, list):
-        raise DataError(f"expected a JSON list of records, got {type(data).__name__}", path)
-    return data
-
-
-def load_captions(path: str | Path, image_root: str | Path, prompt: str = "Describe the image.",
-                  ) -> list[CaptionSample]:
-    """Read LLaVA pre-training captions (either published layout) into samples.
-
-    Raises:
-        DataError: a record is not an object, lacks ``image`` or a caption, or its image
-            path escapes ``image_root`` (names the file, record number and field).
-    """
-    path = Path(path)
-    out = []
-    for i, rec in enumerate(_read_json_list(path), start=1):
-        if not isinstance(rec, dict):
-            raise DataError(f"expected an object, got {type(rec).__name__}", path, i)
-        img = rec.get("image")
-        if not isinstance(img, str) or not img:
-            raise DataError("missing or empty image path", path, i, "image")
-        image = resolve_under(image_root, img, source=path, line=i, field="image")
-        cap = None
-        for key in ("caption", "blip_caption"):
-            if isinstance(rec.get(key), str) and rec[key].strip():
-                cap = rec[key].strip()
-                break
-        if cap is None and isinstance(rec.get("conversations"), list):
-            for turn in rec["conversations"]:
-                if isinstance(turn, dict) and turn.get("from") == "gpt" and \
-                        isinstance(turn.get("value"), str):
-                    cap = turn["value"].strip()
-                    break
-        if not cap:
-            raise DataError("no caption: expected a non-empty 'caption', 'blip_caption' or a "
-                            "'gpt' turn in 'conversations'", path, i, "caption")
-        out.append(CaptionSample(image, prompt, cap, str(path), i, "image"))
-    return out
-
-
-def load_qa(path: str | Path, image_root: str | Path) -> list[CaptionSample]:
-    """Read a JSON list of ``{image, question, answer}`` into samples (question = prompt)."""
-    path = Path(path)
-    out = []
-    for i, rec in enumerate(_read_json_list(path), start=1):
-        if not isinstance(rec, dict):
-            raise DataError(f"expected an object, got {type(rec).__name__}", path, i)
-        for key in ("image", "question", "answer"):
-            if not isinstance(rec.get(key), str) or not rec[key]:
-                raise DataError(f"missing or empty {key!r}", path, i, key)
-        image = resolve_under(image_root, rec["image"], source=path, line=i, field="image")
-        out.append(CaptionSample(image, rec["question"], rec["answer"], str(path), i, "image"))
-    return out
 
 
 def build_generative_batch(adapter: BackboneAdapter, samples: list[CaptionSample],

@@ -15,12 +15,12 @@ pre-training) and gives exactly its gradients.
 Per sample (all precomputed once, on the CPU, when the data set is built):
 
 1. the PAD masks go through exactly the image processor's geometry
-   (:func:`fam.analysis.report.processor_transform`), are average-pooled onto the patch grid
+   (:func:`fam.projector.geometry.processor_transform`), are average-pooled onto the patch grid
    (coverage ``c_k``) and thresholded at θ (``S_k``, arg-max fallback);
-2. the label is tokenised as written mid-sentence (:func:`fam.analysis.report.label_token_ids`).
+2. the label is tokenised as written mid-sentence (:func:`fam.projector.regions.label_token_ids`).
 
 At each step one forward of the full model gives the caption loss, and a forward hook on
-``multi_modal_projector`` (:class:`fam.analysis.report.ProjectorTap`) gives the projected
+``multi_modal_projector`` (:class:`fam.projector.hooks.ProjectorTap`) gives the projected
 tokens ``P(X)`` (B, N, d) in raster order — the exact tensors scattered into the ``<image>``
 positions of the LLM input — on which the patch loss is computed.
 
@@ -50,22 +50,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
-from fam.analysis.report import (ProjectorTap, RegionTargets, projector_module,
-                                 read_pad_records, region_targets, token_layout)
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import ProjectorConfig, to_dict
 from fam.config.stages import PROJECTOR_TYPES
+from fam.data.captions import CaptionSample, load_captions
 from fam.errors import ConfigError, DataError
 from fam.losses.patch import beta_schedule, label_embedding, patch_alignment_loss, \
     projector_loss
-from fam.train.stage0 import CaptionSample, build_generative_batch, load_captions
+from fam.pad.records import iter_pad
+from fam.projector.hooks import ProjectorTap, projector_module
+from fam.projector.regions import RegionTargets, region_targets, token_layout
+from fam.train.stage0 import build_generative_batch
 from fam.train.trainer import Trainer
-from fam.utils.io import atomic_write_json, resolve_under
+from fam.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +202,10 @@ def build_projector_samples(adapter: BackboneAdapter, captions: str | Path,
     n_rec = 0
     wanted = {c.image for c in caps}
     if pad:
-        for line, rec in read_pad_records(pad):
-            path = resolve_under(image_root, rec["image"], source=pad, line=line, field="image")
+        for rec in iter_pad(pad, image_root):
             n_rec += 1
-            if path in wanted:  # e.g. skip the evaluation images of a shared PAD file
-                regions[path] = region_targets(rec, adapter, theta, where=(pad, line))
+            if rec.path in wanted:  # e.g. skip the evaluation images of a shared PAD file
+                regions[rec.path] = region_targets(rec, adapter, theta)
     gh, gw, off = token_layout(adapter)
     n = off + gh * gw
     empty = RegionTargets([], [], np.zeros((0, n), bool), np.zeros((0, n), np.float32),

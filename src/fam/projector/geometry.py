@@ -29,10 +29,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+
+from fam.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -353,3 +355,57 @@ def select_patches(coverage: np.ndarray, theta: float = 0.5, flat: bool = False)
     if n_zero:
         logger.debug("select_patches: %d region(s) with zero coverage get an empty set", n_zero)
     return flat_sel.reshape(cov.shape)
+
+
+_RESAMPLE_NAMES = {int(v): k for k, v in RESAMPLE.items()}
+
+
+def processor_transform(image_processor: Any, orig_size: tuple[int, int],
+                        patch_size: int) -> ImageTransform:
+    """The geometric transform a CLIP-style image processor applies to one image.
+
+    Reads ``size`` (``shortest_edge`` or ``height``/``width``), ``do_center_crop`` /
+    ``crop_size``, ``do_pad`` (LLaVA's pad-to-square) and ``resample`` from the processor, so
+    masks go through exactly what the pixels go through (SPEC §4).
+
+    Args:
+        image_processor: e.g. ``CLIPImageProcessorPil`` (LLaVA-1.5).
+        orig_size: ``(H, W)`` of the original image.
+        patch_size: vision-tower patch side (``config.vision_config.patch_size``).
+
+    Raises:
+        ConfigError: a processor geometry this function does not model.
+    """
+    size = dict(getattr(image_processor, "size", None) or {})
+    resample = _RESAMPLE_NAMES.get(int(getattr(image_processor, "resample", 3)), "bicubic")
+    do_crop = bool(getattr(image_processor, "do_center_crop", False))
+    crop = dict(getattr(image_processor, "crop_size", None) or {}) if do_crop else {}
+    do_resize = bool(getattr(image_processor, "do_resize", True))
+    pad_sq = bool(getattr(image_processor, "do_pad", False))
+    h, w = orig_size
+    if not do_resize:
+        resized = (h, w)
+    elif "shortest_edge" in size:
+        if do_crop and crop.get("height") == crop.get("width"):
+            return clip_transform(orig_size, size=int(size["shortest_edge"]),
+                                  crop_size=int(crop["height"]), patch_size=patch_size,
+                                  pad_to_square=pad_sq, resample=resample)
+        if pad_sq:
+            raise ConfigError("processor_transform: do_pad with a non-square crop is not "
+                              "modelled; use a square crop_size")
+        resized = _shortest_edge_size(h, w, int(size["shortest_edge"]))
+    elif "height" in size and "width" in size:
+        if pad_sq:
+            raise ConfigError("processor_transform: do_pad with a fixed (height, width) "
+                              "resize is not modelled")
+        resized = (int(size["height"]), int(size["width"]))
+    else:
+        raise ConfigError(f"processor_transform: unsupported processor size {size!r}; "
+                          "expected {'shortest_edge': n} or {'height': h, 'width': w}")
+    crop_box = None
+    if do_crop:
+        ch, cw = int(crop["height"]), int(crop["width"])
+        if resized != (ch, cw):
+            crop_box = ((resized[0] - ch) // 2, (resized[1] - cw) // 2, ch, cw)
+    return ImageTransform(orig_size=(h, w), resized_size=resized, crop_box=crop_box,
+                          patch_size=patch_size, merge_size=1, resample=resample)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from fam.analysis.geometry import clip_transform
-from fam.analysis.report import analyze_alignment, processor_transform, read_pad_records
+from fam.pad.records import read_pad as read_pad_records  # the one PAD reader
+from fam.projector.geometry import clip_transform, processor_transform
+from fam.projector.report import analyze_alignment
 from fam.data.rle import rle_encode
 from fam.errors import ConfigError, DataError
 

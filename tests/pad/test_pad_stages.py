@@ -22,10 +22,9 @@ from fam.pad import (
     batched_nms,
     box_iou,
     extract_noun_phrases,
-    load_captions,
     nms,
 )
-from fam.pad.providers import _nms_detections
+from fam.pad.detect import _nms_detections
 
 LABELS = ["red circle", "blue square", "green star"]
 
@@ -33,7 +32,7 @@ LABELS = ["red circle", "blue square", "green star"]
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Saved tiny random Grounding DINO and SAM folders (built once per module)."""
-    from fam.pad import save_tiny_grounding_dino, save_tiny_sam
+    from pad_tiny_models import save_tiny_grounding_dino, save_tiny_sam
     root = tmp_path_factory.mktemp("pad_models")
     return (save_tiny_grounding_dino(root / "gdino", LABELS),
             save_tiny_sam(root / "sam"))
@@ -72,19 +71,6 @@ def test_caption_tagger_vocabulary_longest_match_and_order(tmp_path):
     with pytest.raises(DataError, match="no caption for image 'c.png'"):
         t.tags(None, meta("c.png"))
     assert isinstance(t, Tagger)
-
-
-def test_load_captions_llava_conversations_and_errors(tmp_path):
-    f = tmp_path / "c.jsonl"
-    f.write_text(json.dumps({"image": "x.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nRender a clear description."},
-        {"from": "gpt", "value": "a dog on a sofa"}]}) + "\n" + json.dumps({"image": "y.jpg"})
-        + "\n")
-    with pytest.raises(DataError) as e:
-        load_captions(f)
-    assert e.value.line == 2 and str(f) in str(e.value)
-    f.write_text(f.read_text().splitlines()[0] + "\n")
-    assert load_captions(f) == {"x.jpg": "a dog on a sofa"}
 
 
 def test_list_tagger():

@@ -5,13 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from fam.analysis.report import (ProjectorTap, label_token_ids, processor_transform,
-                                 projector_module, read_pad_records, region_targets)
+from fam.pad.records import parse_pad_record, read_pad
+from fam.projector.geometry import processor_transform
+from fam.projector.hooks import ProjectorTap, projector_module
+from fam.projector.regions import label_token_ids, region_targets
 from fam.backbones import load_backbone
 from fam.config import OptimConfig, RunConfig
 from fam.data.rle import rle_decode, rle_encode
 from fam.losses.patch import label_embedding, patch_alignment_loss
-from fam.train.projector import (ProjectorConfig, ProjectorModule, build_projector_samples,
+from fam.projector.recipe import (ProjectorConfig, ProjectorModule, build_projector_samples,
                                  collate_projector, is_linear_projector, run_projector,
                                  setup_projector)
 
@@ -124,13 +126,14 @@ def test_region_coverage_matches_the_image_processor(scenes, pad_lr, pad_tb):
     """A Scenes region, put on a non-square canvas, covers the patches that the processor's
     own pixels say it covers (resize + center crop are applied identically)."""
     adapter = load_backbone(scenes["model"])
-    _, rec = read_pad_records(scenes["data"] / "pad.jsonl", select="images/train/")[0]
-    reg = rec["regions"][0]
-    m = rle_decode(reg["mask"])
+    rec = read_pad(scenes["data"] / "pad.jsonl", select="images/train/")[0]
+    reg = rec.regions[0]
+    m = rle_decode(reg.mask)
     mask = np.pad(m, ((pad_tb, pad_tb + 3), (pad_lr, 2 * pad_lr + 1)))  # (H, W) non-square
     h, w = mask.shape
-    rec2 = {"image": rec["image"], "width": w, "height": h,
-            "regions": [{"label": reg["label"], "mask": rle_encode(mask)}]}
+    rec2 = parse_pad_record({"image": rec.image, "width": w, "height": h,
+                             "regions": [{"label": reg.label, "score": 1.0, "box": [0, 0, w, h],
+                                          "mask": rle_encode(mask)}]})
     tgt = region_targets(rec2, adapter, theta=0.5)
     cov = tgt.coverage[0].reshape(tgt.grid)
 

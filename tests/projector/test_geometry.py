@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fam.analysis.geometry import (
+from fam.projector.geometry import (
     ImageTransform,
     clip_transform,
     mask_to_patch_coverage,
