@@ -15,10 +15,10 @@ A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in thi
 """
 from fam.config.checks import Validated
 from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
-from fam.config.loader import apply_overrides, deep_merge, from_dict, load_config, read_yaml, to_dict
+from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
+                               to_dict)
 from fam.config.scenes import ScenesConfig
-from fam.config.stages import (AdaptConfig, AlignConfig, ProjectorConfig, Stage0Config,
-                               VeinConfig)
+from fam.config.stages import AdaptConfig, AlignConfig, ProjectorConfig, Stage0Config, VeinConfig
 from fam.config.tools import PlanConfig, ProbeConfig
 from fam.config.training import LoraConfig, OptimConfig, RunConfig
 

@@ -23,7 +23,8 @@ def apply_lora(model: EmbeddingModel, cfg: LoraConfig) -> None:
 
     Everything else is frozen; the adapter keeps working (it unwraps peft transparently).
     """
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     adapter = model.adapter
 

@@ -61,8 +61,7 @@ from fam.config import ProjectorConfig, to_dict
 from fam.config.stages import PROJECTOR_TYPES
 from fam.data.captions import CaptionSample, load_captions
 from fam.errors import ConfigError, DataError
-from fam.losses.patch import beta_schedule, label_embedding, patch_alignment_loss, \
-    projector_loss
+from fam.losses.patch import beta_schedule, label_embedding, patch_alignment_loss, projector_loss
 from fam.pad.records import iter_pad
 from fam.projector.hooks import ProjectorTap, projector_module
 from fam.projector.regions import RegionTargets, region_targets, token_layout

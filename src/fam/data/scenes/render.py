@@ -13,6 +13,7 @@ from fam.config.scenes import COLOURS, SHAPES, ScenesConfig
 from fam.data.rle import rle_encode
 from fam.data.scenes.scene import Scene
 
+
 @functools.lru_cache(maxsize=None)
 def _shape_mask(shape: str, s: int) -> np.ndarray:
     """``(s, s)`` boolean mask of a shape filling an ``s``-px square (no anti-aliasing).
