@@ -244,7 +244,7 @@ def test_read_pad_bad_json_and_round_trip(tmp_path):
 
 
 def test_cli_pad_build_gt(scenes, tmp_path, capsys):
-    from fam.pad.cli import add_pad_subcommand
+    from fam.cli.pad import add_pad_subcommand
     parser = argparse.ArgumentParser(prog="fam")
     add_pad_subcommand(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "pad.jsonl"

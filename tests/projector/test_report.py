@@ -109,31 +109,9 @@ def test_processor_transform_matches_clip_transform():
     assert tf.resized_size == (56, 84) and tf.crop_box is None and tf.grid_size() == (4, 6)
 
 
-@pytest.mark.slow
-def test_quick_comparison_completes_and_writes_table(tmp_path):
-    from fam.projector_demo import run_projector_compare
-    res = run_projector_compare(tmp_path / "cmp", quick=True, progress=False)
-    md = (tmp_path / "cmp" / "projector_results.md").read_text()
-    assert "| Align(V,W) patch mIoU |" in md and "patch-aligned" in md
-    saved = json.loads((tmp_path / "cmp" / "projector_results.json").read_text())
-    assert set(saved["summary"]) == {"caption", "patch"}
-    for arm in ("caption", "patch"):
-        for key, st in saved["summary"][arm].items():
-            assert st["mean"] is not None and math.isfinite(st["mean"]), (arm, key)
-    assert (tmp_path / "cmp" / "entropy_compare.png").exists()
-    assert res["timings_s"]["total"] > 0  # ~50 s on a quiet 2-core machine (no wall-time gate)
-
-
 def _parser():
-    import argparse
-
-    from fam.projector_cli import add_projector_subcommands
-    p = argparse.ArgumentParser(prog="fam")
-    top = p.add_subparsers(dest="command", required=True)
-    train = top.add_parser("train").add_subparsers(dest="stage", required=True)
-    analyze = top.add_parser("analyze").add_subparsers(dest="what", required=True)
-    add_projector_subcommands(train, analyze, top)
-    return p
+    from fam.cli import build_parser
+    return build_parser()
 
 
 def test_cli_subcommands(tiny_dirs, pad_data, tmp_path, capsys):

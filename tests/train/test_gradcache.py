@@ -264,7 +264,7 @@ def test_real_size_qwen2_vl_2b_shape_gradcache_step_fits_10gb(tiny_dirs, scene_i
     from transformers import Qwen2VLImageProcessorPil
 
     from fam.backbones.qwen2_vl import Qwen2VLAdapter
-    from fam.plan import KNOWN_SHAPES, PlanConfig, estimate
+    from fam.bench.plan import KNOWN_SHAPES, PlanConfig, estimate
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()

@@ -29,7 +29,6 @@ Entry point: :func:`run_probes` (``fam analyze probes``); it writes ``probes.jso
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,8 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ProbeConfig", "ProbeRegion", "ProbeImage", "load_probe_images", "crop_region",
            "load_probe_model", "embed_items", "similarity_probes", "attention_probe",
-           "run_probes", "format_probes", "plot_similarity_probes", "plot_layer_attention",
-           "add_probes_subcommand"]
+           "run_probes", "format_probes", "plot_similarity_probes", "plot_layer_attention"]
 
 
 @dataclass
@@ -441,50 +439,3 @@ def run_probes(models: Mapping[str, str | Path], data_dir: str | Path, out_dir: 
     atomic_write_json(out / "probes.json", results)
     atomic_write_text(out / "probes.md", format_probes(results))
     return results
-
-
-# --------------------------------------------------------------------------- CLI
-
-def _parse_models(specs: Sequence[str]) -> dict[str, str]:
-    models: dict[str, str] = {}
-    for s in specs:
-        if "=" not in s:
-            raise ConfigError(f"--models entry {s!r} is not NAME=DIR")
-        k, v = s.split("=", 1)
-        if not k or not v:
-            raise ConfigError(f"--models entry {s!r} is not NAME=DIR")
-        if k in models:
-            raise ConfigError(f"--models: the name {k!r} is given twice")
-        models[k] = v
-    return models
-
-
-def cmd_probes(args: argparse.Namespace) -> int:
-    if args.threads:
-        # Tiny models: one thread avoids OpenMP oversubscription on shared CPUs.
-        torch.set_num_threads(args.threads)
-    cfg = ProbeConfig(max_images=args.max_images, attention_images=args.attention_images,
-                      margin=args.margin, split=args.split, seed=args.seed)
-    res = run_probes(_parse_models(args.models), args.data, args.out, cfg)
-    log.info("probes written to %s\n%s", args.out, format_probes(res))
-    return 0
-
-
-def add_probes_subcommand(analyze_subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``probes`` under ``fam analyze`` (returns the sub-parser)."""
-    p = analyze_subparsers.add_parser(
-        "probes", help="FAM pilot probes: global-local and object-caption similarity, "
-                       "layer-wise attention of the embedding token")
-    p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
-                   help="checkpoints to probe, e.g. stage0=out/stage0/model fam=out/fam/model")
-    p.add_argument("--data", required=True, help="Scenes benchmark root (holds pad.jsonl)")
-    p.add_argument("--out", required=True, help="output folder")
-    d = ProbeConfig()
-    p.add_argument("--max-images", type=int, default=d.max_images)
-    p.add_argument("--attention-images", type=int, default=d.attention_images)
-    p.add_argument("--margin", type=float, default=d.margin)
-    p.add_argument("--split", default=d.split)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.set_defaults(func=cmd_probes)
-    return p

@@ -79,7 +79,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"unknown config key(s) {sorted(prefix + u for u in unknown)}; "
                           f"valid keys here: {sorted(names)}")
     defaults = {f.name: f for f in dataclasses.fields(cls)}
-    inputs = getattr(cls, "INPUTS", {})
+    # Inputs of the config being loaded (not of nested stage templates, filled in later).
+    inputs = getattr(cls, "INPUTS", {}) if not prefix else {}
     kwargs = {}
     for k, v in data.items():
         if k in inputs and (v is None or (isinstance(v, str) and not v.strip())):

@@ -41,11 +41,11 @@ def test_unknown_key_and_bad_type_are_errors():
 
 def test_shipped_yaml_configs_load():
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     for p in sorted(root.glob("*.yaml")):
         head = p.read_text().splitlines()[0]
         assert head.startswith("#"), f"{p.name}: first line should show the command"
-        from fam.train.align import AlignConfig
+        from fam.config import AlignConfig
         kind = {"stage0": Stage0Config, "adapt": AdaptConfig, "align": AlignConfig}
         matched = [cls for key, cls in kind.items() if p.name.startswith(key)]
         assert matched, f"{p.name}: no config class for this file name"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fam.plan import KNOWN_SHAPES, PlanConfig, estimate, largest_chunk, resolve_shape, shape_from_checkpoint
+from fam.bench.plan import KNOWN_SHAPES, PlanConfig, estimate, largest_chunk, resolve_shape, shape_from_checkpoint
 
 
 def test_known_shapes_give_the_published_parameter_counts():

@@ -3,14 +3,16 @@ tiny end-to-end run."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 
-from fam.ablate import (GROUPS, MASK_RATIOS, AblationRun, adapt_config, add_ablate_subcommand,
-                        aggregate_runs, align_config, expand_groups, format_ablation,
-                        plan_for_size, run_ablation, vein_layer_sets)
-from fam.demo import quick_plan
+from fam.cli.experiments import add_ablate_subcommand
+from fam.experiments.ablation import (GROUPS, MASK_RATIOS, AblationRun, adapt_config, align_config,
+                                      expand_groups, plan_for_size, run_ablation, vein_layer_sets)
+from fam.experiments.ablation_report import BASELINE_KEY, aggregate_runs, format_ablation
+from fam.experiments.demo import demo_config
 from fam.errors import ConfigError
 
 
@@ -71,11 +73,11 @@ def test_stage_configs(tmp_path):
                         plan)
     assert acfg.weights == (1.0, 1.0, 0.0)
     assert acfg.model == str(tmp_path / "s0") and acfg.run.seed == 3
-    assert acfg.optim.steps == plan.align_steps and acfg.optim.batch_size == plan.align_batch
+    assert acfg.optim.steps == plan.align.optim.steps and acfg.optim.batch_size == plan.align.optim.batch_size
     assert acfg.captions == str(tmp_path / "data" / "captions.json")
 
     base = adapt_config(main["baseline"], "s0", tmp_path / "data", tmp_path / "b", 0, plan)
-    assert not base.vein.enabled and base.optim.steps == plan.adapt_steps
+    assert not base.vein.enabled and base.optim.steps == plan.adapt.optim.steps
     fam = adapt_config(main["fam"], "al", tmp_path / "data", tmp_path / "f", 0, plan)
     assert fam.vein.enabled and fam.vein.mask_ratio == 0.3 and fam.vein.layers == [-3, -2, -1]
     assert fam.train_dir == str(tmp_path / "data" / "train")
@@ -120,10 +122,11 @@ def test_cli_registration():
 
 @pytest.mark.slow
 def test_tiny_end_to_end(tmp_path):
-    plan = quick_plan()
-    plan.n_train_images, plan.n_eval_images, plan.n_ood_images = 60, 24, 12
-    plan.eval_rows, plan.stage0_steps, plan.adapt_steps, plan.align_steps = 4, 2, 2, 2
-    plan.stage0_batch = plan.adapt_batch = plan.align_batch = 4
+    plan = demo_config(quick=True)
+    plan.scenes = dataclasses.replace(plan.scenes, n_train_images=60, n_eval_images=24,
+                                      n_ood_images=12, eval_rows=4)
+    for stage in (plan.stage0, plan.align, plan.adapt):
+        stage.optim.steps, stage.optim.batch_size = 2, 4
     out = tmp_path / "abl"
     rep = run_ablation(out, seeds=[0], groups=["main"], configs=["vein_only"], plan=plan,
                        size="test")
@@ -142,3 +145,7 @@ def test_tiny_end_to_end(tmp_path):
     rep2 = run_ablation(out, seeds=[0], groups=["main"], plan=plan, size="test",
                         report_only=True)
     assert len(rep2["runs"]) == 2 and "| fam | (not run)" in (out / "ablation.md").read_text()
+
+
+def test_baseline_key_of_the_report_is_the_baseline_run():
+    assert BASELINE_KEY == AblationRun().key

@@ -5,7 +5,7 @@
         --detector models/grounding-dino --segmenter models/sam \\
         --tagger caption --captions captions.json [--vocabulary tags.txt]
 
-Registered on the main parser by :func:`add_pad_subcommand`.
+Registered on the main parser (:func:`fam.cli.build_parser`) by :func:`add_pad_subcommand`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def add_pad_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Argum
     Returns:
         The ``pad`` parser (its ``build`` sub-command sets ``func=cmd_pad_build``).
     """
-    pad = subparsers.add_parser("pad", help="Patch-Aligned Dataset (SPEC §4)")
+    pad = subparsers.add_parser("pad", help="Patch-Aligned Dataset (method.md §4)")
     sub = pad.add_subparsers(dest="pad_cmd", required=True)
     b = sub.add_parser(
         "build", help="tag → detect → segment images into a PAD JSONL (resumable)",
@@ -54,9 +54,9 @@ def add_pad_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Argum
     b.add_argument("--tags", help="comma-separated tags for --tagger list, or @FILE (one "
                                   "per line)")
     b.add_argument("--box-threshold", type=float, default=0.25,
-                   help="Grounding DINO box threshold (SPEC §4: 0.25)")
+                   help="Grounding DINO box threshold (method.md §4: 0.25)")
     b.add_argument("--text-threshold", type=float, default=0.2,
-                   help="Grounding DINO text threshold (SPEC §4: 0.2)")
+                   help="Grounding DINO text threshold (method.md §4: 0.2)")
     b.add_argument("--nms", type=float, default=0.5, help="class-aware box NMS IoU (0.5)")
     b.add_argument("--min-area", type=float, default=0.0005,
                    help="smallest region: fraction of the image if < 1, else pixels")

@@ -27,17 +27,16 @@ transient of about one vision layer, ``patches · (8·e + 2·e·mlp_ratio)`` ele
 (representations, cached gradients, score matrix).
 
 This is a model, not a measurement: it ignores allocator slack, fused-kernel workspaces
-and framework overheads. ``tests/test_plan.py`` checks it against measured peaks on tiny
+and framework overheads. ``tests/bench/test_plan.py`` checks it against measured peaks on tiny
 models (within ±50%, ranking of configurations right).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fam.config import PlanConfig
 from fam.config.tools import PLAN_PRECISIONS as BYTES
@@ -46,7 +45,7 @@ from fam.errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelShape", "PlanConfig", "KNOWN_SHAPES", "estimate", "largest_chunk",
-           "shape_from_checkpoint", "resolve_shape", "add_plan_subcommand", "main"]
+           "shape_from_checkpoint", "resolve_shape", "format_plan"]
 
 
 
@@ -236,48 +235,3 @@ def format_plan(shape: ModelShape, cfg: PlanConfig, est: dict[str, Any],
         lines.append(f"largest GradCache chunk within {budget_gib:g} GiB: "
                      f"{c if c else 'none (the weights and states alone do not fit)'}")
     return "\n".join(lines)
-
-
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help=f"checkpoint directory or one of {sorted(KNOWN_SHAPES)}")
-    for f, default in asdict(PlanConfig()).items():
-        flag = "--" + f.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", default=default)
-        else:
-            p.add_argument(flag, type=type(default), default=default)
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="memory budget: also print the largest chunk that fits")
-    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    shape = resolve_shape(args.model)
-    cfg = PlanConfig(**{f: getattr(args, f) for f in asdict(PlanConfig())})
-    est = estimate(shape, cfg)
-    if args.json:
-        print(json.dumps({"shape": asdict(shape), "config": asdict(cfg), "estimate": est}, indent=2))
-    else:
-        print(format_plan(shape, cfg, est, args.budget_gib))
-    return 0
-
-
-def add_plan_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Register ``fam plan`` on an argparse ``subparsers`` object (for fam/cli.py)."""
-    p = subparsers.add_parser("plan", help="estimate the peak memory of a training configuration")
-    _add_args(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fam.plan", description=__doc__.split("\n")[0])
-    _add_args(p)
-    args = p.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())
