@@ -1,4 +1,4 @@
-"""Cross-rank gathering for contrastive losses (SPEC §1, "Under DDP ...").
+"""Cross-rank gathering for contrastive losses (method.md §1, "Under DDP ...").
 
 Contrastive losses want every rank to see the *global* batch as negatives. The pattern is
 open_clip's ``gather_features(..., gather_with_grad=False)``: ``all_gather`` the local

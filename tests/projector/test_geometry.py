@@ -1,4 +1,4 @@
-"""Mask → patch coverage follows the real image processors' geometry (SPEC §4)."""
+"""Mask → patch coverage follows the real image processors' geometry (method.md §4)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Patch-aligned projector training (SPEC §4): gradients, frozen towers, geometry, save/load."""
+"""Patch-aligned projector training (method.md §4): gradients, frozen towers, geometry, save/load."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The alignment report (SPEC §5) and the caption-only vs patch-aligned comparison."""
+"""The alignment report (method.md §5) and the caption-only vs patch-aligned comparison."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""FAM pilot probes (SPEC §5): what an embedding model keeps of objects, and where it looks.
+"""FAM pilot probes (method.md §5): what an embedding model keeps of objects, and where it looks.
 
 Three probes, run on the Scenes evaluation images (``pad.jsonl`` gives each object's box and
 referring expression) for any number of checkpoints:
@@ -19,7 +19,7 @@ referring expression) for any number of checkpoints:
   *other* is the special tokens and the EOS token itself) and the mass per token (raw mass
   divided by the number of image / text tokens, which removes the effect of the image
   simply having more tokens). The layers with the largest raw image mass are the
-  "vision-centric" layers, the candidates for VEIN (SPEC §3).
+  "vision-centric" layers, the candidates for VEIN (method.md §3).
 
 Attention maps need eager attention; :func:`load_probe_model` loads checkpoints with
 ``attn_implementation="eager"`` and :func:`attention_probe` refuses any other.

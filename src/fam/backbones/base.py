@@ -6,7 +6,7 @@ downstream (embedding model, losses, trainers, analysis) receives tensors and ma
 
 - ``image_mask`` (B, L): positions holding image tokens, found as
   ``input_ids == config.image_token_id`` (never a hard-coded id);
-- ``text_mask`` (B, L): tokens of the text *content* (SPEC §1): not the image block, not
+- ``text_mask`` (B, L): tokens of the text *content* (method.md §1): not the image block, not
   special tokens, not padding and, when the item says where its content is
   (:attr:`MMItem.content`), not the instruction either;
 - ``eos_index`` (B,): the last real token, whose final-layer state is the embedding.

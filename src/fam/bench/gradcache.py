@@ -1,4 +1,4 @@
-"""Benchmark: peak memory of a GradCache training step vs plain steps (SPEC §1, GradCache).
+"""Benchmark: peak memory of a GradCache training step vs plain steps (method.md §1, GradCache).
 
 Run ``fam bench gradcache [--size s] [--image-size 224] [--batch 256] [--chunk 16]``.
 
@@ -180,10 +180,8 @@ def format_report(res: dict[str, dict], size: str, batch: int, chunk: int, devic
 
 if __name__ == "__main__":
     # `python -m fam.bench.gradcache --_worker JSON` measures one configuration in this
-    # fresh process (run_bench's subprocess protocol); anything else is `fam bench gradcache`.
-    if sys.argv[1:2] == ["--_worker"]:
-        b, chunk, size, image_size, text_words, device = json.loads(sys.argv[2])
-        print(json.dumps(_worker(b, chunk, size, image_size, text_words, device)))
-        sys.exit(0)
-    from fam.cli import main
-    sys.exit(main(["bench", "gradcache", *sys.argv[1:]]))
+    # fresh process (run_bench's subprocess protocol); users run `fam bench gradcache`.
+    if sys.argv[1:2] != ["--_worker"]:
+        sys.exit("this module is the benchmark's worker; run `fam bench gradcache [...]`")
+    b, chunk, size, image_size, text_words, device = json.loads(sys.argv[2])
+    print(json.dumps(_worker(b, chunk, size, image_size, text_words, device)))

@@ -1,4 +1,4 @@
-"""Benchmark: exact MAC (SPEC §2, O(Bd) memory) vs the naive (B·N)×(B·T) form.
+"""Benchmark: exact MAC (method.md §2, O(Bd) memory) vs the naive (B·N)×(B·T) form.
 
 Run ``fam bench mac [--shapes B,N,T,d ...] [--device cpu|cuda] [--repeats 3]``.
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["mac_loss_naive", "run_bench", "paper_scale_estimate", "format_report", "DEFAULT_SHAPES"]
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((64, 256, 32, 256), (128, 256, 32, 256))
-# The official FAM run (SPEC §2): batch 512, Phi-3.5-V image tokens 757, caption 64, d 3072.
+# The official FAM run (method.md §2): batch 512, Phi-3.5-V image tokens 757, caption 64, d 3072.
 PAPER_SCALE = {"B": 512, "N": 757, "T": 64, "d": 3072, "bytes_per_element": 2}
 
 
@@ -227,10 +227,8 @@ def format_report(rows: list[dict], device: str) -> str:
 
 if __name__ == "__main__":
     # `python -m fam.bench.mac --_worker ...` measures one variant in this fresh process
-    # (run_bench's subprocess protocol); anything else is `fam bench mac ...`.
-    if sys.argv[1:2] == ["--_worker"]:
-        b, n, t, d = (int(x) for x in sys.argv[2].split(","))
-        print(json.dumps(_worker(b, n, t, d, sys.argv[3], sys.argv[4], int(sys.argv[5]))))
-        sys.exit(0)
-    from fam.cli import main
-    sys.exit(main(["bench", "mac", *sys.argv[1:]]))
+    # (run_bench's subprocess protocol); users run `fam bench mac`.
+    if sys.argv[1:2] != ["--_worker"]:
+        sys.exit("this module is the benchmark's worker; run `fam bench mac [--shapes ...]`")
+    b, n, t, d = (int(x) for x in sys.argv[2].split(","))
+    print(json.dumps(_worker(b, n, t, d, sys.argv[3], sys.argv[4], int(sys.argv[5]))))

@@ -1,6 +1,6 @@
 """Ablations of FAM on the Scenes benchmark, over several seeds (``fam ablate``).
 
-Groups (SPEC §6 reference: MAC only 56.4, VEIN only 55.9, FAM 57.3 vs VLM2Vec 55.0 on
+Groups (method.md §6 reference: MAC only 56.4, VEIN only 55.9, FAM 57.3 vs VLM2Vec 55.0 on
 MMEB with Qwen2-VL-2B; VEIN position: none 55.0, all 54.2, last 55.3, second-to-last
 55.6, last three 55.9):
 

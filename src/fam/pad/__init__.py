@@ -1,4 +1,4 @@
-"""PAD, the Patch-Aligned Dataset (SPEC §4): records, pluggable stages and the builder.
+"""PAD, the Patch-Aligned Dataset (method.md §4): records, pluggable stages and the builder.
 
     from fam.pad import build_pad, list_images, GroundTruthProvider, read_pad
     gt = GroundTruthProvider("scenes/pad.jsonl")

@@ -43,7 +43,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     Args:
         boxes: ``(N, 4)`` xyxy.
         scores: ``(N,)``.
-        iou_threshold: suppression threshold (0.5 in PAD, SPEC §4).
+        iou_threshold: suppression threshold (0.5 in PAD, method.md §4).
 
     Returns:
         ``(K,)`` int64 indices of the kept boxes, by decreasing score.
@@ -111,7 +111,7 @@ class HFGroundingDinoDetector:
     the phrase. Each kept query is then labelled with the one tag whose tokens hold its
     highest above-``text_threshold`` probability (the raw phrase can straddle tags, e.g.
     "red circle blue"); queries with no such token are dropped. Finally class-aware NMS
-    at ``nms_iou`` (SPEC §4: 0.25 / 0.2 / 0.5).
+    at ``nms_iou`` (method.md §4: 0.25 / 0.2 / 0.5).
 
     Args:
         model_dir: folder with the model and processor (``save_pretrained`` output).

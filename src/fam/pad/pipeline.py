@@ -1,4 +1,4 @@
-"""Build a Patch-Aligned Dataset (SPEC §4): tagger → detector → segmenter → PAD JSONL.
+"""Build a Patch-Aligned Dataset (method.md §4): tagger → detector → segmenter → PAD JSONL.
 
 The run is resumable and crash-safe, because the original PAD is 558K images:
 

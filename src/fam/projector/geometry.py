@@ -1,6 +1,6 @@
 """Region mask → patch coverage, through exactly the image processor's geometric transform.
 
-Patch-aligned training (SPEC §4) and the patch-level mIoU (SPEC §5) need to know which
+Patch-aligned training (method.md §4) and the patch-level mIoU (method.md §5) need to know which
 vision tokens an annotated region covers. The region mask lives in the *original* image
 frame; the tokens live on a grid over the *processed* image (resized, maybe padded to a
 square first, maybe center-cropped, maybe padded after). Getting this wrong silently shifts
@@ -299,7 +299,7 @@ def _avg_pool(a: np.ndarray, cell: int) -> np.ndarray:
 
 def mask_to_patch_coverage(mask: np.ndarray, transform: ImageTransform,
                            level: Literal["token", "patch"] = "token") -> np.ndarray:
-    """Fraction of each patch (or merged token) covered by a region (SPEC §4, ``c_k``).
+    """Fraction of each patch (or merged token) covered by a region (method.md §4, ``c_k``).
 
     Args:
         mask: ``(H, W)`` or ``(K, H, W)`` bool/float region mask(s) in the original frame.
@@ -323,7 +323,7 @@ def mask_to_patch_coverage(mask: np.ndarray, transform: ImageTransform,
 
 
 def select_patches(coverage: np.ndarray, theta: float = 0.5, flat: bool = False) -> np.ndarray:
-    """Patch set ``S_k = {i : c_k[i] ≥ θ}`` with the arg-max fallback (SPEC §4).
+    """Patch set ``S_k = {i : c_k[i] ≥ θ}`` with the arg-max fallback (method.md §4).
 
     A region smaller than half a patch would select nothing at θ = 0.5; it then gets its
     single best-covered patch. A region with zero coverage everywhere (e.g. cropped away by
@@ -366,7 +366,7 @@ def processor_transform(image_processor: Any, orig_size: tuple[int, int],
 
     Reads ``size`` (``shortest_edge`` or ``height``/``width``), ``do_center_crop`` /
     ``crop_size``, ``do_pad`` (LLaVA's pad-to-square) and ``resample`` from the processor, so
-    masks go through exactly what the pixels go through (SPEC §4).
+    masks go through exactly what the pixels go through (method.md §4).
 
     Args:
         image_processor: e.g. ``CLIPImageProcessorPil`` (LLaVA-1.5).

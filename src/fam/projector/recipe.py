@@ -1,4 +1,4 @@
-"""Patch-aligned projector training (SPEC §4; arXiv 2505.17316).
+"""Patch-aligned projector training (method.md §4; arXiv 2505.17316).
 
 LLaVA-style pre-training of the vision-language projector ``P`` with the vision tower and
 the LLM **frozen**:
@@ -8,7 +8,7 @@ the LLM **frozen**:
 ``L_caption`` is the next-token loss of ``<image> prompt caption<eos>`` (labels on the
 caption and the EOS only, as :func:`fam.train.stage0.build_generative_batch`). ``L_patch``
 (:func:`fam.losses.patch.patch_alignment_loss`) pulls the projected tokens of each annotated
-region of the image (PAD record, SPEC §4) towards the mean LLM input embedding of the
+region of the image (PAD record, method.md §4) towards the mean LLM input embedding of the
 region's label tokens. ``β_max = 0`` is the caption-only baseline (LLaVA's own projector
 pre-training) and gives exactly its gradients.
 
@@ -252,7 +252,7 @@ def collate_projector(adapter: BackboneAdapter, samples: list[ProjectorSample]) 
 class ProjectorModule(nn.Module):
     """``forward(batch, step)`` → ``{"loss", "caption", "patch", "patch_cos", "beta"}``.
 
-    ``loss = L_caption + β(step) · L_patch`` (SPEC §4). While ``β == 0`` the patch loss is
+    ``loss = L_caption + β(step) · L_patch`` (method.md §4). While ``β == 0`` the patch loss is
     computed on detached tokens for logging only, so the gradients are exactly the
     caption-only ones.
 

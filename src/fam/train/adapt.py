@@ -1,7 +1,7 @@
 """Contrastive adaptation on query/target pairs: the VLM2Vec baseline and FAM's stage 2.
 
-``L_adapt = L_task + λ L_rec`` (SPEC §3): ``L_task`` is InfoNCE of query against target
-embeddings with in-batch negatives and the data's hard negatives (SPEC §1); ``L_rec`` is the
+``L_adapt = L_task + λ L_rec`` (method.md §3): ``L_task`` is InfoNCE of query against target
+embeddings with in-batch negatives and the data's hard negatives (method.md §1); ``L_rec`` is the
 VEIN reconstruction loss, added when ``vein.enabled``. Without VEIN this is the VLM2Vec
 recipe. The VEIN decoders live only in the training module: the exported model (a normal
 checkpoint directory, LoRA merged) holds no trace of them.
@@ -220,7 +220,7 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
                         negative_ids=nid if self.mask_duplicates else None)
         terms = {"loss": task["loss"], "task_loss": task["loss"].detach(),
                  "accuracy": task["accuracy"],
-                 # L_rec = Σ_samples rec / N (a per-sample mean, SPEC §3), times λ.
+                 # L_rec = Σ_samples rec / N (a per-sample mean, method.md §3), times λ.
                  "aux_scale": self.vein_weight / max(aux_n, 1)}
         return terms
 

@@ -1,6 +1,6 @@
 """FAM stage 1: Multi-granularity Aligned Contrastive (MAC) training on image-caption pairs.
 
-Each image and each caption is encoded separately (SPEC §2): the image as
+Each image and each caption is encoded separately (method.md §2): the image as
 ``<image> Represent the given image.`` and the caption after a retrieval instruction. The
 EOS embeddings give the coarse term, the token states of a chosen layer (image tokens of the
 image input, caption tokens of the text input) the coarse-to-fine and fine terms, all through
@@ -53,7 +53,7 @@ class AlignCollator:
         txts = []
         for s in samples:
             text = self.txt_instr + s.target
-            # Only the caption's tokens are text tokens for the c2f/fine terms (SPEC §1).
+            # Only the caption's tokens are text tokens for the c2f/fine terms (method.md §1).
             txts.append(MMItem(text, None, content=(len(self.txt_instr), len(text))))
         return AlignBatch(self.adapter.encode(imgs), self.adapter.encode(txts))
 

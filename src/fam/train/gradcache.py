@@ -1,4 +1,4 @@
-"""GradCache: contrastive losses over batches far larger than fit in memory (SPEC §1).
+"""GradCache: contrastive losses over batches far larger than fit in memory (method.md §1).
 
 Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
 (arXiv 2104.06174, §3). A contrastive loss depends on the encoder only through small
@@ -19,7 +19,7 @@ restored before its re-run; after the step the RNG is left where pass 1 left it,
 run's later random draws do not depend on whether GradCache is on.
 
 **Per-chunk auxiliary losses (VEIN).** The VEIN loss needs token states, which are not
-cached; but it is a mean of *per-sample* terms (SPEC §3), so it can be computed inside the
+cached; but it is a mean of *per-sample* terms (method.md §3), so it can be computed inside the
 re-run of each chunk. A module returns per chunk ``aux`` = the **sum** of its per-sample
 terms (for VEIN: ``Σ_{eligible samples s} mean_layers(L_rec(s))``) and the total loss adds
 ``aux_scale · Σ_chunks aux``, with ``aux_scale = λ / N`` and ``N`` the number of eligible

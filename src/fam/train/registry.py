@@ -64,5 +64,10 @@ def stage_for(cfg: Any) -> Stage:
 
 
 def run_stage(cfg: Any) -> Path:
-    """Run the stage ``cfg`` configures; returns the exported model folder."""
-    return stage_for(cfg).load()(cfg)
+    """Run the stage ``cfg`` configures; returns the exported model folder.
+
+    The config is validated first, inputs included, so a bad value fails before any work.
+    """
+    stage = stage_for(cfg)
+    cfg.validate()
+    return stage.load()(cfg)

@@ -1,7 +1,7 @@
 """MMEB-format data: training pairs, evaluation rows and per-dataset metadata.
 
 MMEB (Jiang et al., VLM2Vec, 2024) stores every task as rows of text + relative image
-paths; SPEC §6 gives the fields. Two layouts are read, both for JSONL and parquet:
+paths; method.md §6 gives the fields. Two layouts are read, both for JSONL and parquet:
 
 * **files**: ``<dir>/<Dataset>.jsonl`` or ``<dir>/<Dataset>.parquet`` (our built-in
   benchmark writes ``train/<Dataset>.jsonl`` and ``eval/<Dataset>.jsonl``);

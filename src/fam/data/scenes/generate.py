@@ -40,7 +40,7 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | Path, *, progress: bool = 
     * ``captions.json`` / ``captions_eval.json``: ``[{id, image, caption, blip_caption}]``
       for every training / eval image (counterfactuals included).
     * ``qa.json``: ``[{image, question, answer}]`` from the training scenes.
-    * ``pad.jsonl``: one PAD record (SPEC §4) per image, train and eval (tell them apart
+    * ``pad.jsonl``: one PAD record (method.md §4) per image, train and eval (tell them apart
       by the ``images/train/`` or ``images/eval/`` prefix); regions carry ``label,
       score, box [x0, y0, x1, y1)`` (exclusive end), ``mask`` (COCO RLE),
       ``expression, attributes``.
