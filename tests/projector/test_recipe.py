@@ -13,9 +13,9 @@ from fam.backbones import load_backbone
 from fam.config import OptimConfig, RunConfig
 from fam.data.rle import rle_decode, rle_encode
 from fam.losses.patch import label_embedding, patch_alignment_loss
-from fam.projector.recipe import (ProjectorConfig, ProjectorModule, build_projector_samples,
-                                 collate_projector, is_linear_projector, run_projector,
-                                 setup_projector)
+from fam.projector.recipe import (PatchAlignedLoss, ProjectorConfig, ProjectorModule,
+                                  build_projector_samples, collate_projector,
+                                  is_linear_projector, run_projector, setup_projector)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def test_beta0_gives_exactly_caption_gradients_and_towers_get_none(scenes):
     adapter.model.zero_grad(set_to_none=True)
 
     for beta_max, step in ((0.0, 7), (5.0, 0)):  # baseline; and the ramp's first step (β=0)
-        module = ProjectorModule(adapter, total_steps=10, beta_max=beta_max)
-        terms = module(batch, step)
+        module, loss = ProjectorModule(adapter), PatchAlignedLoss(total_steps=10, beta_max=beta_max)
+        terms = loss(**module(batch, step), batch=batch, step=step)
         assert float(terms["beta"]) == 0.0
         assert float(terms["patch"]) > 0  # computed for logging...
         terms["loss"].backward()
@@ -76,8 +76,8 @@ def test_beta0_gives_exactly_caption_gradients_and_towers_get_none(scenes):
         adapter.model.zero_grad(set_to_none=True)
 
     # with β > 0 the patch term changes the projector's gradients
-    module = ProjectorModule(adapter, total_steps=10, beta_max=5.0)
-    module(batch, 5)["loss"].backward()
+    module, loss = ProjectorModule(adapter), PatchAlignedLoss(total_steps=10, beta_max=5.0)
+    loss(**module(batch, 5), batch=batch, step=5)["loss"].backward()
     got = _grads(adapter)
     assert any(not torch.equal(got[n], ref[n]) for n in proj_names)
 

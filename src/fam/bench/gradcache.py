@@ -71,7 +71,7 @@ def _build(size: str, image_size: int, text_tokens: int, device: str):
     for p in adapter.model.parameters():
         p.requires_grad_(False)
     apply_lora(emb, LoraConfig(enabled=True, r=8, alpha=16, dropout=0.05))
-    return ContrastiveModule(emb, 0.02).to(device).train()
+    return ContrastiveModule(emb).to(device).train()
 
 
 def _batch(module, b: int, image_size: int, text_words: int, device: str):
@@ -93,16 +93,18 @@ def _worker(b: int, chunk: int, size: str, image_size: int, text_words: int, dev
     """Measure one configuration in this (fresh) process."""
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    from fam.train.adapt import ContrastiveLoss
+    from fam.train.gradcache import train_step
     module = _build(size, image_size, text_words + 8, device)
-    module.gradcache_chunk = chunk
+    loss = ContrastiveLoss(0.02)
     # Warm-up on 2 rows: lazy initialisation (thread pools, kernels) is not counted.
-    module.train_step(_batch(module, 2, image_size, text_words, device), 0)
+    train_step(module, loss, _batch(module, 2, image_size, text_words, device), 0, chunk)
     module.zero_grad(set_to_none=True)
     batch = _batch(module, b, image_size, text_words, device)
     sync()
     meter = PeakMemory(cuda)
     t0 = time.perf_counter()
-    terms = module.train_step(batch, 0)
+    terms = train_step(module, loss, batch, 0, chunk)
     sync()
     seconds = time.perf_counter() - t0
     peak, method = meter.stop()

@@ -13,7 +13,8 @@ def train_handler(name: str) -> Callable[[argparse.Namespace], int]:
     validated), run it through the registry, print where the model went."""
     def handler(args: argparse.Namespace) -> int:
         from fam.config import load_config
-        from fam.train.registry import STAGES, run_stage
+        from fam.train.registry import STAGES
+        from fam.train.runner import run_stage
         stage = STAGES[name]
         config, overrides = args.config, list(args.overrides)
         if config and "=" in config:  # `fam train <stage> k=v`: no YAML, only overrides

@@ -185,7 +185,7 @@ def _train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed
     from fam.backbones import load_backbone
     from fam.eval.mmeb import evaluate
     from fam.model import EmbeddingModel
-    from fam.train.registry import run_stage
+    from fam.train.runner import run_stage
 
     timings: dict[str, float] = {}
     start: Path = stage0

@@ -60,7 +60,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     from fam.data.captions import load_captions
     from fam.eval.mmeb import evaluate
     from fam.model import EmbeddingModel
-    from fam.train.registry import run_stage
+    from fam.train.runner import run_stage
     from fam.train.stage0 import generative_eval_loss
 
     exp = plan or demo_config(quick)

@@ -65,7 +65,7 @@ def stage0_config(exp: SceneModelConfig, data: Path, tiny: Path, root: Path, see
 def base_model(root: Path, data: Path, exp: SceneModelConfig, seed: int,
                progress: bool) -> tuple[Path, Path]:
     """``(tiny, stage0 model)`` under ``root``, built (or found) for ``seed``."""
-    from fam.train.registry import run_stage
+    from fam.train.runner import run_stage
     tiny = prepare_tiny(root, data, exp, seed)
     return tiny, run_stage(stage0_config(exp, data, tiny, root, seed, progress))
 

@@ -153,7 +153,7 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
     from fam.backbones import load_backbone
     from fam.data.captions import load_captions
     from fam.projector.report import analyze_alignment, jsonable
-    from fam.train.registry import run_stage
+    from fam.train.runner import run_stage
     from fam.train.stage0 import generative_eval_loss
 
     exp = plan or compare_config(quick)

@@ -36,9 +36,9 @@ Projector types:
   (Replacing the module by a bare ``nn.Linear`` would save keys that the LLaVA class
   cannot load: they would be silently re-initialised.)
 
-The trained model is saved as a normal checkpoint directory ``<out>/model``; training is
-resumable through :class:`fam.train.trainer.Trainer` (only the projector's parameters are in
-its checkpoints).
+The trained model is saved as a normal checkpoint directory ``<out>/model``; the stage runs
+through :func:`fam.train.runner.run_stage` like every other (resumable; only the
+projector's parameters are in its checkpoints).
 
 Example:
     >>> cfg = load_config(ProjectorConfig, None, ["model=runs/stage0/model",
@@ -57,7 +57,7 @@ from torch import nn
 
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
-from fam.config import ProjectorConfig, to_dict
+from fam.config import ProjectorConfig
 from fam.config.stages import PROJECTOR_TYPES
 from fam.data.captions import CaptionSample, load_captions
 from fam.errors import ConfigError, DataError
@@ -66,7 +66,8 @@ from fam.pad.records import iter_pad
 from fam.projector.hooks import ProjectorTap, projector_module
 from fam.projector.regions import RegionTargets, region_targets, token_layout
 from fam.train.stage0 import build_generative_batch
-from fam.train.trainer import Trainer
+from fam.train.runner import Recipe, StageParts, run_stage
+from fam.train.trainer import TrainResult
 from fam.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -250,47 +251,61 @@ def collate_projector(adapter: BackboneAdapter, samples: list[ProjectorSample]) 
 
 
 class ProjectorModule(nn.Module):
-    """``forward(batch, step)`` → ``{"loss", "caption", "patch", "patch_cos", "beta"}``.
+    """The LLaVA-style model with its projector tapped; ``forward`` → named outputs.
 
-    ``loss = L_caption + β(step) · L_patch`` (method.md §4). While ``β == 0`` the patch loss is
-    computed on detached tokens for logging only, so the gradients are exactly the
-    caption-only ones.
+    ``caption`` (the next-token loss of the batch), ``tokens`` (B, N, d) — the projected
+    tokens ``P(X)`` in raster order, exactly what the LLM reads — and ``labels`` (K, d), the
+    frozen label embeddings ``t_k`` of the batch's regions.
 
     Args:
         adapter: the backbone (projector already set up by :func:`setup_projector`).
+    """
+
+    def __init__(self, adapter: BackboneAdapter):
+        super().__init__()
+        self.adapter = adapter  # a module: registers the model's parameters
+
+    def forward(self, batch: ProjectorBatch, step: int = 0) -> dict[str, torch.Tensor]:
+        with ProjectorTap(projector_module(self.adapter.model)) as tap:
+            caption = self.adapter.generative_loss(batch.enc, batch.labels)
+        tokens = tap.output                                    # (B, N, d), raster order
+        if batch.label_ids:
+            labels = label_embedding(batch.label_ids, self.adapter.input_embeddings().weight)
+        else:
+            labels = tokens.new_zeros(0, tokens.shape[-1])      # (K, d), frozen
+        return {"caption": caption, "tokens": tokens, "labels": labels}
+
+
+@dataclass
+class PatchAlignedLoss:
+    """``L = L_caption + β(step) · L_patch`` (method.md §4) over :class:`ProjectorModule`'s outputs.
+
+    While ``β == 0`` the patch loss is computed on detached tokens for logging only, so the
+    gradients are exactly the caption-only ones.
+
+    Args:
         total_steps: steps of the stage (the default β ramp length).
-        beta_max: final β.
+        beta_max: final β; 0 is the caption-only baseline.
         ramp_steps: β ramp length; 0 = ``total_steps``.
         pooling: region pooling of the patch loss.
     """
 
-    def __init__(self, adapter: BackboneAdapter, total_steps: int, beta_max: float = 5.0,
-                 ramp_steps: int = 0, pooling: str = "mean"):
-        super().__init__()
-        self.adapter = adapter  # a module: registers the model's parameters
-        self.total_steps = total_steps
-        self.beta_max = beta_max
-        self.ramp_steps = ramp_steps or None
-        self.pooling = pooling
+    total_steps: int
+    beta_max: float = 5.0
+    ramp_steps: int = 0
+    pooling: str = "mean"
 
     def beta(self, step: int) -> float:
         if self.beta_max == 0:
             return 0.0
-        return beta_schedule(step, self.total_steps, self.beta_max, self.ramp_steps)
+        return beta_schedule(step, self.total_steps, self.beta_max, self.ramp_steps or None)
 
-    def forward(self, batch: ProjectorBatch, step: int) -> dict[str, torch.Tensor]:
-        with ProjectorTap(projector_module(self.adapter.model)) as tap:
-            caption = self.adapter.generative_loss(batch.enc, batch.labels)
-        tokens = tap.output                                    # (B, N, d), raster order
+    def __call__(self, caption, tokens, labels, *, batch: ProjectorBatch, step: int,
+                 ) -> dict[str, torch.Tensor]:
         beta = self.beta(step)
-        emb = self.adapter.input_embeddings().weight
         dev = tokens.device
-        if batch.label_ids:
-            t = label_embedding(batch.label_ids, emb)          # (K, d), frozen
-        else:
-            t = tokens.new_zeros(0, tokens.shape[-1])
         patch = patch_alignment_loss(tokens if beta > 0 else tokens.detach(),
-                                     batch.patch_sets.to(dev), t.to(tokens.dtype),
+                                     batch.patch_sets.to(dev), labels.to(tokens.dtype),
                                      batch.image_index.to(dev), pooling=self.pooling,
                                      coverage=batch.coverage.to(dev))
         loss = projector_loss(caption, patch["loss"], beta)
@@ -298,7 +313,40 @@ class ProjectorModule(nn.Module):
                 "patch_cos": patch["mean_cos"], "beta": torch.tensor(beta)}
 
 
-# ----------------------------------------------------------------------------- entry point
+# ----------------------------------------------------------------------------- the stage
+
+
+class ProjectorRecipe(Recipe):
+    """A fresh projector between frozen towers, trained with caption + β·patch loss."""
+
+    cfg: ProjectorConfig
+    name = "projector"
+
+    def module(self) -> ProjectorModule:
+        cfg = self.cfg
+        adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
+        setup_projector(adapter, cfg.projector, cfg.reinit, cfg.run.seed)
+        return ProjectorModule(adapter)
+
+    def build(self) -> StageParts:
+        cfg = self.cfg
+        module = self.module()
+        adapter = module.adapter
+        samples = build_projector_samples(adapter, cfg.captions, cfg.pad or None,
+                                          cfg.image_root or str(Path(cfg.captions).parent),
+                                          cfg.prompt, cfg.theta)
+        loss = PatchAlignedLoss(cfg.optim.steps, cfg.beta_max, cfg.ramp_steps, cfg.pooling)
+        return StageParts(module, loss, samples, lambda ex: collate_projector(adapter, ex),
+                          to_device=lambda b, d: b.to(d))
+
+    def export(self, module: ProjectorModule, final: Path, result: TrainResult) -> None:
+        cfg = self.cfg
+        module.adapter.model.eval()
+        module.adapter.save_pretrained(final)
+        atomic_write_json(final.parent / "projector.json", {
+            "type": cfg.projector, "beta_max": cfg.beta_max, "ramp_steps": cfg.ramp_steps,
+            "theta": cfg.theta, "pooling": cfg.pooling, "steps": result.steps,
+            "final_metrics": result.final_metrics})
 
 
 def run_projector(cfg: ProjectorConfig) -> Path:
@@ -310,36 +358,9 @@ def run_projector(cfg: ProjectorConfig) -> Path:
     Returns:
         The saved checkpoint directory.
     """
-    cfg.validate()
-    out = Path(cfg.run.out_dir)
-    final = out / "model"
-    if (final / "config.json").exists() and cfg.run.resume:
-        log.info("projector: %s already holds a trained model; skipping", final)
-        return final
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
-    setup_projector(adapter, cfg.projector, cfg.reinit, cfg.run.seed)
-    root = cfg.image_root or str(Path(cfg.captions).parent)
-    samples = build_projector_samples(adapter, cfg.captions, cfg.pad or None, root, cfg.prompt,
-                                      cfg.theta)
-    module = ProjectorModule(adapter, cfg.optim.steps, cfg.beta_max, cfg.ramp_steps,
-                             cfg.pooling)
-    trainer = Trainer(module, samples, lambda ex: collate_projector(adapter, ex), cfg.optim,
-                      cfg.run, "projector", to_device=lambda b, d: b.to(d),
-                      config_dump=to_dict(cfg))
-    res = trainer.train()
-    adapter.model.eval()
-    adapter.save_pretrained(final)
-    atomic_write_json(out / "projector.json", {
-        "type": cfg.projector, "beta_max": cfg.beta_max, "ramp_steps": cfg.ramp_steps,
-        "theta": cfg.theta, "pooling": cfg.pooling, "steps": res.steps,
-        "final_metrics": res.final_metrics})
-    log.info("projector: saved the model to %s", final)
-    return final
+    return run_stage(cfg)
 
 
 __all__ = ["PROJECTOR_TYPES", "ProjectorBatch", "ProjectorConfig", "ProjectorModule",
-           "ProjectorSample", "build_projector_samples", "collate_projector",
-           "is_linear_projector", "run_projector", "setup_projector"]
+           "PatchAlignedLoss", "ProjectorRecipe", "ProjectorSample", "build_projector_samples",
+           "collate_projector", "is_linear_projector", "run_projector", "setup_projector"]

@@ -4,9 +4,8 @@ The papers start from a pretrained generative LVLM (Qwen2-VL, LLaVA). Offline th
 so the default pipeline first teaches the tiny random-initialised model to caption images and
 answer questions about them, exactly the objective such models are pretrained with. The
 result is saved as a normal checkpoint directory that every later stage loads like a real
-checkpoint.
-
-Caption data is read in the LLaVA pre-training formats by :mod:`fam.data.captions`.
+checkpoint. Caption data is read in the LLaVA pre-training formats by
+:mod:`fam.data.captions`.
 """
 from __future__ import annotations
 
@@ -18,12 +17,16 @@ from torch import nn
 
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
-from fam.config import Stage0Config, to_dict
+from fam.config import Stage0Config
 from fam.data.captions import CaptionSample, load_captions, load_qa
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
-from fam.train.trainer import Trainer
+from fam.train.runner import Recipe, StageParts, run_stage
+from fam.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
+
+__all__ = ["build_generative_batch", "GenerativeModule", "next_token_loss",
+           "generative_eval_loss", "Stage0Recipe", "run_stage0"]
 
 
 def build_generative_batch(adapter: BackboneAdapter, samples: list[CaptionSample],
@@ -44,15 +47,21 @@ def build_generative_batch(adapter: BackboneAdapter, samples: list[CaptionSample
 
 
 class GenerativeModule(nn.Module):
-    """Next-token loss of the full generative model on (prompt → target) samples."""
+    """The full generative model; ``forward`` → ``{"nll"}``, the batch's next-token loss."""
 
     def __init__(self, adapter: BackboneAdapter):
         super().__init__()
         self.adapter = adapter  # a module: registers the model's parameters
 
-    def forward(self, batch: tuple[EncodedBatch, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: tuple[EncodedBatch, torch.Tensor], step: int = 0,
+                ) -> dict[str, torch.Tensor]:
         enc, labels = batch
-        return {"loss": self.adapter.generative_loss(enc, labels)}
+        return {"nll": self.adapter.generative_loss(enc, labels)}
+
+
+def next_token_loss(nll: torch.Tensor, *, batch=None, step: int = 0) -> dict[str, torch.Tensor]:
+    """Stage 0's loss: the mean next-token NLL of the targets (nats/token)."""
+    return {"loss": nll}
 
 
 @torch.no_grad()
@@ -77,31 +86,36 @@ def generative_eval_loss(adapter: BackboneAdapter, samples: list[CaptionSample],
     return total / max(n, 1)
 
 
+class Stage0Recipe(Recipe):
+    """Every weight of the model trains on (image, prompt → caption / answer) samples."""
+
+    cfg: Stage0Config
+    name = "stage0"
+
+    def module(self) -> GenerativeModule:
+        adapter = load_backbone(self.cfg.model, max_text_tokens=self.cfg.max_text_tokens)
+        for p in adapter.model.parameters():
+            p.requires_grad_(True)
+        return GenerativeModule(adapter)
+
+    def build(self) -> StageParts:
+        cfg = self.cfg
+        module = self.module()
+        root = cfg.image_root or str(Path(cfg.captions).parent)
+        samples = load_captions(cfg.captions, root, cfg.prompt)
+        if cfg.qa:
+            samples += load_qa(cfg.qa, root)
+        log.info("stage 0: %d samples from %s", len(samples), cfg.captions)
+        adapter = module.adapter
+        return StageParts(module, next_token_loss, samples,
+                          lambda ex: build_generative_batch(adapter, ex),
+                          to_device=lambda b, d: (b[0].to(d), b[1].to(d)))
+
+    def export(self, module: GenerativeModule, final: Path, result: TrainResult) -> None:
+        module.adapter.model.eval()
+        module.adapter.save_pretrained(final)
+
+
 def run_stage0(cfg: Stage0Config) -> Path:
     """Train the generative model and save it to ``<out_dir>/model``; returns that path."""
-    out = Path(cfg.run.out_dir)
-    final = out / "model"
-    if (final / "config.json").exists() and cfg.run.resume:
-        log.info("stage 0: %s already holds a trained model; skipping", final)
-        return final
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
-    root = cfg.image_root or str(Path(cfg.captions).parent)
-    samples = load_captions(cfg.captions, root, cfg.prompt)
-    if cfg.qa:
-        samples += load_qa(cfg.qa, root)
-    log.info("stage 0: %d samples from %s", len(samples), cfg.captions)
-    for p in adapter.model.parameters():
-        p.requires_grad_(True)
-    module = GenerativeModule(adapter)
-    trainer = Trainer(module, samples, lambda ex: build_generative_batch(adapter, ex), cfg.optim,
-                      cfg.run, "stage0",
-                      to_device=lambda b, d: (b[0].to(d), b[1].to(d)),
-                      config_dump=to_dict(cfg))
-    trainer.train()
-    adapter.model.eval()
-    adapter.save_pretrained(final)
-    log.info("stage 0: saved the generative model to %s", final)
-    return final
+    return run_stage(cfg)
