@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterable
 
 from fam.errors import ConfigError
 
-__all__ = ["Validated", "fail", "integer", "number", "choice", "text", "pair_list"]
+__all__ = ["Validated", "fail", "integer", "integers", "number", "choice", "text", "pair_list"]
 
 
 def fail(key: str, value: Any, rule: str) -> None:
@@ -34,6 +34,12 @@ def integer(key: str, value: int, minimum: int | None = None) -> None:
         fail(key, value, "must be an integer")
     if minimum is not None and value < minimum:
         fail(key, value, f"must be >= {minimum}; set {key}=<an integer >= {minimum}>")
+
+
+def integers(cfg: object, prefix: str, **minimums: int) -> None:
+    """:func:`integer` for several fields: ``integers(self, prefix, steps=1, threads=0)``."""
+    for name, minimum in minimums.items():
+        integer(prefix + name, getattr(cfg, name), minimum)
 
 
 def number(key: str, value: float, low: float | None = None, high: float | None = None, *,

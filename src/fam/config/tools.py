@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fam.config.checks import Validated, choice, fail, integer, number, text
+from fam.config.checks import Validated, choice, fail, integers, number, text
 
 __all__ = ["ProbeConfig", "PlanConfig", "PLAN_PRECISIONS"]
 
@@ -36,11 +36,9 @@ class ProbeConfig(Validated):
             fail(prefix + "attention_prompt", self.attention_prompt,
                  "must contain {expression} (where the object's expression goes)")
         number(prefix + "margin", self.margin, 0.0)
-        integer(prefix + "min_margin_px", self.min_margin_px, 0)
         text(prefix + "split", self.split, "the Scenes split to probe (eval)")
-        for name in ("max_images", "attention_images", "top_layers", "batch_size"):
-            integer(prefix + name, getattr(self, name), 1)
-        integer(prefix + "seed", self.seed, 0)
+        integers(self, prefix, min_margin_px=0, max_images=1, attention_images=1, top_layers=1,
+                 batch_size=1, seed=0)
 
 
 @dataclass
@@ -61,16 +59,11 @@ class PlanConfig(Validated):
     attn: str = "sdpa"  # "sdpa" | "eager" (eager keeps the L×L attention probabilities)
 
     def check(self, prefix: str) -> None:
-        integer(prefix + "batch", self.batch, 1)
-        integer(prefix + "chunk", self.chunk, 0)
-        integer(prefix + "image_size", self.image_size, 1)
-        integer(prefix + "text_tokens", self.text_tokens, 1)
-        integer(prefix + "sequences", self.sequences, 1)
-        integer(prefix + "image_sides", self.image_sides, 0)
+        integers(self, prefix, batch=1, chunk=0, image_size=1, text_tokens=1, sequences=1,
+                 image_sides=0, lora_rank=0)
         if self.image_sides > self.sequences:
             fail(prefix + "image_sides", self.image_sides,
                  f"must be <= {prefix}sequences={self.sequences}")
-        integer(prefix + "lora_rank", self.lora_rank, 0)
         number(prefix + "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
         choice(prefix + "weight_precision", self.weight_precision, PLAN_PRECISIONS)
         choice(prefix + "precision", self.precision, PLAN_PRECISIONS)

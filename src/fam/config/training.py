@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fam.config.checks import Validated, choice, fail, integer, number, pair_list, text
+from fam.config.checks import Validated, choice, fail, integer, integers, number, pair_list, text
 
 __all__ = ["OptimConfig", "LoraConfig", "RunConfig", "SCHEDULES", "PRECISIONS", "STRATEGIES",
            "ATTN_IMPLEMENTATIONS"]
@@ -38,9 +38,7 @@ class OptimConfig(Validated):
         number(prefix + "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         choice(prefix + "schedule", self.schedule, SCHEDULES)
         number(prefix + "grad_clip", self.grad_clip, 0.0)
-        integer(prefix + "batch_size", self.batch_size, 1)
-        integer(prefix + "steps", self.steps, 1)
-        integer(prefix + "grad_accum", self.grad_accum, 1)
+        integers(self, prefix, batch_size=1, steps=1, grad_accum=1)
         if self.batch_size % self.grad_accum:
             fail(prefix + "grad_accum", self.grad_accum,
                  f"must divide {prefix}batch_size={self.batch_size} (micro-batches are equal)")
@@ -80,12 +78,8 @@ class RunConfig(Validated):
 
     def check(self, prefix: str) -> None:
         text(prefix + "out_dir", self.out_dir, "the run's output folder")
-        integer(prefix + "seed", self.seed, 0)
-        integer(prefix + "log_every", self.log_every, 1)
-        integer(prefix + "save_every", self.save_every, 0)
-        integer(prefix + "keep_checkpoints", self.keep_checkpoints, 1)
-        integer(prefix + "num_workers", self.num_workers, 0)
-        integer(prefix + "threads", self.threads, 0)
+        integers(self, prefix, seed=0, log_every=1, save_every=0, keep_checkpoints=1,
+                 num_workers=0, threads=0)
         if not _DEVICE.fullmatch(self.device):
             fail(prefix + "device", self.device,
                  "unknown device; use auto, cpu, mps, cuda or cuda:N")

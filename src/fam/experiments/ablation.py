@@ -45,10 +45,10 @@ from typing import Any, Sequence
 from fam.config import AdaptConfig, AlignConfig, DemoConfig
 from fam.errors import ConfigError
 from fam.experiments.ablation_report import GROUPS, write_report
-from fam.experiments.pipeline import base_model, num_layers, prepare_scenes, stage_run
+from fam.experiments.pipeline import (base_model, num_layers, prepare_scenes, stage_run,
+                                      start_experiment)
 from fam.experiments.presets import load_preset
 from fam.utils.io import atomic_write_json
-from fam.utils.threads import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,10 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
         raise ConfigError("give at least one seed (--seeds 0 1 2)")
     import torch
 
-    plan = dataclasses.replace(plan or plan_for_size(size), threads=threads)
-    plan.validate(require_inputs=False)
     before = torch.get_num_threads()
-    use_threads(threads)
     try:
-        return _run_ablation(Path(out), seeds, size, list(groups or GROUPS), progress, plan,
+        plan, out = start_experiment(plan or plan_for_size(size), out, threads=threads)
+        return _run_ablation(out, seeds, size, list(groups or GROUPS), progress, plan,
                              configs, report_only)
     finally:
         torch.set_num_threads(before)  # the stages change it too; leave the caller's setting
@@ -248,7 +246,6 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
 def _run_ablation(out: Path, seeds: Sequence[int], size: str, groups: list[str],
                   progress: bool, plan: DemoConfig, configs: Sequence[str] | None,
                   report_only: bool = False) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     # The benchmark is generated once, with seed 0, and shared by every seed: the seed
     # varies the model's initialisation, stage 0 and the training order.

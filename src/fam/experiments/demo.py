@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fam.config import DemoConfig, to_dict
-from fam.experiments.pipeline import prepare_scenes, prepare_tiny, stage0_config, stage_run
+from fam.experiments.pipeline import (Timings, prepare_scenes, prepare_tiny, stage0_config,
+                                      stage_run, start_experiment)
 from fam.experiments.presets import load_preset
 from fam.utils.io import atomic_write_json, atomic_write_text
-from fam.utils.threads import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -63,56 +62,42 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     from fam.train.runner import run_stage
     from fam.train.stage0 import generative_eval_loss
 
-    exp = plan or demo_config(quick)
-    if threads is not None:
-        exp = dataclasses.replace(exp, threads=threads)
-    exp.validate(require_inputs=False)
-    # Tiny models gain little from intra-op threads, and on a busy 2-core machine
-    # OpenMP spin-waiting makes 2 threads up to 10x slower than 1 (measured).
-    use_threads(exp.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t_start = time.time()
-
-    def timed(name: str, fn):
-        t = time.time()
-        result = fn()
-        timings[name] = time.time() - t
-        return result
-
-    data = timed("data", lambda: prepare_scenes(out / "data",
-                                                dataclasses.replace(exp.scenes, seed=seed)))
-    tiny = timed("model", lambda: prepare_tiny(out, data, exp, seed))
-    s0 = timed("stage0", lambda: run_stage(stage0_config(exp, data, tiny, out, seed, progress)))
+    exp, out = start_experiment(plan or demo_config(quick), out, threads=threads)
+    timed = Timings()
+    with timed("data"):
+        data = prepare_scenes(out / "data", dataclasses.replace(exp.scenes, seed=seed))
+    with timed("model"):
+        tiny = prepare_tiny(out, data, exp, seed)
+    with timed("stage0"):
+        s0 = run_stage(stage0_config(exp, data, tiny, out, seed, progress))
 
     def adapt(start: Path, name: str, **kw: Any) -> Path:
         return run_stage(dataclasses.replace(
             exp.adapt, model=str(start), train_dir=str(data / "train"), image_root=str(data),
             run=stage_run(exp.adapt.run, out / name, seed, exp, progress), **kw))
 
-    models = {"untrained": tiny, "stage0": s0,
-              "vlm2vec": timed("baseline", lambda: adapt(s0, "baseline"))}
+    with timed("baseline"):
+        models = {"untrained": tiny, "stage0": s0, "vlm2vec": adapt(s0, "baseline")}
     if exp.fam:
-        aligned = timed("fam_align", lambda: run_stage(dataclasses.replace(
-            exp.align, model=str(s0), captions=str(data / "captions.json"),
-            image_root=str(data),
-            run=stage_run(exp.align.run, out / "fam_align", seed, exp, progress))))
-        models["fam"] = timed("fam_adapt", lambda: adapt(aligned, "fam", vein=exp.vein))
+        with timed("fam_align"):
+            aligned = run_stage(dataclasses.replace(
+                exp.align, model=str(s0), captions=str(data / "captions.json"),
+                image_root=str(data),
+                run=stage_run(exp.align.run, out / "fam_align", seed, exp, progress)))
+        with timed("fam_adapt"):
+            models["fam"] = adapt(aligned, "fam", vein=exp.vein)
 
-    t = time.time()
     results: dict[str, Any] = {"models": {}, "paths": {k: str(v) for k, v in models.items()}}
     held_out = load_captions(data / "captions_eval.json", data)
     results["caption_nll"] = {}
-    for name, path in models.items():
-        adapter = load_backbone(path)
-        res = evaluate(EmbeddingModel(adapter), data / "eval", data, progress=progress)
-        results["models"][name] = res
-        if name in ("untrained", "stage0"):
-            results["caption_nll"][name] = generative_eval_loss(adapter, held_out)
-    timings["eval"] = time.time() - t
-    timings["total"] = time.time() - t_start
-    results["timings_s"] = timings
+    with timed("eval"):
+        for name, path in models.items():
+            adapter = load_backbone(path)
+            res = evaluate(EmbeddingModel(adapter), data / "eval", data, progress=progress)
+            results["models"][name] = res
+            if name in ("untrained", "stage0"):
+                results["caption_nll"][name] = generative_eval_loss(adapter, held_out)
+    results["timings_s"] = timed.finish()
     results["peak_rss_mb"] = _peak_rss_mb()
     results["config"] = to_dict(exp)
     results["seed"] = seed

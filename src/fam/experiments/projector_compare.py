@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,10 @@ import numpy as np
 import torch
 
 from fam.config import CompareConfig, to_dict
-from fam.experiments.pipeline import base_model, prepare_scenes, stage_run
+from fam.experiments.pipeline import (Timings, base_model, prepare_scenes, stage_run,
+                                      start_experiment)
 from fam.experiments.presets import load_preset
 from fam.utils.io import atomic_write_json, atomic_write_text
-from fam.utils.threads import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -156,58 +155,41 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
     from fam.train.runner import run_stage
     from fam.train.stage0 import generative_eval_loss
 
-    exp = plan or compare_config(quick)
-    if seeds:
-        exp = dataclasses.replace(exp, seeds=list(seeds))
-    if threads is not None:
-        exp = dataclasses.replace(exp, threads=threads)
-    exp.validate(require_inputs=False)
-    use_threads(exp.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.time()
+    exp, out = start_experiment(plan or compare_config(quick), out,
+                                seeds=list(seeds) if seeds else None, threads=threads)
+    timed = Timings()
+    with timed("data"):
+        data = prepare_scenes(out / "data", exp.scenes)
+    with timed("stage0"):  # tiny LLaVA + stage 0: one set of towers for every projector
+        _, s0 = base_model(out, data, exp, 0, progress)
 
-    # 1. data ------------------------------------------------------------------------
-    t = time.time()
-    data = prepare_scenes(out / "data", exp.scenes)
-    timings["data"] = time.time() - t
-
-    # 2. tiny LLaVA + stage 0 (one set of towers for every projector) -----------------
-    t = time.time()
-    _, s0 = base_model(out, data, exp, 0, progress)
-    timings["stage0"] = time.time() - t
-
-    # 3. two fresh projectors per seed, same budget --------------------------------------
-    t = time.time()
     arms = {"caption": 0.0, "patch": exp.projector.beta_max}
     models: dict[str, Path] = {}
-    for seed in exp.seeds:
-        for arm, beta in arms.items():
-            name = f"{arm}-s{seed}"
-            models[name] = run_stage(dataclasses.replace(
-                exp.projector, model=str(s0), captions=str(data / "captions.json"),
-                pad=str(data / "pad.jsonl"), image_root=str(data), beta_max=beta,
-                run=stage_run(exp.projector.run, out / name, seed, exp, progress)))
-    timings["projectors"] = time.time() - t
+    with timed("projectors"):  # two fresh projectors per seed, same budget
+        for seed in exp.seeds:
+            for arm, beta in arms.items():
+                name = f"{arm}-s{seed}"
+                models[name] = run_stage(dataclasses.replace(
+                    exp.projector, model=str(s0), captions=str(data / "captions.json"),
+                    pad=str(data / "pad.jsonl"), image_root=str(data), beta_max=beta,
+                    run=stage_run(exp.projector.run, out / name, seed, exp, progress)))
 
-    # 4. analysis on held-out images -----------------------------------------------------
-    t = time.time()
+    # analysis on held-out images
     held = load_captions(data / "captions_eval.json", data)
     # primary scenes only: counterfactual re-renders (<id>-swap etc.) would repeat them
     held = [s for s in held if "-" not in s.image.stem][:exp.heldout_captions]
     reports: dict[str, dict[str, Any]] = {}
     flat: dict[str, dict[str, float]] = {}
-    for name, path in {"stage0": s0, **models}.items():
-        adapter = load_backbone(path)
-        rep = analyze_alignment(adapter, data / "pad.jsonl", data, out / "analysis" / name,
-                                max_images=exp.analysis_images, k_max=exp.k_max,
-                                select="images/eval/", captions=data / "captions_eval.json",
-                                name=name, n_heatmaps=2)
-        nll = generative_eval_loss(adapter, held)
-        reports[name] = rep
-        flat[name] = _flat(rep, nll)
-    timings["analysis"] = time.time() - t
+    with timed("analysis"):
+        for name, path in {"stage0": s0, **models}.items():
+            adapter = load_backbone(path)
+            rep = analyze_alignment(adapter, data / "pad.jsonl", data, out / "analysis" / name,
+                                    max_images=exp.analysis_images, k_max=exp.k_max,
+                                    select="images/eval/", captions=data / "captions_eval.json",
+                                    name=name, n_heatmaps=2)
+            nll = generative_eval_loss(adapter, held)
+            reports[name] = rep
+            flat[name] = _flat(rep, nll)
 
     summary = {arm: {key: _stats([flat[f"{arm}-s{s}"][key] for s in exp.seeds])
                      for key, _, _ in METRICS} for arm in arms}
@@ -218,7 +200,7 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
     plot_explained_energy({n: reports[n]["matching_pursuit"]["explained_energy"]
                            for n in ("stage0", f"caption-s{s0name}", f"patch-s{s0name}")},
                           out / "explained_energy_compare.png")
-    timings["total"] = time.time() - t0
+    timings = timed.finish()
     rep0 = reports["stage0"]
     res = {"config": to_dict(exp), "per_seed": flat, "summary": summary,
            "stage0": flat["stage0"], "paths": {k: str(v) for k, v in models.items()},
