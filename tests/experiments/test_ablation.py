@@ -73,7 +73,8 @@ def test_stage_configs(tmp_path):
                         plan)
     assert acfg.weights == (1.0, 1.0, 0.0)
     assert acfg.model == str(tmp_path / "s0") and acfg.run.seed == 3
-    assert acfg.optim.steps == plan.align.optim.steps and acfg.optim.batch_size == plan.align.optim.batch_size
+    assert acfg.optim.steps == plan.align.optim.steps and \
+        acfg.optim.batch_size == plan.align.optim.batch_size
     assert acfg.captions == str(tmp_path / "data" / "captions.json")
 
     base = adapt_config(main["baseline"], "s0", tmp_path / "data", tmp_path / "b", 0, plan)

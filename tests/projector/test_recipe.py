@@ -62,7 +62,8 @@ def test_beta0_gives_exactly_caption_gradients_and_towers_get_none(scenes):
     adapter.model.zero_grad(set_to_none=True)
 
     for beta_max, step in ((0.0, 7), (5.0, 0)):  # baseline; and the ramp's first step (β=0)
-        module, loss = ProjectorModule(adapter), PatchAlignedLoss(total_steps=10, beta_max=beta_max)
+        module = ProjectorModule(adapter)
+        loss = PatchAlignedLoss(total_steps=10, beta_max=beta_max)
         terms = loss(**module(batch, step), batch=batch, step=step)
         assert float(terms["beta"]) == 0.0
         assert float(terms["patch"]) > 0  # computed for logging...

@@ -79,7 +79,7 @@ def test_adapt_with_vein_exports_a_clean_model(bench, tmp_path):
 
 
 def test_align_merges_lora_and_improves_the_mac_loss(bench, tmp_path):
-    from fam.train.align import AlignCollator, AlignConfig, MACModule, run_align
+    from fam.train.align import AlignCollator, AlignConfig, MACLoss, MACModule, run_align
     from fam.model import EmbeddingModel
     from fam.data.captions import load_captions
     data = bench / "data"
@@ -94,7 +94,8 @@ def test_align_merges_lora_and_improves_the_mac_loss(bench, tmp_path):
         a = load_backbone(model_dir)
         m = MACModule(EmbeddingModel(a)).eval()
         with torch.no_grad():
-            return m(AlignCollator(a, cfg.image_instruction, cfg.text_instruction)(samples))
+            return MACLoss()(**m(AlignCollator(a, cfg.image_instruction,
+                                               cfg.text_instruction)(samples)))
     before, after = mac(bench / "tiny"), mac(path)
     assert set(before) == {"loss", "coarse_loss", "c2f_loss", "fine_loss"}
     assert after["loss"] < before["loss"]
