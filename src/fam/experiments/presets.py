@@ -3,10 +3,13 @@
 A preset is named (``demo``, ``demo_quick``, ``ablation_small``, ``projector_compare``, …)
 or given as a path. ``extends: <preset>`` at the top of a preset starts from another one
 and overrides only the keys it gives. Named presets are read from the source tree's
-``configs/experiments`` (an editable install, as the README's); elsewhere pass the file.
+``configs/experiments`` (an editable install, as the README's) or, for a wheel install,
+from the copy pip puts in ``<prefix>/share/fam/configs/experiments`` (pyproject
+``data-files``).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -16,8 +19,11 @@ from fam.errors import ConfigError
 __all__ = ["PRESETS_DIR", "preset_path", "load_preset"]
 
 T = TypeVar("T")
-#: ``<repo>/configs/experiments`` (this file is ``<repo>/src/fam/experiments/presets.py``).
-PRESETS_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
+#: ``<repo>/configs/experiments`` (this file is ``<repo>/src/fam/experiments/presets.py``),
+#: else the installed copy.
+_SOURCE = Path(__file__).resolve().parents[3] / "configs" / "experiments"
+_INSTALLED = Path(sys.prefix) / "share" / "fam" / "configs" / "experiments"
+PRESETS_DIR = _SOURCE if _SOURCE.is_dir() or not _INSTALLED.is_dir() else _INSTALLED
 
 
 def preset_path(name_or_path: str | Path) -> Path:
