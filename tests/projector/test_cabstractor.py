@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fam.analysis.geometry import select_patches
+from fam.projector.geometry import select_patches
 from fam.projector.cabstractor import CAbstractor, LayerNorm2d, ResBlock2d, pool_coverage
 
 

@@ -18,7 +18,7 @@ it adds parameters without changing what is measured (locality and pooling).
 **Regions on the pooled grid.** The pooled token ``j`` is the mean of the ``k_h×k_w`` grid
 cells that adaptive average pooling assigns to it, so a region's coverage is pooled the
 same way (:func:`pool_coverage`: the identical ``adaptive_avg_pool2d`` on the coverage
-map) and ``S_k`` is then thresholded on the pooled grid (θ, arg-max fallback, SPEC §4).
+map) and ``S_k`` is then thresholded on the pooled grid (θ, arg-max fallback, method.md §4).
 When ``G`` is a multiple of ``g`` each pooled cell is exactly a ``G/g × G/g`` block.
 
 Example:
@@ -138,7 +138,7 @@ def pool_coverage(coverage: np.ndarray | torch.Tensor, grid: Sequence[int],
 
     Returns:
         ``(K, g_h·g_w)`` float32 pooled coverage (raster); threshold it with
-        :func:`fam.analysis.geometry.select_patches` to get ``S_k`` on the pooled grid.
+        :func:`fam.projector.geometry.select_patches` to get ``S_k`` on the pooled grid.
     """
     c = torch.as_tensor(np.asarray(coverage, dtype=np.float32))
     gh, gw = (int(v) for v in grid)
