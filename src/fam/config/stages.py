@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fam.config.checks import Validated, choice, fail, integer, number
+from fam.config.checks import Validated, choice, fail, integer, integers, number
 from fam.config.training import LoraConfig, OptimConfig, RunConfig
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
-           "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS"]
+           "TowerConfig", "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES"]
 
 PROJECTOR_TYPES = ("mlp", "linear")
 #: Region poolings of the patch-alignment loss (fam.losses.patch.POOLINGS; a test keeps
 #: the two equal).
 PATCH_POOLINGS = ("mean", "coverage", "token")
 C2F_REDUCTIONS = ("mean", "sum")
+#: Image-text losses of the tower stage (fam.losses.tower).
+TOWER_LOSSES = ("clip", "siglip")
 
 _MODEL = "a checkpoint directory or hub id"
 _CAPTIONS = "an LLaVA caption JSON ([{image, caption | blip_caption}])"
@@ -181,3 +183,37 @@ class ProjectorConfig(Validated):
             raise ConfigError(f"{prefix}pad is empty: beta_max > 0 needs PAD region masks "
                               f"({prefix}pad=pad.jsonl), or set {prefix}beta_max=0 for the "
                               "caption-only baseline", key=prefix + "pad")
+
+
+@dataclass
+class TowerConfig(Validated):
+    """Contrastive pretraining of a LLaVA checkpoint's CLIP vision tower (``fam train tower``).
+
+    The tower trains with a tiny CLIP text encoder on image-caption pairs, CLIP's or
+    SigLIP's loss; the exported checkpoint is the input LLaVA with the trained tower (its
+    LLM and projector untouched), which later stages keep frozen, as LLaVA keeps CLIP.
+    """
+
+    INPUTS = {"model": "a LLaVA-style checkpoint directory (CLIP vision tower)",
+              "captions": _CAPTIONS}
+
+    model: str = ""  # LLaVA-style checkpoint whose vision tower is pretrained
+    captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
+    image_root: str = ""  # root of the image paths (default: the caption file's folder)
+    loss: str = "clip"  # "clip" (symmetric InfoNCE) | "siglip" (pairwise sigmoid)
+    text_hidden: int = 64  # width of the tiny CLIP text encoder
+    text_layers: int = 2  # its depth
+    projection_dim: int = 64  # joint image-text embedding width
+    max_text_tokens: int = 64  # caption tokens (EOS included)
+    # a gentle lr: at 2e-3 the patch features collapsed (docs/projector_study.md)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=5e-4, batch_size=64, steps=600, warmup_ratio=0.05, weight_decay=0.1))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self, prefix: str) -> None:
+        choice(prefix + "loss", self.loss, TOWER_LOSSES)
+        integers(self, prefix, text_hidden=1, text_layers=1, projection_dim=1,
+                 max_text_tokens=2)
+        if self.optim.batch_size < 2:
+            fail(prefix + "optim.batch_size", self.optim.batch_size,
+                 "a contrastive loss needs at least 2 pairs per batch")

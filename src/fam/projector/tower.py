@@ -16,6 +16,10 @@ LLaVA's vision tower: :func:`export_vision_tower` copies the trained
 weights back into the LLaVA checkpoint key for key, and the checkpoint's vision tower is
 then frozen by every later stage.
 
+The stage ``fam train tower`` (:class:`TowerRecipe`, config
+:class:`fam.config.TowerConfig`) trains it on a LLaVA caption file and exports the input
+checkpoint with the trained tower.
+
 Example:
     >>> tower = TowerModel.from_llava(adapter, text_hidden=64)          # doctest: +SKIP
     >>> out = tower(pixel_values, input_ids, attention_mask)            # doctest: +SKIP
@@ -24,19 +28,29 @@ Example:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fam.backbones import load_backbone
+from fam.config import TowerConfig
+from fam.config.stages import TOWER_LOSSES
+from fam.data.captions import CaptionSample, load_captions
+from fam.data.images import load_image
+from fam.errors import ConfigError
 from fam.losses.tower import (CLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE,
                               tower_loss)
+from fam.train.runner import Recipe, StageParts, run_stage
+from fam.train.trainer import TrainResult
+from fam.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TOWER_LOSSES", "TowerModel", "export_vision_tower", "llava_vision_tower"]
-
-TOWER_LOSSES = ("clip", "siglip")
+__all__ = ["TOWER_LOSSES", "TowerBatch", "TowerModel", "TowerModule", "TowerRecipe",
+           "export_vision_tower", "llava_vision_tower", "run_tower", "tower_objective"]
 
 
 def llava_vision_tower(hf_model: nn.Module) -> nn.Module:
@@ -55,8 +69,8 @@ def llava_vision_tower(hf_model: nn.Module) -> nn.Module:
         tower = getattr(tower, "vision_model", tower)
         if hasattr(tower, "embeddings") and hasattr(tower, "encoder"):
             return tower
-    raise ValueError(f"{type(m).__name__} has no CLIP vision_tower: the tower stage needs a "
-                     "LLaVA-style checkpoint with a CLIP vision tower")
+    raise ConfigError(f"{type(m).__name__} has no CLIP vision_tower: the tower stage needs a "
+                      "LLaVA-style checkpoint with a CLIP vision tower")
 
 
 class TowerModel(nn.Module):
@@ -77,7 +91,7 @@ class TowerModel(nn.Module):
                  loss: str = "clip", max_text_tokens: int = 64):
         super().__init__()
         from transformers import CLIPConfig, CLIPModel
-        if loss not in TOWER_LOSSES:
+        if loss not in TOWER_LOSSES:  # also checked by TowerConfig; direct callers too
             raise ValueError(f"tower loss {loss!r}: expected one of {TOWER_LOSSES}")
         text = dict(vocab_size=vocab_size, hidden_size=text_hidden,
                     intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
@@ -99,11 +113,11 @@ class TowerModel(nn.Module):
     @classmethod
     def from_llava(cls, adapter: Any, **kwargs: Any) -> "TowerModel":
         """A tower model whose vision side starts from ``adapter``'s vision tower weights."""
+        src_tower = llava_vision_tower(adapter.hf_model)  # a clear error on other families
         tok = adapter.tokenizer
         model = cls(adapter.config.vision_config, len(tok), int(tok.eos_token_id),
                     int(tok.pad_token_id), **kwargs)
-        src = llava_vision_tower(adapter.hf_model).state_dict()
-        model.clip.vision_model.load_state_dict(src)
+        model.clip.vision_model.load_state_dict(src_tower.state_dict())
         return model
 
     def encode_text(self, texts: list[str], tokenizer: Any) -> dict[str, torch.Tensor]:
@@ -146,3 +160,101 @@ def export_vision_tower(tower: TowerModel, adapter: Any) -> None:
         raise ValueError(f"vision tower keys differ: missing {missing}, unexpected {unexpected}")
     log.info("tower: copied %d vision tensors into the LLaVA checkpoint",
              len(tower.clip.vision_model.state_dict()))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class TowerBatch:
+    """A collated batch: ``pixel_values`` (B, 3, H, W), ``input_ids`` / ``attention_mask``
+    (B, L) of the captions (EOS-terminated)."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "TowerBatch":
+        return TowerBatch(self.pixel_values.to(device), self.input_ids.to(device),
+                          self.attention_mask.to(device))
+
+
+class TowerModule(nn.Module):
+    """The stage's module: the LLaVA adapter (frozen; kept for the export) and the
+    :class:`TowerModel` (trainable). ``forward`` → ``{"image", "text", "log_scale"[,
+    "bias"]}``: the two embeddings and the learnable temperature (and SigLIP bias)."""
+
+    def __init__(self, adapter: Any, tower: TowerModel):
+        super().__init__()
+        self.adapter = adapter
+        self.tower = tower
+
+    def forward(self, batch: TowerBatch, step: int = 0) -> dict[str, torch.Tensor]:
+        img, txt = self.tower.embed(batch.pixel_values, batch.input_ids, batch.attention_mask)
+        out = {"image": img, "text": txt, "log_scale": self.tower.clip.logit_scale}
+        if self.tower.logit_bias is not None:
+            out["bias"] = self.tower.logit_bias
+        return out
+
+
+def tower_objective(kind: str):
+    """The stage's loss over :class:`TowerModule`'s outputs (taken by keyword)."""
+
+    def loss(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor,
+             bias: torch.Tensor | None = None, *, batch: Any = None, step: int = 0,
+             ) -> dict[str, torch.Tensor]:
+        return tower_loss(kind, image, text, log_scale, bias)
+    return loss
+
+
+class TowerRecipe(Recipe):
+    """``fam train tower``: the LLaVA's vision tower and a tiny text encoder train on
+    image-caption pairs; the export is the input checkpoint with the trained tower."""
+
+    cfg: TowerConfig
+    name = "tower"
+
+    def module(self) -> TowerModule:
+        cfg = self.cfg
+        adapter = load_backbone(cfg.model)
+        for p in adapter.model.parameters():
+            p.requires_grad_(False)
+        tower = TowerModel.from_llava(adapter, text_hidden=cfg.text_hidden,
+                                      text_layers=cfg.text_layers,
+                                      projection_dim=cfg.projection_dim, loss=cfg.loss,
+                                      max_text_tokens=cfg.max_text_tokens)
+        n = sum(p.numel() for p in tower.parameters())
+        log.info("tower: %s loss, %d trainable parameters (vision tower + text encoder)",
+                 cfg.loss, n)
+        return TowerModule(adapter, tower)
+
+    def build(self) -> StageParts:
+        cfg = self.cfg
+        module = self.module()
+        root = cfg.image_root or str(Path(cfg.captions).parent)
+        samples = load_captions(cfg.captions, root)
+        adapter, tower = module.adapter, module.tower
+
+        def collate(rows: list[CaptionSample]) -> TowerBatch:
+            images = [load_image(s.image, source=s.source, line=s.line, field=s.field)
+                      for s in rows]
+            pix, _ = adapter.process_images(images)
+            txt = tower.encode_text([s.target for s in rows], adapter.tokenizer)
+            return TowerBatch(pix["pixel_values"], txt["input_ids"], txt["attention_mask"])
+
+        log.info("tower: %d image-caption pairs from %s", len(samples), cfg.captions)
+        return StageParts(module, tower_objective(cfg.loss), samples, collate,
+                          to_device=lambda b, d: b.to(d))
+
+    def export(self, module: TowerModule, final: Path, result: TrainResult) -> None:
+        export_vision_tower(module.tower, module.adapter)
+        module.adapter.model.eval()
+        module.adapter.save_pretrained(final)
+        atomic_write_json(Path(final).parent / "tower.json", {
+            "loss": self.cfg.loss, "steps": result.steps,
+            "final_metrics": result.final_metrics})
+
+
+def run_tower(cfg: TowerConfig) -> Path:
+    """Pretrain the tower; returns ``<run.out_dir>/model`` (the LLaVA with the new tower)."""
+    return run_stage(cfg)
