@@ -13,7 +13,7 @@ from fam.config.training import LoraConfig, OptimConfig, RunConfig
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
-           "TowerConfig", "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES"]
+           "TowerConfig", "SftConfig", "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES"]
 
 PROJECTOR_TYPES = ("mlp", "linear")
 #: Region poolings of the patch-alignment loss (fam.losses.patch.POOLINGS; a test keeps
@@ -217,3 +217,30 @@ class TowerConfig(Validated):
         if self.optim.batch_size < 2:
             fail(prefix + "optim.batch_size", self.optim.batch_size,
                  "a contrastive loss needs at least 2 pairs per batch")
+
+
+@dataclass
+class SftConfig(Validated):
+    """LLaVA-style stage 2 (``fam train sft``): the projector and a LoRA on the language
+    model train on instruction data (image, question → answer); the vision tower stays
+    frozen. The same settings for every projector make their downstream scores comparable.
+    """
+
+    INPUTS = {"model": "a LLaVA-style checkpoint directory (e.g. a projector stage's model)",
+              "data": "an instruction JSON ([{image, question, answer}], e.g. sft_train.json)"}
+
+    model: str = ""  # generative LVLM to fine-tune (its projector and LLM)
+    data: str = ""  # JSON list of {image, question, answer} (fam.data.instructions writes it)
+    image_root: str = ""  # root of the image paths (default: the data file's folder)
+    train_projector: bool = True  # LLaVA stage 2 trains the projector too
+    max_text_tokens: int = 64  # text tokens per sample (the image block is never cut)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self, prefix: str) -> None:
+        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        if not self.lora.enabled and not self.train_projector:
+            fail(prefix + "lora.enabled", self.lora.enabled,
+                 "nothing would train: enable the LoRA or set train_projector=true")
