@@ -24,11 +24,26 @@ the order their blocks appear, which is the order every family scatters features
 Families differ only in the image block (e.g. Qwen2-VL: ``<|vision_start|>`` + N×``<|image_pad|>``
 + ``<|vision_end|>``; LLaVA: N×``<image>``), in how images become pixel tensors and in extra model
 inputs; subclasses implement exactly those hooks.
+
+Prompt formats (``prompt_format``, see :mod:`fam.backbones.options` and ``docs/vlm2vec.md``):
+
+- ``"fam"`` (default): the layout above, EOS appended and pooled, the family's own positions
+  (Qwen2-VL: multimodal RoPE from ``mm_token_type_ids``).
+- ``"vlm2vec"``: what VLM2Vec's v1 code feeds the same weights: each ``<|image_k|>`` becomes the
+  family's bare image token (Qwen2-VL ``<|image_pad|>``, LLaVA-NeXT ``<image>``) expanded to the
+  image's token count, the whole string goes through the tokenizer once (with the special
+  tokens it adds itself, e.g. Llama's ``<s>``), **no EOS** is appended, the last real token is
+  pooled, every real token gets the sequential position ``0..n-1`` (``position_ids``), no text
+  is cut unless ``max_text_tokens`` says so, and transparency is dropped as transformers 4.46
+  did. Phi-3.5-V keeps its processor's chunked layout, without EOS.
+
+Every image passes :meth:`BackboneAdapter.prepare_image` first (optional pre-resize, then RGB).
 """
 from __future__ import annotations
 
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -36,9 +51,12 @@ from typing import Any, ClassVar, Sequence
 import torch
 from PIL import Image
 
-from fam.data.images import load_image
+from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
+                                   check_max_text_tokens, check_prompt_format,
+                                   parse_image_resolution, pre_resize)
+from fam.data.images import load_image, to_rgb
 from fam.data.types import MMItem
-from fam.errors import ConfigError
+from fam.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +120,46 @@ class BackboneAdapter:
         tokenizer: a fast tokenizer (offsets are needed for the content mask).
         image_processor: the family's image processor (``*ImageProcessorPil`` classes work
             without torchvision).
-        max_text_tokens: cap on text tokens per item (the image block is never cut).
+        max_text_tokens: cap on text tokens per item (image tokens are never cut); ``None`` =
+            no limit; ``"auto"`` = 128 for the ``"fam"`` format, no limit for ``"vlm2vec"``.
+            Every cut is counted (``truncated_items``) and logged.
         padding_side: ``"right"`` or ``"left"``; masks are exact either way.
+        prompt_format: ``"fam"`` or ``"vlm2vec"`` (module docstring).
+        image_resolution: pre-resize of every image (:func:`fam.backbones.options.parse_image_resolution`).
     """
 
     family: ClassVar[str] = ""
     #: transformers ``model_type`` values this adapter serves.
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: The bare image token VLM2Vec writes for this family (``None``: no VLM2Vec counterpart).
+    vlm2vec_image_token: ClassVar[str | None] = None
+    #: Whether the processor has a min/max pixel budget (Qwen2-VL family).
+    has_pixel_budget: ClassVar[bool] = False
+    #: Family-specific keyword options of ``from_pretrained`` (beside the common ones).
+    extra_load_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, *,
-                 max_text_tokens: int = 128, padding_side: str = "right"):
+                 max_text_tokens: int | None | str = "auto", padding_side: str = "right",
+                 prompt_format: str = "fam", image_resolution: Any = None):
         if padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("the adapter needs a fast tokenizer (offset mapping) for the "
                               "text-content mask; load it with use_fast=True")
+        self.prompt_format = check_prompt_format(prompt_format)
+        if self.prompt_format == "vlm2vec" and not self.supports_vlm2vec():
+            raise ConfigError(
+                f"prompt_format='vlm2vec': VLM2Vec has no {self.family} backbone (its v1 code "
+                "supports qwen2_vl, qwen2_5_vl, llava_next and phi3_v); use prompt_format='fam'")
+        self.image_resolution = parse_image_resolution(image_resolution)
+        if isinstance(max_text_tokens, str) and max_text_tokens.strip().lower() == "auto":
+            max_text_tokens = DEFAULT_MAX_TEXT_TOKENS[self.prompt_format]
+        self.max_text_tokens = check_max_text_tokens(max_text_tokens)
+        #: Items whose text ``max_text_tokens`` cut so far (each cut is logged).
+        self.truncated_items = 0
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.max_text_tokens = max_text_tokens
         self.padding_side = padding_side
         self.image_token_id: int = self._resolve_image_token_id()
         self.pad_token_id: int = self._resolve_pad_id()
@@ -196,9 +235,34 @@ class BackboneAdapter:
         """Pixel inputs for the model and the number of image tokens each image yields."""
         raise NotImplementedError
 
-    def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra model inputs the family needs beside ids, mask and pixels."""
+    def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                     attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra model inputs the family needs beside ids, mask and pixels.
+
+        The ``"vlm2vec"`` format passes explicit ``position_ids`` (B, L): ``0..n-1`` over each
+        row's real tokens, 1 on padding (VLM2Vec's Qwen2-VL ``get_rope_index`` fills padding
+        with ones; padding never influences real tokens).
+        """
+        if self.prompt_format == "vlm2vec":
+            return {"position_ids": sequential_positions(attention_mask)}
         return {}
+
+    @classmethod
+    def supports_vlm2vec(cls) -> bool:
+        """Whether VLM2Vec has a counterpart of this family (``prompt_format="vlm2vec"``)."""
+        return cls.vlm2vec_image_token is not None
+
+    @property
+    def pixel_budget(self) -> tuple[int | None, int | None]:
+        """The processor's (min_pixels, max_pixels) in effect; ``(None, None)`` without one."""
+        return None, None
+
+    @property
+    def settings(self) -> BackboneSettings:
+        """The input settings in effect (what ``fam_backbone.json`` records)."""
+        lo, hi = self.pixel_budget
+        return BackboneSettings(self.prompt_format, self.image_resolution, self.max_text_tokens,
+                                lo, hi)
 
     def bos_ids(self) -> list[int]:
         """Tokens prepended to every sequence (e.g. Llama's ``<s>``)."""
@@ -227,18 +291,29 @@ class BackboneAdapter:
     # ------------------------------------------------------------------ loading/saving
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
-                        attn_implementation: str | None = None, max_text_tokens: int = 128,
-                        padding_side: str = "right", **kwargs: Any) -> "BackboneAdapter":
-        """Load a checkpoint (hub id or local ``save_pretrained`` directory)."""
+                        attn_implementation: str | None = None,
+                        max_text_tokens: int | None | str = "auto", padding_side: str = "right",
+                        prompt_format: str = "fam", image_resolution: Any = None,
+                        **kwargs: Any) -> "BackboneAdapter":
+        """Load a checkpoint (hub id or local ``save_pretrained`` directory).
+
+        ``kwargs`` are the family's own loading options (:attr:`extra_load_options`); prefer
+        :func:`fam.backbones.load_backbone`, which validates every option and applies the
+        settings a saved model records.
+        """
         model, tok, proc = cls.load_components(path, dtype=dtype,
                                                attn_implementation=attn_implementation, **kwargs)
-        return cls(model, tok, proc, max_text_tokens=max_text_tokens, padding_side=padding_side)
+        return cls(model, tok, proc, max_text_tokens=max_text_tokens, padding_side=padding_side,
+                   prompt_format=prompt_format, image_resolution=image_resolution)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Save model, tokenizer and image processor as a normal checkpoint directory.
 
-        Written into a temporary sibling directory first and renamed into place, so a crash
-        never leaves a half-written checkpoint under ``out_dir``.
+        The input settings (prompt format, pre-resize, pixel budget, text cap) go to
+        ``fam_backbone.json`` beside them, so the model is later loaded, evaluated and
+        exported with the inputs it was trained on. Written into a temporary sibling directory
+        first and renamed into place, so a crash never leaves a half-written checkpoint under
+        ``out_dir``.
         """
         from fam.utils.checkpoint import atomic_dir
 
@@ -251,6 +326,7 @@ class BackboneAdapter:
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             self.image_processor.save_pretrained(tmp)
+            self.settings.save(tmp, self.family)
         return Path(out_dir)
 
     def _resolve_image_token_id(self) -> int:
@@ -328,8 +404,19 @@ class BackboneAdapter:
         text, _ = self._place_images(item, n_images)
         return [int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)]
 
+    def _note_truncation(self, item: MMItem, n_text: int, kept: int) -> None:
+        """Count (and log, with a back-off) an item whose text ``max_text_tokens`` cut."""
+        self.truncated_items += 1
+        n = self.truncated_items
+        if n == 1 or n in (10, 100, 1000) or n % 10000 == 0:
+            where = (f"{item.source}, line {item.line}" if item.source and item.line
+                     else repr(item.text[:60] + ("..." if len(item.text) > 60 else "")))
+            log.warning("max_text_tokens=%d cut a text of %d tokens to %d (%s); %d item(s) cut so "
+                        "far. Set max_text_tokens to none for no limit.", self.max_text_tokens,
+                        n_text, kept, where, n)
+
     def _build_sequence(self, item: MMItem, n_image_tokens: int | Sequence[int] | None) -> _Seq:
-        """Token ids and masks of one item.
+        """Token ids and masks of one item in the adapter's prompt format.
 
         ``n_image_tokens`` is the token count of the item's image, or a list of counts when the
         item carries several images (``<|image_1|>``, ``<|image_2|>``, ... in the text), or
@@ -341,6 +428,12 @@ class BackboneAdapter:
             counts = list(n_image_tokens)
         else:
             counts = [n_image_tokens]
+        if self.prompt_format == "vlm2vec":
+            return self._build_vlm2vec_sequence(item, counts)
+        return self._build_fam_sequence(item, counts, append_eos=True)
+
+    def _build_fam_sequence(self, item: MMItem, counts: list[int], append_eos: bool) -> _Seq:
+        """fam's layout: ``[bos] text image-block text ... [eos]``, segments tokenised apart."""
         text, content = self._place_images(item, len(counts))
         # Segments of text between image blocks, with their character offsets in ``text``.
         segments: list[tuple[str, int]] = []
@@ -351,13 +444,18 @@ class BackboneAdapter:
             blocks.append(int(m.group(1)))
             pos = m.end()
         segments.append((text[pos:], pos))
-        budget = self.max_text_tokens
+        cap = self.max_text_tokens
+        budget = cap if cap is not None else sys.maxsize
         toks: list[tuple[list[int], list[bool]]] = []
+        n_text = 0
         for seg, off in segments:
             ids_, txt_ = self._tokenize_segment(seg, off, content)
             # Cut the end of the text (image blocks and the EOS token are never cut).
             toks.append((ids_[:budget], txt_[:budget]))
             budget = max(0, budget - len(ids_))
+            n_text += len(ids_)
+        if cap is not None and n_text > cap:
+            self._note_truncation(item, n_text, cap)
         bos = self.bos_ids()
         ids = list(bos)
         img = [False] * len(ids)
@@ -372,15 +470,96 @@ class BackboneAdapter:
                 ids += blk_ids
                 img += blk_img
                 txt += [False] * len(blk_ids)
-        ids += [self.eos_token_id]
-        img += [False]
-        txt += [False]
+        if append_eos:
+            ids += [self.eos_token_id]
+            img += [False]
+            txt += [False]
         return _Seq(ids, img, txt, sum(int(c) for c in counts))
 
+    def _build_vlm2vec_sequence(self, item: MMItem, counts: list[int]) -> _Seq:
+        """VLM2Vec's layout (``docs/vlm2vec.md``): one tokenizer call on the expanded string.
+
+        Each ``<|image_k|>`` becomes ``counts[k-1]`` copies of the family's bare image token
+        (VLM2Vec's processor expands the one token it writes in place of ``<|image_1|>``), the
+        string is tokenised once with the special tokens the tokenizer adds itself, and
+        nothing is appended. ``max_text_tokens`` (when set) keeps the first text tokens and
+        every image and added special token.
+        """
+        token = self.vlm2vec_image_token
+        assert token is not None
+        text, content = self._place_images(item, len(counts))
+        # Expanded string, and where each text piece of ``text`` moved to (for ``content``).
+        parts: list[str] = []
+        moved: list[tuple[int, int, int]] = []  # (start in text, end in text, start in expanded)
+        pos = new = 0
+        for m in _PLACEHOLDER_RE.finditer(text):
+            moved.append((pos, m.start(), new))
+            parts.append(text[pos:m.start()])
+            new += m.start() - pos
+            block = token * int(counts[int(m.group(1)) - 1])
+            parts.append(block)
+            new += len(block)
+            pos = m.end()
+        moved.append((pos, len(text), new))
+        parts.append(text[pos:])
+        expanded = "".join(parts)
+
+        def to_new(p: int) -> int:
+            for a, b, n in moved:
+                if p <= b:
+                    return n + max(0, p - a)
+            return len(expanded)
+
+        span = (to_new(content[0]), to_new(content[1])) if content is not None else None
+        enc = self.tokenizer(expanded, add_special_tokens=True, return_offsets_mapping=True)
+        ids, img, txt = [], [], []
+        n_text = 0
+        cap = self.max_text_tokens
+        for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
+            tid = int(tid)
+            is_img = tid == self.image_token_id
+            is_text = not is_img and e > s  # added specials (e.g. <s>) cover no characters
+            if is_text:
+                n_text += 1
+                if cap is not None and n_text > cap:
+                    continue
+            ids.append(tid)
+            img.append(is_img)
+            inside = span is None or (s < span[1] and e > span[0])
+            txt.append(is_text and inside and tid not in self._special_ids)
+        if cap is not None and n_text > cap:
+            self._note_truncation(item, n_text, cap)
+        n_img = sum(int(c) for c in counts)
+        if sum(img) != n_img:
+            where = f" ({item.source}, line {item.line})" if item.source else ""
+            raise DataError(
+                f"the vlm2vec layout of this item{where} has {sum(img)} {token} tokens for "
+                f"{n_img} image tokens: the text itself contains {token}, or the tokenizer does "
+                f"not keep {token} as one special token (use the checkpoint's tokenizer)")
+        if not ids:
+            raise DataError(f"item{' at ' + str(item.source) if item.source else ''} encodes to "
+                            "no tokens (empty text and no image)", item.source, item.line,
+                            item.field)
+        return _Seq(ids, img, txt, n_img)
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """What every image goes through before the processor: pre-resize, then RGB.
+
+        The pre-resize (``image_resolution``) happens in the image's own mode, as VLM2Vec
+        resizes the opened file before its processor converts it. RGB conversion follows the
+        processor of each format: ``"fam"`` composites transparency onto white (transformers 5
+        image processors, which fam runs), ``"vlm2vec"`` drops the alpha channel (transformers
+        4.46, which VLM2Vec pins, used ``Image.convert("RGB")``).
+        """
+        image = pre_resize(image, self.image_resolution)
+        return to_rgb(image, "drop" if self.prompt_format == "vlm2vec" else "composite")
+
     def load_item_image(self, item: MMItem) -> Image.Image | None:
+        """The item's image as stored on disk (its own mode; :meth:`prepare_image` converts)."""
         if item.image is None:
             return None
-        return load_image(item.image, source=item.source, line=item.line, field=item.field)
+        return load_image(item.image, source=item.source, line=item.line, field=item.field,
+                          rgb=False)
 
     def encode(self, items: Sequence[MMItem],
                images: Sequence[Image.Image | Sequence[Image.Image] | None] | None = None,
@@ -407,7 +586,8 @@ class BackboneAdapter:
         # scatter features into image positions in that order), e.g. "<|image_2|> ... <|image_1|>".
         orders = [self.image_order(it, len(ims)) if len(ims) > 1 else list(range(1, len(ims) + 1))
                   for it, ims in zip(items, per_item)]
-        present = [ims[k - 1] for ims, order in zip(per_item, orders) for k in order]
+        present = [self.prepare_image(ims[k - 1]) for ims, order in zip(per_item, orders)
+                   for k in order]
         pix: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if present:
@@ -436,7 +616,7 @@ class BackboneAdapter:
             txt_mask[b, sl] = torch.tensor(s.text)
             eos[b] = start + n - 1
         inputs = {"input_ids": input_ids, "attention_mask": attn, **pix}
-        inputs.update(self.extra_inputs(input_ids, img_mask))
+        inputs.update(self.extra_inputs(input_ids, img_mask, attn))
         has_image = torch.tensor([len(ims) > 0 for ims in per_item], dtype=torch.bool)
         return EncodedBatch(inputs, img_mask, txt_mask, eos, has_image)
 
@@ -463,3 +643,12 @@ class BackboneAdapter:
         """
         out = self.model(**batch.inputs, labels=labels, use_cache=False, return_dict=True)
         return out.loss
+
+
+def sequential_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions ``0..n-1`` over each row's real tokens and 1 on padding.
+
+    What VLM2Vec's forward gives every token (image tokens included) under either padding side.
+    """
+    attn = attention_mask.long()
+    return (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
