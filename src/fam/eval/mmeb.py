@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 
 from fam.data.mmeb import (EvalRow, dataset_info, discover_datasets, load_dataset_infos,
                            read_eval_rows, validate_images)
+from fam.data.mmeb.datasets import MMEB_EVAL_EXTRAS
+from fam.data.mmeb.layout import guess_image_root
 from fam.data.types import MMItem
 from fam.errors import DataError
 from fam.eval.metrics import Ties, aggregate, check_ties, precision_at_1
@@ -215,8 +217,11 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         data_dir: MMEB-eval folder (``<Dataset>.jsonl|parquet`` files or one folder per
             dataset), a single data file, or a benchmark root holding ``eval/``.
         image_root: folder image paths are relative to (default: ``data_dir``, or the
-            folder of a data file).
-        datasets: names to evaluate (default: all found).
+            folder of a data file, unless the rows' images are found under its
+            ``eval_images/`` or ``images/``: :func:`fam.data.mmeb.layout.guess_image_root`).
+        datasets: names to evaluate (default: all found, except the sets MMEB-eval's
+            repository holds beside the benchmark, e.g. CIFAR-100, skipped with a warning
+            unless ``datasets.json`` declares them).
         batch_size: items per ``encoder.encode`` call.
         max_rows: evaluate only the first ``max_rows`` rows of each dataset (quick runs).
         progress: show progress bars.
@@ -233,16 +238,27 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
     """
     check_ties(ties)
     data_dir = Path(data_dir)
-    if image_root is None:
-        image_root = data_dir if data_dir.is_dir() else data_dir.parent
     found = discover_datasets(data_dir, "eval", split)
-    names = list(found) if datasets is None else list(datasets)
+    infos = load_dataset_infos(data_dir)
+    if datasets is None:
+        # MMEB-eval as published also holds sets outside the benchmark (e.g. CIFAR-100):
+        # evaluated only when named, or declared in datasets.json.
+        extras = [n for n in found if n in MMEB_EVAL_EXTRAS and n not in infos]
+        if extras:
+            logger.warning("skipping %s: in MMEB-eval's repository but not one of the 36 MMEB "
+                           "datasets (name them with datasets= after declaring them in "
+                           "datasets.json)", ", ".join(extras))
+        names = [n for n in found if n not in extras]
+    else:
+        names = list(datasets)
     if not names:
         raise ValueError("no dataset selected (datasets=[])")
     missing = [n for n in names if n not in found]
     if missing:
         raise DataError(f"dataset(s) {missing} not found; available: {sorted(found)}", data_dir)
-    infos = load_dataset_infos(data_dir)
+    if image_root is None:
+        image_root = guess_image_root(data_dir, found[names[0]], ("qry_img_path", "tgt_img_path"),
+                                      data_dir if data_dir.is_dir() else data_dir.parent)
     meta = {n: dataset_info(n, data_dir, infos=infos) for n in names}
 
     per_dataset: dict[str, dict[str, Any]] = {}
