@@ -41,7 +41,8 @@ class SftRecipe(Recipe):
 
     def module(self) -> GenerativeModule:
         cfg = self.cfg
-        adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
+        adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens,
+                                **cfg.backbone.load_options())
         for p in adapter.model.parameters():
             p.requires_grad_(False)
         module = GenerativeModule(adapter)

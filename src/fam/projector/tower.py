@@ -216,7 +216,7 @@ class TowerRecipe(Recipe):
 
     def module(self) -> TowerModule:
         cfg = self.cfg
-        adapter = load_backbone(cfg.model)
+        adapter = load_backbone(cfg.model, **cfg.backbone.load_options())
         for p in adapter.model.parameters():
             p.requires_grad_(False)
         tower = TowerModel.from_llava(adapter, text_hidden=cfg.text_hidden,
