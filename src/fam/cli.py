@@ -9,7 +9,10 @@
     fam projector-compare [--quick]              caption-only vs patch-aligned projectors
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
-    fam bench mac|gradcache                     benchmarks with ratios against a reference
+    fam index build --model DIR --items F --out IDX   index a collection (FAISS; resumable)
+    fam search --index IDX --text T [--image P] top-k search of an index
+    fam serve --model DIR [--index IDX]         HTTP server: /v1/embeddings, /v1/search, page
+    fam bench mac|gradcache|search|serve        benchmarks with ratios against a reference
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
@@ -125,7 +128,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
                             if img else None, source=str(args.input), line=line, field="image"))
     model = EmbeddingModel(load_backbone(args.model))
     emb = model.encode(items, batch_size=args.batch_size)
-    save_file({"embeddings": emb.contiguous()}, args.out)
+    from fam.index.build import embeddings_metadata  # names the model for fam index build
+    save_file({"embeddings": emb.contiguous()}, args.out,
+              metadata=embeddings_metadata(args.model, model.normalize))
     print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.out}")
     return 0
 
@@ -202,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_encode)
 
     be = sub.add_parser("bench", help="benchmarks (exact vs reference, printed ratios)")
-    be.add_argument("which", choices=["mac", "gradcache"],
+    be.add_argument("which", choices=["mac", "gradcache", "search", "serve"],
                     help="mac: exact MAC vs the naive (B·N)×(B·T) form; gradcache: peak memory "
-                         "of GradCache (batch 256, chunk 16) vs a plain batch of 16")
+                         "of GradCache (batch 256, chunk 16) vs a plain batch of 16; search: "
+                         "FAISS flat and HNSW vs exact search; serve: HTTP load test, dynamic "
+                         "batching vs one request at a time")
     be.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     be.set_defaults(func=cmd_bench)
 
@@ -218,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_probes_subcommand(analyze)
     from fam.plan import add_plan_subcommand
     add_plan_subcommand(sub)
+    from fam.index.cli import add_index_subcommands
+    from fam.serve.cli import add_serve_subcommand
+    add_index_subcommands(sub)
+    add_serve_subcommand(sub)
     return p
 
 
