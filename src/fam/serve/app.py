@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import json
 import logging
 import secrets
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fam.index.items import apply_prompt
@@ -101,7 +102,9 @@ class Service:
         self.name = config.served_model_name or (Path(model_path).name if model_path else "fam")
         self.created = int(time.time())
         self.dim = int(model.adapter.hidden_size)
-        self.tokenizer = model.adapter.tokenizer
+        # A copy for usage counts on the event loop: the worker thread uses the adapter's
+        # tokenizer, and a fast tokenizer must not be used from two threads at once.
+        self.tokenizer = copy.deepcopy(model.adapter.tokenizer)
 
         def encode(items, images):
             return embed(model, items, [ims or None for ims in images],
@@ -149,6 +152,12 @@ def _encode_vector(v: torch.Tensor, fmt: str) -> list[float] | str:
     if fmt == "base64":
         return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii")
     return v.tolist()
+
+
+def _json(obj: dict) -> Response:
+    # Serialised here (plain json) rather than through FastAPI's jsonable_encoder, which walks
+    # every float of every vector in Python: the largest per-request cost of a busy server.
+    return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
 
 
 def create_app(service: Service) -> FastAPI:
@@ -253,11 +262,11 @@ def create_app(service: Service) -> FastAPI:
                   else [parse_messages(body["messages"], cfg)])
         emb = await service.embed(inputs)
         n_tok = service.count_tokens(inputs)
-        return {"object": "list",
-                "data": [{"object": "embedding", "index": i, "embedding": _encode_vector(v, fmt)}
-                         for i, v in enumerate(emb)],
-                "model": service.name,
-                "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
+        return _json({"object": "list",
+                      "data": [{"object": "embedding", "index": i,
+                                "embedding": _encode_vector(v, fmt)} for i, v in enumerate(emb)],
+                      "model": service.name,
+                      "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
 
     @app.post("/v1/search")
     async def search(request: Request):
@@ -292,7 +301,7 @@ def create_app(service: Service) -> FastAPI:
             d["image_url"] = (f"/v1/index/items/{h.index}/image"
                               if index.image_file(h.index) is not None else None)
             data.append(d)
-        return {"object": "list", "data": data, "model": service.name}
+        return _json({"object": "list", "data": data, "model": service.name})
 
     @app.get("/v1/index/items/{i}/image")
     async def item_image(i: int, request: Request):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from fam.errors import ConfigError
 
@@ -47,6 +48,7 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="fetch http(s) image URLs given in requests (off by default: a server "
                         "that fetches URLs can be made to reach internal hosts)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--switch-interval-ms", type=float, default=0.1, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
 
@@ -86,6 +88,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     service = build_service(args)
+    # The model worker thread is CPU-bound and holds the GIL between torch ops; the event loop
+    # thread waits up to the switch interval (5 ms by default) for it after every socket call,
+    # which starves request handling (and so batching) under load. A short interval fixes it.
+    sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who reaches this address can "
                     "use the server", args.host)

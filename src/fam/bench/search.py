@@ -1,0 +1,177 @@
+"""Benchmark: FAISS flat and HNSW search against exact search on the Scenes eval images.
+
+Run ``fam bench search [--model DIR] [--scenes DIR] [--work DIR] [-k 10]``.
+
+One run, side by side: the Scenes eval images (``images/eval``, every variant) are indexed
+with the model through ``fam.index.build_index`` (the same code as ``fam index build``); the
+eval captions are the queries, embedded once with the T2I instruction. The same query vectors
+are then searched three ways:
+
+* **exact**: brute force in torch (:func:`fam.index.exact_search`), the reference;
+* **flat**: FAISS ``IndexFlatIP`` (what ``fam index build`` writes by default): its top-k
+  lists must be *identical* to exact's;
+* **hnsw**: FAISS ``IndexHNSWFlat``: recall@k against exact (share of exact's top-k found).
+
+Queries/s are timed for a batch of all queries and for one query at a time (how a server
+searches), median of ``--repeats`` passes after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_bench", "main"]
+
+DOC_PROMPT = "<|image_1|>\nRepresent the given image."
+QUERY_PROMPT = "Find me an everyday image that matches the given caption: "
+
+
+def _qps(fn, n_queries: int, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return n_queries / statistics.median(times)
+
+
+def prepare(work: Path, scenes: Path | None, model: Path | None, n_eval_images: int,
+            progress: bool) -> tuple[Path, Path, Path]:
+    """Scenes folder, model folder and items JSONL (all eval images), made if not given."""
+    if scenes is None:
+        scenes = work / "scenes"
+        if not (scenes / "captions_eval.json").is_file():
+            from fam.data.scenes import ScenesConfig, generate_scenes
+            generate_scenes(ScenesConfig(n_train_images=50, n_eval_images=n_eval_images,
+                                         n_ood_images=20), scenes)
+    if model is None:
+        model = work / "model"
+        if not (model / "config.json").is_file():
+            from fam.backbones import build_tiny
+            caps = json.loads((scenes / "captions_eval.json").read_text())
+            build_tiny("qwen2_vl", model, size="s", corpus=[c["caption"] for c in caps], seed=0)
+            log.info("no --model: a tiny random-initialised Qwen2-VL (size s) was built")
+    images = sorted((scenes / "images" / "eval").glob("*.png"))
+    if not images:
+        raise SystemExit(f"{scenes}/images/eval has no images: is it a Scenes folder?")
+    items = work / "items.jsonl"
+    with items.open("w") as f:
+        for p in images:
+            f.write(json.dumps({"id": p.stem, "text": DOC_PROMPT,
+                                "image": str(p.relative_to(scenes))}) + "\n")
+    return scenes, model, items
+
+
+def run_bench(work: Path, scenes: Path | None = None, model: Path | None = None, k: int = 10,
+              n_eval_images: int = 300, repeats: int = 3, progress: bool = True) -> dict:
+    """Build the index, search it three ways, return the figures (see the module docstring)."""
+    from fam.backbones import load_backbone
+    from fam.index import Index, build_index, embed, exact_search
+    from fam.index.store import faiss_or_none
+    from fam.model import EmbeddingModel
+
+    if faiss_or_none() is None:
+        raise SystemExit("fam bench search compares FAISS with exact search: pip install "
+                         "'fam[deploy]'")
+    work.mkdir(parents=True, exist_ok=True)
+    scenes, model, items = prepare(work, scenes, model, n_eval_images, progress)
+    emb_model = EmbeddingModel(load_backbone(model))
+    t0 = time.perf_counter()
+    idx_dir = build_index(work / "index", items, model=model, image_root=scenes,
+                          query_prompt=QUERY_PROMPT, progress=progress,
+                          embedding_model=emb_model)
+    build_s = time.perf_counter() - t0
+    flat = Index.load(idx_dir)
+    exact = Index.load(idx_dir, kind="exact")
+    t0 = time.perf_counter()
+    hnsw = Index.load(idx_dir, kind="hnsw")
+    hnsw_build_s = time.perf_counter() - t0
+    caps = json.loads((scenes / "captions_eval.json").read_text())
+    queries = [flat.query_item(c["caption"]) for c in caps]
+    q = embed(emb_model, queries)
+    n = len(flat)
+
+    ref_s, ref_i = exact_search(flat.vectors.embeddings, q, k)
+    flat_s, flat_i = flat.vectors.search(q, k)
+    hnsw_s, hnsw_i = hnsw.vectors.search(q, k)
+    identical = int((flat_i == ref_i).all(1).sum())
+    # Where lists differ, is it an exact tie in float32 (same score, order undefined)?
+    differ = [r for r in range(len(q)) if not torch.equal(flat_i[r], ref_i[r])]
+    max_score_gap = max((float((flat_s[r] - ref_s[r]).abs().max()) for r in differ),
+                        default=0.0)
+    recall = sum(len(set(hnsw_i[r].tolist()) & set(ref_i[r].tolist()))
+                 for r in range(len(q))) / (len(q) * k)
+
+    res = {"items": n, "dim": flat.manifest.dim, "queries": len(q), "k": k,
+           "threads": torch.get_num_threads(), "model": str(model),
+           "index_build_s": round(build_s, 2), "hnsw_build_s": round(hnsw_build_s, 3),
+           "flat_identical_topk": identical, "flat_differing_max_score_gap": max_score_gap,
+           "hnsw_recall_at_k": recall, "hnsw_params": flat.manifest.hnsw, "qps": {}}
+    for name, ix in (("exact", exact), ("flat", flat), ("hnsw", hnsw)):
+        batch = _qps(lambda ix=ix: ix.vectors.search(q, k), len(q), repeats)
+        one = _qps(lambda ix=ix: [ix.vectors.search(q[r:r + 1], k) for r in range(len(q))],
+                   len(q), repeats)
+        res["qps"][name] = {"batch": batch, "single": one}
+    return res
+
+
+def format_report(r: dict) -> str:
+    lines = [f"search over {r['items']} Scenes eval images (dim {r['dim']}), {r['queries']} "
+             f"caption queries, k={r['k']}, torch threads={r['threads']}, model {r['model']}",
+             f"index build (encode + FAISS flat): {r['index_build_s']} s; HNSW graph "
+             f"(M={r['hnsw_params']['m']}, efConstruction={r['hnsw_params']['ef_construction']},"
+             f" efSearch={r['hnsw_params']['ef_search']}): {r['hnsw_build_s']} s",
+             f"{'':<8} {'queries/s (batch)':>18} {'queries/s (one at a time)':>26}"]
+    for name in ("exact", "flat", "hnsw"):
+        v = r["qps"][name]
+        lines.append(f"{name:<8} {v['batch']:>18.0f} {v['single']:>26.0f}")
+    e = r["qps"]["exact"]
+    lines.append(f"vs exact: flat {r['qps']['flat']['batch'] / e['batch']:.2f}x (batch), "
+                 f"{r['qps']['flat']['single'] / e['single']:.2f}x (single); hnsw "
+                 f"{r['qps']['hnsw']['batch'] / e['batch']:.2f}x (batch), "
+                 f"{r['qps']['hnsw']['single'] / e['single']:.2f}x (single)")
+    lines.append(f"FAISS flat top-{r['k']} identical to exact: {r['flat_identical_topk']}/"
+                 f"{r['queries']} queries" + (
+                     f" (differing lists: largest score difference "
+                     f"{r['flat_differing_max_score_gap']:.2e})"
+                     if r["flat_identical_topk"] != r["queries"] else ""))
+    lines.append(f"HNSW recall@{r['k']} vs exact: {r['hnsw_recall_at_k']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fam bench search", description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=None,
+                   help="embedding model (default: a tiny random Qwen2-VL built in --work)")
+    p.add_argument("--scenes", type=Path, default=None,
+                   help="a Scenes folder (default: generated in --work)")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_search"))
+    p.add_argument("--n-eval-images", type=int, default=300,
+                   help="Scenes eval scenes when generating (each gives 1-3 images)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    r = run_bench(args.work, args.scenes, args.model, args.k, args.n_eval_images, args.repeats,
+                  not args.no_progress)
+    print(format_report(r))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    ok = r["flat_identical_topk"] == r["queries"] and r["hnsw_recall_at_k"] >= 0.95
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
