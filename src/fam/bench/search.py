@@ -53,8 +53,10 @@ def prepare(work: Path, scenes: Path | None, model: Path | None, n_eval_images: 
         scenes = work / "scenes"
         if not (scenes / "captions_eval.json").is_file():
             from fam.data.scenes import ScenesConfig, generate_scenes
-            generate_scenes(ScenesConfig(n_train_images=50, n_eval_images=n_eval_images,
-                                         n_ood_images=20), scenes)
+            # Training scenes are not used; a few keep the generator's proportions valid.
+            generate_scenes(ScenesConfig(n_train_images=max(1, n_eval_images // 6),
+                                         n_eval_images=n_eval_images,
+                                         n_ood_images=max(1, n_eval_images // 15)), scenes)
     if model is None:
         model = work / "model"
         if not (model / "config.json").is_file():
