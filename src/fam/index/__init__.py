@@ -15,8 +15,8 @@ from fam.index.embed import embed
 from fam.index.identity import model_identity
 from fam.index.index import Hit, Index, Manifest, ModelMismatchError
 from fam.index.items import ItemRecord, apply_prompt, read_items
-from fam.index.store import KINDS, HnswParams, VectorIndex, exact_search
+from fam.index.store import KINDS, HnswParams, VectorIndex, exact_search, rescore, topk_float32
 
 __all__ = ["build_index", "embeddings_metadata", "embed", "model_identity", "Hit", "Index",
            "Manifest", "ModelMismatchError", "ItemRecord", "apply_prompt", "read_items", "KINDS",
-           "HnswParams", "VectorIndex", "exact_search"]
+           "HnswParams", "VectorIndex", "exact_search", "rescore", "topk_float32"]

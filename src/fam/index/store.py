@@ -2,9 +2,12 @@
 
 ``flat`` is exact maximum-inner-product search (FAISS ``IndexFlatIP`` when FAISS is installed,
 the same brute force in torch when it is not); ``hnsw`` is FAISS's approximate
-``IndexHNSWFlat`` graph (inner-product metric); ``exact`` forces the torch brute force (the
-reference the others are checked against). On L2-normalised embeddings inner product is cosine
-similarity.
+``IndexHNSWFlat`` graph (inner-product metric); ``exact`` forces the torch brute force. On
+L2-normalised embeddings inner product is cosine similarity.
+
+"Exact" means the float64 ranking of the stored float32 vectors with ties broken by the lower
+index: the float32 search only proposes candidates, which are re-scored in float64 with a
+certified pool size (:func:`exact_search`), so FAISS and torch return identical lists.
 """
 from __future__ import annotations
 
@@ -54,9 +57,9 @@ class HnswParams:
                 raise ConfigError(f"hnsw.{name}={getattr(self, name)}: must be >= 1")
 
 
-def exact_search(embeddings: torch.Tensor, queries: torch.Tensor, k: int,
+def topk_float32(embeddings: torch.Tensor, queries: torch.Tensor, k: int,
                  chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute-force top-k by inner product, ties broken by the lower item index.
+    """Brute-force float32 top-k by inner product (candidates for :func:`exact_search`).
 
     Args:
         embeddings: (n, d) float32 collection.
@@ -75,12 +78,85 @@ def exact_search(embeddings: torch.Tensor, queries: torch.Tensor, k: int,
         s = queries @ embeddings[start:start + chunk].T
         cand_s = torch.cat([best_s, s], 1)
         cand_i = torch.cat([best_i, torch.arange(start, start + s.shape[1]).expand_as(s)], 1)
-        # Sort by index first, then stably by score: equal scores keep the lower index first.
-        order = torch.argsort(cand_i, dim=1, stable=True)
-        cand_s, cand_i = cand_s.gather(1, order), cand_i.gather(1, order)
-        top = torch.argsort(cand_s, dim=1, descending=True, stable=True)[:, :k]
-        best_s, best_i = cand_s.gather(1, top), cand_i.gather(1, top)
+        top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
+        best_s, best_i = top.values, cand_i.gather(1, top.indices)
     return best_s, best_i
+
+
+def rescore(embeddings: torch.Tensor, queries: torch.Tensor, cand: torch.Tensor,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-rank candidates by their float64 inner product; equal scores: lower index first.
+
+    Args:
+        embeddings: (n, d) float32 collection.
+        queries: (q, d) queries.
+        cand: (q, m) candidate indices (-1 = none).
+
+    Returns:
+        float64 scores (q, m) and indices (q, m), best first (missing: -inf and -1).
+    """
+    valid = cand >= 0
+    c = cand.clamp(min=0)
+    out_s, out_i = [], []
+    for r0 in range(0, cand.shape[0], 256):  # bounds the (rows, m, d) float64 gather
+        cc, vv = c[r0:r0 + 256], valid[r0:r0 + 256]
+        s = torch.einsum("qd,qmd->qm", queries[r0:r0 + 256].double(),
+                         embeddings[cc].double()).masked_fill(~vv, float("-inf"))
+        # Sort by index, then stably by score: ties keep the lower index first.
+        order = torch.argsort(cc.masked_fill(~vv, embeddings.shape[0]), dim=1, stable=True)
+        s, cc = s.gather(1, order), cc.gather(1, order)
+        top = torch.argsort(s, dim=1, descending=True, stable=True)
+        s, cc = s.gather(1, top), cc.gather(1, top)
+        out_s.append(s)
+        out_i.append(cc.masked_fill(s == float("-inf"), -1))
+    return torch.cat(out_s), torch.cat(out_i)
+
+
+def exact_search(embeddings: torch.Tensor, queries: torch.Tensor, k: int, candidates=None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-k: the float64 inner-product ranking of the stored float32 vectors.
+
+    A float32 search (FAISS or torch) finds ``m`` candidates, which are re-scored in float64.
+    Float32 rounding can swap items whose scores differ by less than its error (an
+    anisotropic embedding space has many such near-ties), so the pool is certified: every item
+    outside it scored at most the pool's lowest float32 score ``t``, hence truly at most
+    ``t + err`` with ``err = γ_d·|q|·max|x|`` (γ_d = d·u/(1−d·u), u = 2⁻²⁴, the bound of a
+    d-term float32 dot product); if that is not below the float64 k-th score, the pool is
+    doubled for that query. The result therefore equals a float64 brute force exactly (ties
+    broken by the lower index), whatever did the float32 search.
+
+    Args:
+        embeddings: (n, d) float32 collection.
+        queries: (q, d) float32 queries.
+        k: results per query (capped at n).
+        candidates: ``f(queries, m) -> (float32 scores, indices)`` of a float32 top-m search
+            (default: :func:`topk_float32`).
+
+    Returns:
+        scores (q, k) float32 (rounded from float64) and indices (q, k) int64.
+    """
+    n, d = embeddings.shape
+    k = min(k, n)
+    cand_fn = candidates or (lambda qq, m: topk_float32(embeddings, qq, m))
+    u = 2.0 ** -24
+    gamma = d * u / (1 - d * u)
+    err = gamma * queries.double().norm(dim=1) * embeddings.double().norm(dim=1).max()
+    out_s = torch.empty(queries.shape[0], k, dtype=torch.float64)
+    out_i = torch.empty(queries.shape[0], k, dtype=torch.long)
+    rows = torch.arange(queries.shape[0])
+    m = min(n, 2 * k + 16)
+    while rows.numel():
+        s32, cand = cand_fn(queries[rows], m)
+        s64, i64 = rescore(embeddings, queries[rows], cand)
+        if m >= n:
+            done = torch.ones(rows.numel(), dtype=torch.bool)
+        else:
+            floor = s32[:, -1].double()
+            done = floor + err[rows] < s64[:, k - 1]
+        out_s[rows[done]], out_i[rows[done]] = s64[done, :k], i64[done, :k]
+        rows = rows[~done]
+        m = min(n, 2 * m)
+    return out_s.float(), out_i
 
 
 class VectorIndex:
@@ -153,7 +229,15 @@ class VectorIndex:
         q = queries.float().contiguous()
         if self._faiss is None:
             return exact_search(self.embeddings, q, k)
-        scores, idx = self._faiss.search(np.ascontiguousarray(q.numpy()), k)
+        if self.kind == "flat":
+            return exact_search(self.embeddings, q, k, candidates=self._faiss_search)
+        # HNSW is approximate: its hits are only re-scored (float64, like the exact kinds).
+        _, idx = self._faiss_search(q, k)
+        s, i = rescore(self.embeddings, q, idx)
+        return s.float(), i
+
+    def _faiss_search(self, q: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, idx = self._faiss.search(np.ascontiguousarray(q.numpy()), m)
         s, i = torch.from_numpy(scores), torch.from_numpy(idx).long()
         return s.masked_fill(i < 0, float("-inf")), i
 
