@@ -256,3 +256,42 @@ def test_decoded_images_are_rgb_and_small_images_pass(client):
     uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
     r = client.post("/v1/embeddings", json={"input": {"text": DOC, "image": uri}})
     assert r.status_code == 200, r.text
+
+
+def test_image_urls_are_fetched_only_when_allowed(model_dir, small_collection):
+    """--allow-image-urls: a local HTTP server on 127.0.0.1 stands for the web."""
+    import functools
+    import http.server
+    import threading
+
+    _, root = small_collection
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with _client(model_dir, allow_image_urls=True, max_image_bytes=5_000) as c:
+            by_url = c.post("/v1/embeddings", json={"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"{base}/img/0.png"}},
+                {"type": "text", "text": "Represent the given image."}]}]})
+            assert by_url.status_code == 200, by_url.text
+            inline = c.post("/v1/embeddings", json={"input": {
+                "text": DOC, "image": _uri(root / "img" / "0.png")}})
+            assert by_url.json()["data"][0]["embedding"] == inline.json()["data"][0]["embedding"]
+            _check_error(c.post("/v1/embeddings", json={"input": {"image": f"{base}/nope.png"}}),
+                         400, "HTTP 404")
+            (root / "big.bin").write_bytes(bytes(10_000))
+            _check_error(c.post("/v1/embeddings", json={"input": {"image": f"{base}/big.bin"}}),
+                         413, "larger than")
+    finally:
+        httpd.shutdown()
+
+
+def test_search_with_messages_form(client, small_collection):
+    _, root = small_collection
+    r = client.post("/v1/search", json={"k": 3, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _uri(root / "img" / "9.png")}},
+        {"type": "text", "text": "Represent the given image."}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["id"] == "scene-9"
