@@ -214,6 +214,10 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(client, small
                  "scheme")
     _check_error(post("/v1/embeddings", content=b'{"input": "' + b"a" * 2_100_000 + b'"}'),
                  413, "request body")
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(40):
+            yield b" " * 100_000
+    _check_error(post("/v1/embeddings", content=chunks()), 413, "request body")
     _check_error(post("/v1/search", json={"query": "a", "k": 0}), 400, "k:")
     _check_error(post("/v1/search", json={"query": ["a", "b"]}), 400, "one query")
     _check_error(client.get("/v1/nothing"), 404, "no such endpoint")

@@ -48,6 +48,7 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="fetch http(s) image URLs given in requests (off by default: a server "
                         "that fetches URLs can be made to reach internal hosts)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--access-log", action="store_true", help="log one line per request")
     s.add_argument("--switch-interval-ms", type=float, default=0.1, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
@@ -96,5 +97,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("listening on %s without --api-key: anyone who reaches this address can "
                     "use the server", args.host)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=30, access_log=False)
+                timeout_graceful_shutdown=30, access_log=args.access_log)
     return 0
