@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from fam.errors import ConfigError
 from fam.index import store
-from fam.index.store import HnswParams, VectorIndex, exact_search, topk_float32
+from fam.config import HnswConfig
+from fam.index.store import VectorIndex, exact_search, topk_float32
 
 faiss = pytest.importorskip("faiss")
 
@@ -63,7 +64,7 @@ def test_faiss_flat_returns_the_exact_top_k(data):
 
 def test_hnsw_recall_at_10_against_exact():
     x, q = _data()
-    hnsw = VectorIndex(x, "hnsw", HnswParams(m=16, ef_construction=100, ef_search=64))
+    hnsw = VectorIndex(x, "hnsw", HnswConfig(m=16, ef_construction=100, ef_search=64))
     _, i = hnsw.search(q, 10)
     ei = _reference(x, q, 10)
     recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(i, ei)) / ei.numel()

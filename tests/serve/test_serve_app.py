@@ -24,7 +24,7 @@ from fam.cli import main  # noqa: E402
 from fam.index import Index, build_index  # noqa: E402
 from fam.model import EmbeddingModel  # noqa: E402
 from fam.serve.app import Service, create_app  # noqa: E402
-from fam.serve.config import ServeConfig  # noqa: E402
+from fam.config import ServeConfig  # noqa: E402
 
 KEY = "s3cret-token"
 DOC = "<|image_1|>\nRepresent the given image."

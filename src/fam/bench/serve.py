@@ -13,7 +13,6 @@ SIGTERM and must exit cleanly (graceful shutdown). Reported per mode: errors, th
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import io
@@ -25,12 +24,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_load", "run_bench", "main"]
+__all__ = ["run_load", "run_bench", "format_report", "free_port"]
 
 
 def free_port() -> int:
@@ -207,30 +205,3 @@ def format_report(r: dict) -> str:
             lines.append(f"  error: {e}")
     lines.append(f"dynamic batching throughput = {r['speedup']:.2f}x one request at a time")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fam bench serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=None,
-                   help="embedding model (default: a tiny random Qwen2-VL built in --work)")
-    p.add_argument("--work", type=Path, default=Path("runs/bench_serve"))
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=384, help="requests per mode")
-    p.add_argument("--inputs", choices=("text", "image", "mixed"), default="mixed")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per mode, at most")
-    p.add_argument("--threads", type=int, default=None, help="the server's torch threads")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    r = run_bench(args.model, args.work, args.clients, args.requests, args.inputs,
-                  args.max_batch, args.timeout, args.threads)
-    print(format_report(r))
-    if args.json:
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
-    clean = all(m["errors"] == 0 and m["graceful_shutdown"]
-                for m in (r["batched"], r["one_at_a_time"]))
-    return 0 if clean else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,8 @@ from fam.index.embed import embed
 from fam.index.identity import model_identity, short
 from fam.index.index import Manifest
 from fam.index.items import ItemRecord, items_fingerprint, read_items
-from fam.index.store import HnswParams, VectorIndex
+from fam.config import HnswConfig
+from fam.index.store import VectorIndex
 from fam.utils.checkpoint import atomic_dir
 from fam.utils.io import atomic_path, atomic_write_json
 
@@ -130,7 +131,7 @@ class _ShardedEncoder:
 
 def build_index(out: str | Path, items: str | Path, *, model: str | Path | None = None,
                 embeddings: str | Path | None = None, image_root: str | Path | None = None,
-                kind: str = "flat", hnsw: HnswParams | None = None, query_prompt: str = "",
+                kind: str = "flat", hnsw: HnswConfig | None = None, query_prompt: str = "",
                 document_prompt: str = "", shard_size: int = 1024, batch_size: int = 32,
                 progress: bool = True, embedding_model=None) -> Path:
     """Build an index folder (see :mod:`fam.index.index` for the layout).
@@ -165,8 +166,8 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
                           "fam encode)")
     if shard_size < 1 or batch_size < 1:
         raise ConfigError("--shard-size and --batch-size must be >= 1")
-    hnsw = hnsw or HnswParams()
-    hnsw.validate()
+    hnsw = hnsw or HnswConfig()
+    hnsw.validate("hnsw.")
     # A probe build of the index kind first: a missing FAISS fails before hours of encoding.
     VectorIndex(torch.zeros(1, 1), kind, hnsw)
     root = Path(image_root) if image_root is not None else Path(items).parent

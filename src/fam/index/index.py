@@ -24,7 +24,8 @@ from fam.data.types import MMItem
 from fam.errors import ConfigError, DataError
 from fam.index.identity import short
 from fam.index.items import apply_prompt
-from fam.index.store import HnswParams, VectorIndex
+from fam.config import HnswConfig
+from fam.index.store import VectorIndex
 from fam.utils.io import read_jsonl, resolve_under
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Manifest:
     query_prompt: str = ""
     document_prompt: str = ""
     kind: str = "flat"
-    hnsw: dict[str, int] = field(default_factory=lambda: asdict(HnswParams()))
+    hnsw: dict[str, int] = field(default_factory=lambda: asdict(HnswConfig()))
     image_root: str | None = None
     items_source: str | None = None
     items_fingerprint: str | None = None
@@ -168,7 +169,7 @@ class Index:
                               f"{tuple(emb.shape)} disagree with the manifest (count "
                               f"{manifest.count}, dim {manifest.dim}); rebuild the index")
         use = kind or manifest.kind
-        hnsw = HnswParams(**manifest.hnsw)
+        hnsw = HnswConfig(**manifest.hnsw)
         if use == "hnsw" and manifest.kind != "hnsw":
             vectors = VectorIndex(emb, "hnsw", hnsw)  # built on the fly (benchmarks)
         else:
@@ -225,3 +226,35 @@ class Index:
         except DataError:
             return None
         return p if p.is_file() else None
+
+
+def load_query_model(index: Index, model: str | Path | None = None):
+    """The embedding model for queries to ``index``, checked to be the one that built it.
+
+    Args:
+        index: the loaded index.
+        model: the model folder (default: the one recorded in the manifest).
+
+    Raises:
+        ModelMismatchError: another model. ConfigError: no model given and the recorded one
+            is not on this machine.
+    """
+    from fam.backbones import load_backbone
+    from fam.index.identity import model_identity
+    from fam.model import EmbeddingModel
+    path = model if model is not None else index.manifest.model_path
+    if path is None or (model is None and not Path(path).exists()):
+        raise ConfigError(f"the model recorded in {index.path} ({path}) is not on this machine; "
+                          "pass --model with the model that built the index")
+    index.check_model(model_identity(path), str(path))
+    return EmbeddingModel(load_backbone(path))
+
+
+def format_hits(hits: list[Hit]) -> str:
+    """A readable table of hits (rank, score, id, image, text)."""
+    lines = [f"{'rank':>4}  {'score':>8}  {'id':<16} {'image':<28} text"]
+    for h in hits:
+        text = h.text.replace("\n", " ")
+        lines.append(f"{h.rank:>4}  {h.score:>8.4f}  {h.id[:16]:<16} {(h.image or '-')[:28]:<28} "
+                     f"{text[:70]}")
+    return "\n".join(lines)

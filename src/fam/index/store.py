@@ -12,13 +12,13 @@ certified pool size (:func:`exact_search`), so FAISS and torch return identical 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fam.config import HnswConfig
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,26 +35,6 @@ def faiss_or_none() -> Any:
     except ImportError:
         return None
     return faiss
-
-
-@dataclass
-class HnswParams:
-    """HNSW graph parameters (FAISS names).
-
-    Attributes:
-        m: neighbours per node (graph degree); more = better recall, more memory.
-        ef_construction: candidate list size while building.
-        ef_search: candidate list size while searching (recall/speed knob, set at load).
-    """
-
-    m: int = 32
-    ef_construction: int = 200
-    ef_search: int = 128
-
-    def validate(self) -> None:
-        for name in ("m", "ef_construction", "ef_search"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"hnsw.{name}={getattr(self, name)}: must be >= 1")
 
 
 def topk_float32(embeddings: torch.Tensor, queries: torch.Tensor, k: int,
@@ -170,12 +150,12 @@ class VectorIndex:
     """
 
     def __init__(self, embeddings: torch.Tensor, kind: str = "flat",
-                 hnsw: HnswParams | None = None, faiss_index: Any = None):
+                 hnsw: HnswConfig | None = None, faiss_index: Any = None):
         if kind not in KINDS:
             raise ConfigError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
         self.embeddings = embeddings.float().contiguous()
         self.kind = kind
-        self.hnsw = hnsw or HnswParams()
+        self.hnsw = hnsw or HnswConfig()
         self._faiss = None
         faiss = faiss_or_none()
         if kind == "hnsw" and faiss is None:
@@ -191,7 +171,7 @@ class VectorIndex:
             self._faiss = faiss.IndexFlatIP(self.dim)
             self._faiss.add(self._np())
         else:
-            self.hnsw.validate()
+            self.hnsw.validate("hnsw.")
             idx = faiss.IndexHNSWFlat(self.dim, self.hnsw.m, faiss.METRIC_INNER_PRODUCT)
             idx.hnsw.efConstruction = self.hnsw.ef_construction
             idx.add(self._np())
@@ -251,7 +231,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, index_dir: Path, embeddings: torch.Tensor, kind: str,
-             hnsw: HnswParams | None = None) -> "VectorIndex":
+             hnsw: HnswConfig | None = None) -> "VectorIndex":
         """Rebuild/read the search structure saved by :meth:`save_extra`."""
         if kind == "hnsw":
             faiss = faiss_or_none()

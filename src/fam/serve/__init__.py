@@ -8,14 +8,14 @@ Needs the ``deploy`` extra (FastAPI, uvicorn).
 """
 from __future__ import annotations
 
-from fam.serve.config import ServeConfig
+from fam.config import ServeConfig
 
-__all__ = ["ServeConfig", "Service", "create_app", "BatchEncoder"]
+__all__ = ["ServeConfig", "Service", "create_app", "load_service", "BatchEncoder"]
 
 
 def __getattr__(name: str):
     # FastAPI is imported only when the app is asked for (ServeConfig needs nothing extra).
-    if name in ("Service", "create_app"):
+    if name in ("Service", "create_app", "load_service"):
         from fam.serve import app
         return getattr(app, name)
     if name == "BatchEncoder":

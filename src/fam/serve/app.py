@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fam.index.items import apply_prompt
 from fam.serve.batching import BatchEncoder, QueueFull
-from fam.serve.config import ServeConfig
+from fam.config import ServeConfig
 from fam.serve.inputs import ParsedInput, RequestError, load_images, parse_input, parse_messages
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class Service:
     def __init__(self, model, config: ServeConfig, index=None, model_path: str | None = None):
         from fam.index.embed import embed
 
+        config.validate()
         self.model, self.config, self.index = model, config, index
         self.name = config.served_model_name or (Path(model_path).name if model_path else "fam")
         self.created = int(time.time())
@@ -132,6 +133,26 @@ class Service:
         if name is not None and name != self.name:
             raise RequestError(404, f"model {name!r} is not served here; GET /v1/models lists "
                                     f"{self.name!r}", "model", "model_not_found")
+
+
+def load_service(model: str | Path, config: ServeConfig, index: str | Path | None = None,
+                 image_root: str | Path | None = None) -> Service:
+    """Load the model (and an index, checked to be built by it) into a :class:`Service`.
+
+    Raises:
+        ConfigError: invalid settings, not an index folder, or an index of another model.
+    """
+    from fam.backbones import load_backbone
+    from fam.index.identity import model_identity
+    from fam.index.index import Index
+    from fam.model import EmbeddingModel
+
+    config.validate()
+    idx = None
+    if index is not None:
+        idx = Index.load(index, image_root=image_root)
+        idx.check_model(model_identity(model), str(model))
+    return Service(EmbeddingModel(load_backbone(model)), config, idx, model_path=str(model))
 
 
 def _json_object(raw: bytes) -> dict:

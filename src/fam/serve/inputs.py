@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from fam.data.types import MMItem
-from fam.serve.config import ServeConfig
+from fam.config import ServeConfig
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,",

@@ -1,0 +1,139 @@
+"""``fam bench mac|gradcache|search|serve`` (ratios against a reference in the same run) and
+``fam plan``."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_bench_subcommands"]
+
+
+def cmd_bench_mac(args: argparse.Namespace) -> int:
+    from fam.bench.mac import format_report, run_bench
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    print(format_report(run_bench(shapes, device=args.device, repeats=args.repeats),
+                        args.device))
+    return 0
+
+
+def cmd_bench_gradcache(args: argparse.Namespace) -> int:
+    from fam.bench.gradcache import format_report, run_bench
+    res = run_bench(args.batch, args.chunk, args.size, args.image_size, args.text_words,
+                    args.device, args.threads, with_full=not args.no_full)
+    print(format_report(res, args.size, args.batch, args.chunk, args.device))
+    return 0
+
+
+def cmd_bench_search(args: argparse.Namespace) -> int:
+    from fam.bench.search import format_report, run_bench
+    r = run_bench(args.work, args.scenes, args.model, args.k, args.n_eval_images, args.repeats,
+                  not args.no_progress)
+    print(format_report(r))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    ok = (r["flat_identical_topk"] == r["exact_identical_topk"] == r["queries"]
+          and r["hnsw_recall_at_k"] >= 0.95)
+    return 0 if ok else 1
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from fam.bench.serve import format_report, run_bench
+    r = run_bench(args.model, args.work, args.clients, args.requests, args.inputs,
+                  args.max_batch, args.timeout, args.threads)
+    print(format_report(r))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    clean = all(m["errors"] == 0 and m["graceful_shutdown"]
+                for m in (r["batched"], r["one_at_a_time"]))
+    return 0 if clean else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fam.bench.plan import estimate, format_plan, resolve_shape
+    from fam.config import PlanConfig
+    cfg = PlanConfig(**{f: getattr(args, f) for f in asdict(PlanConfig())})
+    cfg.validate()
+    shape = resolve_shape(args.model)
+    est = estimate(shape, cfg)
+    if args.json:
+        print(json.dumps({"shape": asdict(shape), "config": asdict(cfg), "estimate": est},
+                         indent=2))
+    else:
+        print(format_plan(shape, cfg, est, args.budget_gib))
+    return 0
+
+
+def add_bench_subcommands(sub: Any) -> None:
+    """``fam bench mac|gradcache|search|serve`` and ``fam plan``."""
+    from fam.bench.mac import DEFAULT_SHAPES
+    from fam.bench.plan import KNOWN_SHAPES
+    from fam.config import PlanConfig
+
+    bench = sub.add_parser("bench", help="benchmarks (exact vs reference, printed ratios)")
+    which = bench.add_subparsers(dest="which", required=True)
+    mac = which.add_parser("mac", help="exact MAC vs the naive (B·N)×(B·T) form: time and "
+                                       "peak memory, each variant in a fresh process")
+    mac.add_argument("--shapes", nargs="+",
+                     default=[",".join(map(str, s)) for s in DEFAULT_SHAPES],
+                     help="B,N,T,d tuples (default: %(default)s)")
+    mac.add_argument("--device", default="cpu")
+    mac.add_argument("--repeats", type=int, default=3)
+    mac.set_defaults(func=cmd_bench_mac)
+
+    gc = which.add_parser("gradcache", help="peak memory of GradCache (batch 256, chunk 16) "
+                                            "vs a plain batch of 16")
+    gc.add_argument("--batch", type=int, default=256, help="large batch (default: 256)")
+    gc.add_argument("--chunk", type=int, default=16, help="GradCache chunk (default: 16)")
+    gc.add_argument("--size", default="s", choices=["xs", "s", "m"], help="tiny Qwen2-VL size")
+    gc.add_argument("--image-size", type=int, default=112, help="pixels (112: 16 image tokens)")
+    gc.add_argument("--text-words", type=int, default=12, help="caption length in words")
+    gc.add_argument("--device", default="cpu")
+    gc.add_argument("--threads", type=int, default=2)
+    gc.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
+    gc.set_defaults(func=cmd_bench_gradcache)
+
+    se = which.add_parser("search", help="FAISS flat and HNSW vs a float64 exact search on the "
+                                         "Scenes eval images: identical top-k, recall, queries/s")
+    se.add_argument("--model", type=Path, default=None,
+                    help="embedding model (default: a tiny random Qwen2-VL built in --work)")
+    se.add_argument("--scenes", type=Path, default=None,
+                    help="a Scenes folder (default: generated in --work)")
+    se.add_argument("--work", type=Path, default=Path("runs/bench_search"))
+    se.add_argument("--n-eval-images", type=int, default=300,
+                    help="Scenes eval scenes when generating (each gives 1-3 images)")
+    se.add_argument("-k", type=int, default=10)
+    se.add_argument("--repeats", type=int, default=3)
+    se.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=cmd_bench_search)
+
+    sv = which.add_parser("serve", help="bounded load test of fam serve on 127.0.0.1: dynamic "
+                                        "batching vs one request at a time, same model")
+    sv.add_argument("--model", type=Path, default=None,
+                    help="embedding model (default: a tiny random Qwen2-VL built in --work)")
+    sv.add_argument("--work", type=Path, default=Path("runs/bench_serve"))
+    sv.add_argument("--clients", type=int, default=32)
+    sv.add_argument("--requests", type=int, default=384, help="requests per mode")
+    sv.add_argument("--inputs", choices=("text", "image", "mixed"), default="mixed")
+    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds per mode, at most")
+    sv.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    sv.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    sv.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("plan", help="estimate the peak memory of a training configuration")
+    p.add_argument("--model", required=True,
+                   help=f"checkpoint directory or one of {sorted(KNOWN_SHAPES)}")
+    for f, default in asdict(PlanConfig()).items():
+        flag = "--" + f.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=default)
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="memory budget: also print the largest chunk that fits")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.set_defaults(func=cmd_plan)
