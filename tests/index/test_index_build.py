@@ -178,3 +178,26 @@ def test_moved_index_and_missing_manifest(built, tmp_path):
     (moved / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="not an index folder"):
         Index.load(moved)
+
+
+def test_encode_options_and_adapters_are_part_of_the_identity(small_collection, model_dir,
+                                                              tmp_path):
+    """Vectors made with another input layout live in another space: their index refuses the
+    plain model."""
+    from safetensors import safe_open
+    items, root = small_collection
+    plain, other = tmp_path / "plain.safetensors", tmp_path / "vlm2vec.safetensors"
+    base = ["encode", "--model", str(model_dir), "--input", str(items), "--image-root", str(root)]
+    assert main(base + ["--out", str(plain)]) == 0
+    assert main(base + ["--out", str(other), "--prompt-format", "vlm2vec"]) == 0
+
+    def ident(p):
+        with safe_open(str(p), "pt") as f:
+            return f.metadata()["fam_model_identity"]
+
+    assert ident(plain) == model_identity(model_dir)
+    assert ident(other) != ident(plain)
+    assert ident(other) == model_identity(model_dir, options={"prompt_format": "vlm2vec"})
+    out = build_index(tmp_path / "idx", items, embeddings=other, image_root=root,
+                      progress=False)
+    assert main(["search", "--index", str(out), "--model", str(model_dir), "--text", "x"]) == 2

@@ -33,10 +33,16 @@ log = logging.getLogger(__name__)
 META_IDENTITY, META_PATH, META_NORMALIZED = "fam_model_identity", "fam_model_path", "fam_normalized"
 
 
-def embeddings_metadata(model: str | Path, normalized: bool = True) -> dict[str, str]:
-    """safetensors metadata naming the model that produced a file of embeddings."""
-    return {META_IDENTITY: model_identity(model), META_PATH: str(Path(model).resolve())
-            if Path(model).exists() else str(model), META_NORMALIZED: str(normalized).lower()}
+def embeddings_metadata(model: str | Path, normalized: bool = True,
+                        adapter: str | Path | None = None,
+                        options: dict | None = None) -> dict[str, str]:
+    """safetensors metadata naming the model that produced a file of embeddings.
+
+    ``adapter`` and ``options`` as in :func:`fam.index.identity.model_identity`.
+    """
+    return {META_IDENTITY: model_identity(model, adapter, options),
+            META_PATH: str(Path(model).resolve()) if Path(model).exists() else str(model),
+            META_NORMALIZED: str(normalized).lower()}
 
 
 def _read_embeddings(path: Path, n_items: int, model: str | Path | None,

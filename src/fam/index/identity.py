@@ -5,13 +5,18 @@ weights, tokenizer or image processor give vectors in another space, and the sco
 meaningless without any error). The identity is a SHA-256 over the files that decide the
 embedding — weights, ``config.json``, tokenizer and image-processor files — so a retrained model
 saved to the same folder is a different model, and a copied folder is the same model.
+``fam_backbone.json`` (the input layout a model is loaded with: prompt format, image
+resolution, text cap) is part of it; so are a merged peft adapter and input options given at
+load time (``fam encode --adapter/--prompt-format/...``), which change the vectors too.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from fam.errors import ConfigError
 
@@ -24,7 +29,7 @@ _IDENTITY_NAMES = frozenset({
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
     "preprocessor_config.json", "processor_config.json", "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
+    "pytorch_model.bin.index.json", "fam_backbone.json", "adapter_config.json",
 })
 _IDENTITY_SUFFIXES = (".safetensors", ".bin")
 
@@ -61,11 +66,15 @@ def identity_files(model: str | Path) -> list[Path]:
     return files
 
 
-def model_identity(model: str | Path) -> str:
+def model_identity(model: str | Path, adapter: str | Path | None = None,
+                   options: dict[str, Any] | None = None) -> str:
     """``sha256:<hex>`` over the names and contents of the checkpoint's identity files.
 
     Args:
         model: a checkpoint folder or a hub id cached locally.
+        adapter: a peft adapter folder merged into the model at load time.
+        options: input options given at load time that override ``fam_backbone.json``
+            (prompt format, image resolution, pixel budget, text cap; not dtype or device).
 
     Raises:
         ConfigError: the folder holds no weights, or the hub id is not cached.
@@ -74,6 +83,11 @@ def model_identity(model: str | Path) -> str:
     h = hashlib.sha256()
     for f in identity_files(model):
         h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+    if adapter is not None:
+        for f in identity_files(adapter):
+            h.update(b"adapter/" + f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+    if options:
+        h.update(b"options\0" + json.dumps(options, sort_keys=True, default=str).encode())
     dt = time.perf_counter() - t0
     if dt > 2:
         log.info("hashed the model's files in %.1f s", dt)
