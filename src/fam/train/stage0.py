@@ -95,7 +95,8 @@ def generative_parts(module: GenerativeModule, samples: list[CaptionSample]) -> 
 
 
 class Stage0Recipe(Recipe):
-    """Every weight of the model trains on (image, prompt → caption / answer) samples."""
+    """Every weight of the model (but a frozen vision tower, ``freeze_vision``) trains on
+    (image, prompt → caption / answer) samples."""
 
     cfg: Stage0Config
     name = "stage0"
@@ -103,8 +104,8 @@ class Stage0Recipe(Recipe):
     def module(self) -> GenerativeModule:
         adapter = load_backbone(self.cfg.model, max_text_tokens=self.cfg.max_text_tokens,
                                 **self.cfg.backbone.load_options())
-        for p in adapter.model.parameters():
-            p.requires_grad_(True)
+        for name, p in adapter.model.named_parameters():
+            p.requires_grad_(not (self.cfg.freeze_vision and adapter.is_vision_param(name)))
         return GenerativeModule(adapter)
 
     def build(self) -> StageParts:
