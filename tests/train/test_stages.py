@@ -195,3 +195,18 @@ def test_pair_collator_hands_images_over_in_their_own_mode(bench, tmp_path):
         want = a.image_processor(images=[rgb if rgb is not None else rgba],
                                  return_tensors="pt")["pixel_values"]
         assert torch.equal(batch.query.inputs["pixel_values"], want), fmt
+
+
+def test_stage0_can_keep_the_vision_tower_frozen(bench, tmp_path):
+    from safetensors.torch import load_file
+    from fam.train.stage0 import run_stage0
+    data = bench / "data"
+    cfg = Stage0Config(model=str(bench / "tiny"), captions=str(data / "captions.json"),
+                       image_root=str(data), freeze_vision=True,
+                       optim=OptimConfig(lr=3e-3, batch_size=4, steps=2, warmup_ratio=0.0),
+                       run=_run(tmp_path))
+    before = {k: v for f in (bench / "tiny").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    after = {k: v for f in run_stage0(cfg).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    vision = [k for k in before if k.startswith(("visual.", "model.visual."))]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)

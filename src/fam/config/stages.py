@@ -13,10 +13,12 @@ from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConf
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
-           "TowerConfig", "SftConfig", "CAbstractorConfig", "PROJECTOR_TYPES", "PATCH_POOLINGS",
+           "TowerConfig", "SftConfig", "CAbstractorConfig", "PROJECTOR_TYPES", "BETA_SCHEDULES", "PATCH_POOLINGS",
            "C2F_REDUCTIONS", "TOWER_LOSSES"]
 
 PROJECTOR_TYPES = ("mlp", "linear", "cabstractor")
+#: How β reaches beta_max: a linear ramp (method.md §4) or from the first step.
+BETA_SCHEDULES = ("ramped", "constant")
 #: Region poolings of the patch-alignment loss (fam.losses.patch.POOLINGS; a test keeps
 #: the two equal).
 PATCH_POOLINGS = ("mean", "coverage", "token")
@@ -184,6 +186,7 @@ class ProjectorConfig(Validated):
     cabstractor: CAbstractorConfig = field(default_factory=CAbstractorConfig)  # projector=cabstractor
     reinit: bool = True  # start from a fresh projector (paper: projector pre-trained from scratch)
     beta_max: float = 5.0  # final patch-loss weight (paper: 5); 0 = caption-only baseline
+    beta_schedule: str = "ramped"  # "ramped" (0 → beta_max over ramp_steps) | "constant"
     ramp_steps: int = 0  # β ramp length in steps; 0 = the whole stage (method.md §4 [choice])
     theta: float = 0.5  # coverage threshold of S_k (paper: 0.5)
     pooling: str = "mean"  # region embedding: "mean" (paper) | "coverage" | "token" [choice]
@@ -197,6 +200,7 @@ class ProjectorConfig(Validated):
 
     def check(self, prefix: str) -> None:
         choice(prefix + "projector", self.projector, PROJECTOR_TYPES)
+        choice(prefix + "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         choice(prefix + "pooling", self.pooling, PATCH_POOLINGS)
         number(prefix + "beta_max", self.beta_max, 0.0)
         integer(prefix + "ramp_steps", self.ramp_steps, 0)

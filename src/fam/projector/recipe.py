@@ -4,6 +4,7 @@ LLaVA-style pre-training of the vision-language projector ``P`` with the vision 
 the LLM **frozen**:
 
     L = L_caption + β(t) · L_patch,   β: 0 → β_max (= 5) linearly over the stage
+                                       (or β_max from the first step: beta_schedule=constant)
 
 ``L_caption`` is the next-token loss of ``<image> prompt caption<eos>`` (labels on the
 caption and the EOS only, as :func:`fam.train.stage0.build_generative_batch`). ``L_patch``
@@ -328,16 +329,20 @@ class PatchAlignedLoss:
         beta_max: final β; 0 is the caption-only baseline.
         ramp_steps: β ramp length; 0 = ``total_steps``.
         pooling: region pooling of the patch loss.
+        constant: β = ``beta_max`` from the first step (no ramp).
     """
 
     total_steps: int
     beta_max: float = 5.0
     ramp_steps: int = 0
     pooling: str = "mean"
+    constant: bool = False
 
     def beta(self, step: int) -> float:
         if self.beta_max == 0:
             return 0.0
+        if self.constant:
+            return float(self.beta_max)
         return beta_schedule(step, self.total_steps, self.beta_max, self.ramp_steps or None)
 
     def __call__(self, caption, tokens, labels, *, batch: ProjectorBatch, step: int,
@@ -376,7 +381,8 @@ class ProjectorRecipe(Recipe):
         samples = build_projector_samples(adapter, cfg.captions, cfg.pad or None,
                                           cfg.image_root or str(Path(cfg.captions).parent),
                                           cfg.prompt, cfg.theta)
-        loss = PatchAlignedLoss(cfg.optim.steps, cfg.beta_max, cfg.ramp_steps, cfg.pooling)
+        loss = PatchAlignedLoss(cfg.optim.steps, cfg.beta_max, cfg.ramp_steps, cfg.pooling,
+                                constant=cfg.beta_schedule == "constant")
         return StageParts(module, loss, samples, lambda ex: collate_projector(adapter, ex),
                           to_device=lambda b, d: b.to(d))
 
@@ -385,7 +391,8 @@ class ProjectorRecipe(Recipe):
         module.adapter.model.eval()
         module.adapter.save_pretrained(final)
         atomic_write_json(final.parent / "projector.json", {
-            "type": cfg.projector, "beta_max": cfg.beta_max, "ramp_steps": cfg.ramp_steps,
+            "type": cfg.projector, "beta_max": cfg.beta_max, "beta_schedule": cfg.beta_schedule,
+            "ramp_steps": cfg.ramp_steps,
             "theta": cfg.theta, "pooling": cfg.pooling, "steps": result.steps,
             "final_metrics": result.final_metrics})
 
