@@ -51,6 +51,7 @@ class Stage0Config(Validated):
     prompt: str = "Describe the image."  # instruction before the caption
     max_text_tokens: int | str | None = 64  # text tokens per sample (none: no limit)
     freeze_vision: bool = False  # keep the vision tower as it is (e.g. after `fam train tower`)
+    text_only: bool = False  # no images: only the LLM trains, on captions and on questions after their caption
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=32, steps=300))
     run: RunConfig = field(default_factory=RunConfig)
