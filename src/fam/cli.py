@@ -9,7 +9,8 @@
     fam projector-compare [--quick]              caption-only vs patch-aligned projectors
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
-    fam bench mac|gradcache                     benchmarks with ratios against a reference
+    fam bench mac|gradcache|encode              benchmarks with ratios against a reference
+    fam export --model DIR --out DIR2           a sentence-transformers / vLLM folder
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
@@ -94,12 +95,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fam.backbones import load_backbone
     from fam.eval.metrics import format_table
     from fam.eval.mmeb import evaluate, save_results
-    from fam.model import EmbeddingModel
-    adapter = load_backbone(args.model)
-    res = evaluate(EmbeddingModel(adapter), args.data, args.image_root,
+    from fam.inference import load_embedding_model
+    res = evaluate(load_embedding_model(args.model), args.data, args.image_root,
                    datasets=args.datasets or None, batch_size=args.batch_size,
                    max_rows=args.max_rows, progress=not args.no_progress)
     out = Path(args.out) if args.out else Path(args.model) / "eval_results.json"
@@ -112,19 +111,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from fam.backbones import load_backbone
-    from fam.data.types import MMItem
-    from fam.model import EmbeddingModel
-    from fam.utils.io import read_jsonl, resolve_under
-    root = Path(args.image_root or Path(args.input).parent)
-    items = []
-    for line, row in read_jsonl(args.input):
-        img = row.get("image") or None
-        items.append(MMItem(row.get("text", ""),
-                            resolve_under(root, img, source=args.input, line=line, field="image")
-                            if img else None, source=str(args.input), line=line, field="image"))
-    model = EmbeddingModel(load_backbone(args.model))
-    emb = model.encode(items, batch_size=args.batch_size)
+    from fam.inference import EncodePipeline, load_embedding_model, read_items
+    items = read_items(args.input, args.image_root)
+    model = load_embedding_model(args.model)
+    emb = EncodePipeline(model, batch_size=args.batch_size, progress=True).encode(items)
     save_file({"embeddings": emb.contiguous()}, args.out)
     print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.out}")
     return 0
@@ -202,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_encode)
 
     be = sub.add_parser("bench", help="benchmarks (exact vs reference, printed ratios)")
-    be.add_argument("which", choices=["mac", "gradcache"],
+    be.add_argument("which", choices=["mac", "gradcache", "encode"],
                     help="mac: exact MAC vs the naive (B·N)×(B·T) form; gradcache: peak memory "
-                         "of GradCache (batch 256, chunk 16) vs a plain batch of 16")
+                         "of GradCache (batch 256, chunk 16) vs a plain batch of 16; encode: the "
+                         "inference pipeline vs the sequential loop (items/s, peak memory)")
     be.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     be.set_defaults(func=cmd_bench)
 

@@ -217,6 +217,10 @@ class BackboneAdapter:
             kw["dtype"] = dtype
         if attn_implementation is not None:
             kw["attn_implementation"] = attn_implementation
+        from fam.backbones.headless import embedding_only_requested, load_headless
+        if embedding_only_requested():
+            # fam.inference.load_embedding_model: the LM head is never read nor kept.
+            return load_headless(path, **kw)
         return cls._model_class().from_pretrained(str(path), **kw)
 
     @classmethod

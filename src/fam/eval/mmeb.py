@@ -93,6 +93,14 @@ def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from fam.inference import EncodePipeline
+    from fam.model import EmbeddingModel
+    if isinstance(encoder, EmbeddingModel):
+        # The whole list at once: length-grouped batches, preprocessing overlapped with the
+        # forward.
+        emb = EncodePipeline(encoder, batch_size=batch_size, progress=progress,
+                             desc=desc).encode(items)
+        return F.normalize(emb, dim=-1)
     chunks: list[torch.Tensor] = []
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, leave=False)
     with torch.no_grad():
