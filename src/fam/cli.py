@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_probes_subcommand(analyze)
     from fam.plan import add_plan_subcommand
     add_plan_subcommand(sub)
+    from fam.export import add_export_subcommand
+    add_export_subcommand(sub)
     return p
 
 
