@@ -27,7 +27,7 @@ def exports(tiny_dirs, tmp_path_factory):
     """{family: export folder}, exported without the built-in check (the tests check)."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
-    for fam in ("qwen2_vl", "llava"):
+    for fam in ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next"):
         export_sentence_transformers(tiny_dirs[fam], root / fam, check=False)
         out[fam] = root / fam
     return out
@@ -37,7 +37,7 @@ def _cos(a, b):
     return torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=-1)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next"])
 def test_sentence_transformers_matches_fam(exports, tiny_dirs, scene_images, family):
     st = st_mod.SentenceTransformer(str(exports[family]), device="cpu")
     assert "trust_remote_code" not in json.dumps(json.loads(
@@ -61,7 +61,7 @@ def test_sentence_transformers_matches_fam(exports, tiny_dirs, scene_images, fam
     assert cos.min() >= PARITY_MIN_COSINE, cos
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_next"])
 def test_chat_template_writes_fams_exact_tokens(exports, tiny_dirs, scene_images, family):
     """The processor's ids (chat template + image expansion) equal the adapter's, item by item."""
     from transformers import AutoProcessor
@@ -192,3 +192,22 @@ def test_chat_template_drops_unknown_tags():
         "<s><IMG>\nP: a b</s>"
     assert render({"type": "image"}, {"type": "text", "text": "<|image_1|>a<|image_1|>"}) == \
         "<s>P: <IMG>a</s>"
+
+
+def test_results_of_a_demo_run_are_found(tmp_path):
+    from fam.export import _find_results
+    model = tmp_path / "demo" / "fam" / "model"
+    model.mkdir(parents=True)
+    res = {"overall": 43.6}
+    (tmp_path / "demo" / "results.json").write_text(json.dumps(
+        {"models": {"vlm2vec": {"overall": 34.6}, "fam": res},
+         "paths": {"vlm2vec": "runs/x/demo/baseline/model", "fam": "runs/x/demo/fam/model"}}))
+    assert _find_results(model, None)[0] is None  # recorded path names another folder
+    (tmp_path / "demo" / "results.json").write_text(json.dumps(
+        {"models": {"vlm2vec": {"overall": 34.6}, "fam": res},
+         "paths": {"vlm2vec": "demo/baseline/model", "fam": "demo/fam/model"}}))
+    found, src = _find_results(model, None)
+    assert found == res and src.endswith("results.json (fam)")
+    assert _find_results(model, tmp_path / "demo" / "results.json")[0] == res
+    with pytest.raises(ConfigError, match="has no results for"):
+        _find_results(tmp_path / "demo" / "other", tmp_path / "demo" / "results.json")

@@ -69,6 +69,14 @@ def test_pipeline_float32_tolerance(tiny_dirs, mixed_items):
     assert torch.nn.functional.cosine_similarity(got, ref).min() > 1 - 1e-6
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_embedding_only_loading_is_quiet(tiny_dirs, family, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING):
+        load_embedding_model(tiny_dirs[family])
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
+
+
 def test_embedding_only_model_has_no_lm_head_and_same_vectors(tiny_dirs, mixed_items):
     from fam.backbones import load_backbone
     full = EmbeddingModel(load_backbone(tiny_dirs["qwen2_vl"]))

@@ -261,6 +261,15 @@ def _training_info(model_dir: Path) -> dict[str, Any]:
     return info
 
 
+def _same_model(recorded: str, model_dir: Path) -> bool:
+    """Whether a path recorded in a results file (absolute, or relative to the cwd of the run
+    that wrote it) names ``model_dir``."""
+    rec, here = Path(recorded), model_dir.resolve()
+    if rec.is_absolute():
+        return rec.resolve() == here
+    return len(rec.parts) <= len(here.parts) and here.parts[-len(rec.parts):] == rec.parts
+
+
 def _find_results(model_dir: Path, results: str | Path | None) -> tuple[dict | None, str]:
     """Evaluation results for the model: ``results`` if given, ``<model>/eval_results.json``
     (``fam eval``'s default), or this model's entry of a ``results.json`` (``fam demo``) up to
@@ -269,7 +278,7 @@ def _find_results(model_dir: Path, results: str | Path | None) -> tuple[dict | N
         data = json.loads(Path(results).read_text())
         if "models" in data and "paths" in data:
             for name, p in data["paths"].items():
-                if Path(p).resolve() == model_dir.resolve():
+                if _same_model(p, model_dir) and name in data["models"]:
                     return data["models"][name], f"{results} ({name})"
             raise ConfigError(f"{results} has no results for {model_dir} (models: "
                               f"{sorted(data['paths'])})")
@@ -282,7 +291,7 @@ def _find_results(model_dir: Path, results: str | Path | None) -> tuple[dict | N
         if f.exists():
             data = json.loads(f.read_text())
             for name, p in (data.get("paths") or {}).items():
-                if Path(p).resolve() == model_dir.resolve() and name in data.get("models", {}):
+                if _same_model(p, model_dir) and name in data.get("models", {}):
                     return data["models"][name], f"{f} ({name})"
     return None, ""
 
@@ -322,7 +331,7 @@ def _model_card(adapter, model_dir: Path, prompts: dict[str, str], spec: dict[st
         lines.append(f"base_model: {cfg['model']}")  # a hub id, not a local folder
     lines += ["---", "", f"# {model_dir.resolve().name}: a fam multimodal embedding model", "",
               f"A {type(adapter.hf_model).__name__} turned into a universal multimodal "
-              f"embedding model with [fam](https://github.com/) (VLM2Vec recipe: last-token "
+              f"embedding model with fam (VLM2Vec recipe: last-token "
               f"pooling, L2 normalisation; FAM: MAC alignment + VEIN adaptation). "
               f"Embedding dimension **{adapter.hidden_size}**, cosine similarity. "
               f"Exported by fam {__version__} on {_dt.date.today().isoformat()} from "

@@ -186,7 +186,7 @@ class EncodePipeline:
         with self._encode_lock:
             return adapter.encode(items, loaded)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _forward(self, batch: EncodedBatch) -> torch.Tensor:
         device = self.model.adapter.device
         batch = batch.to(device)

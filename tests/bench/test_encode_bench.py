@@ -10,7 +10,7 @@ from fam.bench.encode import build_default, format_report, run_bench
 
 @pytest.mark.slow
 def test_bench_encode_runs_and_results_are_equal(tmp_path):
-    model, items = build_default(tmp_path, "xs", n=24, layers=3)
+    model, items = build_default(tmp_path, "xs", n=24, layers=3, image_size=112)
     assert len(items.read_text().splitlines()) == 24
     rows = [json.loads(line) for line in items.read_text().splitlines()]
     assert any("image" in r for r in rows) and any("image" not in r for r in rows)

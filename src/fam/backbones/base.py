@@ -218,7 +218,7 @@ class BackboneAdapter:
             ConfigError: the family has no exportable processor yet.
         """
         raise ConfigError(f"fam export does not support the {self.family} family yet "
-                          "(supported: qwen2_vl, qwen2_5_vl, llava)")
+                          "(supported: qwen2_vl, qwen2_5_vl, llava, llava_next)")
 
     @classmethod
     def build_tiny(cls, out_dir: str | Path | None = None, **kwargs: Any) -> "BackboneAdapter":

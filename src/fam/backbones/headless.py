@@ -71,7 +71,8 @@ class _DropHeadReport(logging.Filter):
         if "LOAD REPORT" not in msg:
             return True
         rows = [ln for ln in msg.splitlines() if "|" in ln and not ln.startswith(("Key", "-"))]
-        return not rows or not all(r.strip().startswith("lm_head.") for r in rows)
+        # e.g. "lm_head.weight", or "language_model.lm_head.weight" after LLaVA's key renaming
+        return not rows or not all("lm_head." in r.split("|")[0] for r in rows)
 
 
 def load_headless(path: str | Path, **kwargs: Any) -> HeadlessModel:
