@@ -295,8 +295,10 @@ def encode_sequential(model: EmbeddingModel, items: Sequence[MMItem],
                 hs = adapter.forward(batch, output_hidden_states=True).hidden_states
                 last = hs[-1]
                 emb = last[torch.arange(last.shape[0], device=last.device), batch.eos_index]
-                emb = F.normalize(emb.float(), dim=-1) if model.normalize else emb.float()
-                outs.append(emb.cpu())
+                if emb.dtype in (torch.float16, torch.bfloat16):
+                    emb = emb.float()
+                emb = F.normalize(emb, dim=-1) if model.normalize else emb
+                outs.append(emb.float().cpu())
     finally:
         model.train(was_training)
     if not outs:

@@ -116,7 +116,11 @@ class EmbeddingModel(nn.Module):
         idx = torch.arange(last.shape[0], device=last.device)
         emb = last[idx, batch.eos_index]
         if self.normalize:
-            emb = F.normalize(emb.float(), dim=-1)
+            # Half precision is upcast (scores are divided by τ = 0.02); float64 stays
+            # float64, so exact-maths tests are not rounded through float32 here.
+            if emb.dtype in (torch.float16, torch.bfloat16):
+                emb = emb.float()
+            emb = F.normalize(emb, dim=-1)
         wanted = {self.resolve_layer(l): out.hidden_states[self.resolve_layer(l)] for l in layers}
         return EmbeddingOutput(emb, wanted, batch.image_mask, batch.text_mask, batch.eos_index,
                                batch.has_image, out.attentions if output_attentions else None)

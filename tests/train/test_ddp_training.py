@@ -5,9 +5,16 @@ each global batch from ResumableBatchSampler (rows r, r+2, ...), embeddings are 
 with gradient (fam.distributed) and DDP averages the gradients, so after 2 optimizer steps
 the LoRA weights must equal those of one process with the whole batch. The same holds with
 GradCache on (chunk re-runs under ``no_sync``, one all-reduce per step).
+
+The runs are in float64, where the maths is exact up to summation order: in float32 the first
+Adam steps normalise tiny gradients (LoRA A has zero gradient at step 1), which amplified
+summation-order noise to 1e-5 of a tensor's scale on one CPU type and failed the suite there.
+In float64 the same noise measured 2.5e-14 of the scale, so a 1e-9 relative bound is both tight
+and machine-independent.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -20,11 +27,23 @@ from test_gradcache import make_module, make_pairs  # same directory (pytest roo
 
 from fam.config import OptimConfig, RunConfig
 from fam.train.adapt import PairCollator
-from fam.train.trainer import Trainer
+from fam.train.trainer import ResumableBatchSampler, Trainer
 
 WORLD = 2
 GLOBAL_BATCH = 8
 STEPS = 2
+DTYPE = torch.float64
+RTOL = 1e-9  # of each tensor's max |value|; measured float64 noise: 2.5e-14 of it
+
+
+def _differing(got: dict, ref: dict) -> dict[str, tuple[float, float]]:
+    """Tensors whose max difference exceeds RTOL of their scale: name -> (diff, scale)."""
+    out = {}
+    for n in ref:
+        diff, scale = float((got[n] - ref[n]).abs().max()), float(ref[n].abs().max())
+        if diff > RTOL * max(scale, 1e-12):
+            out[n] = (diff, scale)
+    return out
 
 
 def _exit_cleanly() -> None:
@@ -49,8 +68,9 @@ def _free_port() -> int:
 
 def _train(out, pairs, batch_size: int, chunk: int, strategy: str = "ddp",
            steps: int = STEPS) -> dict[str, torch.Tensor]:
-    module = make_module("task", dtype=torch.float32)
+    module = make_module("task", dtype=DTYPE)
     module.gradcache_chunk = chunk
+    module.hard_negatives = True  # as run_adapt sets it from AdaptConfig.hard_negatives
     opt = OptimConfig(lr=5e-3, batch_size=batch_size, steps=steps, warmup_ratio=0.0)
     # save_every=1: checkpoint writes (rank 0 only, with barriers) happen mid-run too.
     run = RunConfig(out_dir=str(out), save_every=1, progress=False, log_every=1, device="cpu",
@@ -104,10 +124,9 @@ def test_two_rank_resumed_run_equals_one_process(strategy, scene_images, tmp_pat
     mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), pairs, strategy), nprocs=WORLD,
              join=True)
     ref = _train(tmp_path / "single", pairs, GLOBAL_BATCH, 0)
-    got = torch.load(tmp_path / f"{strategy}.pt")
+    got = torch.load(tmp_path / f"{strategy}.pt", weights_only=True)
     assert got.keys() == ref.keys()
-    bad = {n: float((got[n] - ref[n]).abs().max()) for n in ref
-           if float((got[n] - ref[n]).abs().max()) > 1e-6 + 1e-4 * float(ref[n].abs().max())}
+    bad = _differing(got, ref)
     assert not bad, f"{len(bad)} of {len(ref)} tensors differ: {bad}"
 
 
@@ -118,18 +137,64 @@ def test_two_rank_trainer_equals_one_process(scene_images, tmp_path):
     chunks = (0, 2)
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), pairs, chunks), nprocs=WORLD, join=True)
     ref = _train(tmp_path / "single", pairs, GLOBAL_BATCH, 0)
-    init = {n: p for n, p in make_module("task", dtype=torch.float32).named_parameters()
+    init = {n: p for n, p in make_module("task", dtype=DTYPE).named_parameters()
             if p.requires_grad}
     assert any(not torch.allclose(init[n], ref[n]) for n in ref)  # the weights moved
     for chunk in chunks:
-        got = torch.load(tmp_path / f"ddp-c{chunk}.pt")
+        got = torch.load(tmp_path / f"ddp-c{chunk}.pt", weights_only=True)
         assert got.keys() == ref.keys()
-        diff = {n: float((got[n] - ref[n]).abs().max()) for n in ref}
-        scale = {n: float(ref[n].abs().max()) for n in ref}
-        # fp32 + AdamW: the first Adam steps normalise tiny gradients (LoRA A has zero
-        # gradient at step 1), which amplifies summation-order noise; measured max 3e-5 of
-        # each tensor's scale.
-        bad = {n: (diff[n], scale[n]) for n in ref if diff[n] > 1e-6 + 1e-4 * scale[n]}
+        bad = _differing(got, ref)
         assert not bad, f"chunk {chunk}: {len(bad)} of {len(ref)} tensors differ: {bad}"
     # rank 0 alone wrote the checkpoints; the final one is complete
     assert (tmp_path / "ddp-c0" / "checkpoints" / f"step-{STEPS}" / "state.json").exists()
+
+
+def mixed_negative_pairs(images, n: int = 16) -> list:
+    """Pairs whose hard negatives sit on one rank only in each step (2 ranks, seed 0).
+
+    Step 0: rank 0's rows have negatives, rank 1's none; step 1: the reverse. This is what a
+    real MMEB mix does at random (only some subsets carry ``neg_*``), and what crashed the
+    gather ("ranks passed tensors of different shapes") before.
+    """
+    pairs = make_pairs(images, n, neg_every=1)  # every row has a negative ...
+    split = [list(ResumableBatchSampler(n, GLOBAL_BATCH // WORLD, STEPS, 0, rank=r,
+                                        world_size=WORLD)) for r in range(WORLD)]
+    keep = set(split[0][0]) | set(split[1][1])  # ... until stripped from the other rank's rows
+    return [p if i in keep else dataclasses.replace(p, neg=None) for i, p in enumerate(pairs)]
+
+
+def _mixed_worker(rank: int, port: int, out: str, pairs, strategy: str, chunk: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        params = _train(os.path.join(out, strategy), pairs, GLOBAL_BATCH // WORLD, chunk,
+                        strategy)
+        if rank == 0:
+            torch.save(params, os.path.join(out, f"{strategy}.pt"))
+        dist.barrier()
+        _exit_cleanly()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,chunk", [("ddp", 0), ("ddp", 2), ("fsdp", 0)])
+def test_ranks_disagreeing_on_hard_negatives_equal_one_process(strategy, chunk, scene_images,
+                                                               tmp_path):
+    """In each step one rank's local batch has hard negatives and the other's has none:
+    DDP (plain and GradCache) and FSDP finish and equal one process on the global batch."""
+    torch.set_num_threads(1)
+    pairs = mixed_negative_pairs(scene_images)
+    for step in range(STEPS):  # the premise: the ranks really disagree in every step
+        has = [any(pairs[i].neg is not None for i in rows) for rows in
+               (list(ResumableBatchSampler(16, GLOBAL_BATCH // WORLD, STEPS, 0, rank=r,
+                                           world_size=WORLD))[step] for r in range(WORLD))]
+        assert sorted(has) == [False, True]
+    mp.spawn(_mixed_worker, args=(_free_port(), str(tmp_path), pairs, strategy, chunk),
+             nprocs=WORLD, join=True)
+    ref = _train(tmp_path / "single", pairs, GLOBAL_BATCH, 0)
+    got = torch.load(tmp_path / f"{strategy}.pt", weights_only=True)
+    assert got.keys() == ref.keys()
+    bad = _differing(got, ref)
+    assert not bad, f"{len(bad)} of {len(ref)} tensors differ: {bad}"

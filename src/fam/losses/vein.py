@@ -204,7 +204,9 @@ class VeinDecoder(nn.Module):
         pred = out[:, 1:]  # (B, K_max, d)
 
         target = x.gather(1, idx[..., None].expand(b, k_max, d))  # (B, K_max, d)
-        cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)  # (B, K_max)
+        if pred.dtype in (torch.float16, torch.bfloat16):  # float64 stays float64
+            pred, target = pred.float(), target.float()
+        cos = F.cosine_similarity(pred, target, dim=-1)  # (B, K_max)
         per_sample = ((1.0 - cos) * slot_valid).sum(dim=1) / k
         return {"loss": per_sample.mean(), "per_sample": per_sample, "masked": masked, "pred": pred}
 

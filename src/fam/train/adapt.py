@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from fam import distributed as dist_utils
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import AdaptConfig, to_dict
@@ -130,14 +131,20 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
         gradcache_chunk: GradCache chunk size in rows (0: off).
         mask_duplicates: identical targets/negatives of other rows are not negatives
             (see :func:`fam.losses.contrastive.info_nce`'s ``target_ids``).
+        hard_negatives: the data's hard negatives are used. Then every (micro-)batch passes
+            a negative block to the loss, all-masked when none of its rows has one, so that
+            under DDP/FSDP all ranks gather tensors of the same shapes even when only some
+            ranks' local batches carry negatives (MMEB mixes subsets with and without).
     """
 
     gc_aux_name = "rec_loss"
 
     def __init__(self, embedder: EmbeddingModel, temperature: float = 0.02,
                  vein: nn.Module | None = None, vein_weight: float = 1.0,
-                 gradcache_chunk: int = 0, mask_duplicates: bool = True):
+                 gradcache_chunk: int = 0, mask_duplicates: bool = True,
+                 hard_negatives: bool = False):
         super().__init__()
+        self.hard_negatives = hard_negatives
         self.mask_duplicates = mask_duplicates
         self.embedder = embedder
         self.temperature = temperature
@@ -169,6 +176,11 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
         n = self.embedder(batch.neg).embedding if batch.neg is not None else \
             t.embedding.new_zeros((0, t.embedding.shape[1]))
         out = {"reps": {"q": q.embedding, "t": t.embedding, "n": n}, "aux": None, "aux_n": 0}
+        if batch.neg is None and self.hard_negatives and dist_utils.is_dist():
+            # FSDP all-gathers each sharded block in every forward, so all ranks must run
+            # the same forwards: a rank without negatives encodes a placeholder (its first
+            # target) that enters the loss with weight 0 (no effect on values or gradients).
+            out["reps"]["p"] = self.embedder(split_encoded(batch.target, 0, 1)).embedding
         if self.vein is not None:
             rq = self._vein_loss(q, batch.vein_query)
             rt = self._vein_loss(t, batch.vein_target)
@@ -208,17 +220,24 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
         for c in chunks[:-1]:
             offsets.append(offsets[-1] + c.query.batch_size)
         rows = torch.cat([c.neg_rows + o for c, o in zip(chunks, offsets)])
-        if rows.numel():
-            n = torch.cat([r["n"] for r in reps])
-            negs = t.new_zeros(t.shape).index_copy(0, rows, n.to(t.dtype))
+        if rows.numel() or self.hard_negatives:
+            # Row i's negative in slot i; rows without one are masked out (-inf scores).
+            negs = t.new_zeros(t.shape)
             mask = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
-            mask[rows] = True
+            if rows.numel():
+                n = torch.cat([r["n"] for r in reps])
+                negs = negs.index_copy(0, rows, n.to(t.dtype))
+                mask[rows] = True
         tid = torch.cat([c.target_ids for c in chunks])
         nid = torch.cat([c.neg_ids for c in chunks]) if negs is not None else None
         task = info_nce(q, t, self.temperature, negs, mask,
                         target_ids=tid if self.mask_duplicates else None,
                         negative_ids=nid if self.mask_duplicates else None)
-        terms = {"loss": task["loss"], "task_loss": task["loss"].detach(),
+        loss = task["loss"]
+        for r in reps:
+            if "p" in r:  # FSDP placeholder forward: in the graph, weight 0
+                loss = loss + 0.0 * r["p"].sum()
+        terms = {"loss": loss, "task_loss": task["loss"].detach(),
                  "accuracy": task["accuracy"],
                  # L_rec = Σ_samples rec / N (a per-sample mean, SPEC §3), times λ.
                  "aux_scale": self.vein_weight / max(aux_n, 1)}
@@ -315,7 +334,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                         detach_target=v.detach_target)
         meta = vein_meta_tasks(pairs, cfg.train_dir)
     module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight, cfg.gradcache_chunk,
-                               cfg.mask_duplicates)
+                               cfg.mask_duplicates, cfg.hard_negatives)
     collate = PairCollator(emb.adapter, cfg.hard_negatives, meta, dict(cfg.vein.eligible_override))
     trainer = Trainer(module, pairs, collate, cfg.optim, cfg.run,
                       "adapt+vein" if vein is not None else "adapt", config_dump=to_dict(cfg))

@@ -156,7 +156,7 @@ def gradcache_step(module: nn.Module, batch: Any, step: int, chunk_size: int,
             out = module(c, step, mode="reps")
             reps.append({k: v.detach() for k, v in out["reps"].items()})
             if out.get("aux") is not None:
-                aux_vals.append(out["aux"].detach().float())
+                aux_vals.append(out["aux"].detach())
             aux_n += int(out.get("aux_n", 0))
     after = RngState(device)
 

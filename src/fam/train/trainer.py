@@ -9,12 +9,9 @@ with torchrun.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from fam import distributed as dist_utils
 from fam.config import OptimConfig, RunConfig
 from fam.errors import FamError
-from fam.utils.checkpoint import atomic_dir
+from fam.train import checkpoints as ckpt
 from fam.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -253,49 +250,49 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_dirs(self) -> list[Path]:
-        if not self.ckpt_root.exists():
-            return []
-        dirs = [d for d in self.ckpt_root.iterdir()
-                if d.is_dir() and re.fullmatch(r"step-\d+", d.name) and (d / "state.json").exists()]
-        return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+        return ckpt.list_checkpoints(self.ckpt_root)
+
+    def _last_good(self) -> str:
+        """The newest checkpoint, for error messages (every saved one holds finite tensors)."""
+        found = self._ckpt_dirs()
+        return str(found[-1]) if found else "none"
 
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint atomically (rank 0 only); prune old ones.
 
         All ranks call it; they wait for rank 0's write to finish, so no rank can start
-        a resume from (or end the job before) a half-written checkpoint.
+        a resume from (or end the job before) a half-written checkpoint. Non-finite
+        parameters are never saved: the run stops with :class:`TrainingDiverged` instead,
+        naming the newest (good) checkpoint.
         """
         state, opt_state = self._full_states()  # collective under FSDP: every rank calls it
+        bad = ckpt.non_finite(state)  # identical on every rank (replicated or gathered)
+        if bad:
+            raise TrainingDiverged(
+                f"{self.name}: {len(bad)} of {len(state)} trainable tensors are not finite "
+                f"after step {self.step} (e.g. {bad[0]}); not saving them. Last good "
+                f"checkpoint: {self._last_good()} (lower optim.lr or check the data)")
         if dist_utils.rank() != 0:
             barrier()
             return None
-        from safetensors.torch import save_file
-        path = self.ckpt_root / f"step-{self.step}"
-        with atomic_dir(path) as tmp:
-            save_file(state, str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": opt_state,
-                        "scheduler": self.scheduler.state_dict(),
-                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                "numpy": np.random.get_state(),
-                                "cuda": torch.cuda.get_rng_state_all()
-                                if torch.cuda.is_available() else None}},
-                       tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps(
-                {"step": self.step, "name": self.name, "config": self.config_dump}, indent=2))
+        path = ckpt.write_checkpoint(self.ckpt_root / f"step-{self.step}", self.step, state,
+                                     opt_state, self.scheduler.state_dict(),
+                                     {"name": self.name, "config": self.config_dump})
         keep = max(1, self.run_cfg.keep_checkpoints)
         for old in self._ckpt_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         barrier()
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-        state = load_file(str(path / "trainable.safetensors"))
-        missing = set(self.param_names) - set(state)
-        if missing:
-            raise FamError(f"checkpoint {path} does not match this model: missing "
-                           f"{sorted(missing)[:5]}... (was it written by another config?)")
-        extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    def _expected_shapes(self) -> dict[str, torch.Size]:
+        """Full shapes of the trainable tensors (a DTensor's ``shape`` is the global one)."""
+        return {n: torch.Size(p.shape) for n, p in zip(self.param_names, self.params)}
+
+    def load_checkpoint(self, path: Path | ckpt.Checkpoint) -> None:
+        """Apply a checkpoint (a folder, read and validated first, or a read one)."""
+        c = path if isinstance(path, ckpt.Checkpoint) else \
+            ckpt.read_checkpoint(Path(path), self._expected_shapes())
+        state = c.params
         if self.sharded:
             from torch.distributed.tensor import distribute_tensor
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
@@ -304,15 +301,15 @@ class Trainer:
                 for n, p in zip(self.param_names, self.params):
                     p.copy_(distribute_tensor(state[n].to(p.device, p.dtype), p.device_mesh,
                                               p.placements))
-            set_optimizer_state_dict(self.module, self.optimizer, extra["optimizer"],
+            set_optimizer_state_dict(self.module, self.optimizer, c.optimizer,
                                      options=StateDictOptions(full_state_dict=True))
         else:
             with torch.no_grad():
                 for n, p in zip(self.param_names, self.params):
                     p.copy_(state[n].to(p.device, p.dtype))
-            self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.step = int(json.loads((path / "state.json").read_text())["step"])
+            self.optimizer.load_state_dict(c.optimizer)
+        self.scheduler.load_state_dict(c.scheduler)
+        self.step = c.step
         # The restored learning rate is the one the saved run's schedule set for this step;
         # recompute it from this run's schedule, so a run extended to more steps (a new
         # optim.steps) continues on its own schedule instead of the old one's final lr.
@@ -320,14 +317,8 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * f(self.step)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        rng = extra["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step = int(json.loads((path / "state.json").read_text())["step"])
-        log.info("%s: resumed from %s (step %d)", self.name, path, self.step)
+        ckpt.restore_rng(c.rng)
+        log.info("%s: resumed from %s (step %d)", self.name, c.path, self.step)
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -347,9 +338,10 @@ class Trainer:
         if dist_utils.is_dist() and run.strategy == "fsdp" and not self.sharded:
             self._shard()
         if run.resume:
-            ckpts = self._ckpt_dirs()
-            if ckpts:
-                self.load_checkpoint(ckpts[-1])
+            # The newest checkpoint that validates; corrupt ones are skipped with a warning.
+            found = ckpt.newest_loadable(self.ckpt_root, self._expected_shapes())
+            if found is not None:
+                self.load_checkpoint(found)
         if self.step >= opt.steps:
             log.info("%s: already complete (%d steps)", self.name, self.step)
             return TrainResult(self.step, {}, 0.0, self.out_dir)
@@ -403,21 +395,27 @@ class Trainer:
                         else:
                             terms = ddp_module(chunk, self.step)
                         loss = terms["loss"]
-                        if not torch.isfinite(loss):
-                            ck = self._ckpt_dirs()
+                        if not torch.isfinite(loss) and not dist_utils.is_dist():
+                            # (Under DDP a rank must not leave alone: its NaN reaches every
+                            # rank's gradients through the all-reduce and stops all below.)
                             raise TrainingDiverged(
                                 f"{self.name}: loss is {loss.item()} at step {self.step}; "
-                                f"last good checkpoint: {ck[-1] if ck else 'none'} "
+                                f"last good checkpoint: {self._last_good()} "
                                 "(lower optim.lr, check the data for NaN, or use fp32)")
                         if step_fn is None:
                             (loss / len(chunks)).backward()
                     for k, v in terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
-                if opt.grad_clip > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(self.params, opt.grad_clip)
-                    if hasattr(gn, "full_tensor"):  # FSDP: the norm is a DTensor
-                        gn = gn.full_tensor()
-                    terms_sum["grad_norm"] = float(gn)
+                gn = self._grad_norm(opt.grad_clip)
+                terms_sum["grad_norm"] = gn
+                if not math.isfinite(gn) or not math.isfinite(terms_sum["loss"]):
+                    # Never step on a non-finite gradient: the weights stay those of the
+                    # last step, and every saved checkpoint holds finite tensors.
+                    raise TrainingDiverged(
+                        f"{self.name}: loss {terms_sum['loss']:.4g}, gradient norm {gn:.4g} "
+                        f"at step {self.step}; the optimizer did not step. Last good "
+                        f"checkpoint: {self._last_good()} (lower optim.lr, check the data "
+                        "for NaN, or use fp32)")
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
@@ -451,6 +449,19 @@ class Trainer:
                               {"stage": self.name, "steps": self.step, "seconds": seconds,
                                "final": last})
         return TrainResult(self.step, last, seconds, self.out_dir)
+
+    def _grad_norm(self, clip: float) -> float:
+        """Global gradient norm (identical on every rank), clipping to ``clip`` when > 0."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        if clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        else:
+            gn = torch.nn.utils.get_total_norm(grads)
+        if hasattr(gn, "full_tensor"):  # FSDP: the norm is a DTensor
+            gn = gn.full_tensor()
+        return float(gn)
 
     def _collate_chunks(self, examples: list[Any]) -> list[Any]:
         """Split one step's examples into ``grad_accum`` micro-batches and collate each."""

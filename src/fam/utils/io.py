@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fam.errors import DataError
+from fam.utils.checkpoint import default_mode, fsync_path
 
 
 @contextlib.contextmanager
@@ -31,10 +32,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp creates 0600 files; give the result the usual permissions (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, default_mode(False))
+        fsync_path(tmp_path)  # the data is on disk before the name points at it
         os.replace(tmp_path, path)
+        fsync_path(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
