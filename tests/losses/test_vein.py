@@ -1,4 +1,4 @@
-"""VEIN (SPEC §3): masking, eligibility, gradient routing, zero-sample safety, learnability."""
+"""VEIN (method.md §3): masking, eligibility, gradient routing, zero-sample safety, learnability."""
 from __future__ import annotations
 
 import math

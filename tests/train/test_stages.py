@@ -38,7 +38,8 @@ def _weights(model_dir):
 
 
 def test_stage0_trains_and_saves_a_loadable_generative_model(bench, tmp_path):
-    from fam.train.stage0 import generative_eval_loss, load_captions, run_stage0
+    from fam.data.captions import load_captions
+    from fam.train.stage0 import generative_eval_loss, run_stage0
     data = bench / "data"
     cfg = Stage0Config(model=str(bench / "tiny"), captions=str(data / "captions.json"),
                        qa=str(data / "qa.json"), image_root=str(data),
@@ -50,21 +51,6 @@ def test_stage0_trains_and_saves_a_loadable_generative_model(bench, tmp_path):
     after = generative_eval_loss(load_backbone(path), samples)
     assert after < before - 0.5  # it learned the captions' language
     assert json.loads((tmp_path / "train_metrics.json").read_text())["steps"] == 12
-
-
-def test_caption_loader_errors_name_file_line_field(tmp_path):
-    from fam.train.stage0 import load_captions
-    p = tmp_path / "caps.json"
-    p.write_text(json.dumps([{"image": "a.png", "caption": "x"}, {"image": "b.png"}]))
-    with pytest.raises(DataError) as ei:
-        load_captions(p, tmp_path)
-    assert str(p) in str(ei.value) and "line 2" in str(ei.value) and "caption" in str(ei.value)
-    p.write_text(json.dumps([{"image": "../../etc/passwd", "caption": "x"}]))
-    with pytest.raises(DataError, match="escapes the data root"):
-        load_captions(p, tmp_path)
-    p.write_text("[{\"image\": ")
-    with pytest.raises(DataError, match="invalid JSON"):
-        load_captions(p, tmp_path)
 
 
 def _adapt_cfg(bench, out, **kw):
@@ -93,9 +79,9 @@ def test_adapt_with_vein_exports_a_clean_model(bench, tmp_path):
 
 
 def test_align_merges_lora_and_improves_the_mac_loss(bench, tmp_path):
-    from fam.train.align import AlignCollator, AlignConfig, MACModule, run_align
+    from fam.train.align import AlignCollator, AlignConfig, MACLoss, MACModule, run_align
     from fam.model import EmbeddingModel
-    from fam.train.stage0 import load_captions
+    from fam.data.captions import load_captions
     data = bench / "data"
     cfg = AlignConfig(model=str(bench / "tiny"), captions=str(data / "captions.json"),
                       image_root=str(data), optim=OptimConfig(lr=3e-3, batch_size=8, steps=8),
@@ -108,7 +94,8 @@ def test_align_merges_lora_and_improves_the_mac_loss(bench, tmp_path):
         a = load_backbone(model_dir)
         m = MACModule(EmbeddingModel(a)).eval()
         with torch.no_grad():
-            return m(AlignCollator(a, cfg.image_instruction, cfg.text_instruction)(samples))
+            return MACLoss()(**m(AlignCollator(a, cfg.image_instruction,
+                                               cfg.text_instruction)(samples)))
     before, after = mac(bench / "tiny"), mac(path)
     assert set(before) == {"loss", "coarse_loss", "c2f_loss", "fine_loss"}
     assert after["loss"] < before["loss"]
@@ -170,3 +157,41 @@ def test_adapt_also_saves_the_lora_adapter_which_reloads_exactly(bench, tmp_path
         e1 = merged(merged.adapter.encode(items)).embedding
         e2 = base(base.adapter.encode(items)).embedding
     torch.testing.assert_close(e2, e1, rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_in_vlm2vec_format_records_its_inputs_in_the_saved_model(bench, tmp_path):
+    """backbone.* options reach training, and the exported model keeps them for eval/export."""
+    from fam.config import BackboneConfig
+    from fam.train.adapt import run_adapt
+    cfg = _adapt_cfg(bench, tmp_path, max_text_tokens=None,
+                     backbone=BackboneConfig(prompt_format="vlm2vec", image_resolution="low",
+                                             min_pixels=56 * 56, max_pixels=28 * 28 * 16))
+    path = run_adapt(cfg)
+    saved = json.loads((path / "fam_backbone.json").read_text())
+    assert saved == {"family": "qwen2_vl", "prompt_format": "vlm2vec", "image_resolution": "low",
+                     "max_text_tokens": None, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16}
+    a = load_backbone(path)  # what eval, encode and export get by default
+    assert (a.prompt_format, a.image_resolution, a.max_text_tokens, a.pixel_budget) == \
+        ("vlm2vec", "low", None, (56 * 56, 28 * 28 * 16))
+
+
+def test_pair_collator_hands_images_over_in_their_own_mode(bench, tmp_path):
+    """RGBA reaches the adapter unconverted, so each format's rule applies (docs/vlm2vec.md)."""
+    import numpy as np
+    from PIL import Image
+
+    from fam.data.mmeb import TrainPair
+    from fam.data.types import MMItem
+    from fam.train.adapt import PairCollator
+    arr = np.random.default_rng(0).integers(0, 256, (60, 90, 4), dtype=np.uint8)
+    arr[..., 3] = np.linspace(0, 255, 90, dtype=np.uint8)[None]
+    Image.fromarray(arr, "RGBA").save(tmp_path / "rgba.png")
+    rgba = Image.open(tmp_path / "rgba.png")
+    q = MMItem("<|image_1|>\nRepresent the given image.", tmp_path / "rgba.png")
+    pair = TrainPair(q, MMItem("a label"), None, "Scenes-T2I", str(tmp_path / "x.jsonl"), 1)
+    for fmt, rgb in (("fam", None), ("vlm2vec", rgba.convert("RGB"))):
+        a = load_backbone(bench / "tiny", prompt_format=fmt)
+        batch = PairCollator(a, hard_negatives=False)([pair])
+        want = a.image_processor(images=[rgb if rgb is not None else rgba],
+                                 return_tensors="pt")["pixel_values"]
+        assert torch.equal(batch.query.inputs["pixel_values"], want), fmt

@@ -1,4 +1,4 @@
-"""Figures for the alignment analysis (SPEC §5): heatmaps, entropy bars, MP energy curves.
+"""Figures for the alignment analysis (method.md §5): heatmaps, entropy bars, MP energy curves.
 
 matplotlib is imported lazily with the non-interactive Agg backend, so ``import fam`` and
 headless training never need a display (or matplotlib at all).
@@ -48,7 +48,7 @@ def plot_similarity_heatmaps(image: Image.Image, sim_maps: Sequence[Any], labels
     """Overlay patch-to-label similarity maps on the image, one panel per label.
 
     The maps live on the token grid of the *processed* image; pass the image in that frame
-    (:func:`fam.analysis.geometry.transform_image`) so patches line up. Each map is
+    (:func:`fam.projector.geometry.transform_image`) so patches line up. Each map is
     stretched over the whole image (nearest-neighbour: one block per patch).
 
     Args:
@@ -91,7 +91,7 @@ def plot_similarity_heatmaps(image: Image.Image, sim_maps: Sequence[Any], labels
 
 
 def plot_entropy_comparison(entropies: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """Grouped bars of matrix entropy before/after the projector and of text (SPEC §5).
+    """Grouped bars of matrix entropy before/after the projector and of text (method.md §5).
 
     Args:
         entropies: name → ``(H_before, H_after, H_text)`` in nats (``H_text`` may be NaN
@@ -121,7 +121,7 @@ def plot_entropy_comparison(entropies: Mapping[str, Sequence[float]], path: str 
 
 
 def plot_explained_energy(curves: Mapping[str, Any], path: str | Path) -> Path:
-    """Matching-pursuit explained energy vs number of atoms K (SPEC §5).
+    """Matching-pursuit explained energy vs number of atoms K (method.md §5).
 
     Args:
         curves: name → ``(K+1,)`` mean curve (e.g. ``MPResult.explained_energy.mean(0)``),

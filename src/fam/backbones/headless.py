@@ -75,6 +75,19 @@ class _DropHeadReport(logging.Filter):
         return not rows or not all("lm_head." in r.split("|")[0] for r in rows)
 
 
+def drop_lm_head(model: nn.Module) -> nn.Module:
+    """``model`` without its LM head: a :class:`HeadlessModel` around its base model.
+
+    For a model that had to be loaded whole (e.g. to merge a peft adapter, whose module names
+    are the generative class's); the head's memory is freed with the returned model. Models
+    without an ``lm_head`` (already headless, remote-code layouts) come back unchanged.
+    """
+    if isinstance(model, HeadlessModel) or not (hasattr(model, "lm_head") and
+                                                hasattr(model, "model")):
+        return model
+    return HeadlessModel(model.model)
+
+
 def load_headless(path: str | Path, **kwargs: Any) -> HeadlessModel:
     """Load the base model of the checkpoint at ``path`` (keyword arguments as ``from_pretrained``)."""
     from transformers import AutoModel

@@ -2,11 +2,11 @@
 
 Run ``fam bench encode [--model DIR --items F.jsonl] [--n 512] [--batch-size 32]``.
 
-* **sequential**: :func:`fam.inference.encode_sequential` on a model loaded with
+* **sequential**: :func:`fam.model.encode.encode_sequential` on a model loaded with
   :func:`fam.load_backbone` (LM head loaded), batches in input order, each batch read and
   processed then run, every layer's hidden states returned (the loop ``EmbeddingModel.encode``
   ran before the pipeline).
-* **pipeline**: :class:`fam.inference.EncodePipeline` on :func:`fam.inference.load_embedding_model`
+* **pipeline**: :class:`fam.model.encode.EncodePipeline` on :func:`fam.model.encode.load_embedding_model`
   (no LM head): length-grouped batches, images decoded and processed in a background thread
   while the model runs, only the last hidden state.
 
@@ -28,7 +28,6 @@ candidates, text and image, deduplicated) in a temporary folder.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -39,13 +38,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_bench", "main"]
+__all__ = ["build_default", "format_report", "run_bench", "run_default_or_given"]
 
 VARIANTS = ("sequential", "pipeline")
 
@@ -55,8 +54,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from fam.bench import PeakMemory, status_kb
-    from fam.inference import (EncodePipeline, encode_sequential, load_embedding_model,
-                               read_items)
+    from fam.data.items import read_items
+    from fam.model.encode import EncodePipeline, encode_sequential, load_embedding_model
 
     torch.set_num_threads(spec["threads"])
     items = read_items(spec["items"], spec.get("image_root"))
@@ -126,7 +125,8 @@ def build_default(work: Path, size: str, n: int, layers: int = 0, image_size: in
     items (JSONL) under ``work``."""
     from fam.backbones import build_tiny
     from fam.data.mmeb import load_eval
-    from fam.data.scenes import ScenesConfig, generate_scenes
+    from fam.config import ScenesConfig
+    from fam.data.scenes import generate_scenes
 
     data = work / "data"
     generate_scenes(ScenesConfig(seed=seed, n_train_images=8, n_eval_images=64, n_ood_images=24,
@@ -226,47 +226,28 @@ def format_report(res: dict[str, Any], label: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: prints the table and, last, the ratios."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--_worker"]:  # internal: one measurement in a fresh process
-        print(json.dumps(_worker(json.loads(argv[1]))))
-        return 0
-    p = argparse.ArgumentParser(prog="fam bench encode", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint (default: a tiny random Qwen2-VL)")
-    p.add_argument("--items", default=None,
-                   help="JSONL of {text, image} as `fam encode` reads (default: Scenes eval items)")
-    p.add_argument("--image-root", default=None, help="image root (default: beside --items)")
-    p.add_argument("--n", type=int, default=512, help="default items: how many (default 512)")
-    p.add_argument("--size", default="m", choices=["xs", "s", "m"],
-                   help="default model: tiny Qwen2-VL size (default m)")
-    p.add_argument("--layers", type=int, default=16,
-                   help="default model: language-model layers (default 16; 0 = the preset's)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = p.parse_args(argv)
-    if (args.model is None) != (args.items is None):
-        p.error("give both --model and --items, or neither (tiny model + Scenes items)")
+def run_default_or_given(model: str | None, items: str | None, image_root: str | None = None,
+                         n: int = 512, size: str = "m", layers: int = 16, batch_size: int = 32,
+                         threads: int = 1, repeats: int = 3, prefetch: int = 2,
+                         workers: int = 1) -> tuple[dict[str, Any], str]:
+    """:func:`run_bench` on the given model and items, or on the default ones (built in a
+    temporary folder); returns the figures and a label for :func:`format_report`."""
     with tempfile.TemporaryDirectory(prefix="fam-bench-encode-data-") as tmp:
-        if args.model is None:
-            model, items = build_default(Path(tmp), args.size, args.n, args.layers)
-            label = (f"tiny Qwen2-VL '{args.size}' with {args.layers or 'preset'} LM layers "
-                     "(random weights), Scenes eval items")
+        if model is None:
+            model_dir, items_file = build_default(Path(tmp), size, n, layers)
+            label = (f"tiny Qwen2-VL '{size}' with {layers or 'preset'} LM layers, 224-px "
+                     "input (random weights), Scenes eval items")
         else:
-            model, items = Path(args.model), Path(args.items)
+            model_dir, items_file = Path(model), Path(items)
             label = f"{model}, {items}"
-        res = run_bench(model, items, Path(args.image_root) if args.image_root else None,
-                        args.batch_size, args.threads, args.repeats, args.prefetch, args.workers)
-    print(format_report(res, label))
-    if args.json:
-        from fam.utils.io import atomic_write_json
-        atomic_write_json(args.json, res)
-    return 0
+        res = run_bench(model_dir, items_file, Path(image_root) if image_root else None,
+                        batch_size, threads, repeats, prefetch, workers)
+    return res, label
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fam.bench.encode --_worker JSON` measures one variant in this fresh process
+    # (run_bench's subprocess protocol); users run `fam bench encode`.
+    if sys.argv[1:2] != ["--_worker"]:
+        sys.exit("this module is the benchmark's worker; run `fam bench encode [...]`")
+    print(json.dumps(_worker(json.loads(sys.argv[2]))))

@@ -1,4 +1,4 @@
-"""Vision Embedding Inversion (VEIN), FAM stage 2 (SPEC §3).
+"""Vision Embedding Inversion (VEIN), FAM stage 2 (method.md §3).
 
 At a layer ``l`` of the LVLM, a fraction γ of the image-token states ``H^l`` is masked;
 a one-layer Transformer decoder must reconstruct them from the embedding-token state
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fam.utils.layers import resolve_layer
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["VeinDecoder", "VeinHead", "vein_eligible", "vein_mask_positions", "sinusoidal_positions"]
@@ -29,7 +31,7 @@ _VQA_TASKS = {"vqa"}
 
 
 def vein_eligible(has_image: bool, meta_task: str, override: bool | None = None) -> bool:
-    """Whether a query/target side gets the VEIN loss (SPEC §3 **[choice]**).
+    """Whether a query/target side gets the VEIN loss (method.md §3 **[choice]**).
 
     Rule: the side contains an image and its task is not VQA-type (for VQA the answer
     text, not the image content, is what the embedding must encode). A per-dataset
@@ -69,7 +71,7 @@ def sinusoidal_positions(n: int, d: int, device=None, dtype=torch.float32) -> Te
 
 def vein_mask_positions(valid: Tensor, gamma: float, generator: torch.Generator | None = None
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """Draw the masked image-token positions, per sample (SPEC §3).
+    """Draw the masked image-token positions, per sample (method.md §3).
 
     Sample ``b`` with ``n_b`` valid tokens gets ``k_b = max(1, ⌊γ·n_b⌋)`` masked positions,
     uniformly at random among its valid ones; ``k_b`` is capped at ``n_b − 1`` so that at
@@ -123,7 +125,7 @@ def _num_heads(d: int, requested: int | None) -> int:
 
 
 class VeinDecoder(nn.Module):
-    """One VEIN decoder: reconstructs masked image-token states of one layer (SPEC §3).
+    """One VEIN decoder: reconstructs masked image-token states of one layer (method.md §3).
 
     Architecture: a learnable mask token ``m`` (d), fixed sinusoidal position encodings
     over the image-token index, and one standard ``nn.TransformerDecoderLayer``
@@ -191,7 +193,7 @@ class VeinDecoder(nn.Module):
         x = tokens.to(dtype)
         if self.detach_target:
             # Official code: the image-token states are detached, so L_rec reaches the
-            # LVLM only through the embedding token e^l (SPEC §3). Detaching x detaches
+            # LVLM only through the embedding token e^l (method.md §3). Detaching x detaches
             # both the reconstruction targets and the unmasked memory tokens.
             x = x.detach()
         pos = sinusoidal_positions(n, d, device=tokens.device, dtype=dtype)  # (N, d)
@@ -212,7 +214,7 @@ class VeinDecoder(nn.Module):
 
 
 class VeinHead(nn.Module):
-    """VEIN on several layers: one :class:`VeinDecoder` per layer (SPEC §3).
+    """VEIN on several layers: one :class:`VeinDecoder` per layer (method.md §3).
 
     ``L_rec`` is the **mean** over the configured layers **[choice]** (the official code
     supports a single layer; the mean keeps λ's scale independent of how many layers).
@@ -244,11 +246,9 @@ class VeinHead(nn.Module):
             for l in self.layers})
 
     def resolve_layer(self, layer: int) -> int:
-        """Map a possibly negative layer index to ``[0, num_layers)``."""
-        resolved = layer + self.num_layers if layer < 0 else layer
-        if not 0 <= resolved < self.num_layers:
-            raise ValueError(f"VEIN layer {layer} is out of range for num_layers={self.num_layers}.")
-        return resolved
+        """Map a layer index to ``[0, num_layers)`` with fam's one convention
+        (:func:`fam.utils.layers.resolve_layer`; -1 = last, 0 = input embeddings)."""
+        return resolve_layer(layer, self.num_layers - 1, allow_input=True)
 
     def _lookup(self, per_layer: Mapping[int, Tensor], layer: int, what: str) -> Tensor:
         for key, value in per_layer.items():
