@@ -93,7 +93,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _preimport(model: str) -> None:
     """Import what loading the model imports, so the memory meter sees weights, not modules."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
+    from transformers import AutoConfig, AutoModel
 
     from fam.backbones import _model_type, adapter_for_model_type
     cls = adapter_for_model_type(_model_type(model))

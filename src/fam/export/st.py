@@ -360,9 +360,8 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
         (tmp / "README.md").write_text(model_card(adapter, model_dir, prompts, spec, results),
                                        encoding="utf-8")
         if check:
-            try:
-                import sentence_transformers  # noqa: F401
-            except ImportError:
+            import importlib.util
+            if importlib.util.find_spec("sentence_transformers") is None:
                 result.check = {"skipped": "sentence-transformers is not installed "
                                            "(pip install -e \".[deploy]\")"}
             else:
