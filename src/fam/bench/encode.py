@@ -54,11 +54,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from fam.bench import PeakMemory, status_kb
-    from fam.data.items import read_items
+    from fam.index.items import read_items
     from fam.model.encode import EncodePipeline, encode_sequential, load_embedding_model
 
     torch.set_num_threads(spec["threads"])
-    items = read_items(spec["items"], spec.get("image_root"))
+    items = [r.item for r in read_items(spec["items"], spec.get("image_root"))]
     variant, bs = spec["variant"], spec["batch_size"]
     _preimport(spec["model"])
     meter = PeakMemory(cuda=False)
