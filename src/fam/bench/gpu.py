@@ -181,7 +181,7 @@ def run_gpu_bench(cfg: GpuBenchConfig, out_dir: str | Path, device: str, tiny: b
 
     pending = list(sections)
     work = out / "work"  # the worker's images and store; removed at the end
-    with open(log_path, "a", encoding="utf-8") as log_file:
+    with open(log_path, "w", encoding="utf-8") as log_file:
         while pending and time.perf_counter() < deadline:
             worker = _Worker({"config": asdict(cfg), "device": device, "sections": pending,
                               "work_dir": str(work)}, log_file)
@@ -255,6 +255,20 @@ def _gb(x: float | None) -> str:
     return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.2f} MB"
 
 
+def _rate(flops_per_s: float) -> str:
+    return f"{flops_per_s:.1f} TFLOP/s" if flops_per_s >= 0.1 else \
+        f"{flops_per_s * 1e3:.2f} GFLOP/s"
+
+
+def _short(x: Any) -> Any:
+    """Floats to 3 significant digits, recursively (the checks' table)."""
+    if isinstance(x, float):
+        return float(f"{x:.3g}")
+    if isinstance(x, dict):
+        return {k: _short(v) for k, v in x.items()}
+    return x
+
+
 def _count(x: float) -> str:
     return f"{x / 1e9:.2f} B" if x >= 1e9 else f"{x / 1e6:.2f} M"
 
@@ -275,7 +289,7 @@ def _step_rows(name: str, sec: dict[str, Any]) -> list[str]:
         rows.append(f"| {label} | {run['step_s']:.2f} s | {run['tokens_per_s']:,.0f} | "
                     f"{_gb(run['peak_step_bytes'])}" + (f" ({_gb(total)} with weights)"
                                                         if total else "") +
-                    f" | {run['achieved_tflops']:.1f} | {_pct(run.get('mfu'))} / "
+                    f" | {_rate(run['achieved_tflops'])} | {_pct(run.get('mfu'))} / "
                     f"{_pct(run.get('mfu_model'))} |")
     return rows
 
@@ -301,7 +315,7 @@ def format_markdown(res: dict[str, Any]) -> str:
                   f"Adapt batch: {tok['lm_tokens']:,} language tokens "
                   f"({tok['lm_tokens_padded']:,} padded), {tok['patches']:,} image patches; "
                   f"collate {adapt['collate_s']:.1f} s.", ""]
-    lines += ["| step | time | tokens/s | peak memory (step) | TFLOP/s | MFU / MFU without "
+    lines += ["| step | time | tokens/s | peak memory (step) | achieved | MFU / MFU without "
               "GradCache's extra forward |", "|---|---|---|---|---|---|"]
     for name in ("adapt", "align"):
         lines += _step_rows(name, secs.get(name) or {})
@@ -330,10 +344,13 @@ def format_markdown(res: dict[str, Any]) -> str:
         lines += ["", "| check | passed | measured | tolerance |", "|---|---|---|---|"]
         for name, c in checks.items():
             if isinstance(c, dict):
-                measured = {k: c[k] for k in ("grad_rel_err", "loss_rel_err", "dropout_effect",
-                                              "rng_continues", "backend", "error") if k in c}
-                lines.append(f"| {name} | {c['passed']} | `{json.dumps(measured, default=str)}`"
-                             f" | `{json.dumps(c.get('tolerance', ''))}` |")
+                measured = {k: c[k] for k in c if k in ("grad_rel_err", "loss_rel_err",
+                                                        "dropout_effect", "rng_continues",
+                                                        "backend", "error")
+                            or k.endswith("_equal")}
+                tol = c.get("tolerance", "exact equality")
+                lines.append(f"| {name} | {c['passed']} | `{json.dumps(_short(measured))}` | "
+                             f"`{json.dumps(tol)}` |")
     lines += ["", "Sections: " + ", ".join(f"{k} {v['status']}" + (
         f" ({v['seconds']:.0f} s)" if v.get("seconds") is not None else "")
         for k, v in secs.items()) + f"; wall {res.get('wall_s', 0):.0f} s."]

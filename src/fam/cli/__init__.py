@@ -9,7 +9,7 @@
     fam projector-compare [--quick]             caption-only vs patch-aligned projectors
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
-    fam bench mac|gradcache                     benchmarks with ratios against a reference
+    fam bench mac|gradcache|gpu                 benchmarks against a reference; the GPU check
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
