@@ -279,7 +279,7 @@ def adapt_section(ws: Workspace, peak_tflops: float | None) -> dict[str, Any]:
         batch = collate(pairs)
     batch = batch.to(ws.device)
     tokens = _token_stats(batch.query, batch.target, batch.neg)
-    flops = _flops(ws, module, loss, batch, cfg.chunks[0], tokens, summary)
+    flops = _flops(ws, module, loss, batch, max(cfg.chunks), tokens, summary)  # fewest ops, same FLOPs
     runs = _run_steps(ws, module, loss, batch, cfg.chunks, {"attn_implementation": "sdpa"})
     fa2 = "not installed (pip install flash-attn) or not on CUDA"
     if ws.cuda and _flash_attn_installed():
