@@ -20,13 +20,15 @@ from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, 
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
 from fam.config.scenes import ScenesConfig
-from fam.config.stages import AdaptConfig, AlignConfig, ProjectorConfig, Stage0Config, VeinConfig
+from fam.config.stages import (AdaptConfig, AlignConfig, ProjectorConfig, SftConfig,
+                               Stage0Config, TowerConfig, VeinConfig)
 from fam.config.tools import GpuBenchConfig, PlanConfig, ProbeConfig
 from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 
 __all__ = ["Validated", "load_config", "from_dict", "to_dict", "apply_overrides", "deep_merge",
            "read_yaml", "OptimConfig", "LoraConfig", "RunConfig", "BackboneConfig",
            "Stage0Config", "AlignConfig",
-           "VeinConfig", "AdaptConfig", "ProjectorConfig", "ScenesConfig", "TinyModelConfig",
+           "VeinConfig", "AdaptConfig", "ProjectorConfig", "TowerConfig", "SftConfig",
+           "ScenesConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
            "HnswConfig", "ServeConfig", "GpuBenchConfig"]
