@@ -12,7 +12,7 @@
     fam index build --model DIR --items F --out IDX   index a collection (FAISS; resumable)
     fam search --index IDX --text T [--image P] top-k search of an index
     fam serve --model DIR [--index IDX]         HTTP server: /v1/embeddings, /v1/search, page
-    fam bench mac|gradcache|search|serve        benchmarks with ratios against a reference
+    fam bench mac|gradcache|search|serve|gpu    benchmarks against a reference; the GPU check
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
