@@ -1,5 +1,5 @@
-"""``fam bench mac|gradcache|encode|search|serve`` (ratios against a reference in the same
-run) and ``fam plan``."""
+"""``fam bench mac|gradcache|encode|search|serve|gpu`` (measured against a reference in the
+same run) and ``fam plan``."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +14,20 @@ __all__ = ["add_bench_subcommands"]
 def cmd_bench_mac(args: argparse.Namespace) -> int:
     from fam.bench.mac import format_report, run_bench
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    print(format_report(run_bench(shapes, device=args.device, repeats=args.repeats),
-                        args.device))
+    print(format_report(run_bench(shapes, device=args.device, repeats=args.repeats,
+                                  dtype=args.dtype), args.device))
     return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from fam.bench.gpu import device_for, format_markdown, run_gpu_bench
+    from fam.config import GpuBenchConfig
+    cfg = GpuBenchConfig.tiny() if args.tiny else GpuBenchConfig()
+    res = run_gpu_bench(cfg, args.out, device_for(args.tiny), args.tiny)
+    print(format_markdown(res))
+    print(f"written: {args.out}/gpu_bench.json, {args.out}/gpu_bench.md")
+    ok = all(v["status"] == "ok" for v in res["sections"].values()) and res["checks_passed"]
+    return 0 if ok else 1
 
 
 def cmd_bench_gradcache(args: argparse.Namespace) -> int:
@@ -83,7 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_bench_subcommands(sub: Any) -> None:
-    """``fam bench mac|gradcache|encode|search|serve`` and ``fam plan``."""
+    """``fam bench mac|gradcache|encode|search|serve|gpu`` and ``fam plan``."""
     from fam.bench.mac import DEFAULT_SHAPES
     from fam.bench.plan import KNOWN_SHAPES
     from fam.config import PlanConfig
@@ -97,7 +108,19 @@ def add_bench_subcommands(sub: Any) -> None:
                      help="B,N,T,d tuples (default: %(default)s)")
     mac.add_argument("--device", default="cpu")
     mac.add_argument("--repeats", type=int, default=3)
+    mac.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     mac.set_defaults(func=cmd_bench_mac)
+
+    gpu = which.add_parser("gpu", help="the GPU check: Qwen2-VL-2B-shaped adaptation and MAC "
+                                       "steps (time, tokens/s, memory, MFU), MAC at paper "
+                                       "scale, encode throughput, correctness; < 8 min on "
+                                       "one H200 (docs/gpu.md)")
+    gpu.add_argument("--tiny", action="store_true",
+                     help="the same code at tiny size (CPU when no CUDA device; CI)")
+    gpu.add_argument("--out", default="bench_gpu",
+                     help="folder for gpu_bench.json, gpu_bench.md, worker.log "
+                          "(default: %(default)s)")
+    gpu.set_defaults(func=cmd_bench_gpu)
 
     gc = which.add_parser("gradcache", help="peak memory of GradCache (batch 256, chunk 16) "
                                             "vs a plain batch of 16")
