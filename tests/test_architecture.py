@@ -35,8 +35,10 @@ ALLOWED: dict[str, set[str]] = {
               "train", "utils"},
     "experiments": {"analysis", "backbones", "config", "data", "errors", "eval", "model",
                     "projector", "train", "utils"},
+    "export": {"backbones", "config", "data", "errors", "model", "utils"},
     "cli": {"analysis", "backbones", "bench", "config", "data", "errors", "eval",
-            "experiments", "index", "model", "pad", "projector", "serve", "train", "utils"},
+            "experiments", "export", "index", "model", "pad", "projector", "serve", "train",
+            "utils"},
     "__init__": set(),
     "__main__": {"cli"},
 }

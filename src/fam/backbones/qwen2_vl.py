@@ -94,6 +94,16 @@ class Qwen2VLAdapter(BackboneAdapter):
             return super().extra_inputs(input_ids, image_mask, attention_mask)
         return {"mm_token_type_ids": image_mask.to(torch.int32)}
 
+    def processor_spec(self) -> dict[str, Any]:
+        # Qwen2VLProcessor also loads a video processor, which needs torchvision. The
+        # image-only PaddleOCRVLProcessor does the same image-token expansion (N = t·h·w /
+        # merge²) and returns mm_token_type_ids; vLLM ignores it and builds its own
+        # Qwen2-VL processor.
+        tokens = self.tokenizer.convert_ids_to_tokens(
+            [self.vision_start_id, self.image_token_id, self.vision_end_id])
+        return {"processor_class": "PaddleOCRVLProcessor", "processor_config": {},
+                "image_placeholder": "".join(tokens), "named_tokens": {"image_token": tokens[1]}}
+
     @property
     def pixel_budget(self) -> tuple[int | None, int | None]:
         size = getattr(self.image_processor, "size", None) or {}
