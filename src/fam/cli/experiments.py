@@ -114,7 +114,7 @@ def add_compare_subcommand(sub: Any) -> argparse.ArgumentParser:
     pc.add_argument("--llms", nargs="+", default=None, choices=TINY_LLMS,
                     help="language models of the tiny LLaVA (default: llama qwen2)")
     pc.add_argument("--workers", type=int, default=None,
-                    help="processes running independent runs (default: the preset's, 2)")
+                    help="processes running independent runs (default: the preset's, 1)")
     pc.add_argument("--threads", type=int, default=None,
                     help="torch threads per process (default: the preset's, 1)")
     pc.add_argument("--no-progress", action="store_true")
