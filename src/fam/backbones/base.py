@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from PIL import Image
 
+from fam.backbones.checks import check_tokenizer
 from fam.data.images import load_image
 from fam.data.types import MMItem
 from fam.errors import ConfigError
@@ -238,6 +239,7 @@ class BackboneAdapter(torch.nn.Module):
         """Load a checkpoint (hub id or local ``save_pretrained`` directory)."""
         model, tok, proc = cls.load_components(path, dtype=dtype,
                                                attn_implementation=attn_implementation, **kwargs)
+        check_tokenizer(tok, path)  # missing files give an empty tokenizer, not an error
         return cls(model, tok, proc, max_text_tokens=max_text_tokens, padding_side=padding_side)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:

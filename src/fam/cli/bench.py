@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from fam.cli.args import nonneg_int, positive_int
+
 __all__ = ["add_bench_subcommands"]
 
 
@@ -54,18 +56,19 @@ def add_bench_subcommands(sub: Any) -> None:
                      default=[",".join(map(str, s)) for s in DEFAULT_SHAPES],
                      help="B,N,T,d tuples (default: %(default)s)")
     mac.add_argument("--device", default="cpu")
-    mac.add_argument("--repeats", type=int, default=3)
+    mac.add_argument("--repeats", type=positive_int, default=3)
     mac.set_defaults(func=cmd_bench_mac)
 
     gc = which.add_parser("gradcache", help="peak memory of GradCache (batch 256, chunk 16) "
                                             "vs a plain batch of 16")
-    gc.add_argument("--batch", type=int, default=256, help="large batch (default: 256)")
-    gc.add_argument("--chunk", type=int, default=16, help="GradCache chunk (default: 16)")
+    gc.add_argument("--batch", type=positive_int, default=256, help="large batch (default: 256)")
+    gc.add_argument("--chunk", type=positive_int, default=16, help="GradCache chunk (default: 16)")
     gc.add_argument("--size", default="s", choices=["xs", "s", "m"], help="tiny Qwen2-VL size")
-    gc.add_argument("--image-size", type=int, default=112, help="pixels (112: 16 image tokens)")
-    gc.add_argument("--text-words", type=int, default=12, help="caption length in words")
+    gc.add_argument("--image-size", type=positive_int, default=112,
+                    help="pixels (112: 16 image tokens)")
+    gc.add_argument("--text-words", type=positive_int, default=12, help="caption length in words")
     gc.add_argument("--device", default="cpu")
-    gc.add_argument("--threads", type=int, default=2)
+    gc.add_argument("--threads", type=nonneg_int, default=2)
     gc.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
     gc.set_defaults(func=cmd_bench_gradcache)
 

@@ -13,7 +13,7 @@ Typed dataclasses are the single source of truth (STYLE practice 4); YAML files 
 
 A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in this package.
 """
-from fam.config.checks import Validated
+from fam.config.checks import Validated, bookkeeping_keys
 from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
@@ -22,7 +22,7 @@ from fam.config.stages import AdaptConfig, AlignConfig, ProjectorConfig, Stage0C
 from fam.config.tools import PlanConfig, ProbeConfig
 from fam.config.training import LoraConfig, OptimConfig, RunConfig
 
-__all__ = ["Validated", "load_config", "from_dict", "to_dict", "apply_overrides", "deep_merge",
+__all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict", "apply_overrides", "deep_merge",
            "read_yaml", "OptimConfig", "LoraConfig", "RunConfig", "Stage0Config", "AlignConfig",
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "ScenesConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig"]

@@ -82,6 +82,13 @@ def discover_datasets(path: str | Path, kind: Literal["train", "eval"],
         by_split: dict[str, list[Path]] = {}
         for f in files:
             by_split.setdefault(_split_of(f), []).append(f)
+        for name, fs in by_split.items():
+            kinds = sorted({f.suffix for f in fs})
+            if len(kinds) > 1:
+                # test.jsonl + test.parquet are two copies of a split, not two shards:
+                # reading both would count every row twice.
+                raise DataError(f"split {name!r} is stored as both {' and '.join(kinds)} "
+                                f"({', '.join(f.name for f in fs)}); keep one format", sub)
         if len(by_split) == 1:
             found[sub.name] = files
             continue
