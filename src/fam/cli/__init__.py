@@ -99,6 +99,8 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(e, OSError) and (e.filename is not None or e.errno == errno.ENOSPC):
         hint = _OS_HINTS.get(e.errno or -1, e.strerror or str(e))
         where = e.filename2 if e.filename2 is not None else e.filename
+        if e.errno == errno.EEXIST and where is not None and os.path.isfile(where):
+            hint = "is a file, not a folder; fix the path"  # mkdir over a file
         return f"{where}: {hint}" if where is not None else hint
     if isinstance(e, MemoryError):
         return ("out of memory; lower the batch size (optim.batch_size / --batch-size), use "
