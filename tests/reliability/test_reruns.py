@@ -102,7 +102,10 @@ def test_other_settings_are_refused_with_the_differing_keys(change, finished_run
         extra = [{"run.seed": "run.seed=1", "optim.batch_size": "optim.batch_size=2",
                   "optim.lr": "optim.lr=1e-3", "vein.enabled": "vein.enabled=true"}[change]]
     rc, _, _ = cli(*adapt_args(model, data, run, *extra))
-    assert rc == 2 and f"{change}: " in cli.error
+    # the batch is per process: what is compared is the global batch
+    key = "global batch (optim.batch_size x processes): 4 -> 2" \
+        if change == "optim.batch_size" else f"{change}: "
+    assert rc == 2 and key in cli.error
     assert "Nothing was changed" in cli.error and "--restart" in cli.error
     assert _steps(run) == ["step-1", "step-2"]
 
@@ -119,14 +122,19 @@ def test_an_interrupted_run_is_not_resumed_with_other_settings(finished_run, tin
     assert rc == 0 and (run / "model" / "config.json").exists()
 
 
-def test_another_number_of_processes_is_another_run(finished_run, tiny, scenes, tmp_path, cli):
-    run = copy(finished_run, tmp_path / "run")  # batch_size is per process
+def test_the_global_batch_counts_not_the_number_of_processes(finished_run, tiny, scenes,
+                                                              tmp_path, cli):
+    # optim.batch_size is per process: as if the run had used 2 processes of 4 pairs each
+    run = copy(finished_run, tmp_path / "run")
     for p in [run / "model" / "fam_config.json", *run.glob("checkpoints/*/state.json")]:
         rec = json.loads(p.read_text())
         rec["world_size"] = 2
         p.write_text(json.dumps(rec))
-    rc, _, _ = cli(*adapt_args(tiny, scenes, run))
-    assert rc == 2 and "world_size (processes): 2 -> 1" in cli.error
+    rc, _, _ = cli(*adapt_args(tiny, scenes, run))  # 1 process of 4: half the global batch
+    assert rc == 2
+    assert "global batch (optim.batch_size x processes): 8 -> 4" in cli.error
+    rc, _, text = cli(*adapt_args(tiny, scenes, run, "optim.batch_size=8"))  # 1 x 8 = 2 x 4
+    assert rc == 0 and "skipping" in text
 
 
 def test_restart_and_resume_false_start_over_without_leftovers(finished_run, tiny, scenes,

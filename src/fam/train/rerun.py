@@ -43,9 +43,9 @@ __all__ = ["RunChanged", "MODEL_RECORD", "resolved_config", "config_sections", "
 MODEL_RECORD = "fam_config.json"
 #: What a stage writes into its out_dir (removed on a restart); nothing else is touched.
 STAGE_OUTPUTS = ("checkpoints", "model", "adapter", "tensorboard", "train_metrics.json")
-#: The pseudo-key under which a different number of processes is reported: the batch is
-#: per process, so it changes the global batch.
-WORLD_SIZE_KEY = "world_size (processes)"
+#: The pseudo-key under which a different global batch is reported: ``optim.batch_size``
+#: is per process, so the number of processes is part of it.
+GLOBAL_BATCH_KEY = "global batch (optim.batch_size x processes)"
 _SHOWN = 8  # differences listed in one error line
 
 
@@ -198,6 +198,23 @@ def _world_size() -> int:
         int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _global_batch(diffs: list[tuple[str, Any, Any]], prev: Previous, cfg: Any,
+                  ) -> list[tuple[str, Any, Any]]:
+    """Compare the global batch (``optim.batch_size`` is per process) instead of its factors.
+
+    Every rank takes its share of the same global batch (fam.train.schedule), so a run
+    resumed on half the processes with twice the per-process batch computes the same
+    steps; any other change of the process count changes the global batch.
+    """
+    if prev.world_size is None:
+        return diffs
+    old_bs = next((x for k, x, _ in diffs if k == "optim.batch_size"), cfg.optim.batch_size)
+    old = old_bs * prev.world_size
+    new = cfg.optim.batch_size * _world_size()
+    rest = [d for d in diffs if d[0] != "optim.batch_size"]
+    return rest if old == new else rest + [(GLOBAL_BATCH_KEY, old, new)]
+
+
 def decide(cfg: Any, stage: str) -> str:
     """What :func:`fam.train.runner.run_stage` does with ``cfg``'s out_dir.
 
@@ -228,12 +245,10 @@ def decide(cfg: Any, stage: str) -> str:
     current = resolved_config(cfg)
     compare = dict(sections=config_sections(cfg), ignore=bookkeeping_keys(cfg),
                    paths=getattr(cfg, "PATHS", ()))
-    diffs = differences(prev.config, current, **compare)
-    if prev.world_size is not None and prev.world_size != _world_size():
-        diffs.append((WORLD_SIZE_KEY, prev.world_size, _world_size()))
+    diffs = _global_batch(differences(prev.config, current, **compare), prev, cfg)
     if not diffs:
         same_model = prev.has_model and (
-            not differences(prev.model_config, current, **compare)
+            not _global_batch(differences(prev.model_config, current, **compare), prev, cfg)
             if prev.model_config is not None else (prev.step or 0) >= cfg.optim.steps)
         return "skip" if same_model else "resume"
     if run.on_change == "restart":
