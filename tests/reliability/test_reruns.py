@@ -137,6 +137,23 @@ def test_the_global_batch_counts_not_the_number_of_processes(finished_run, tiny,
     assert rc == 0 and "skipping" in text
 
 
+def test_a_record_written_before_a_field_existed_counts_it_as_its_default(
+        finished_run, tiny, scenes, tmp_path, cli):
+    # A field added to fam later (here: pretend mask_duplicates and lora.use_dora were
+    # new) is absent from older records: at its default it is the same run; set to
+    # something else it is a difference.
+    run = copy(finished_run, tmp_path / "run")
+    for p in [run / "model" / "fam_config.json", *run.glob("checkpoints/*/state.json")]:
+        rec = json.loads(p.read_text())
+        del rec["config"]["mask_duplicates"], rec["config"]["lora"]["use_dora"]
+        del rec["world_size"]  # older records did not say either
+        p.write_text(json.dumps(rec))
+    rc, _, text = cli(*adapt_args(tiny, scenes, run))
+    assert rc == 0 and "skipping" in text
+    rc, _, _ = cli(*adapt_args(tiny, scenes, run, "mask_duplicates=false"))
+    assert rc == 2 and "mask_duplicates: true -> false" in cli.error
+
+
 def test_restart_and_resume_false_start_over_without_leftovers(finished_run, tiny, scenes,
                                                                tmp_path, cli):
     run = copy(finished_run, tmp_path / "run")

@@ -44,7 +44,8 @@ def start_experiment(exp: C, out: str | Path, kind: str, identity: dict[str, Any
     out = output_dir(out, "--out")
     check_record(out / "experiment.json", kind, {"config": to_dict(exp), **(identity or {})},
                  sections={"config"} | {f"config.{s}" for s in config_sections(exp)},
-                 ignore={f"config.{k}" for k in bookkeeping_keys(exp)})
+                 ignore={f"config.{k}" for k in bookkeeping_keys(exp)},
+                 defaults={"config": to_dict(type(exp)())})
     # Tiny models gain little from intra-op threads, and on a busy 2-core machine
     # OpenMP spin-waiting makes 2 threads up to 10x slower than 1 (measured).
     use_threads(exp.threads)

@@ -98,7 +98,7 @@ def _flat(d: dict[str, Any], sections: set[str], prefix: str = "") -> dict[str, 
 
 def differences(old: dict[str, Any], new: dict[str, Any], sections: set[str],
                 ignore: Iterable[str] = (), paths: Iterable[str] = (),
-                ) -> list[tuple[str, Any, Any]]:
+                defaults: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
     """``(dotted key, old, new)`` for every key whose value differs (absent: ``None``).
 
     Args:
@@ -106,14 +106,18 @@ def differences(old: dict[str, Any], new: dict[str, Any], sections: set[str],
         sections: dotted names of the nested sections (:func:`config_sections`).
         ignore: dotted keys that are not differences (bookkeeping).
         paths: dotted keys holding paths, compared resolved (relative == absolute).
+        defaults: the config's defaults (nested): a key the old record lacks (a field
+            added to fam since) counts as its default, so upgrading fam does not make
+            every earlier run "another run".
     """
     ignore, paths = set(ignore), set(paths)
     a, b = _flat(old, sections), _flat(new, sections)
+    known = _flat(defaults, sections) if defaults is not None else {}
     out = []
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
-        x, y = a.get(key), b.get(key)
+        x, y = a.get(key, known.get(key)), b.get(key)
         if key in paths:
             x, y = _resolve(x), _resolve(y)
         if isinstance(x, tuple):
@@ -244,7 +248,7 @@ def decide(cfg: Any, stage: str) -> str:
         return "skip"
     current = resolved_config(cfg)
     compare = dict(sections=config_sections(cfg), ignore=bookkeeping_keys(cfg),
-                   paths=getattr(cfg, "PATHS", ()))
+                   paths=getattr(cfg, "PATHS", ()), defaults=to_dict(type(cfg)()))
     diffs = _global_batch(differences(prev.config, current, **compare), prev, cfg)
     if not diffs:
         same_model = prev.has_model and (
@@ -299,7 +303,7 @@ def write_model_record(final: Path, stage: str, name: str, cfg: Any, steps: int)
 
 # ---------------------------------------------------------------------------- experiments
 def check_record(path: Path, kind: str, record: dict[str, Any], sections: set[str],
-                 ignore: Iterable[str] = (),
+                 ignore: Iterable[str] = (), defaults: dict[str, Any] | None = None,
                  what_to_do: str = "use another --out, or remove the folder to start over",
                  ) -> None:
     """Compare an experiment's settings with those recorded in ``path``; write them if new.
@@ -314,7 +318,8 @@ def check_record(path: Path, kind: str, record: dict[str, Any], sections: set[st
         if old.get("experiment") != kind:
             raise RunChanged(f"{path.parent} holds a {old.get('experiment')!r} experiment, "
                              f"not {kind!r}; {what_to_do}")
-        diffs = differences(old.get("settings", {}), record, sections, ignore)
+        diffs = differences(old.get("settings", {}), record, sections, ignore,
+                            defaults=defaults)
         if diffs:
             raise RunChanged(f"{path.parent} holds a {kind} run with other settings "
                              f"({path}): {describe(diffs)}. Nothing was changed; "

@@ -95,6 +95,7 @@ def run_stage(cfg: Any) -> Path:
     final = out / "model"
     dist_utils.init_from_env()  # every rank decides alike; a restart clears on rank 0 only
     action = rerun.decide(cfg, stage.name)
+    dist_utils.barrier()  # every rank has read the folder before rank 0 changes it
     if action == "skip":
         log.info("%s: %s already holds the model of this run; skipping (--extend with a "
                  "higher optim.steps trains it further)", stage.name, final)
