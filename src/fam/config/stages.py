@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fam.config.checks import Validated, choice, fail, integer, number
-from fam.config.training import LoraConfig, OptimConfig, RunConfig
+from fam.config.checks import Validated, choice, fail, integer, integers, number, text_cap
+from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
-           "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS"]
+           "TowerConfig", "SftConfig", "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES"]
 
 PROJECTOR_TYPES = ("mlp", "linear")
 #: Region poolings of the patch-alignment loss (fam.losses.patch.POOLINGS; a test keeps
 #: the two equal).
 PATCH_POOLINGS = ("mean", "coverage", "token")
 C2F_REDUCTIONS = ("mean", "sum")
+#: Image-text losses of the tower stage (fam.losses.tower).
+TOWER_LOSSES = ("clip", "siglip")
 
 _MODEL = "a checkpoint directory or hub id"
 _CAPTIONS = "an LLaVA caption JSON ([{image, caption | blip_caption}])"
@@ -45,12 +47,13 @@ class Stage0Config(Validated):
     qa: str = ""  # optional JSON list of {image, question, answer}
     image_root: str = ""  # root of the image paths (default: the caption file's folder)
     prompt: str = "Describe the image."  # instruction before the caption
-    max_text_tokens: int = 64  # text tokens per sample
+    max_text_tokens: int | str | None = 64  # text tokens per sample (none: no limit)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=32, steps=300))
     run: RunConfig = field(default_factory=RunConfig)
 
     def check(self, prefix: str) -> None:
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
 
 
 @dataclass
@@ -69,10 +72,11 @@ class AlignConfig(Validated):
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (w_c, w_c2f, w_f), paper: 1
     c2f_reduction: str = "mean"  # "mean" (paper) | "sum" (official code)
     temperature: float = 0.02  # τ (FAM: 0.02)
-    max_text_tokens: int = 64  # caption tokens per item
+    max_text_tokens: int | str | None = 64  # caption tokens per item (none: no limit)
     gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off); see fam.train.gradcache
     full_finetune: bool = False  # train the LM weights instead of LoRA
     freeze_vision: bool = True  # keep the vision tower frozen
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, steps=200))
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
     run: RunConfig = field(default_factory=RunConfig)
@@ -87,7 +91,7 @@ class AlignConfig(Validated):
             fail(prefix + "weights", self.weights, "at least one MAC term needs a weight > 0")
         choice(prefix + "c2f_reduction", self.c2f_reduction, C2F_REDUCTIONS)
         number(prefix + "temperature", self.temperature, 0.0, low_open=True)
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
         integer(prefix + "gradcache_chunk", self.gradcache_chunk, 0)
 
 
@@ -122,25 +126,28 @@ class AdaptConfig(Validated):
 
     model: str = ""  # checkpoint dir or hub id to start from
     train_dir: str = ""  # MMEB-format training data (jsonl/parquet files or subset folders)
-    image_root: str = ""  # root the rows' image paths are relative to (default: train_dir's parent)
+    image_root: str = ""  # root of the rows' image paths (default: found beside train_dir)
+    split: str = ""  # split of MMEB-train subset folders: "" = original (VLM2Vec) | diverse_instruction
     subsets: list[str] = field(default_factory=list)  # restrict to these subsets (empty: all)
     max_per_subset: int = 0  # cap rows per subset (0: no cap)
     temperature: float = 0.02  # τ of InfoNCE (VLM2Vec/FAM: 0.02)
     hard_negatives: bool = True  # use the data's neg_* fields as extra negatives
     mask_duplicates: bool = True  # identical targets of other rows are not negatives (VLM2Vec: no)
-    max_text_tokens: int = 128  # text tokens per item (images never cut)
+    # text tokens per item (images never cut): auto (fam: 128, vlm2vec: no limit) | N | none
+    max_text_tokens: int | str | None = "auto"
     gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off; Gao et al. 2021)
     full_finetune: bool = False  # train all LM weights instead of LoRA
     freeze_vision: bool = True  # keep the vision tower frozen (VLM2Vec: frozen)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
     vein: VeinConfig = field(default_factory=VeinConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     run: RunConfig = field(default_factory=RunConfig)
 
     def check(self, prefix: str) -> None:
         integer(prefix + "max_per_subset", self.max_per_subset, 0)
         number(prefix + "temperature", self.temperature, 0.0, low_open=True)
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
         integer(prefix + "gradcache_chunk", self.gradcache_chunk, 0)
         if not self.full_finetune and not self.lora.enabled:
             raise ConfigError(f"nothing to train: set {prefix}lora.enabled=true or "
@@ -165,7 +172,8 @@ class ProjectorConfig(Validated):
     theta: float = 0.5  # coverage threshold of S_k (paper: 0.5)
     pooling: str = "mean"  # region embedding: "mean" (paper) | "coverage" | "token" [choice]
     prompt: str = "Describe the image."  # instruction before the caption
-    max_text_tokens: int = 64  # text tokens per sample (the image block is never cut)
+    max_text_tokens: int | str | None = 64  # text tokens per sample (the image block is never cut)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     # LLaVA-1.5 projector pre-training: lr 1e-3, warm-up 3%, no weight decay
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))
@@ -177,7 +185,7 @@ class ProjectorConfig(Validated):
         number(prefix + "beta_max", self.beta_max, 0.0)
         integer(prefix + "ramp_steps", self.ramp_steps, 0)
         number(prefix + "theta", self.theta, 0.0, 1.0, low_open=True)
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
 
     def validate(self, prefix: str = "", *, require_inputs: bool = True) -> None:
         super().validate(prefix, require_inputs=require_inputs)
@@ -185,3 +193,66 @@ class ProjectorConfig(Validated):
             raise ConfigError(f"{prefix}pad is empty: beta_max > 0 needs PAD region masks "
                               f"({prefix}pad=pad.jsonl), or set {prefix}beta_max=0 for the "
                               "caption-only baseline", key=prefix + "pad")
+
+
+@dataclass
+class TowerConfig(Validated):
+    """Contrastive pretraining of a LLaVA checkpoint's CLIP vision tower (``fam train tower``).
+
+    The tower trains with a tiny CLIP text encoder on image-caption pairs, CLIP's or
+    SigLIP's loss; the exported checkpoint is the input LLaVA with the trained tower (its
+    LLM and projector untouched), which later stages keep frozen, as LLaVA keeps CLIP.
+    """
+
+    INPUTS = {"model": "a LLaVA-style checkpoint directory (CLIP vision tower)",
+              "captions": _CAPTIONS}
+
+    model: str = ""  # LLaVA-style checkpoint whose vision tower is pretrained
+    captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
+    image_root: str = ""  # root of the image paths (default: the caption file's folder)
+    loss: str = "clip"  # "clip" (symmetric InfoNCE) | "siglip" (pairwise sigmoid)
+    text_hidden: int = 64  # width of the tiny CLIP text encoder
+    text_layers: int = 2  # its depth
+    projection_dim: int = 64  # joint image-text embedding width
+    max_text_tokens: int = 64  # positions of the tower's text encoder (caption + EOS)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # image size of the tower
+    # a gentle lr: at 2e-3 the patch features collapsed (docs/projector_study.md)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=5e-4, batch_size=64, steps=600, warmup_ratio=0.05, weight_decay=0.1))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self, prefix: str) -> None:
+        choice(prefix + "loss", self.loss, TOWER_LOSSES)
+        integers(self, prefix, text_hidden=1, text_layers=1, projection_dim=1,
+                 max_text_tokens=2)
+        if self.optim.batch_size < 2:
+            fail(prefix + "optim.batch_size", self.optim.batch_size,
+                 "a contrastive loss needs at least 2 pairs per batch")
+
+
+@dataclass
+class SftConfig(Validated):
+    """LLaVA-style stage 2 (``fam train sft``): the projector and a LoRA on the language
+    model train on instruction data (image, question → answer); the vision tower stays
+    frozen. The same settings for every projector make their downstream scores comparable.
+    """
+
+    INPUTS = {"model": "a LLaVA-style checkpoint directory (e.g. a projector stage's model)",
+              "data": "an instruction JSON ([{image, question, answer}], e.g. sft_train.json)"}
+
+    model: str = ""  # generative LVLM to fine-tune (its projector and LLM)
+    data: str = ""  # JSON list of {image, question, answer} (fam.data.instructions writes it)
+    image_root: str = ""  # root of the image paths (default: the data file's folder)
+    train_projector: bool = True  # LLaVA stage 2 trains the projector too
+    max_text_tokens: int | str | None = 64  # text tokens per sample (none: no limit)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self, prefix: str) -> None:
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
+        if not self.lora.enabled and not self.train_projector:
+            fail(prefix + "lora.enabled", self.lora.enabled,
+                 "nothing would train: enable the LoRA or set train_projector=true")
