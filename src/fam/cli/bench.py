@@ -105,10 +105,10 @@ def add_bench_subcommands(sub: Any) -> None:
     se.add_argument("--scenes", type=Path, default=None,
                     help="a Scenes folder (default: generated in --work)")
     se.add_argument("--work", type=Path, default=Path("runs/bench_search"))
-    se.add_argument("--n-eval-images", type=int, default=300,
+    se.add_argument("--n-eval-images", type=positive_int, default=300,
                     help="Scenes eval scenes when generating (each gives 1-3 images)")
-    se.add_argument("-k", type=int, default=10)
-    se.add_argument("--repeats", type=int, default=3)
+    se.add_argument("-k", type=positive_int, default=10)
+    se.add_argument("--repeats", type=positive_int, default=3)
     se.add_argument("--json", type=Path, default=None, help="also write the figures here")
     se.add_argument("--no-progress", action="store_true")
     se.set_defaults(func=cmd_bench_search)
@@ -118,12 +118,12 @@ def add_bench_subcommands(sub: Any) -> None:
     sv.add_argument("--model", type=Path, default=None,
                     help="embedding model (default: a tiny random Qwen2-VL built in --work)")
     sv.add_argument("--work", type=Path, default=Path("runs/bench_serve"))
-    sv.add_argument("--clients", type=int, default=32)
-    sv.add_argument("--requests", type=int, default=384, help="requests per mode")
+    sv.add_argument("--clients", type=positive_int, default=32)
+    sv.add_argument("--requests", type=positive_int, default=384, help="requests per mode")
     sv.add_argument("--inputs", choices=("text", "image", "mixed"), default="mixed")
-    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--max-batch", type=positive_int, default=32)
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per mode, at most")
-    sv.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    sv.add_argument("--threads", type=nonneg_int, default=None, help="the server's torch threads")
     sv.add_argument("--json", type=Path, default=None, help="also write the figures here")
     sv.set_defaults(func=cmd_bench_serve)
 

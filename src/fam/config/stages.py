@@ -206,6 +206,7 @@ class TowerConfig(Validated):
 
     INPUTS = {"model": "a LLaVA-style checkpoint directory (CLIP vision tower)",
               "captions": _CAPTIONS}
+    PATHS = ("model", "captions", "image_root")
 
     model: str = ""  # LLaVA-style checkpoint whose vision tower is pretrained
     captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
@@ -239,6 +240,7 @@ class SftConfig(Validated):
 
     INPUTS = {"model": "a LLaVA-style checkpoint directory (e.g. a projector stage's model)",
               "data": "an instruction JSON ([{image, question, answer}], e.g. sft_train.json)"}
+    PATHS = ("model", "data", "image_root")
 
     model: str = ""  # generative LVLM to fine-tune (its projector and LLM)
     data: str = ""  # JSON list of {image, question, answer} (fam.data.instructions writes it)
