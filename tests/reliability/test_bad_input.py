@@ -147,7 +147,7 @@ def test_encode_refuses_bad_items_with_one_line(row, says, tiny, scenes, tmp_pat
 def test_encode_never_writes_nan_embeddings(tiny, scenes, tmp_path, cli, monkeypatch):
     from fam.model import EmbeddingModel
 
-    def nan_encode(self, items, batch_size=32):
+    def nan_encode(self, items, batch_size=32, **kwargs):
         return torch.full((len(items), 8), float("nan"))
     monkeypatch.setattr(EmbeddingModel, "encode", nan_encode)
     items = tmp_path / "items.jsonl"
@@ -162,9 +162,10 @@ def test_eval_never_reports_numbers_from_nan_embeddings(tiny, scenes, tmp_path, 
                                                         monkeypatch):
     from fam.model import EmbeddingModel
 
-    def nan_encode(self, items, batch_size=32):
+    def nan_encode(self, items, batch_size=32, **kwargs):
         return torch.full((len(items), 8), float("nan"))
     monkeypatch.setattr(EmbeddingModel, "encode", nan_encode)
+    monkeypatch.setattr(EmbeddingModel, "encode_all", nan_encode)  # what evaluate() calls
     rc, _, _ = cli(*_eval_args(tiny, scenes, tmp_path, "--datasets", "Scenes-Count"))
     assert rc == 2 and "non-finite embeddings" in cli.error
     assert "Scenes-Count.jsonl, line 1" in cli.error  # the first item's row

@@ -122,11 +122,13 @@ def check_weights(folder: Path, model_class: Any) -> None:
         raise DataError("no weights (model.safetensors) in the checkpoint folder; was the "
                         "save interrupted, or is this the wrong folder?", folder)
     n_weights = 0
+    has_head = False
     for f in files:
         try:
             with safe_open(str(f), "pt") as st:
                 for key in st.keys():
                     n_weights += math.prod(st.get_slice(key).get_shape())
+                    has_head = has_head or "lm_head." in key
         except (SafetensorError, OSError, ValueError) as e:
             raise DataError(f"truncated or corrupt weights file ({e}); copy it again or "
                             "re-export the model", f) from None
@@ -140,7 +142,9 @@ def check_weights(folder: Path, model_class: Any) -> None:
         raise DataError(f"config.json does not describe a valid model "
                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})",
                         folder / "config.json") from None
-    n_config = sum(p.numel() for p in model.parameters())
+    # An embedding export (fam export) leaves out the untied LM head: it is never used.
+    n_config = sum(p.numel() for name, p in model.named_parameters()
+                   if has_head or "lm_head." not in name)
     if n_config > n_weights * (1 + _PARAM_SLACK):
         raise DataError(f"config.json describes a model of {n_config:,} parameters but the "
                         f"weights hold {n_weights:,}: the config is incomplete (missing sizes "

@@ -51,7 +51,6 @@ def _load_model(args: argparse.Namespace) -> Any:
     """The embedding model the options describe, on the chosen device, in eval mode."""
     import torch
 
-    from fam.backbones import load_backbone
     from fam.errors import ConfigError
     from fam.model import EmbeddingModel
     opts: dict[str, Any] = {}
@@ -73,8 +72,10 @@ def _load_model(args: argparse.Namespace) -> Any:
                               "integer, none or auto")
     if args.dtype != "auto":
         opts["dtype"] = getattr(torch, args.dtype)
-    adapter = load_backbone(args.model, trust_remote_code=args.trust_remote_code,
-                            adapter=args.adapter, **opts)
+    from fam.model.encode import load_embedding_model
+    # Inference: the LM head is not kept (not even loaded without --adapter).
+    adapter = load_embedding_model(args.model, trust_remote_code=args.trust_remote_code,
+                                   adapter=args.adapter, **opts).adapter
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -205,7 +206,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     check_images(ImageRef(it.image, it.source, it.line, it.field) for it in items
                  if it.image is not None)
     model = _load_model(args)
-    emb = model.encode(items, batch_size=args.batch_size)
+    emb = model.encode(items, batch_size=args.batch_size, progress=True)
     bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         raise DataError(f"the model produced non-finite embeddings for {len(bad)} of "

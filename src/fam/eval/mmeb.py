@@ -94,6 +94,9 @@ class Encoder(Protocol):
     def encode(self, items: list[MMItem]) -> torch.Tensor:  # (n, d)
         ...
 
+    # Optional: ``encode_all(items, batch_size=, progress=, desc=) -> (n, d)`` embeds all of
+    # ``items`` in one call (its own batching and progress bar); used when present.
+
 
 def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
                    progress: bool, desc: str) -> torch.Tensor:
@@ -104,29 +107,46 @@ def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1", key="batch_size")
+    encode_all = getattr(encoder, "encode_all", None)
+    if callable(encode_all):
+        # The encoder batches the whole list itself (EmbeddingModel: length-grouped batches,
+        # preprocessing overlapped with the forward).
+        emb = encode_all(list(items), batch_size=batch_size, progress=progress, desc=desc)
+        _check_shape(emb, len(items), "encoder.encode_all")
+        emb = emb.detach().float().cpu()
+        _refuse_non_finite(emb, items)
+        return F.normalize(emb, dim=-1)
     chunks: list[torch.Tensor] = []
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, leave=False)
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             batch = list(items[start:start + batch_size])
             emb = encoder.encode(batch)
-            if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != len(batch):
-                shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-                raise ValueError(f"encoder.encode returned {shape} for {len(batch)} items; "
-                                 "expected a tensor of shape (n, d)")
+            _check_shape(emb, len(batch), "encoder.encode")
             emb = emb.detach().float().cpu()
-            bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten()
-            if bad.numel():
-                # NaN scores would rank as chance and look like a weak model; refuse instead.
-                it = batch[int(bad[0])]
-                where = f" (first: {it.source}, line {it.line})" if it.source else ""
-                raise DataError(f"the model produced non-finite embeddings for {bad.numel()} "
-                                f"of {len(batch)} items{where}; its weights or inputs are "
-                                "broken (check for NaN weights)")
+            _refuse_non_finite(emb, batch)
             chunks.append(F.normalize(emb, dim=-1))
             bar.update(len(batch))
     bar.close()
     return torch.cat(chunks)
+
+
+def _check_shape(emb: object, n: int, what: str) -> None:
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != n:
+        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise ValueError(f"{what} returned {shape} for {n} items; expected a tensor of shape "
+                         "(n, d)")
+
+
+def _refuse_non_finite(emb: torch.Tensor, items: Sequence[MMItem]) -> None:
+    """NaN scores would rank as chance and look like a weak model; refuse instead."""
+    bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten()
+    if bad.numel():
+        it = items[int(bad[0])]
+        where = f" (first: {it.source}, line {it.line})" if it.source else ""
+        raise DataError(f"the model produced non-finite embeddings for {bad.numel()} of "
+                        f"{len(items)} items{where}; its weights or inputs are broken (check "
+                        "for NaN weights)")
 
 
 def _score_rows(emb: torch.Tensor, q_idx: torch.Tensor, c_idx: torch.Tensor,
