@@ -44,6 +44,8 @@ class SceneModelConfig(Validated):
     save_every: int = 100  # steps between checkpoints of every stage (0: only at the end)
     threads: int = 1  # torch threads of every stage and evaluation (0: torch's default)
 
+    BOOKKEEPING = frozenset({"save_every", "threads"})  # see Validated.BOOKKEEPING
+
     def check(self, prefix: str) -> None:
         integer(prefix + "save_every", self.save_every, 0)
         integer(prefix + "threads", self.threads, 0)
@@ -74,6 +76,11 @@ class CompareConfig(SceneModelConfig):
     analysis_images: int = 64  # evaluation images analysed per model
     heldout_captions: int = 200  # held-out captions for the caption loss
     k_max: int = 10  # matching-pursuit steps
+
+    # Seeds train in their own folders, the analysis is redone on every run: a rerun may
+    # change these without invalidating what is on disk.
+    BOOKKEEPING = SceneModelConfig.BOOKKEEPING | {"seeds", "analysis_images",
+                                                  "heldout_captions", "k_max"}
 
     def check(self, prefix: str) -> None:
         super().check(prefix)

@@ -155,7 +155,7 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
     from fam.train.runner import run_stage
     from fam.train.stage0 import generative_eval_loss
 
-    exp, out = start_experiment(plan or compare_config(quick), out,
+    exp, out = start_experiment(plan or compare_config(quick), out, "projector-compare",
                                 seeds=list(seeds) if seeds else None, threads=threads)
     timed = Timings()
     with timed("data"):
