@@ -136,3 +136,6 @@ def test_constants_shared_across_layers_agree():
     from fam.losses.patch import POOLINGS
     assert tuple(PATCH_POOLINGS) == tuple(POOLINGS)
     assert set(TINY_FAMILIES) == set(NATIVE_FAMILIES)
+    from fam.config.training import CHECK_MODES
+    from fam.data.images import CHECK_MODES as IMAGE_CHECKS
+    assert tuple(CHECK_MODES) == tuple(IMAGE_CHECKS)

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["is_dist", "rank", "world_size", "gather_with_grad", "gather_no_grad",
            "init_from_env", "resolve_device", "barrier", "run_on_main_rank", "wrap_ddp",
            "shard_fsdp", "full_trainable_state", "load_full_trainable_state", "full_state_dict",
-           "mean_over_ranks"]
+           "mean_over_ranks", "all_ranks_true"]
 
 
 def is_dist() -> bool:
@@ -299,3 +299,19 @@ def mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
         vec = vec.cuda()
     dist.all_reduce(vec)
     return {k: float(v) / world_size() for k, v in zip(keys, vec.tolist())}
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce of a 0/1 value).
+
+    For decisions every rank must take the same way (e.g. skipping a step's collectives):
+    a rank that decided alone would leave its peers waiting in an all-reduce. Outside a
+    process group it is ``flag``.
+    """
+    if not is_dist():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

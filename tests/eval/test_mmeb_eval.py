@@ -167,12 +167,22 @@ def test_dataset_selection_max_rows_and_single_file(bench):
         evaluate(ColorEncoder(), bench, datasets=["Nope"], progress=False)
 
 
-def test_unknown_dataset_fails_before_encoding(bench):
+def test_non_mmeb_dataset_is_evaluated_under_its_own_heading_outside_the_means(bench, caplog):
+    # Issue 8: a dataset that is neither one of the 36 MMEB names nor in datasets.json no
+    # longer refuses the whole run; it is scored, listed apart, kept out of every mean.
     _write(bench, "Mystery", [ret_row("red", ["img/red.png", "img/blue.png"])])
-    enc = ColorEncoder()
-    with pytest.raises(DataError, match=r"unknown dataset 'Mystery'.*datasets\.json"):
-        evaluate(enc, bench, progress=False)
-    assert enc.calls == 0
+    res = evaluate(ColorEncoder(), bench, progress=False)
+    mystery = res["datasets"]["Mystery"]
+    assert mystery["precision@1"] == 100.0 and mystery["n"] == 1
+    assert mystery["meta_task"] is None and mystery["split"] is None
+    assert res["other_datasets"] == ["Mystery"]
+    # the means are those of the two declared datasets alone
+    assert res["overall"] == pytest.approx((200 / 3 + 75) / 2)
+    assert res["n_datasets"]["overall"] == 2
+    assert "Mystery: not MMEB dataset(s)" in caplog.text and "left out of" in caplog.text
+    table = format_table([("color", res)])
+    head, _, tail = table.partition("Other datasets (not in the means)")
+    assert "Mystery" not in head and "Mystery" in tail and "100.0" in tail
 
 
 def test_missing_and_corrupt_images(bench):

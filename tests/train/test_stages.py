@@ -114,6 +114,7 @@ def test_bad_data_stops_with_row_and_keeps_checkpoints(bench, tmp_path):
     for png in (data / "images" / "train").glob("*.png"):
         png.write_bytes(b"not a png")
     cfg.optim.steps = 4
+    cfg.run.on_change = "extend"  # more steps on the same run (else refused: issue 8)
     with pytest.raises(DataError) as ei:
         run_adapt(cfg)
     msg = str(ei.value)

@@ -6,12 +6,12 @@ architecture with an offline tokenizer.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.backbones.checks import check_finite, check_weights, load_error, read_config, resolve_model
 from fam.backbones.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from fam.backbones.llava import LlavaAdapter
 from fam.backbones.llava_next import LlavaNextAdapter
@@ -21,7 +21,7 @@ from fam.backbones.options import (PROMPT_FORMATS, SETTINGS_FILE, BackboneSettin
 from fam.backbones.peft_adapters import merge_peft_adapter
 from fam.backbones.phi3v import Phi3VAdapter, remote_code_error
 from fam.backbones.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
-from fam.errors import ConfigError
+from fam.errors import ConfigError, FamError
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,8 @@ def adapter_for_model_type(model_type: str) -> type[BackboneAdapter]:
 
 
 def _model_type(path: str | Path) -> str:
-    p = Path(path)
-    if p.is_dir():
-        cfg = p / "config.json"
-        if not cfg.exists():
-            raise ConfigError(f"{p} has no config.json: not a checkpoint directory")
-        return json.loads(cfg.read_text())["model_type"]
     # The raw config dict: AutoConfig would need remote code for remote-code families.
-    from transformers import PretrainedConfig
-    return PretrainedConfig.get_config_dict(str(path))[0]["model_type"]
+    return read_config(path)["model_type"]
 
 
 #: Options every family's :func:`load_backbone` takes (see :mod:`fam.backbones.options`).
@@ -102,6 +95,10 @@ def load_backbone(path: str | Path, *, trust_remote_code: bool = False,
                   adapter: str | Path | None = None, **options: Any) -> BackboneAdapter:
     """Load a backbone adapter from a hub id or a local checkpoint directory.
 
+    A local checkpoint is checked before it is loaded (``config.json`` valid and complete,
+    weights readable and holding every parameter the config describes) and after (every
+    weight finite, the tokenizer not empty); see :mod:`fam.backbones.checks`.
+
     Args:
         path: hub id or directory with ``config.json`` (its ``model_type`` picks the adapter).
         trust_remote_code: required for remote-code families (Phi-3.5-V), whose Python code
@@ -118,17 +115,33 @@ def load_backbone(path: str | Path, *, trust_remote_code: bool = False,
     Raises:
         ConfigError: unknown ``model_type`` or option, an invalid option value, a
             remote-code family without opt-in, or an adapter that does not fit.
+        DataError: a missing folder, an invalid or incomplete ``config.json``, missing,
+            truncated or non-finite weights, missing tokenizer files (names the file).
     """
     cls = adapter_for_model_type(_model_type(path))
     kwargs = _resolve_options(cls, path, options)
-    if getattr(cls, "requires_remote_code", False):
+    remote = getattr(cls, "requires_remote_code", False)
+    if remote:
         if not trust_remote_code:
             raise remote_code_error(path)
         kwargs["trust_remote_code"] = True
-    backbone = cls.from_pretrained(path, **kwargs)
+    src = resolve_model(path)
+    if isinstance(src, Path) and not remote:
+        check_weights(src, cls._model_class)
+    try:
+        backbone = cls.from_pretrained(path, **kwargs)
+    except FamError:
+        raise
+    except (OSError, ValueError, KeyError) as e:  # what transformers/safetensors raise
+        raise load_error(path, e) from None
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "state_dict" not in str(e):
+            raise
+        raise load_error(path, e) from None
     if adapter is not None:
         backbone.model = merge_peft_adapter(backbone.model, adapter)
         backbone.model.eval()
+    check_finite(backbone.model, path)
     return backbone
 
 

@@ -49,10 +49,11 @@ from typing import Any, ClassVar, Sequence
 import torch
 from PIL import Image
 
+from fam.backbones.checks import check_tokenizer
+from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
                                    parse_image_resolution, pre_resize)
-from fam.backbones.layout import PromptLayout
 from fam.data.images import load_image, to_rgb
 from fam.data.types import MMItem
 from fam.errors import ConfigError
@@ -312,6 +313,7 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
         """
         model, tok, proc = cls.load_components(path, dtype=dtype,
                                                attn_implementation=attn_implementation, **kwargs)
+        check_tokenizer(tok, path)  # missing files give an empty tokenizer, not an error
         return cls(model, tok, proc, max_text_tokens=max_text_tokens, padding_side=padding_side,
                    prompt_format=prompt_format, image_resolution=image_resolution)
 

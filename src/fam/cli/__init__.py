@@ -27,6 +27,7 @@ subcommands on the parser built here and holds their handlers.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fam", description="fam: fine-grained multimodal embedding "
                                 "learning with vision-language models")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error (also: FAM_DEBUG=1); accepted "
+                        "anywhere on the command line")
     sub = p.add_subparsers(dest="command", required=True)
     experiments.add_demo_subcommand(sub)
     train.add_data_subcommands(sub)
@@ -75,7 +79,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: What to do about an OSError on a named path, by errno.
+_OS_HINTS = {
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.EACCES: "permission denied; choose a path you can write to or fix its permissions",
+    errno.EPERM: "operation not permitted; choose another path",
+    errno.EROFS: "read-only file system; choose a writable path",
+    errno.EISDIR: "is a folder; give a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
+    errno.EEXIST: "already exists; choose another path",
+    errno.ENOSPC: "no space left on the device; free space and rerun (finished work is kept)",
+    errno.EDQUOT: "disk quota exceeded; free space and rerun (finished work is kept)",
+    errno.ENAMETOOLONG: "file name too long; choose a shorter path",
+}
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for an internal error.
+
+    A :class:`FamError` carries its own context. An ``OSError`` that names a path (a
+    folder where a file goes, an unwritable or full disk, a missing file) is the user's to
+    fix too; it is printed with the path and what to do. Anything else is a bug.
+    """
+    if isinstance(e, FamError):
+        return str(e)
+    if isinstance(e, OSError) and (e.filename is not None or e.errno == errno.ENOSPC):
+        hint = _OS_HINTS.get(e.errno or -1, e.strerror or str(e))
+        where = e.filename2 if e.filename2 is not None else e.filename
+        if e.errno == errno.EEXIST and where is not None and os.path.isfile(where):
+            hint = "is a file, not a folder; fix the path"  # mkdir over a file
+        return f"{where}: {hint}" if where is not None else hint
+    if isinstance(e, MemoryError):
+        return ("out of memory; lower the batch size (optim.batch_size / --batch-size), use "
+                "optim.grad_accum or gradcache_chunk, or a smaller model")
+    return None
+
+
+def _strip_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` may be given anywhere (before or after the subcommand)."""
+    debug = "--debug" in argv
+    env = os.environ.get("FAM_DEBUG", "").strip().lower()
+    return [a for a in argv if a != "--debug"], debug or env not in ("", "0", "false", "no")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv, debug = _strip_debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     # key=value overrides may follow options (`fam train adapt --vein a=1`): argparse leaves
     # those as extras; they join the overrides of the commands that take them.
@@ -91,9 +139,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except FamError as e:
-        log.error("%s", e)
-        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume from the last checkpoint")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last-resort handler of the command line
+        if debug:
+            log.error("traceback (--debug):", exc_info=e)
+        message = user_error(e)
+        if message is not None:
+            log.error("%s", message)
+            return 2
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        log.error("internal error: %s: %s; rerun with --debug for the traceback and report "
+                  "it (command: fam %s)", type(e).__name__, first, " ".join(argv))
+        return 1
 
 
 if __name__ == "__main__":

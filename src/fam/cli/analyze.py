@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from fam.cli.args import nonneg_int, positive_int
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ def add_analyze_subcommands(sub: Any) -> None:
                     help="caption JSON for the text-entropy reference (optional)")
     al.add_argument("--select", default=None,
                     help="keep records whose image path contains this, e.g. images/eval/")
-    al.add_argument("--max-images", type=int, default=32)
-    al.add_argument("--k-max", type=int, default=10, help="matching-pursuit steps")
+    al.add_argument("--max-images", type=positive_int, default=32)
+    al.add_argument("--k-max", type=positive_int, default=10, help="matching-pursuit steps")
     al.add_argument("--theta", type=float, default=0.5, help="coverage threshold of S_k")
     al.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     al.set_defaults(func=cmd_analyze_alignment)
@@ -90,10 +91,11 @@ def add_analyze_subcommands(sub: Any) -> None:
     p.add_argument("--data", required=True, help="Scenes benchmark root (holds pad.jsonl)")
     p.add_argument("--out", required=True, help="output folder")
     d = ProbeConfig()  # defaults shown in --help
-    p.add_argument("--max-images", type=int, default=d.max_images)
-    p.add_argument("--attention-images", type=int, default=d.attention_images)
+    p.add_argument("--max-images", type=positive_int, default=d.max_images)
+    p.add_argument("--attention-images", type=nonneg_int, default=d.attention_images)
     p.add_argument("--margin", type=float, default=d.margin)
     p.add_argument("--split", default=d.split)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=nonneg_int, default=d.seed)
+    p.add_argument("--threads", type=nonneg_int, default=1,
+                   help="torch threads (0: torch's default)")
     p.set_defaults(func=cmd_probes)

@@ -8,6 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fam.cli.args import nonneg_int, positive_int
+
 __all__ = ["add_bench_subcommands"]
 
 
@@ -107,7 +109,7 @@ def add_bench_subcommands(sub: Any) -> None:
                      default=[",".join(map(str, s)) for s in DEFAULT_SHAPES],
                      help="B,N,T,d tuples (default: %(default)s)")
     mac.add_argument("--device", default="cpu")
-    mac.add_argument("--repeats", type=int, default=3)
+    mac.add_argument("--repeats", type=positive_int, default=3)
     mac.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     mac.set_defaults(func=cmd_bench_mac)
 
@@ -124,13 +126,14 @@ def add_bench_subcommands(sub: Any) -> None:
 
     gc = which.add_parser("gradcache", help="peak memory of GradCache (batch 256, chunk 16) "
                                             "vs a plain batch of 16")
-    gc.add_argument("--batch", type=int, default=256, help="large batch (default: 256)")
-    gc.add_argument("--chunk", type=int, default=16, help="GradCache chunk (default: 16)")
+    gc.add_argument("--batch", type=positive_int, default=256, help="large batch (default: 256)")
+    gc.add_argument("--chunk", type=positive_int, default=16, help="GradCache chunk (default: 16)")
     gc.add_argument("--size", default="s", choices=["xs", "s", "m"], help="tiny Qwen2-VL size")
-    gc.add_argument("--image-size", type=int, default=112, help="pixels (112: 16 image tokens)")
-    gc.add_argument("--text-words", type=int, default=12, help="caption length in words")
+    gc.add_argument("--image-size", type=positive_int, default=112,
+                    help="pixels (112: 16 image tokens)")
+    gc.add_argument("--text-words", type=positive_int, default=12, help="caption length in words")
     gc.add_argument("--device", default="cpu")
-    gc.add_argument("--threads", type=int, default=2)
+    gc.add_argument("--threads", type=nonneg_int, default=2)
     gc.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
     gc.set_defaults(func=cmd_bench_gradcache)
 
@@ -140,16 +143,18 @@ def add_bench_subcommands(sub: Any) -> None:
     en.add_argument("--items", default=None,
                     help="JSONL of {text, image} as `fam encode` reads (default: Scenes items)")
     en.add_argument("--image-root", default=None, help="image root (default: beside --items)")
-    en.add_argument("--n", type=int, default=512, help="default items: how many (default 512)")
+    en.add_argument("--n", type=positive_int, default=512,
+                    help="default items: how many (default 512)")
     en.add_argument("--size", default="m", choices=["xs", "s", "m"],
                     help="default model: tiny Qwen2-VL size (default m)")
-    en.add_argument("--layers", type=int, default=16,
+    en.add_argument("--layers", type=positive_int, default=16,
                     help="default model: language-model layers (default 16; 0 = the preset's)")
-    en.add_argument("--batch-size", type=int, default=32)
-    en.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    en.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
-    en.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead")
-    en.add_argument("--workers", type=int, default=1, help="image-decoding threads")
+    en.add_argument("--batch-size", type=positive_int, default=32)
+    en.add_argument("--threads", type=nonneg_int, default=1, help="torch threads (default 1)")
+    en.add_argument("--repeats", type=positive_int, default=3,
+                    help="alternating rounds (default 3)")
+    en.add_argument("--prefetch", type=nonneg_int, default=2, help="batches prepared ahead")
+    en.add_argument("--workers", type=positive_int, default=1, help="image-decoding threads")
     en.add_argument("--json", default=None, help="also write the figures to this JSON file")
     en.set_defaults(func=cmd_bench_encode)
 
@@ -160,10 +165,10 @@ def add_bench_subcommands(sub: Any) -> None:
     se.add_argument("--scenes", type=Path, default=None,
                     help="a Scenes folder (default: generated in --work)")
     se.add_argument("--work", type=Path, default=Path("runs/bench_search"))
-    se.add_argument("--n-eval-images", type=int, default=300,
+    se.add_argument("--n-eval-images", type=positive_int, default=300,
                     help="Scenes eval scenes when generating (each gives 1-3 images)")
-    se.add_argument("-k", type=int, default=10)
-    se.add_argument("--repeats", type=int, default=3)
+    se.add_argument("-k", type=positive_int, default=10)
+    se.add_argument("--repeats", type=positive_int, default=3)
     se.add_argument("--json", type=Path, default=None, help="also write the figures here")
     se.add_argument("--no-progress", action="store_true")
     se.set_defaults(func=cmd_bench_search)
@@ -173,12 +178,12 @@ def add_bench_subcommands(sub: Any) -> None:
     sv.add_argument("--model", type=Path, default=None,
                     help="embedding model (default: a tiny random Qwen2-VL built in --work)")
     sv.add_argument("--work", type=Path, default=Path("runs/bench_serve"))
-    sv.add_argument("--clients", type=int, default=32)
-    sv.add_argument("--requests", type=int, default=384, help="requests per mode")
+    sv.add_argument("--clients", type=positive_int, default=32)
+    sv.add_argument("--requests", type=positive_int, default=384, help="requests per mode")
     sv.add_argument("--inputs", choices=("text", "image", "mixed"), default="mixed")
-    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--max-batch", type=positive_int, default=32)
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per mode, at most")
-    sv.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    sv.add_argument("--threads", type=nonneg_int, default=None, help="the server's torch threads")
     sv.add_argument("--json", type=Path, default=None, help="also write the figures here")
     sv.set_defaults(func=cmd_bench_serve)
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fam.cli.args import nonneg_int, positive_int
 from fam.errors import ConfigError
 
 __all__ = ["add_deploy_subcommands"]
@@ -47,15 +48,17 @@ def _add_index_subcommands(subparsers: Any) -> None:
     b.add_argument("--kind", choices=("flat", "hnsw", "exact"), default="flat",
                    help="flat: exact inner product (FAISS IndexFlatIP, torch without FAISS); "
                         "hnsw: FAISS HNSW graph; exact: torch brute force (default: flat)")
-    b.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node (32)")
-    b.add_argument("--ef-construction", type=int, default=200, help="HNSW build list (200)")
-    b.add_argument("--ef-search", type=int, default=128, help="HNSW search list (128)")
+    b.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node (32)")
+    b.add_argument("--ef-construction", type=positive_int, default=200,
+                   help="HNSW build list (200)")
+    b.add_argument("--ef-search", type=positive_int, default=128, help="HNSW search list (128)")
     b.add_argument("--query-prompt", default="",
                    help="prompt for query texts, stored in the manifest: '{text}' is replaced, "
                         "otherwise it is a prefix")
     b.add_argument("--document-prompt", default="", help="prompt applied to the items' texts")
-    b.add_argument("--shard-size", type=int, default=1024, help="items per resumable shard")
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--shard-size", type=positive_int, default=1024,
+                   help="items per resumable shard")
+    b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_index_build)
 
@@ -66,7 +69,7 @@ def _add_index_subcommands(subparsers: Any) -> None:
                         "model that built it)")
     s.add_argument("--text", default=None, help="query text")
     s.add_argument("--image", default=None, help="query image file")
-    s.add_argument("-k", type=int, default=10, help="results (default 10)")
+    s.add_argument("-k", type=positive_int, default=10, help="results (default 10)")
     s.add_argument("--json", action="store_true", help="JSONL, one hit per line")
     s.add_argument("--image-root", default=None,
                    help="where the index's images are now (default: where they were at build)")
@@ -122,24 +125,25 @@ def _add_serve_subcommand(subparsers: Any) -> None:
     s.add_argument("--image-root", default=None, help="where the index's images are now")
     s.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=positive_int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("FAM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $FAM_API_KEY; unset = "
                         "no auth)")
     s.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (default: the model folder's name)")
-    s.add_argument("--max-batch", type=int, default=32,
+    s.add_argument("--max-batch", type=positive_int, default=32,
                    help="most inputs per forward (1 = no dynamic batching)")
     s.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="wait for a batch to fill (default 2 ms)")
     s.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body")
     s.add_argument("--max-image-mb", type=float, default=10.0, help="largest encoded image")
-    s.add_argument("--max-image-pixels", type=int, default=25_000_000,
+    s.add_argument("--max-image-pixels", type=positive_int, default=25_000_000,
                    help="largest image width×height (decompression-bomb guard)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s) image URLs given in requests (off by default: a server "
                         "that fetches URLs can be made to reach internal hosts)")
-    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--threads", type=nonneg_int, default=None,
+                   help="torch threads (default: torch's)")
     s.add_argument("--access-log", action="store_true", help="log one line per request")
     s.add_argument("--switch-interval-ms", type=float, default=0.1, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)

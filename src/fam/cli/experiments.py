@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fam.cli.args import int_at_least, nonneg_int
+
 __all__ = ["add_demo_subcommand", "add_ablate_subcommand", "add_compare_subcommand"]
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,9 @@ def add_demo_subcommand(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny sizes (about a minute)")
     d.add_argument("--preset", default=None,
                    help="budgets: a preset name or YAML file (default: demo, or demo_quick)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=nonneg_int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.add_argument("--threads", type=int, default=None,
+    d.add_argument("--threads", type=nonneg_int, default=None,
                    help="torch threads (default 1: fastest for the tiny models; 0 = torch's own)")
     d.set_defaults(func=cmd_demo)
     return d
@@ -57,7 +59,7 @@ def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ablate", help="FAM ablations on Scenes over seeds (MAC/VEIN, MAC terms, γ, layers)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], help="training seeds")
     p.add_argument("--size", choices=list(SIZES), default="small",
                    help="budget preset (" + ", ".join(f"{k}: {v}" for k, v in SIZES.items()) + ")")
     p.add_argument("--preset", default=None, help="budgets from another preset or YAML file")
@@ -66,7 +68,7 @@ def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", default=None, metavar="LABEL",
                    help="run only these configs of the groups (e.g. fam gamma=0.5 last); "
                         "the baseline always runs")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=nonneg_int, default=1,
                    help="torch threads (default 1: fastest for tiny models on shared CPUs; "
                         "0 = torch's default)")
     p.add_argument("--report-only", action="store_true",
@@ -102,8 +104,8 @@ def add_compare_subcommand(sub: Any) -> argparse.ArgumentParser:
                     help="every phase at toy sizes (CI; about a minute)")
     pc.add_argument("--preset", default=None,
                     help="budgets: a preset name or YAML file (default: projector_compare)")
-    pc.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="seeds (default: the preset's, 0 1 2)")
+    pc.add_argument("--seeds", type=nonneg_int, nargs="+", default=None,
+                    help="projector seeds (default: the preset's, 0 1 2)")
     pc.add_argument("--betas", type=float, nargs="+", default=None, metavar="BETA",
                     help="β sweep (default: the preset's, 0 0.5 1 2.5 5)")
     pc.add_argument("--schedules", nargs="+", default=None, choices=BETA_SCHEDULES,
@@ -113,10 +115,10 @@ def add_compare_subcommand(sub: Any) -> argparse.ArgumentParser:
                          "(default: linear mlp cabstractor)")
     pc.add_argument("--llms", nargs="+", default=None, choices=TINY_LLMS,
                     help="language models of the tiny LLaVA (default: llama qwen2)")
-    pc.add_argument("--workers", type=int, default=None,
+    pc.add_argument("--workers", type=int_at_least(1), default=None,
                     help="processes running independent runs (default: the preset's, 1)")
-    pc.add_argument("--threads", type=int, default=None,
-                    help="torch threads per process (default: the preset's, 1)")
+    pc.add_argument("--threads", type=nonneg_int, default=None,
+                    help="torch threads per process (default: the preset's, 1; 0 = torch's own)")
     pc.add_argument("--no-progress", action="store_true")
     pc.set_defaults(func=cmd_projector_compare)
     return pc

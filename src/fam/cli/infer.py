@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fam.cli.args import nonneg_int, positive_int
+
 log = logging.getLogger("fam")
 
 __all__ = ["add_infer_subcommands", "load_run"]
@@ -32,8 +34,10 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-resolution", default=None,
                    help="pre-resize images: none | high (1344²) | mid (672²) | low (128²) | cap "
                         "(only larger than 1344) | 336 | 448x336")
-    g.add_argument("--min-pixels", type=int, default=None, help="Qwen2-VL processor min pixels")
-    g.add_argument("--max-pixels", type=int, default=None, help="Qwen2-VL processor max pixels")
+    g.add_argument("--min-pixels", type=positive_int, default=None,
+                   help="Qwen2-VL processor min pixels")
+    g.add_argument("--max-pixels", type=positive_int, default=None,
+                   help="Qwen2-VL processor max pixels")
     g.add_argument("--max-text-tokens", default=None,
                    help="text tokens kept per item: N | none (no limit) | auto (fam 128, "
                         "vlm2vec none)")
@@ -168,14 +172,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_compare(args)
     if not args.model or not args.data:
         raise ConfigError("fam eval needs --model and --data (or --compare A B)")
+    from fam.backbones.checks import resolve_model
     from fam.eval.metrics import TIE_RULES, format_table
     from fam.eval.mmeb import evaluate, save_results, save_score_files
+    from fam.utils.io import output_file
+    src = resolve_model(args.model)  # a missing model fails before anything is created
+    default = src / "eval_results.json" if isinstance(src, Path) else \
+        Path(f"eval_results-{src.replace('/', '--')}.json")  # a hub id: in this folder
+    out = output_file(args.out or default, "--out")  # before the work, not after it
     model = _load_model(args)
     res = evaluate(model, args.data, args.image_root, datasets=args.datasets or None,
                    batch_size=args.batch_size, max_rows=args.max_rows,
                    progress=not args.no_progress, ties=args.ties, split=args.split)
     res["settings"].update(model=str(args.model), adapter=args.adapter)
-    out = Path(args.out) if args.out else Path(args.model) / "eval_results.json"
     save_results(res, out)
     save_score_files(res, out.parent)
     print(format_table([(Path(args.model).name, res)], per_dataset=True))
@@ -185,20 +194,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    import torch
     from safetensors.torch import save_file
 
-    from fam.index.items import read_items
-    items = [r.item for r in read_items(args.input, args.image_root)]
+    from fam.data.images import ImageRef, check_images
+    from fam.data.mmeb import read_items
+    from fam.errors import DataError
+    from fam.utils.io import atomic_path, output_file
+    out = output_file(args.out, "--out")
+    items = read_items(args.input, args.image_root or Path(args.input).parent)
+    check_images(ImageRef(it.image, it.source, it.line, it.field) for it in items
+                 if it.image is not None)
     model = _load_model(args)
     emb = model.encode(items, batch_size=args.batch_size, progress=True)
+    bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise DataError(f"the model produced non-finite embeddings for {len(bad)} of "
+                        f"{len(items)} items (first: line {items[bad[0]].line}); nothing was "
+                        f"written. Check the model's weights ({args.model})", args.input,
+                        items[bad[0]].line)
     # The model's identity travels with the vectors (fam index build --embeddings reads it).
     from fam.index.build import embeddings_metadata
     layout = {k: getattr(args, k) for k in ("prompt_format", "image_resolution", "min_pixels",
                                            "max_pixels", "max_text_tokens")
               if getattr(args, k, None) is not None}
-    save_file({"embeddings": emb.contiguous()}, args.out,
-              metadata=embeddings_metadata(args.model, model.normalize, args.adapter, layout))
-    print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.out}")
+    with atomic_path(out) as tmp:
+        save_file({"embeddings": emb.contiguous()}, str(tmp),
+                  metadata=embeddings_metadata(args.model, model.normalize, args.adapter, layout))
+    print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {out}")
     return 0
 
 
@@ -212,18 +235,20 @@ def add_infer_subcommands(sub: Any) -> None:
                     help="image root (default: beside the data, or its eval_images/ or images/)")
     ev.add_argument("--datasets", nargs="*", default=None)
     ev.add_argument("--split", default=None, help="split of dataset folders (default: test)")
-    ev.add_argument("--max-rows", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--max-rows", type=positive_int, default=None)
+    ev.add_argument("--batch-size", type=positive_int, default=32)
     ev.add_argument("--ties", choices=["expected", "optimistic", "pessimistic"],
                     default="expected",
                     help="expected: a k-way tie earns 1/k (default); optimistic: ties go to the "
                          "positive (argmax, as VLM2Vec and the MMEB leaderboard); pessimistic")
-    ev.add_argument("--out", default=None, help="results JSON (default: <model>/eval_results.json)")
+    ev.add_argument("--out", default=None,
+                    help="results JSON (default: <model>/eval_results.json; for a hub id "
+                         "eval_results-<org>--<name>.json here)")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                     help="print two runs side by side with differences (results JSON, a folder "
                          "holding one, or a folder of VLM2Vec {Dataset}_score.json files)")
-    ev.add_argument("--digits", type=int, default=1, help="decimals in --compare's table")
+    ev.add_argument("--digits", type=nonneg_int, default=1, help="decimals in --compare's table")
     _add_backbone_options(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -232,6 +257,6 @@ def add_infer_subcommands(sub: Any) -> None:
     en.add_argument("--input", required=True, help="JSONL rows {text, image (relative path)}")
     en.add_argument("--image-root", default=None)
     en.add_argument("--out", required=True, help="safetensors file with 'embeddings' (n, d)")
-    en.add_argument("--batch-size", type=int, default=32)
+    en.add_argument("--batch-size", type=positive_int, default=32)
     _add_backbone_options(en)
     en.set_defaults(func=cmd_encode)

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fam.cli.args import positive_int
+
 __all__ = ["add_pad_subcommand", "cmd_pad_build"]
 
 
@@ -62,7 +64,7 @@ def add_pad_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="smallest region: fraction of the image if < 1, else pixels")
     b.add_argument("--dedup-iou", type=float, default=0.9,
                    help="same-label regions with mask IoU above this are duplicates")
-    b.add_argument("--limit", type=int, help="only the first N images (sorted)")
+    b.add_argument("--limit", type=positive_int, help="only the first N images (sorted)")
     b.add_argument("--device", default=None, help="torch device for hf models (default cpu)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_pad_build)
@@ -82,6 +84,8 @@ def cmd_pad_build(args: argparse.Namespace) -> int:
     from fam.pad import (CaptionNounTagger, GroundTruthProvider, HFGroundingDinoDetector,
                          HFSamSegmenter, ListTagger, build_pad, list_images)
 
+    from fam.utils.io import output_file
+    output_file(args.out, "--out")
     images = list_images(args.images)
     tagger_kind = args.tagger or ("caption" if args.provider == "hf" else None)
     tagger = None

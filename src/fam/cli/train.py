@@ -5,6 +5,8 @@ import argparse
 import json
 from typing import Any, Callable
 
+from fam.cli.args import nonneg_int, positive_int
+
 __all__ = ["add_train_subcommands", "add_data_subcommands", "train_handler"]
 
 
@@ -22,6 +24,9 @@ def train_handler(name: str) -> Callable[[argparse.Namespace], int]:
         for flag, (_, extra) in (stage.flags or {}).items():
             if getattr(args, flag.lstrip("-").replace("-", "_"), False):
                 overrides += list(extra)
+        for policy in ("restart", "extend"):  # after the overrides: the flag wins
+            if getattr(args, policy):
+                overrides.append(f"run.on_change={policy}")
         path = run_stage(load_config(stage.config, config, overrides))
         print(f"model saved to {path}")
         return 0
@@ -41,6 +46,13 @@ def add_train_subcommands(sub: Any) -> argparse.ArgumentParser:
         tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
         for flag, (help_, _) in (stage.flags or {}).items():
             tr.add_argument(flag, action="store_true", help=help_)
+        policy = tr.add_mutually_exclusive_group()
+        policy.add_argument("--restart", action="store_true",
+                            help="run.out_dir holds a run with other settings: remove its "
+                                 "checkpoints and model and start over (run.on_change=restart)")
+        policy.add_argument("--extend", action="store_true",
+                            help="continue a run to a higher optim.steps from its last "
+                                 "checkpoint (run.on_change=extend)")
         tr.set_defaults(func=train_handler(name))
     return train
 
@@ -78,8 +90,8 @@ def add_data_subcommands(sub: Any) -> None:
     ti.add_argument("--out", required=True)
     ti.add_argument("--family", default="qwen2_vl")
     ti.add_argument("--size", default="s", choices=["xs", "s", "m"])
-    ti.add_argument("--image-size", type=int, default=112)
+    ti.add_argument("--image-size", type=positive_int, default=112)
     ti.add_argument("--corpus", default=None, help="caption JSON to train the tokenizer on")
-    ti.add_argument("--seed", type=int, default=0)
+    ti.add_argument("--seed", type=nonneg_int, default=0)
     ti.set_defaults(func=cmd_model_tiny)
 

@@ -14,7 +14,7 @@ Typed dataclasses are the single source of truth (STYLE practice 4); YAML files 
 
 A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in this package.
 """
-from fam.config.checks import Validated
+from fam.config.checks import Validated, bookkeeping_keys
 from fam.config.deploy import HnswConfig, ServeConfig
 from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
@@ -25,9 +25,9 @@ from fam.config.stages import (AdaptConfig, AlignConfig, CAbstractorConfig, Proj
 from fam.config.tools import GpuBenchConfig, PlanConfig, ProbeConfig
 from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 
-__all__ = ["Validated", "load_config", "from_dict", "to_dict", "apply_overrides", "deep_merge",
-           "read_yaml", "OptimConfig", "LoraConfig", "RunConfig", "BackboneConfig",
-           "Stage0Config", "AlignConfig",
+__all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict",
+           "apply_overrides", "deep_merge", "read_yaml", "OptimConfig", "LoraConfig", "RunConfig",
+           "BackboneConfig", "Stage0Config", "AlignConfig",
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "CAbstractorConfig", "TowerConfig",
            "SftConfig",
            "ScenesConfig", "TinyModelConfig",

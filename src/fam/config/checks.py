@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterable
 from fam.errors import ConfigError
 
 __all__ = ["Validated", "fail", "integer", "integers", "number", "choice", "text", "pair_list",
-           "text_cap"]
+           "text_cap", "bookkeeping_keys"]
 
 
 def fail(key: str, value: Any, rule: str) -> None:
@@ -128,6 +128,12 @@ class Validated:
 
     #: Fields naming a run's inputs (checkpoint, data files): required when running.
     INPUTS: ClassVar[dict[str, str]] = {}
+    #: Fields holding file or folder paths (compared as resolved paths on a rerun).
+    PATHS: ClassVar[tuple[str, ...]] = ()
+    #: Fields that do not change what a run computes (progress bars, log and checkpoint
+    #: cadence, threads, workers, device, where the outputs go): a rerun that changes only
+    #: these is the same run (:mod:`fam.train.rerun`).
+    BOOKKEEPING: ClassVar[frozenset[str]] = frozenset()
 
     def check(self, prefix: str) -> None:
         """The class's own rules (ranges, known strings); keys start with ``prefix``."""
@@ -151,3 +157,13 @@ class Validated:
         if require_inputs:
             for name, what in self.INPUTS.items():
                 text(prefix + name, getattr(self, name), what)
+
+
+def bookkeeping_keys(cfg: Validated, prefix: str = "") -> set[str]:
+    """Dotted keys of every :attr:`Validated.BOOKKEEPING` field in ``cfg``, nested ones too."""
+    keys = {prefix + name for name in cfg.BOOKKEEPING}
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        if isinstance(value, Validated):
+            keys |= bookkeeping_keys(value, f"{prefix}{f.name}.")
+    return keys

@@ -50,6 +50,8 @@ class SceneModelConfig(Validated):
     save_every: int = 100  # steps between checkpoints of every stage (0: only at the end)
     threads: int = 1  # torch threads of every stage and evaluation (0: torch's default)
 
+    BOOKKEEPING = frozenset({"save_every", "threads"})  # see Validated.BOOKKEEPING
+
     def check(self, prefix: str) -> None:
         integer(prefix + "save_every", self.save_every, 0)
         integer(prefix + "threads", self.threads, 0)
@@ -103,6 +105,15 @@ class CompareConfig(SceneModelConfig):
     multisemantic_k: int = 5  # atoms per patch of the multi-semantic check (paper: 5)
     workers: int = 2  # processes running independent runs at once (1: in this process)
     bootstrap: int = 2000  # replicates of the hierarchical paired bootstrap
+
+    # Seeds train in their own folders, the analysis is redone on every run: a rerun may
+    # change these without invalidating what is on disk.
+    # Arms live in folders named by projector, LLM, β, schedule and seed, so other seeds,
+    # β values or schedules add runs next to the finished ones; the report and its
+    # bootstrap are recomputed on every call. Analysis sizes are NOT bookkeeping here:
+    # each run caches its analysed result.
+    BOOKKEEPING = SceneModelConfig.BOOKKEEPING | {"seeds", "betas", "schedules", "workers",
+                                                  "bootstrap"}
 
     def check(self, prefix: str) -> None:
         super().check(prefix)

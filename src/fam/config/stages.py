@@ -43,6 +43,7 @@ class Stage0Config(Validated):
     """Generative pre-training of a tiny LVLM (next-token loss on captions and answers)."""
 
     INPUTS = {"model": _MODEL, "captions": _CAPTIONS}
+    PATHS = ("model", "captions", "qa", "image_root")
 
     model: str = ""  # checkpoint dir to start from (a tiny preset written by `fam model tiny`)
     captions: str = ""  # LLaVA pre-training caption JSON (image, caption / blip_caption)
@@ -65,6 +66,7 @@ class AlignConfig(Validated):
     """FAM stage 1 (MAC on image-caption pairs, method.md §2)."""
 
     INPUTS = {"model": _MODEL, "captions": _CAPTIONS}
+    PATHS = ("model", "captions", "image_root")
 
     model: str = ""  # checkpoint dir or hub id to start from (stage 0 / a pretrained LVLM)
     captions: str = ""  # LLaVA pre-training caption JSON (image, caption / blip_caption)
@@ -125,6 +127,7 @@ class AdaptConfig(Validated):
     """Stage 2 / VLM2Vec baseline: contrastive adaptation on query/target pairs."""
 
     INPUTS = {"model": _MODEL, "train_dir": "the MMEB-format training data folder or file"}
+    PATHS = ("model", "train_dir", "image_root")
 
     model: str = ""  # checkpoint dir or hub id to start from
     train_dir: str = ""  # MMEB-format training data (jsonl/parquet files or subset folders)
@@ -178,6 +181,7 @@ class ProjectorConfig(Validated):
     """Projector pre-training with the patch-alignment loss (method.md §4)."""
 
     INPUTS = {"model": "a LLaVA-style checkpoint directory", "captions": _CAPTIONS}
+    PATHS = ("model", "captions", "pad", "image_root")
 
     model: str = ""  # LLaVA-style checkpoint dir (e.g. a stage-0 model); towers stay frozen
     captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
@@ -227,6 +231,7 @@ class TowerConfig(Validated):
 
     INPUTS = {"model": "a LLaVA-style checkpoint directory (CLIP vision tower)",
               "captions": _CAPTIONS}
+    PATHS = ("model", "captions", "image_root")
 
     model: str = ""  # LLaVA-style checkpoint whose vision tower is pretrained
     captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
@@ -260,6 +265,7 @@ class SftConfig(Validated):
 
     INPUTS = {"model": "a LLaVA-style checkpoint directory (e.g. a projector stage's model)",
               "data": "an instruction JSON ([{image, question, answer}], e.g. sft_train.json)"}
+    PATHS = ("model", "data", "image_root")
 
     model: str = ""  # generative LVLM to fine-tune (its projector and LLM)
     data: str = ""  # JSON list of {image, question, answer} (fam.data.instructions writes it)

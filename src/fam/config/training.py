@@ -8,7 +8,8 @@ from typing import Any
 from fam.config.checks import Validated, choice, fail, integer, integers, number, pair_list, text
 
 __all__ = ["OptimConfig", "LoraConfig", "RunConfig", "BackboneConfig", "SCHEDULES", "PRECISIONS",
-           "STRATEGIES", "ATTN_IMPLEMENTATIONS", "PROMPT_FORMATS", "IMAGE_RESOLUTIONS"]
+           "STRATEGIES", "ATTN_IMPLEMENTATIONS", "PROMPT_FORMATS", "IMAGE_RESOLUTIONS",
+           "CHECK_MODES", "ON_CHANGE"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -16,6 +17,10 @@ STRATEGIES = ("ddp", "fsdp")
 ATTN_IMPLEMENTATIONS = ("", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
                         "flex_attention")
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+#: Up-front image checks before training (fam.data.images.CHECK_MODES; a test keeps them equal).
+CHECK_MODES = ("exists", "verify", "decode")
+#: What a stage does when its out_dir holds a run with other settings (fam.train.rerun).
+ON_CHANGE = ("refuse", "restart", "extend")
 #: The prompt formats and named pre-resize values of fam.backbones.options (a test keeps the
 #: two equal; config may not import backbones).
 PROMPT_FORMATS = ("fam", "vlm2vec")
@@ -81,6 +86,16 @@ class RunConfig(Validated):
     attn_implementation: str = ""  # "" (transformers' default) | "sdpa" | "eager" | "flash_attention_2"
     strategy: str = "ddp"  # under torchrun: "ddp" (replicated) | "fsdp" (FSDP2, shard per decoder layer)
     ddp_find_unused_parameters: bool = True  # DDP: tolerate trainable params without grad (lm_head, idle VEIN)
+    check_images: str = "verify"  # images, before training: "exists" | "verify" (intact) | "decode"
+    on_change: str = "refuse"  # out_dir holds other settings: "refuse" | "restart" | "extend"
+
+    # What a rerun may change without being another run (fam.train.rerun): where outputs go,
+    # how often to log and save, progress, threads, workers, device and kernels (DDP, FSDP,
+    # SDPA, eager and checkpointed layers compute the same maths), resume and these policies.
+    BOOKKEEPING = frozenset({
+        "out_dir", "log_every", "save_every", "keep_checkpoints", "resume", "num_workers",
+        "device", "progress", "threads", "gradient_checkpointing", "attn_implementation",
+        "strategy", "ddp_find_unused_parameters", "check_images", "on_change"})
 
     def check(self, prefix: str) -> None:
         text(prefix + "out_dir", self.out_dir, "the run's output folder")
@@ -92,6 +107,8 @@ class RunConfig(Validated):
         choice(prefix + "precision", self.precision, PRECISIONS)
         choice(prefix + "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         choice(prefix + "strategy", self.strategy, STRATEGIES)
+        choice(prefix + "check_images", self.check_images, CHECK_MODES)
+        choice(prefix + "on_change", self.on_change, ON_CHANGE)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
+from fam.data.images import ImageRef
 from fam.errors import DataError
 from fam.utils.io import read_jsonl, resolve_under
 
@@ -52,6 +53,10 @@ class CaptionSample:
     source: str
     line: int
     field: str
+
+    def image_refs(self) -> list[ImageRef]:
+        """The sample's image and where it was referenced (the up-front image check)."""
+        return [ImageRef(self.image, self.source, self.line, self.field)]
 
 
 def read_json_list(path: str | Path) -> list[Any]:

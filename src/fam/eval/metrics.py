@@ -216,10 +216,12 @@ def format_table(results: Any, per_dataset: bool = False, digits: int = 1) -> st
     """A fixed-width text table of MMEB results, one column per model.
 
     Rows: the four meta-tasks, IND, OOD and Overall (with ``per_dataset``, each meta-task
-    row is preceded by its datasets). Columns: the number of datasets, one per model, the
-    chance level and, for exactly two models, their difference (second minus first). The
-    header's first cell states the tie rule the scores were computed with (``ties=...``;
-    ``ties=mixed`` and a warning when the models were scored with different rules).
+    row is preceded by its datasets), then the evaluated datasets that are not MMEB
+    datasets (``other_datasets``) under their own heading, outside every mean. Columns: the
+    number of datasets, one per model, the chance level and, for exactly two models, their
+    difference (second minus first). The header's first cell states the tie rule the scores
+    were computed with (``ties=...``; ``ties=mixed`` and a warning when the models were
+    scored with different rules).
 
     Args:
         results: one results dict from :func:`fam.eval.mmeb.evaluate`, a ``{model name:
@@ -274,6 +276,15 @@ def format_table(results: Any, per_dataset: bool = False, digits: int = 1) -> st
     for key, label in (("IND", "IND"), ("OOD", "OOD"), ("overall", "Overall")):
         add(label, first.get("n_datasets", {}).get(key, ""), [r.get(key) for _, r in runs],
             first.get("chance", {}).get(key))
+    # Datasets that are not MMEB datasets: shown (always), never part of a mean above.
+    others = sorted({n for _, r in runs for n in r.get("other_datasets", [])})
+    if others:
+        body.append(None)
+        body.append(["Other datasets (not in the means)", ""] + [""] * len(runs) + [""] +
+                    ([""] if diff else []))
+        for n in others:
+            add("  " + n, "", [r.get("datasets", {}).get(n, {}).get("precision@1")
+                               for _, r in runs], all_ds[n].get("chance"))
 
     widths = [max(len(row[i]) for row in [header] + [b for b in body if b is not None])
               for i in range(len(header))]

@@ -28,6 +28,7 @@ and chance level is a percentage in [0, 100]::
       "IND": 60.0, "OOD": 50.0, "overall": 55.6,  # equal-weight means over datasets
       "n_datasets": {"classification": 10, ..., "IND": 20, "OOD": 16, "overall": 36},
       "chance": {"meta_task": {...}, "IND": ..., "OOD": ..., "overall": ...},
+      "other_datasets": [],               # evaluated but not MMEB: in no mean
       "settings": {"data_dir": "...", "image_root": "...", "max_rows": null, "split": null,
                    "backbone": {"prompt_format": "fam", "image_resolution": null,
                                 "max_text_tokens": 128, "min_pixels": ..., "max_pixels": ...}}
@@ -55,12 +56,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fam.data.mmeb import (EvalRow, dataset_info, discover_datasets, load_dataset_infos,
-                           read_eval_rows, validate_images)
+from fam.data.mmeb import (EvalRow, discover_datasets, find_datasets_json, find_info,
+                           load_dataset_infos, read_eval_rows, validate_images)
 from fam.data.mmeb.datasets import MMEB_EVAL_EXTRAS
 from fam.data.mmeb.layout import guess_image_root
 from fam.data.types import MMItem
-from fam.errors import DataError
+from fam.errors import ConfigError, DataError
 from fam.eval.metrics import Ties, aggregate, check_ties, precision_at_1
 from fam.utils.io import atomic_write_json
 
@@ -105,27 +106,47 @@ def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
     the model; scoring on the CPU is cheap next to encoding.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size={batch_size}: must be >= 1", key="batch_size")
     encode_all = getattr(encoder, "encode_all", None)
     if callable(encode_all):
         # The encoder batches the whole list itself (EmbeddingModel: length-grouped batches,
         # preprocessing overlapped with the forward).
         emb = encode_all(list(items), batch_size=batch_size, progress=progress, desc=desc)
-        return F.normalize(emb.detach().float().cpu(), dim=-1)
+        _check_shape(emb, len(items), "encoder.encode_all")
+        emb = emb.detach().float().cpu()
+        _refuse_non_finite(emb, items)
+        return F.normalize(emb, dim=-1)
     chunks: list[torch.Tensor] = []
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, leave=False)
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             batch = list(items[start:start + batch_size])
             emb = encoder.encode(batch)
-            if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != len(batch):
-                shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-                raise ValueError(f"encoder.encode returned {shape} for {len(batch)} items; "
-                                 "expected a tensor of shape (n, d)")
-            chunks.append(F.normalize(emb.detach().float().cpu(), dim=-1))
+            _check_shape(emb, len(batch), "encoder.encode")
+            emb = emb.detach().float().cpu()
+            _refuse_non_finite(emb, batch)
+            chunks.append(F.normalize(emb, dim=-1))
             bar.update(len(batch))
     bar.close()
     return torch.cat(chunks)
+
+
+def _check_shape(emb: object, n: int, what: str) -> None:
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != n:
+        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise ValueError(f"{what} returned {shape} for {n} items; expected a tensor of shape "
+                         "(n, d)")
+
+
+def _refuse_non_finite(emb: torch.Tensor, items: Sequence[MMItem]) -> None:
+    """NaN scores would rank as chance and look like a weak model; refuse instead."""
+    bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten()
+    if bad.numel():
+        it = items[int(bad[0])]
+        where = f" (first: {it.source}, line {it.line})" if it.source else ""
+        raise DataError(f"the model produced non-finite embeddings for {bad.numel()} of "
+                        f"{len(items)} items{where}; its weights or inputs are broken (check "
+                        "for NaN weights)")
 
 
 def _score_rows(emb: torch.Tensor, q_idx: torch.Tensor, c_idx: torch.Tensor,
@@ -219,8 +240,10 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
     """Run the MMEB protocol on every (or the chosen) dataset under ``data_dir``.
 
     Datasets are loaded and scored one at a time, so memory holds one dataset's rows and
-    embeddings. All dataset names are checked against the metadata (built-in table +
-    ``datasets.json``) before anything is encoded, so an unknown name fails at once.
+    embeddings. Dataset names are looked up in the metadata (built-in table +
+    ``datasets.json``) before anything is encoded; a dataset that is in neither is still
+    evaluated, reported under ``other_datasets`` (``meta_task``/``split`` null) and left
+    out of every mean, with a warning that says so.
 
     Args:
         encoder: see :class:`Encoder`.
@@ -237,8 +260,9 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         progress: show progress bars.
         ties: tie rule (``"expected"``: a k-way tie with the positive scores 1/k).
         split: split of multi-split dataset folders (default ``"test"``).
-        check_images: check that every referenced image exists before encoding, so a
-            missing file is reported with its data row rather than from inside the model.
+        check_images: check every referenced image before encoding (exists, opens within
+            the decompression-bomb limit, file intact), so a bad file is reported with its
+            data row rather than from inside the model.
         per_row: also keep each dataset's per-row credits (``credits``, in row order) for
             paired statistics between models evaluated on the same rows.
 
@@ -246,7 +270,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         The results dict described in this module's docstring.
 
     Raises:
-        DataError: bad data, unknown dataset or missing image (names file, line, field).
+        DataError: bad data, a dataset that is not there, a missing, corrupt or oversized
+            image (names file, line, field), or non-finite embeddings.
     """
     check_ties(ties)
     data_dir = Path(data_dir)
@@ -258,8 +283,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         extras = [n for n in found if n in MMEB_EVAL_EXTRAS and n not in infos]
         if extras:
             logger.warning("skipping %s: in MMEB-eval's repository but not one of the 36 MMEB "
-                           "datasets (name them with datasets= after declaring them in "
-                           "datasets.json)", ", ".join(extras))
+                           "datasets (name them with datasets= to evaluate them apart from the "
+                           "means, or declare them in datasets.json)", ", ".join(extras))
         names = [n for n in found if n not in extras]
     else:
         names = list(datasets)
@@ -271,7 +296,15 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
     if image_root is None:
         image_root = guess_image_root(data_dir, found[names[0]], ("qry_img_path", "tgt_img_path"),
                                       data_dir if data_dir.is_dir() else data_dir.parent)
-    meta = {n: dataset_info(n, data_dir, infos=infos) for n in names}
+    meta = {n: find_info(n, infos) for n in names}
+    other = [n for n in names if meta[n] is None]
+    if other:
+        target = find_datasets_json(data_dir) or "datasets.json beside the data"
+        logger.warning("%s: not MMEB dataset(s) (not among the 36 nor declared in %s): "
+                       "evaluated and reported under 'Other datasets', left out of the "
+                       "meta-task, IND, OOD and overall means; declare them in %s "
+                       "({name: {meta_task, split}}) to include them", ", ".join(other),
+                       target, target)
 
     per_dataset: dict[str, dict[str, Any]] = {}
     for name in tqdm(names, desc="MMEB", unit="dataset", disable=not progress):
@@ -279,11 +312,11 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         if not rows:
             raise DataError("dataset has no rows", found[name][0])
         if check_images:
-            validate_images(rows)
+            validate_images(rows, mode="verify", progress=progress)
         credits, n_encoded = evaluate_rows(encoder, rows, batch_size, ties, progress, name)
         counts = [len(r.candidates) for r in rows]
         info = meta[name]
-        chance = info.chance if info.chance is not None else \
+        chance = info.chance if info is not None and info.chance is not None else \
             sum(1.0 / c for c in counts) / len(counts)
         n_cand: float = counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
         per_dataset[name] = {
@@ -292,8 +325,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
             "n_correct": float(credits.sum().item()),
             "n_candidates": n_cand,
             "n_encoded": n_encoded,
-            "meta_task": info.meta_task,
-            "split": info.split,
+            "meta_task": info.meta_task if info is not None else None,
+            "split": info.split if info is not None else None,
             "chance": 100.0 * chance,
         }
         if per_row:
@@ -301,10 +334,12 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         logger.info("%s: precision@1 %.2f over %d rows (%d distinct items encoded)", name,
                     per_dataset[name][PRIMARY_METRIC], len(rows), n_encoded)
 
-    summary = aggregate({n: d[PRIMARY_METRIC] for n, d in per_dataset.items()}, infos,
-                        chance={n: d["chance"] for n, d in per_dataset.items()})
+    known = {n: d for n, d in per_dataset.items() if n not in other}
+    summary = aggregate({n: d[PRIMARY_METRIC] for n, d in known.items()}, infos,
+                        chance={n: d["chance"] for n, d in known.items()})
     results: dict[str, Any] = {"metric": PRIMARY_METRIC, "ties": ties, "datasets": per_dataset}
     results.update(summary)
+    results["other_datasets"] = other  # evaluated, not in any mean (not MMEB datasets)
     results["settings"] = {"data_dir": str(data_dir), "image_root": str(image_root),
                            "max_rows": max_rows, "split": split}
     backbone = getattr(getattr(encoder, "adapter", None), "settings", None)

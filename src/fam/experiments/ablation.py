@@ -236,7 +236,8 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
 
     before = torch.get_num_threads()
     try:
-        plan, out = start_experiment(plan or plan_for_size(size), out, threads=threads)
+        plan, out = start_experiment(plan or plan_for_size(size), out, "ablate",
+                                     threads=threads)
         return _run_ablation(out, seeds, size, list(groups or GROUPS), progress, plan,
                              configs, report_only)
     finally:

@@ -62,7 +62,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     from fam.train.runner import run_stage
     from fam.train.stage0 import generative_eval_loss
 
-    exp, out = start_experiment(plan or demo_config(quick), out, threads=threads)
+    exp, out = start_experiment(plan or demo_config(quick), out, "demo", {"seed": seed},
+                                threads=threads)
     timed = Timings()
     with timed("data"):
         data = prepare_scenes(out / "data", dataclasses.replace(exp.scenes, seed=seed))

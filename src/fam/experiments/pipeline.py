@@ -24,16 +24,31 @@ __all__ = ["start_experiment", "Timings", "stage_run", "prepare_scenes", "prepar
 C = TypeVar("C", bound=SceneModelConfig)
 
 
-def start_experiment(exp: C, out: str | Path, **overrides: Any) -> tuple[C, Path]:
+def start_experiment(exp: C, out: str | Path, kind: str, identity: dict[str, Any] | None = None,
+                     **overrides: Any) -> tuple[C, Path]:
     """The experiment's config with ``overrides`` applied (``None`` keeps a field),
-    validated before any work; torch threads set; the output folder created."""
+    validated before any work; the output folder created and checked writable; torch
+    threads set.
+
+    The settings (the config, plus ``identity``, e.g. the demo's seed) are recorded in
+    ``<out>/experiment.json``; a rerun into the same folder with other settings is refused
+    (:class:`fam.train.rerun.RunChanged`), because the data, models and stages already
+    there were made with the recorded ones and would be reported under the new ones.
+    """
+    from fam.config import bookkeeping_keys, to_dict
+    from fam.train.rerun import check_record, config_sections
+    from fam.utils.io import output_dir
+
     exp = dataclasses.replace(exp, **{k: v for k, v in overrides.items() if v is not None})
     exp.validate(require_inputs=False)
+    out = output_dir(out, "--out")
+    check_record(out / "experiment.json", kind, {"config": to_dict(exp), **(identity or {})},
+                 sections={"config"} | {f"config.{s}" for s in config_sections(exp)},
+                 ignore={f"config.{k}" for k in bookkeeping_keys(exp)},
+                 defaults={"config": to_dict(type(exp)())})
     # Tiny models gain little from intra-op threads, and on a busy 2-core machine
     # OpenMP spin-waiting makes 2 threads up to 10x slower than 1 (measured).
     use_threads(exp.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     return exp, out
 
 

@@ -126,7 +126,8 @@ def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int]
     from fam.data.instructions import write_instructions
     from fam.train.runner import run_stage
 
-    exp, out = start_experiment(plan or compare_config(quick), out, seeds=seeds, betas=betas,
+    exp, out = start_experiment(plan or compare_config(quick), out, "projector-compare",
+                                seeds=list(seeds) if seeds else None, betas=betas,
                                 schedules=schedules, projectors=projectors, llms=llms,
                                 workers=workers, threads=threads)
     timed = Timings()

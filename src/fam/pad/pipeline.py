@@ -162,9 +162,13 @@ def _scan_output(out_path: Path) -> tuple[dict[str, int], bool]:
     Returns:
         ``({image: n_regions}, whether a truncated last line was cut off)``.
 
+    Only a partial last line that follows complete PAD records is a crash artefact (and
+    cut off); a file whose first record is not a PAD record is not ours and is never
+    modified.
+
     Raises:
-        DataError: a line other than the last is not valid JSON (not a crash artefact;
-            the file needs a look).
+        DataError: the file is not a PAD JSONL, or a line other than a partial last one is
+            not a PAD record (the file needs a look).
     """
     done: dict[str, int] = {}
     if not out_path.exists():
@@ -184,7 +188,13 @@ def _scan_output(out_path: Path) -> tuple[dict[str, int], bool]:
             if not isinstance(row, dict) or not isinstance(row.get("image"), str):
                 raise ValueError("not a PAD record")
         except ValueError:
-            if last:  # a partial write: drop it, the image is redone
+            if not done:
+                # Not a PAD file at all (notes.txt, another JSONL): never touch it.
+                raise DataError("the output file exists and is not a PAD JSONL (its first "
+                                "record is not a PAD record); choose another --out, or "
+                                "remove the file", out_path, i + 1) from None
+            if last and raw.lstrip().startswith(b"{"):
+                # A partial write after complete records: drop it, the image is redone.
                 truncated = True
                 break
             raise DataError("invalid PAD line in an existing output file; fix or remove "

@@ -67,6 +67,7 @@ from fam.backbones.llava import install_projector
 from fam.config import CAbstractorConfig, ProjectorConfig
 from fam.config.stages import PROJECTOR_TYPES
 from fam.data.captions import CaptionSample, load_captions
+from fam.data.images import ImageRef
 from fam.errors import ConfigError, DataError
 from fam.losses.patch import beta_schedule, label_embedding, patch_alignment_loss, projector_loss
 from fam.pad.records import iter_pad
@@ -198,6 +199,10 @@ class ProjectorSample:
 
     caption: CaptionSample
     regions: RegionTargets
+
+    def image_refs(self) -> list[ImageRef]:
+        """The sample's image (the up-front image check of the training run)."""
+        return self.caption.image_refs()
 
 
 @dataclass

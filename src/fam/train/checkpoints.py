@@ -7,7 +7,8 @@ A checkpoint is a folder ``<out>/checkpoints/step-N`` holding
   numbers, strings and containers, so it loads with ``torch.load(weights_only=True)`` —
   PyTorch's restricted unpickler, which refuses any other object (a crafted file cannot
   run code);
-- ``state.json`` (written last): step, stage name and the stage's resolved config.
+- ``state.json`` (written last): step, stage name, the stage's resolved config (input
+  paths absolute) and the number of processes, compared on a rerun (:mod:`fam.train.rerun`).
 
 The folder is written under a temporary name, every file and the folder are fsync'd, and it
 is renamed into place (then the parent is fsync'd), so a crash or ``kill -9`` at any point

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fam import distributed as dist_utils
 from fam.backbones.base import EncodedBatch
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,8 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
 
     ``batch.split(chunk_size)`` cuts the batch into row chunks. The re-runs go through
     ``ddp_module``, all but the last inside ``no_sync()`` so gradients are all-reduced once.
-    When the loss is not finite the re-runs are skipped and the terms returned for the
-    caller to report.
+    When the loss is not finite (on any rank) the re-runs are skipped on every rank and the
+    terms returned with a non-finite loss, for every rank's caller to stop on.
     """
     fwd = ddp_module if ddp_module is not None else module
     chunks = batch.split(chunk_size)
@@ -224,8 +225,14 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
     for (ci, k, v), g in zip(flat, grads):
         cached[ci][k] = (g if g is not None else torch.zeros_like(v)) * scale
     out_terms = _detached(terms)
-    if not torch.isfinite(out_terms["loss"]):
+    # Every rank takes the same branch: a rank that skipped the re-runs alone would leave
+    # the others waiting in the last re-run's all-reduce (DDP) or parameter gathers (FSDP).
+    if not dist_utils.all_ranks_true(bool(torch.isfinite(out_terms["loss"]))):
         after.restore()
+        # A NaN loss on every rank, so that every rank's trainer stops (not only the rank
+        # whose loss diverged: the others would wait in the next step's collectives).
+        if torch.isfinite(out_terms["loss"]):
+            out_terms["loss"] = torch.full_like(out_terms["loss"], float("nan"))
         return out_terms
 
     # Pass 3: re-run each chunk with grad, replaying its RNG, and back-propagate ⟨r, g⟩.

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fam import distributed as dist_utils
-from fam.config import to_dict
+from fam.train import rerun
 from fam.train.gradcache import Loss
 from fam.train.registry import stage_for
 from fam.train.trainer import Trainer, TrainResult
@@ -35,7 +35,11 @@ __all__ = ["Recipe", "StageParts", "run_stage"]
 
 @dataclass
 class StageParts:
-    """What a stage trains: the trainer's inputs (see :class:`fam.train.trainer.Trainer`)."""
+    """What a stage trains: the trainer's inputs (see :class:`fam.train.trainer.Trainer`).
+
+    Examples that reference images expose ``image_refs()`` (the images with the data file,
+    line and field that name them), so :func:`run_stage` checks them all before training.
+    """
 
     module: nn.Module  # every trainable parameter; forward(batch, step) -> named outputs
     loss: Loss | None  # loss(**outputs, batch=, step=) -> {"loss", **terms}
@@ -73,28 +77,50 @@ class Recipe(ABC):
 def run_stage(cfg: Any) -> Path:
     """Run the stage ``cfg`` configures; returns the exported model folder.
 
-    Validates the config (inputs included) before any work; skips the stage when
-    ``<run.out_dir>/model`` already holds a model and ``run.resume`` is set; otherwise sets
-    the threads and the seed, builds the recipe's parts, trains (resuming from the newest
-    complete checkpoint) and exports on rank 0 from full weights while the other ranks wait.
+    Validates the config (inputs included) and the output folder before any work; compares
+    the config with the run recorded in ``run.out_dir`` (:mod:`fam.train.rerun`): the same
+    finished run is skipped, the same unfinished one resumes, other settings are refused
+    unless ``run.on_change`` says to extend (``optim.steps`` raised) or restart. Then sets
+    the threads and the seed, builds the recipe's parts, checks every image the data
+    references (``run.check_images``), trains (resuming from the newest complete
+    checkpoint) and exports on rank 0 from full weights, with the resolved config beside
+    the model (``fam_config.json``), while the other ranks wait.
     """
+    from fam.data.images import check_images
+    from fam.utils.io import output_dir
+
     stage = stage_for(cfg)
     cfg.validate()
-    final = Path(cfg.run.out_dir) / "model"
-    if (final / "config.json").exists() and cfg.run.resume:
-        log.info("%s: %s already holds a trained model; skipping", stage.name, final)
+    out = output_dir(cfg.run.out_dir, "run.out_dir")
+    final = out / "model"
+    dist_utils.init_from_env()  # every rank decides alike; a restart clears on rank 0 only
+    action = rerun.decide(cfg, stage.name)
+    dist_utils.barrier()  # every rank has read the folder before rank 0 changes it
+    if action == "skip":
+        log.info("%s: %s already holds the model of this run; skipping (--extend with a "
+                 "higher optim.steps trains it further)", stage.name, final)
         return final
+    if action == "restart":
+        dist_utils.run_on_main_rank(lambda: rerun.clear_outputs(out))
     use_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     recipe = stage.recipe()(cfg)
     parts = recipe.build()
+    # Every image the data references, before the first step (a bad one would otherwise
+    # stop the run when its batch comes up, possibly hours in).
+    n = check_images((r for ex in parts.dataset for r in getattr(ex, "image_refs", list)()),
+                     cfg.run.check_images, progress=cfg.run.progress and dist_utils.rank() == 0,
+                     desc=f"{recipe.name}: check images")
+    log.info("%s: %d images checked (%s)", recipe.name, n, cfg.run.check_images)
     trainer = Trainer(parts.module, parts.dataset, parts.collate, cfg.optim, cfg.run,
-                      recipe.name, to_device=parts.to_device, config_dump=to_dict(cfg),
-                      loss=parts.loss, gradcache_chunk=parts.gradcache_chunk)
+                      recipe.name, to_device=parts.to_device,
+                      config_dump=rerun.resolved_config(cfg), loss=parts.loss,
+                      gradcache_chunk=parts.gradcache_chunk)
     result = trainer.train()
     module = trainer.unsharded(recipe.module)  # collective under FSDP
     if module is not None:
         recipe.export(module, final, result)
+        rerun.write_model_record(final, stage.name, recipe.name, cfg, result.steps)
         log.info("%s: saved the model to %s", recipe.name, final)
     dist_utils.barrier()
     return final

@@ -154,7 +154,8 @@ class Trainer:
             return None
         path = ckpt.write_checkpoint(self.ckpt_root / f"step-{self.step}", self.step, state,
                                      opt_state, self.scheduler.state_dict(),
-                                     {"name": self.name, "config": self.config_dump})
+                                     {"name": self.name, "config": self.config_dump,
+                                      "world_size": dist_utils.world_size()})
         keep = max(1, self.run_cfg.keep_checkpoints)
         for old in self._ckpt_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -44,12 +44,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        # Writers inside may create private files too (safetensors writes 0600 through
+        # its own temporary file): give everything the modes a plain open/mkdir would.
+        file_mode, dir_mode = default_mode(False), default_mode(True)
         for f in tmp.rglob("*"):
             if f.is_file() and not f.is_symlink():
+                os.chmod(f, file_mode)
                 fsync_path(f)
-        for d in [*(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+        for d in [*(d for d in tmp.rglob("*") if d.is_dir() and not d.is_symlink()), tmp]:
+            os.chmod(d, dir_mode)
             fsync_path(d)
-        os.chmod(tmp, default_mode(True))
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old"

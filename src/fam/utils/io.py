@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from fam.errors import DataError
+from fam.errors import ConfigError, DataError
 from fam.utils.checkpoint import default_mode, fsync_path
 
 
@@ -103,3 +103,43 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
         with tmp.open("w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def output_dir(path: str | Path, what: str) -> Path:
+    """Create the output folder ``path`` (parents too) and check it is writable, up front.
+
+    Called before any work so that a file in the way, a read-only or full disk or a missing
+    permission fails in the first second, not after hours of training or evaluation.
+
+    Args:
+        path: the folder.
+        what: the option or key that named it (``--out``, ``run.out_dir``), for the message.
+
+    Raises:
+        ConfigError: naming ``what``, the path and what to do.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what}={p} is a file; give a folder", key=what)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fam-write-test.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what}={p}: cannot write there ({e.strerror or e}); choose a "
+                          "writable folder", key=what) from None
+    return p
+
+
+def output_file(path: str | Path, what: str) -> Path:
+    """Check, up front, that the file ``path`` can be written (its folder is created).
+
+    Raises:
+        ConfigError: the path is a folder, or its folder cannot be created or written.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what}={p} is a folder; give a file path", key=what)
+    output_dir(p.parent if str(p.parent) else Path("."), what)
+    return p

@@ -34,15 +34,16 @@ Modules: :mod:`~fam.data.mmeb.records` (the row types), :mod:`~fam.data.mmeb.lay
 :mod:`~fam.data.mmeb.datasets` (metadata).
 """
 from fam.data.mmeb.datasets import (META_TASKS, MMEB_DATASETS, SPLITS, DatasetInfo, dataset_info,
-                                    find_datasets_json, load_dataset_infos)
+                                    find_datasets_json, find_info, load_dataset_infos)
 from fam.data.mmeb.layout import discover_datasets
 from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, EvalRow, TrainPair, TrainPairDataset,
                                    collate_train_pairs, validate_images)
-from fam.data.mmeb.rows import load_eval, load_train, read_eval_rows
+from fam.data.mmeb.rows import load_eval, load_train, read_eval_rows, read_items
 
 __all__ = [
     "TrainPair", "EvalRow", "TrainPairDataset", "DatasetInfo", "MMEB_DATASETS", "META_TASKS",
     "SPLITS", "TRAIN_FIELDS", "EVAL_FIELDS", "load_train", "load_eval", "read_eval_rows",
+    "read_items",
     "discover_datasets", "validate_images", "dataset_info", "load_dataset_infos",
-    "find_datasets_json", "collate_train_pairs",
+    "find_datasets_json", "find_info", "collate_train_pairs",
 ]

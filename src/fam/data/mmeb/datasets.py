@@ -152,6 +152,11 @@ def _parse_info(name: str, spec: Any, base: DatasetInfo | None, path: Path) -> D
     return DatasetInfo(name, meta_task, split, n, chance, extra)
 
 
+def find_info(name: str, infos: Mapping[str, DatasetInfo]) -> DatasetInfo | None:
+    """Metadata of ``name`` in a loaded table (MMEB-train spellings accepted), or None."""
+    return infos.get(name) or infos.get(_ALIASES.get(name, ""))
+
+
 def dataset_info(name: str, data_dir: str | Path | None = None,
                  infos: Mapping[str, DatasetInfo] | None = None) -> DatasetInfo:
     """Metadata of one dataset, from ``datasets.json`` near ``data_dir`` or the built-in table.
@@ -166,7 +171,7 @@ def dataset_info(name: str, data_dir: str | Path | None = None,
     """
     if infos is None:
         infos = load_dataset_infos(data_dir)
-    info = infos.get(name) or infos.get(_ALIASES.get(name, ""))
+    info = find_info(name, infos)
     if info is None:
         where = find_datasets_json(data_dir)
         target = str(where) if where else (

@@ -56,7 +56,11 @@ def _data_files(folder: Path) -> list[Path]:
 
 def _splits_of_folder(folder: Path) -> dict[str, list[Path]]:
     """``{split: files}`` of one dataset folder: ``<split>-NNNNN-of-NNNNN.parquet`` shards
-    and/or ``<split>/NNNN.parquet`` sub-folders (the parquet converter's layout)."""
+    and/or ``<split>/NNNN.parquet`` sub-folders (the parquet converter's layout).
+
+    Raises:
+        DataError: a split stored in two formats (``test.jsonl`` and ``test.parquet``).
+    """
     by_split: dict[str, list[Path]] = {}
     for f in _data_files(folder):
         by_split.setdefault(_split_of(f), []).append(f)
@@ -64,6 +68,13 @@ def _splits_of_folder(folder: Path) -> dict[str, list[Path]]:
         files = _data_files(sub)
         if files:
             by_split.setdefault(sub.name, []).extend(files)
+    for name, fs in by_split.items():
+        kinds = sorted({f.suffix for f in fs})
+        if len(kinds) > 1:
+            # test.jsonl + test.parquet are two copies of a split, not two shards: reading
+            # both would count every row twice.
+            raise DataError(f"split {name!r} is stored as both {' and '.join(kinds)} "
+                            f"({', '.join(f.name for f in fs)}); keep one format", folder)
     return by_split
 
 

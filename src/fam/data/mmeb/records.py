@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fam.data.images import load_image
+from fam.data.images import ImageRef, check_images, load_image
 from fam.data.types import MMItem
-from fam.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +69,10 @@ class TrainPair:
         return load_image(item.image, source=self.source, line=self.line,
                           field=TRAIN_FIELDS[side][1], rgb=rgb)
 
+    def image_refs(self) -> Iterator[ImageRef]:
+        """The images of this row (for the up-front check of a training run)."""
+        return image_refs(self)
+
 
 @dataclass(slots=True)
 class EvalRow:
@@ -89,6 +91,10 @@ class EvalRow:
     dataset: str
     source: str
     line: int
+
+    def image_refs(self) -> Iterator[ImageRef]:
+        """The images of this row."""
+        return image_refs(self)
 
 
 class TrainPairDataset(Dataset):
@@ -123,15 +129,19 @@ def collate_train_pairs(batch: list[TrainPair]) -> list[TrainPair]:
     return list(batch)
 
 
-def validate_images(records: Iterable[TrainPair | EvalRow], decode: bool = False) -> int:
-    """Check that every image the records reference exists (and optionally decodes).
+def validate_images(records: Iterable[TrainPair | EvalRow], decode: bool = False, *,
+                    mode: str = "exists", progress: bool = False) -> int:
+    """Check every image the records reference, up front (:func:`fam.data.images.check_images`).
 
-    Each distinct image is checked once. Use before a long run so a missing file fails
-    in seconds, not hours in.
+    Each distinct image is checked once. Use before a long run so a bad file fails in
+    seconds, not hours in.
 
     Args:
         records: training pairs and/or evaluation rows.
-        decode: also open and decode each image (slow; catches corrupt files).
+        decode: decode every image (slow; the same as ``mode="decode"``).
+        mode: ``"exists"``, ``"verify"`` (header, size limit and file structure; catches
+            truncated files and decompression bombs without decoding) or ``"decode"``.
+        progress: show a progress bar.
 
     Returns:
         The number of distinct images checked.
@@ -140,22 +150,15 @@ def validate_images(records: Iterable[TrainPair | EvalRow], decode: bool = False
         DataError: names the first bad image's data file, line and field, and how many
             other images are missing.
     """
-    seen: set[Path] = set()
-    missing: list[tuple[Path, str, int, str]] = []
-    for rec in records:
-        for item, fld in _image_fields(rec):
-            if item is None or item.image is None or item.image in seen:
-                continue
-            seen.add(item.image)
-            if decode:
-                load_image(item.image, source=rec.source, line=rec.line, field=fld)
-            elif not item.image.is_file():
-                missing.append((item.image, rec.source, rec.line, fld))
-    if missing:
-        img, src, line, fld = missing[0]
-        more = f" (and {len(missing) - 1} more missing images)" if len(missing) > 1 else ""
-        raise DataError(f"image not found: {img}{more}; check the image root", src, line, fld)
-    return len(seen)
+    return check_images((r for rec in records for r in image_refs(rec)),
+                        "decode" if decode else mode, progress)
+
+
+def image_refs(rec: TrainPair | EvalRow) -> Iterator[ImageRef]:
+    """The images a record references, each with the record's file, line and field."""
+    for item, fld in _image_fields(rec):
+        if item is not None and item.image is not None:
+            yield ImageRef(item.image, rec.source, rec.line, fld)
 
 
 def _image_fields(rec: TrainPair | EvalRow) -> Iterator[tuple[MMItem | None, str]]:

@@ -11,7 +11,7 @@ from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, TRAIN_OPTIONAL, TR
                                    EvalRow, TrainPair)
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import DataError
-from fam.utils.io import resolve_under
+from fam.utils.io import read_jsonl, resolve_under
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,34 @@ def load_eval(dir_or_file: str | Path, image_root: str | Path,
     found = discover_datasets(dir_or_file, "eval", split)
     names = _select(found, datasets, "dataset", dir_or_file)
     return {n: read_eval_rows(n, found[n], image_root, max_rows) for n in names}
+
+
+def read_items(path: str | Path, image_root: str | Path) -> list[MMItem]:
+    """Validated items of an inference JSONL: one ``{"text", "image"}`` object per line.
+
+    ``text`` (a string, may hold the image placeholder) and ``image`` (a path relative to
+    ``image_root``) are both optional, but an item needs at least one of them, and a
+    placeholder needs an image; other keys (ids) are ignored.
+
+    Raises:
+        DataError: naming the file, line and field of the first bad row (not an object,
+            a non-string field, an empty item, a placeholder without an image, an image
+            path escaping the root), or an empty file.
+    """
+    path = Path(path)
+    make = _ItemFactory(Path(image_root))
+    items = []
+    for line, row in read_jsonl(path):
+        if "text" not in row and "image" not in row:
+            raise DataError(f"an item needs 'text' and/or 'image' (found keys {sorted(row)})",
+                            path, line, "text")
+        text = _text(row, "text", path, line, required=False)
+        rel = _image_path(row.get("image"), path, line, "image")
+        items.append(make(text, rel, path, line, "text", "image"))
+    if not items:
+        raise DataError("no items: expected one JSON object {\"text\", \"image\"} per line",
+                        path)
+    return items
 
 
 def _select(found: dict[str, list[Path]], wanted: Iterable[str] | None, what: str,

@@ -15,7 +15,7 @@ from fam.data.scenes.render import render_all
 from fam.data.scenes.sampling import sample_pool
 from fam.data.scenes.scene import Scene
 from fam.data.scenes.tasks import TaskContext, qa_pairs
-from fam.errors import ConfigError
+from fam.errors import ConfigError, DataError
 from fam.utils.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -49,14 +49,21 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | Path, *, progress: bool = 
 
     Args:
         cfg: the configuration.
-        out_dir: output folder; created if needed. Existing files are overwritten.
+        out_dir: output folder; created if needed. A previous generation there is
+            replaced (its data files and images removed first, so none is left over);
+            other files are kept, but MMEB data in ``train/`` or ``eval/`` that Scenes did
+            not write is refused (training and evaluation would read it as subsets).
         progress: show a progress bar while rendering (only on a terminal).
 
     Returns:
         The summary written to ``scenes.json``.
+
+    Raises:
+        DataError: ``train/`` or ``eval/`` under ``out_dir`` hold data that is not Scenes'.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
+    _clear_previous(out)
     for sub in ("images/train", "images/eval", "crops/train", "crops/eval", "train", "eval"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -136,3 +143,36 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | Path, *, progress: bool = 
     logger.info("Scenes benchmark written to %s in %.1fs (%d train / %d eval images)",
                 out, time.perf_counter() - t0, n_images["train"], n_images["eval"])
     return summary
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what an earlier generation wrote to ``out``; refuse foreign MMEB data.
+
+    Everything ``train/`` and ``eval/`` hold is read as a subset by training and
+    evaluation, so data files there that are not Scenes data sets (another benchmark's,
+    or a user's) are refused rather than mixed in; stale images of a larger earlier
+    generation are removed so that image listings (``fam pad build``) see this one only.
+    """
+    if not out.is_dir():
+        return
+    ours = {f"{spec.name}.jsonl" for spec in dataset_specs()}
+    for sub in ("train", "eval"):
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        foreign = sorted(p.name for p in folder.iterdir()
+                         if p.name not in ours and not p.name.startswith("."))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise DataError(f"holds data that is not part of Scenes ({shown}); training and "
+                            "evaluation would use it as subsets. Generate into an empty "
+                            "folder, or remove those files", folder)
+    for name in ("scenes.json", "pad.jsonl", "captions.json", "captions_eval.json", "qa.json",
+                 "datasets.json"):
+        (out / name).unlink(missing_ok=True)  # scenes.json first: the set is incomplete now
+    for sub in ("train", "eval"):
+        for f in (out / sub).glob("*.jsonl"):
+            f.unlink()
+        for kind in ("images", "crops"):
+            for f in (out / kind / sub).glob("*.png"):
+                f.unlink()
