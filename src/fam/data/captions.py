@@ -55,7 +55,10 @@ class CaptionSample:
     field: str
 
     def image_refs(self) -> list[ImageRef]:
-        """The sample's image and where it was referenced (the up-front image check)."""
+        """The sample's image and where it was referenced (the up-front image check);
+        none for a text-only sample."""
+        if self.image is None:
+            return []
         return [ImageRef(self.image, self.source, self.line, self.field)]
 
 
