@@ -119,3 +119,16 @@ def test_write_instructions_files(tmp_path):
     assert res["counts"]["eval"]["vqa_count"] == 1
     with pytest.raises(DataError, match="generate the Scenes benchmark"):
         write_instructions(tmp_path / "missing")
+
+
+def test_eval_pools_keep_only_the_named_pools():
+    recs = [SCENE, dict(SCENE, image="images/eval/nv00003.png"),
+            dict(SCENE, image="images/eval/st00001.png")]
+    every = {r["image"] for r in _rows(recs, "eval")}
+    assert every == {r["image"] for r in recs}
+    assert {r["image"] for r in _rows(recs, "eval", eval_pools=["eval"])} == \
+        {"images/eval/ev00000.png"}
+    assert {r["image"] for r in _rows(recs, "eval", eval_pools=["novel", "striped"])} == \
+        {"images/eval/nv00003.png", "images/eval/st00001.png"}
+    with pytest.raises(ValueError, match="eval_pools"):
+        _rows(recs, "eval", eval_pools=["ood"])

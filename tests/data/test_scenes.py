@@ -387,3 +387,34 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="n_candidates"):
         ScenesConfig(n_candidates=1)
     assert ScenesConfig(heldout_pairs=[["red", "star"]]).heldout_pairs == (("red", "star"),)
+
+
+def test_background_texture_varies_the_background_only(tmp_path):
+    flat = tmp_path / "flat"
+    tex = tmp_path / "tex"
+    cfg = dict(seed=5, n_train_images=6, n_eval_images=4, n_ood_images=4, eval_rows=2,
+               n_candidates=3)
+    generate_scenes(ScenesConfig(**cfg), flat, progress=False)
+    generate_scenes(ScenesConfig(background_texture=25, **cfg), tex, progress=False)
+    # the texts and annotations do not change, the pixels of the objects neither
+    for name in ("captions.json", "pad.jsonl", "qa.json"):
+        assert (flat / name).read_bytes() == (tex / name).read_bytes()
+    pad = _pad(tex)
+    rec = pad["images/train/tr00000.png"]
+    a, b = _pixels(flat, rec["image"]), _pixels(tex, rec["image"])
+    fg = np.logical_or.reduce([rle_decode(r["mask"]) for r in rec["regions"]])
+    assert np.array_equal(a[fg], b[fg])
+    assert not np.array_equal(a[~fg], b[~fg])
+    # 14-px background patches of a flat image are identical; textured ones are not
+    tiles = [b[r:r + 14, c:c + 14] for r in range(0, 112, 14) for c in range(0, 112, 14)
+             if not fg[r:r + 14, c:c + 14].any()]
+    assert len({t.tobytes() for t in tiles}) == len(tiles) > 1
+    # a counterfactual re-render keeps its scene's background; other scenes differ
+    cf = next(k for k in pad if k.startswith("images/train/tr00000-"))
+    fg2 = np.logical_or.reduce([rle_decode(r["mask"]) for r in pad[cf]["regions"]])
+    bg = ~(fg | fg2)
+    assert np.array_equal(b[bg], _pixels(tex, cf)[bg])
+    other = _pixels(tex, "images/train/tr00001.png")
+    assert not np.array_equal(b[bg], other[bg])
+    with pytest.raises(ConfigError, match="background_texture"):
+        ScenesConfig(background_texture=-1)

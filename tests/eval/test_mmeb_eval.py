@@ -116,6 +116,16 @@ def test_evaluate_end_to_end(bench, tmp_path):
     assert "Classification" in table and "Overall" in table
 
 
+def test_per_row_credits_are_kept_in_row_order(bench):
+    # the hand-made rows of `bench`: hits, misses and the expected credit of ties
+    res = evaluate(ColorEncoder(), bench, batch_size=2, progress=False, per_row=True)
+    assert res["datasets"]["ColorCls"]["credits"] == [1.0, 1.0, 0.0]
+    assert res["datasets"]["ColorRet"]["credits"] == [1.0, 0.5, 1.0, 0.5]
+    for d in res["datasets"].values():     # the dataset score is their mean
+        assert 100 * sum(d["credits"]) / len(d["credits"]) == pytest.approx(d["precision@1"])
+    assert "credits" not in evaluate(ColorEncoder(), bench, progress=False)["datasets"]["ColorCls"]
+
+
 def test_constant_encoder_scores_exactly_chance(bench):
     # A naive argmax would give 100% here (the positive is always listed first).
     res = evaluate(ConstantEncoder(), bench, progress=False)

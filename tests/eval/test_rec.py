@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from fam.eval.rec import box_iou, box_to_text, normalise_box, parse_box, score_rec
+from fam.eval.rec import box_iou, box_to_text, centre_inside, normalise_box, parse_box, score_rec
 
 
 def test_box_to_text_scales_pixel_boxes_to_percent():
@@ -93,3 +93,14 @@ def test_round_trip_hits_the_pixel_box():
     for px in ([2, 2, 20, 20], [71, 2, 89, 20], [40, 60, 72, 92]):
         exact = [v / 112 * 100 for v in px]
         assert box_iou(parse_box(box_to_text(px, 112, 112)), exact) > 0.9
+
+
+def test_centre_accuracy_is_the_pointing_game():
+    gold = [(10, 10, 30, 30), (10, 10, 30, 30), (10, 10, 30, 30)]
+    # a small box inside (IoU < 0.5, centre in), a shifted box (centre out), garbage
+    res = score_rec(["[18, 18, 22, 22]", "[25, 25, 45, 45]", "none"], gold)
+    assert res["accuracy"] == 0.0
+    assert res["centre_hits"] == [True, False, False]
+    assert res["centre_accuracy"] == pytest.approx(1 / 3)
+    assert res["ious"][0] == pytest.approx(16 / 400)
+    assert centre_inside((0, 0, 20, 20), (10, 10, 30, 30))      # centre on the edge counts

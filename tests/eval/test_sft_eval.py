@@ -67,3 +67,22 @@ def test_real_generation_runs_end_to_end(tmp_path):
     res = evaluate_sft(adapter, tmp_path / "sft_eval.json", tmp_path, max_new_tokens=4)
     assert res["rec"]["n"] == 1 and res["vqa"]["n"] == 1
     assert isinstance(res["examples"]["rec"][0]["answer"], str)
+
+
+def test_chance_levels_are_the_no_image_answers(tmp_path):
+    def row(task, answer, box=None):
+        r = {"image": "images/x.png", "question": "q", "answer": answer, "task": task}
+        return dict(r, box=box) if box else r
+    train = [row("vqa_colour", "red"), row("vqa_colour", "red"), row("vqa_colour", "blue"),
+             row("rec", "", [0, 0, 20, 20]), row("rec", "", [1, 1, 21, 21]),
+             row("rec", "", [60, 60, 90, 90])]
+    ev = [row("vqa_colour", "red"), row("vqa_colour", "green"),
+          row("rec", "", [0, 0, 20, 20]), row("rec", "", [50, 50, 95, 95])]
+    (tmp_path / "tr.json").write_text(json.dumps(train))
+    (tmp_path / "ev.json").write_text(json.dumps(ev))
+    ch = sft_eval.chance_levels(tmp_path / "tr.json", tmp_path / "ev.json")
+    assert ch["vqa_colour"]["answer"] == "red" and ch["vqa_colour"]["hits"] == [True, False]
+    # the box hitting most training boxes is one of the two overlapping ones
+    assert ch["rec"]["answer"] in ([0, 0, 20, 20], [1, 1, 21, 21])
+    assert ch["rec"]["hits"] == [True, False] and ch["rec"]["accuracy"] == 0.5
+    assert ch["rec"]["centre_hits"] == [True, False]

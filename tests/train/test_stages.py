@@ -196,3 +196,48 @@ def test_pair_collator_hands_images_over_in_their_own_mode(bench, tmp_path):
         want = a.image_processor(images=[rgb if rgb is not None else rgba],
                                  return_tensors="pt")["pixel_values"]
         assert torch.equal(batch.query.inputs["pixel_values"], want), fmt
+
+
+def test_stage0_can_keep_the_vision_tower_frozen(bench, tmp_path):
+    from safetensors.torch import load_file
+    from fam.train.stage0 import run_stage0
+    data = bench / "data"
+    cfg = Stage0Config(model=str(bench / "tiny"), captions=str(data / "captions.json"),
+                       image_root=str(data), freeze_vision=True,
+                       optim=OptimConfig(lr=3e-3, batch_size=4, steps=2, warmup_ratio=0.0),
+                       run=_run(tmp_path))
+    before = {k: v for f in (bench / "tiny").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    after = {k: v for f in run_stage0(cfg).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    vision = [k for k in before if k.startswith(("visual.", "model.visual."))]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
+
+
+def test_text_only_stage0_trains_the_language_model_on_words_alone(bench, tmp_path):
+    from safetensors.torch import load_file
+    from fam.data.captions import as_text_samples, load_captions, load_qa
+    from fam.train.stage0 import build_generative_batch, run_stage0
+    data = bench / "data"
+    caps = load_captions(data / "captions.json", data)
+    qa = load_qa(data / "qa.json", data)
+    text = as_text_samples(caps[:2], qa[:1], {c.image: c.target for c in caps})
+    assert all(s.image is None for s in text)
+    assert text[0].prompt == "" and text[0].target == caps[0].target
+    assert text[2].prompt.startswith({c.image: c.target for c in caps}[qa[0].image] + "\n")
+    adapter = load_backbone(bench / "tiny")
+    enc, labels = build_generative_batch(adapter, text)
+    assert not enc.image_mask.any() and "pixel_values" not in enc.inputs
+    # labels on the answer (and EOS) only: the caption before the question is context
+    n_answer = len(adapter.tokenizer(" " + qa[0].target, add_special_tokens=False)["input_ids"])
+    assert int((labels[2] != -100).sum()) <= n_answer + 1
+
+    cfg = Stage0Config(model=str(bench / "tiny"), captions=str(data / "captions.json"),
+                       qa=str(data / "qa.json"), image_root=str(data), text_only=True,
+                       optim=OptimConfig(lr=3e-3, batch_size=4, steps=2, warmup_ratio=0.0),
+                       run=_run(tmp_path))
+    before = {k: v for f in (bench / "tiny").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    after = {k: v for f in run_stage0(cfg).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # (Qwen2-VL: the vision tower and its merger, the projector, are under "visual.")
+    assert changed and not any("visual" in k for k in changed)
+    assert any("lm_head" in k for k in changed) and any("layers.0." in k for k in changed)

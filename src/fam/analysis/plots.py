@@ -146,6 +146,70 @@ def plot_explained_energy(curves: Mapping[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float],
+                                                     Sequence[float]]]],
+                path: str | Path, xlabel: str, ylabel: str,
+                hlines: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """Side-by-side panels of curves with error bars (e.g. a metric vs β per schedule).
+
+    Args:
+        panels: panel title → series label → ``(x, mean, err)`` (err: e.g. the seed std).
+        path: output file.
+        xlabel, ylabel: axis labels (shared).
+        hlines: panel title → label → y of a dashed reference line (e.g. a baseline).
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for label, (x, m, e) in series.items():
+            ax.errorbar(np.asarray(x, float), np.asarray(m, float), yerr=np.asarray(e, float),
+                        marker="o", ms=4, capsize=3, label=label)
+        for label, y in ((hlines or {}).get(title) or {}).items():
+            ax.axhline(y, ls="--", lw=1, color="grey")
+            ax.text(ax.get_xlim()[0], y, f" {label}", va="bottom", fontsize=7, color="grey")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_grouped_bars(panels: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]],
+                      path: str | Path, ylabel: str,
+                      reference: Mapping[str, float] | None = None) -> Path:
+    """Panels of grouped bars with error bars (e.g. accuracy per task, projector, arm).
+
+    Args:
+        panels: panel title → group (x tick) → series (bar) → ``(mean, err)``.
+        path: output file.
+        ylabel: y axis label.
+        reference: panel title → y of a dashed line (e.g. the no-image baseline).
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (title, groups) in zip(axes[0], panels.items()):
+        names = list(groups)
+        series = list(dict.fromkeys(k for g in groups.values() for k in g))
+        width = 0.8 / max(1, len(series))
+        x = np.arange(len(names))
+        for j, sname in enumerate(series):
+            m = [groups[g].get(sname, (np.nan, 0.0))[0] for g in names]
+            e = [groups[g].get(sname, (np.nan, 0.0))[1] for g in names]
+            ax.bar(x + (j - (len(series) - 1) / 2) * width, np.nan_to_num(m), width,
+                   yerr=np.nan_to_num(e), capsize=2, label=sname)
+        if reference and title in reference and reference[title] is not None:
+            ax.axhline(reference[title], ls="--", lw=1, color="grey", label="no-image baseline")
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _cell(s: str) -> str:
     # keep a decoded token visible and the table intact: show spaces, escape pipes
     return s.replace("|", "\\|").replace("\n", "\\n").replace(" ", "␣") or "∅"

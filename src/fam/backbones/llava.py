@@ -3,6 +3,11 @@
 Image block: N × ``<image>``, N = number of vision-tower patches kept by
 ``vision_feature_select_strategy`` (``default`` drops CLS). The projector
 (``multi_modal_projector``) is what patch-aligned training (method.md §4) trains.
+
+A checkpoint may carry a C-Abstractor instead of LLaVA's projector
+(:mod:`fam.backbones.cabstractor`, recorded as ``fam_projector`` in its ``config.json``):
+the adapter then rebuilds the module on load, reads its weights strictly from the
+checkpoint's safetensors, and writes one ``<image>`` per *pooled* token.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from PIL import Image
 
 from fam.backbones.base import BackboneAdapter
+from fam.backbones.cabstractor import build_projector, projector_spec
 from fam.backbones.tokenizer import train_bpe_tokenizer
 from fam.errors import ConfigError
 
@@ -65,6 +71,9 @@ class LlavaAdapter(BackboneAdapter):
         return [self.image_token_id] * n_tokens, [True] * n_tokens
 
     def num_image_tokens(self, height: int, width: int) -> int:
+        spec = projector_spec(self.config)
+        if spec is not None:  # a C-Abstractor: one token per pooled cell
+            return int(spec["pooled"][0]) * int(spec["pooled"][1])
         vc = self.config.vision_config
         n = (height // vc.patch_size) * (width // vc.patch_size)
         if self.config.vision_feature_select_strategy == "full":
@@ -95,6 +104,43 @@ class LlavaAdapter(BackboneAdapter):
         cs = self.image_processor.crop_size
         p = self.config.vision_config.patch_size
         return cs["height"] // p, cs["width"] // p
+
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image tokens the LLM reads: the patch grid, or a
+        C-Abstractor's pooled grid."""
+        spec = projector_spec(self.config)
+        if spec is not None:
+            return int(spec["pooled"][0]), int(spec["pooled"][1])
+        return self.patch_grid()
+
+    @classmethod
+    def _load_model(cls, path: str | Path, dtype: Any = None,
+                    attn_implementation: str | None = None) -> torch.nn.Module:
+        """LLaVA's loader; a checkpoint with a ``fam_projector`` record gets its projector
+        rebuilt and its weights read strictly (transformers would build the MLP)."""
+        from transformers import PretrainedConfig
+        spec = projector_spec(PretrainedConfig.get_config_dict(str(path))[0])
+        if spec is None:
+            return super()._load_model(path, dtype, attn_implementation)
+        # The checkpoint's projector keys are not the class's: the class may neither load
+        # them nor report them (they are read below), and its MLP is replaced.
+        base = cls._model_class()
+        # (Same name and module as the stock class, which transformers' checkpoint-key
+        # conversions are registered for.)
+        quiet = type(base.__name__, (base,), {
+            "__module__": base.__module__,
+            "_keys_to_ignore_on_load_unexpected": [r"multi_modal_projector\."],
+            "_keys_to_ignore_on_load_missing": [r"multi_modal_projector\."]})
+        kw: dict[str, Any] = {}
+        if dtype is not None:
+            kw["dtype"] = dtype
+        if attn_implementation is not None:
+            kw["attn_implementation"] = attn_implementation
+        model = quiet.from_pretrained(str(path), **kw)
+        model.__class__ = base  # the stock class from here on (same layout, same methods)
+        install_projector(model, build_projector(spec))
+        load_projector_weights(model, path)
+        return model
 
     @classmethod
     def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None):
@@ -152,3 +198,43 @@ class LlavaAdapter(BackboneAdapter):
         if out_dir is not None:
             adapter.save_pretrained(out_dir)
         return adapter
+
+
+def install_projector(model: torch.nn.Module, projector: torch.nn.Module) -> None:
+    """Put ``projector`` in place of a LLaVA model's ``multi_modal_projector`` (same device
+    and dtype as the model)."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    owner = m.model if getattr(m.model, "multi_modal_projector", None) is not None else m
+    ref = next(m.parameters())
+    owner.multi_modal_projector = projector.to(device=ref.device, dtype=ref.dtype)
+
+
+def load_projector_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Read the ``multi_modal_projector.*`` tensors of a local checkpoint's safetensors
+    (one file or an index of shards) into the model's projector, strictly."""
+    import json
+    from safetensors import safe_open
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    proj = m.model.multi_modal_projector
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (root / f).exists():
+            raise ConfigError(f"{root / f} not found: a checkpoint with a fam projector must be "
+                              "a local directory with its safetensors")
+        with safe_open(str(root / f), framework="pt") as st:
+            for key in st.keys():
+                i = key.find("multi_modal_projector.")
+                if i >= 0:
+                    state[key[i + len("multi_modal_projector."):]] = st.get_tensor(key)
+    ref = next(proj.parameters())
+    try:
+        proj.load_state_dict({k: v.to(ref.dtype) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{root}: the projector weights do not match its config.json "
+                          f"fam_projector record ({str(e).splitlines()[0]})") from None

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fam.cli.args import nonneg_int
+from fam.cli.args import int_at_least, nonneg_int
 
 __all__ = ["add_demo_subcommand", "add_ablate_subcommand", "add_compare_subcommand"]
 
@@ -85,23 +85,40 @@ def cmd_projector_compare(args: argparse.Namespace) -> int:
     plan = load_preset(CompareConfig, args.preset) if args.preset else None
     res = run_projector_compare(args.out, quick=args.quick, seeds=args.seeds,
                                 progress=not args.no_progress, plan=plan,
-                                threads=args.threads or None)
+                                threads=args.threads, betas=args.betas,
+                                schedules=args.schedules, projectors=args.projectors,
+                                llms=args.llms, workers=args.workers)
     print(format_results(res))
-    print(f"artefacts in {Path(args.out).resolve()} (projector_results.json/.md)")
+    print(f"artefacts in {Path(args.out).resolve()} (projector_results.json/.md, figures)")
     return 0
 
 
 def add_compare_subcommand(sub: Any) -> argparse.ArgumentParser:
+    from fam.config.experiments import TINY_LLMS
+    from fam.config.stages import BETA_SCHEDULES, PROJECTOR_TYPES
     pc = sub.add_parser(
-        "projector-compare", help="caption-only vs patch-aligned projectors on Scenes")
-    pc.add_argument("--out", default="runs/projector", help="output folder")
-    pc.add_argument("--quick", action="store_true", help="tiny sizes (under 2 minutes)")
+        "projector-compare",
+        help="the projector study: β sweep, projector types, LLMs, SFT, FAM (Scenes)")
+    pc.add_argument("--out", default="runs/projector", help="output folder (resumable)")
+    pc.add_argument("--quick", action="store_true",
+                    help="every phase at toy sizes (CI; about a minute)")
     pc.add_argument("--preset", default=None,
                     help="budgets: a preset name or YAML file (default: projector_compare)")
     pc.add_argument("--seeds", type=nonneg_int, nargs="+", default=None,
                     help="projector seeds (default: the preset's, 0 1 2)")
-    pc.add_argument("--threads", type=nonneg_int, default=0,
-                    help="torch threads (default: the preset's; use 1 on a shared machine)")
+    pc.add_argument("--betas", type=float, nargs="+", default=None, metavar="BETA",
+                    help="β sweep (default: the preset's, 0 0.5 1 2.5 5)")
+    pc.add_argument("--schedules", nargs="+", default=None, choices=BETA_SCHEDULES,
+                    help="β schedules of the sweep (default: ramped constant)")
+    pc.add_argument("--projectors", nargs="+", default=None, choices=PROJECTOR_TYPES,
+                    help="projector types of the cross-architecture check "
+                         "(default: linear mlp cabstractor)")
+    pc.add_argument("--llms", nargs="+", default=None, choices=TINY_LLMS,
+                    help="language models of the tiny LLaVA (default: llama qwen2)")
+    pc.add_argument("--workers", type=int_at_least(1), default=None,
+                    help="processes running independent runs (default: the preset's, 1)")
+    pc.add_argument("--threads", type=nonneg_int, default=None,
+                    help="torch threads per process (default: the preset's, 1; 0 = torch's own)")
     pc.add_argument("--no-progress", action="store_true")
     pc.set_defaults(func=cmd_projector_compare)
     return pc

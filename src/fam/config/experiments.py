@@ -10,17 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fam.config.checks import Validated, choice, fail, integer
+from fam.config.checks import Validated, choice, fail, integer, number
 from fam.config.scenes import ScenesConfig
-from fam.config.stages import AdaptConfig, AlignConfig, ProjectorConfig, Stage0Config, VeinConfig
+from fam.config.stages import (BETA_SCHEDULES, PROJECTOR_TYPES, AdaptConfig, AlignConfig,
+                               ProjectorConfig, SftConfig, Stage0Config, TowerConfig, VeinConfig)
 
 __all__ = ["TinyModelConfig", "SceneModelConfig", "DemoConfig", "CompareConfig", "TINY_SIZES",
-           "TINY_FAMILIES"]
+           "TINY_FAMILIES", "TINY_LLMS", "SCENES_POOLS"]
 
 TINY_SIZES = ("xs", "s", "m")
 #: Families a tiny model can be built for offline (fam.backbones.NATIVE_FAMILIES; a test
 #: keeps the two equal).
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "smolvlm")
+#: Language models a tiny LLaVA can carry (fam.backbones.llava.TINY_TEXT_MODELS; a test
+#: keeps the two equal).
+TINY_LLMS = ("llama", "qwen2")
+#: Scenes pools (fam.data.scenes.sampling.POOL_PREFIX without "train").
+SCENES_POOLS = ("eval", "novel", "crowded", "striped")
 
 
 @dataclass
@@ -69,24 +75,81 @@ class DemoConfig(SceneModelConfig):
 
 @dataclass
 class CompareConfig(SceneModelConfig):
-    """Caption-only vs patch-aligned projectors from one stage-0 tiny LLaVA."""
+    """The projector study (``fam projector-compare``): a frozen pretrained tower, one
+    stage-0 LLM per language model, fresh projectors (β sweep, projector types, LLMs,
+    seeds), the same SFT from each, and FAM from the SFT'd LVLMs (docs/projector_study.md)."""
 
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)  # template; its beta_max: the patch arm
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # projector init + data order
+    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(family="llava", size="xs"))
+    tower: TowerConfig = field(default_factory=TowerConfig)  # template: the tower pretraining (then frozen everywhere)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)  # template; beta_max/beta_schedule: the patch arm of the cross-architecture check
+    sft: SftConfig = field(default_factory=SftConfig)  # template: stage-2 SFT, the same for every projector
+    align: AlignConfig = field(default_factory=AlignConfig)  # template: FAM stage 1 (MAC)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)  # template: FAM stage 2
+    vein: VeinConfig = field(default_factory=lambda: VeinConfig(enabled=True))  # FAM's VEIN
+    sweep_projector: str = "mlp"  # projector type of the β sweep (with the first LLM)
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.5, 5.0])  # β sweep (first projector type and LLM)
+    schedules: list[str] = field(default_factory=lambda: ["ramped", "constant"])  # β schedules of the sweep
+    projectors: list[str] = field(default_factory=lambda: ["linear", "mlp", "cabstractor"])  # cross-architecture check
+    llms: list[str] = field(default_factory=lambda: ["llama", "qwen2"])  # language models of the tiny LLaVA
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # projector init + data order (paired across arms)
+    stage0_sft: bool = True  # stage 0 also trains on the SFT training rows (the "pretrained LLM" knows the formats)
+    downstream: bool = True  # SFT from every cross-architecture projector, then VQA/REC
+    fam: bool = True  # FAM (MAC + VEIN) from the SFT'd caption-only vs patch-aligned LVLM (sweep projector and LLM)
+    eval_pools: list[str] = field(default_factory=lambda: ["eval"])  # Scenes pools of the SFT evaluation rows
+    sft_eval_per_task: int = 200  # SFT evaluation rows per task (at most)
     analysis_images: int = 64  # evaluation images analysed per model
     heldout_captions: int = 200  # held-out captions for the caption loss
+    caption_images: int = 48  # greedy captions scored per model (caption quality)
+    mmeb_rows: int = 0  # FAM evaluation rows per Scenes dataset (0: all written)
     k_max: int = 10  # matching-pursuit steps
+    multisemantic_k: int = 5  # atoms per patch of the multi-semantic check (paper: 5)
+    workers: int = 2  # processes running independent runs at once (1: in this process)
+    bootstrap: int = 2000  # replicates of the hierarchical paired bootstrap
 
     # Seeds train in their own folders, the analysis is redone on every run: a rerun may
     # change these without invalidating what is on disk.
-    BOOKKEEPING = SceneModelConfig.BOOKKEEPING | {"seeds", "analysis_images",
-                                                  "heldout_captions", "k_max"}
+    # Arms live in folders named by projector, LLM, β, schedule and seed, so other seeds,
+    # β values or schedules add runs next to the finished ones; the report and its
+    # bootstrap are recomputed on every call. Analysis sizes are NOT bookkeeping here:
+    # each run caches its analysed result.
+    BOOKKEEPING = SceneModelConfig.BOOKKEEPING | {"seeds", "betas", "schedules", "workers",
+                                                  "bootstrap"}
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
-        if not self.seeds:
-            fail(prefix + "seeds", self.seeds, "give at least one seed")
+        for name in ("seeds", "betas", "schedules", "projectors", "llms"):
+            if not getattr(self, name):
+                fail(prefix + name, getattr(self, name), "give at least one value")
+            if len(set(getattr(self, name))) != len(getattr(self, name)):
+                fail(prefix + name, getattr(self, name), "a value is listed twice")
         for i, s in enumerate(self.seeds):
             integer(f"{prefix}seeds[{i}]", s, 0)
-        for name in ("analysis_images", "heldout_captions", "k_max"):
+        for i, b in enumerate(self.betas):
+            number(f"{prefix}betas[{i}]", b, 0.0)
+        for i, v in enumerate(self.schedules):
+            choice(f"{prefix}schedules[{i}]", v, BETA_SCHEDULES)
+        for i, v in enumerate(self.projectors):
+            choice(f"{prefix}projectors[{i}]", v, PROJECTOR_TYPES)
+        if self.sweep_projector not in self.projectors:
+            fail(prefix + "sweep_projector", self.sweep_projector,
+                 f"must be one of {prefix}projectors={self.projectors}")
+        for i, v in enumerate(self.llms):
+            choice(f"{prefix}llms[{i}]", v, TINY_LLMS)
+        for i, v in enumerate(self.eval_pools):
+            choice(f"{prefix}eval_pools[{i}]", v, SCENES_POOLS)
+        if self.model.family != "llava":
+            fail(prefix + "model.family", self.model.family,
+                 "the projector study needs a LLaVA (vision tower → projector → LLM)")
+        if self.projector.beta_max <= 0:
+            fail(prefix + "projector.beta_max", self.projector.beta_max,
+                 "the patch arm needs beta_max > 0 (the caption-only arm is beta 0)")
+        if self.adapt.vein.enabled:
+            fail(prefix + "adapt.vein.enabled", True, "set FAM's VEIN under "
+                 f"{prefix}vein (the adaptation template is shared)")
+        for name in ("analysis_images", "heldout_captions", "caption_images", "k_max",
+                     "multisemantic_k", "workers", "sft_eval_per_task", "bootstrap"):
             integer(prefix + name, getattr(self, name), 1)
+        integer(prefix + "mmeb_rows", self.mmeb_rows, 0)
+        if self.multisemantic_k > self.k_max:
+            fail(prefix + "multisemantic_k", self.multisemantic_k,
+                 f"must be <= k_max={self.k_max} (matching-pursuit steps run)")

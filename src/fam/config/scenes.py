@@ -62,6 +62,9 @@ class ScenesConfig(Validated):
     max_rows_per_image: int = 2  # cap on rows one image gives a multi-row data set
     heldout_pairs: tuple[tuple[str, str], ...] = DEFAULT_HELDOUT_PAIRS  # never in training
     png_compress_level: int = 1  # zlib level for PNGs; 1 keeps generation fast
+    # grey levels of a smooth colour field + grain on plain backgrounds (fam.data.texture);
+    # 0 = flat grey. Objects, masks and texts are unchanged by it.
+    background_texture: float = 0.0
 
     def __post_init__(self) -> None:
         self.heldout_pairs = tuple(tuple(p) for p in self.heldout_pairs)  # JSON gives lists
@@ -97,6 +100,8 @@ class ScenesConfig(Validated):
                 raise bad(name, "must be a probability in [0, 1]")
         if not 0 <= self.png_compress_level <= 9:
             raise bad("png_compress_level", "must be in 0..9")
+        if not 0.0 <= self.background_texture <= 128.0:
+            raise bad("background_texture", "must be in [0, 128] grey levels (0 = flat)")
         for pair in self.heldout_pairs:
             if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
                 raise bad("heldout_pairs", f"{pair!r} is not a (colour, shape) pair; colours: "

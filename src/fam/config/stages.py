@@ -13,9 +13,12 @@ from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConf
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
-           "TowerConfig", "SftConfig", "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES"]
+           "TowerConfig", "SftConfig", "CAbstractorConfig", "PROJECTOR_TYPES", "BETA_SCHEDULES", "PATCH_POOLINGS",
+           "C2F_REDUCTIONS", "TOWER_LOSSES"]
 
-PROJECTOR_TYPES = ("mlp", "linear")
+PROJECTOR_TYPES = ("mlp", "linear", "cabstractor")
+#: How β reaches beta_max: a linear ramp (method.md §4) or from the first step.
+BETA_SCHEDULES = ("ramped", "constant")
 #: Region poolings of the patch-alignment loss (fam.losses.patch.POOLINGS; a test keeps
 #: the two equal).
 PATCH_POOLINGS = ("mean", "coverage", "token")
@@ -48,6 +51,8 @@ class Stage0Config(Validated):
     image_root: str = ""  # root of the image paths (default: the caption file's folder)
     prompt: str = "Describe the image."  # instruction before the caption
     max_text_tokens: int | str | None = 64  # text tokens per sample (none: no limit)
+    freeze_vision: bool = False  # keep the vision tower as it is (e.g. after `fam train tower`)
+    text_only: bool = False  # no images: only the LLM trains, on captions and on questions after their caption
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=32, steps=300))
     run: RunConfig = field(default_factory=RunConfig)
@@ -155,6 +160,23 @@ class AdaptConfig(Validated):
 
 
 @dataclass
+class CAbstractorConfig(Validated):
+    """The C-Abstractor projector (fam.backbones.cabstractor; Honeybee, Cha et al. 2024)."""
+
+    pooled: list[int] = field(default_factory=lambda: [4, 4])  # output token grid (rows, cols)
+    depth: int = 3  # residual conv blocks before and after the pooling (Honeybee: 3)
+    mlp_depth: int = 2  # readout MLP layers (Honeybee: 2)
+    hidden: int = 0  # width of the conv stages; 0 = the LLM's width (Honeybee)
+
+    def check(self, prefix: str) -> None:
+        if not isinstance(self.pooled, (list, tuple)) or len(self.pooled) != 2:
+            fail(prefix + "pooled", self.pooled, "must be [rows, cols] of the output grid")
+        for i, v in enumerate(self.pooled):
+            integer(f"{prefix}pooled[{i}]", v, 1)
+        integers(self, prefix, depth=0, mlp_depth=1, hidden=0)
+
+
+@dataclass
 class ProjectorConfig(Validated):
     """Projector pre-training with the patch-alignment loss (method.md §4)."""
 
@@ -165,9 +187,11 @@ class ProjectorConfig(Validated):
     captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
     pad: str = ""  # PAD JSONL with region masks for (some of) the caption images
     image_root: str = ""  # root of all image paths (default: the caption file's folder)
-    projector: str = "mlp"  # "mlp" (2-layer GELU, LLaVA default) | "linear" (single Linear)
+    projector: str = "mlp"  # "mlp" (2-layer GELU, LLaVA default) | "linear" | "cabstractor"
+    cabstractor: CAbstractorConfig = field(default_factory=CAbstractorConfig)  # projector=cabstractor
     reinit: bool = True  # start from a fresh projector (paper: projector pre-trained from scratch)
     beta_max: float = 5.0  # final patch-loss weight (paper: 5); 0 = caption-only baseline
+    beta_schedule: str = "ramped"  # "ramped" (0 → beta_max over ramp_steps) | "constant"
     ramp_steps: int = 0  # β ramp length in steps; 0 = the whole stage (method.md §4 [choice])
     theta: float = 0.5  # coverage threshold of S_k (paper: 0.5)
     pooling: str = "mean"  # region embedding: "mean" (paper) | "coverage" | "token" [choice]
@@ -181,6 +205,7 @@ class ProjectorConfig(Validated):
 
     def check(self, prefix: str) -> None:
         choice(prefix + "projector", self.projector, PROJECTOR_TYPES)
+        choice(prefix + "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         choice(prefix + "pooling", self.pooling, PATCH_POOLINGS)
         number(prefix + "beta_max", self.beta_max, 0.0)
         integer(prefix + "ramp_steps", self.ramp_steps, 0)

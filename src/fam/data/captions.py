@@ -16,6 +16,8 @@ Errors are :class:`~fam.errors.DataError` naming the file, the record (1-based) 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +44,10 @@ class CaptionRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class CaptionSample:
-    """An image with a prompt and the text the model must generate after it."""
+    """An image with a prompt and the text the model must generate after it (``image``
+    ``None``: a text-only sample, e.g. a language model's pretraining text)."""
 
-    image: Path
+    image: Path | None
     prompt: str
     target: str
     source: str
@@ -52,7 +55,10 @@ class CaptionSample:
     field: str
 
     def image_refs(self) -> list[ImageRef]:
-        """The sample's image and where it was referenced (the up-front image check)."""
+        """The sample's image and where it was referenced (the up-front image check);
+        none for a text-only sample."""
+        if self.image is None:
+            return []
         return [ImageRef(self.image, self.source, self.line, self.field)]
 
 
@@ -144,6 +150,25 @@ def load_qa(path: str | Path, image_root: str | Path) -> list[CaptionSample]:
                 raise DataError(f"missing or empty {key!r}", path, i, key)
         image = resolve_under(image_root, rec["image"], source=path, line=i, field="image")
         out.append(CaptionSample(image, rec["question"], rec["answer"], str(path), i, "image"))
+    return out
+
+
+def as_text_samples(captions: Sequence[CaptionSample], qa: Sequence[CaptionSample],
+                    caption_of: dict[Path, str]) -> list[CaptionSample]:
+    """Text-only samples that say in words what the images show: each caption as plain text,
+    and each question about an image preceded by that image's caption (the language
+    model's pretraining before it ever reads image tokens, as an LLM's is).
+
+    Raises:
+        DataError: a question's image has no caption (names its file and line).
+    """
+    out = [dataclasses.replace(c, image=None, prompt="") for c in captions]
+    for q in qa:
+        cap = caption_of.get(q.image)
+        if cap is None:
+            raise DataError(f"no caption for {q.image}: text-only samples need every "
+                            "question's image in the caption file", q.source, q.line, q.field)
+        out.append(dataclasses.replace(q, image=None, prompt=f"{cap}\n{q.prompt}"))
     return out
 
 

@@ -19,7 +19,9 @@ and a referring expression unique in its scene):
 Output: JSON lists ``[{image, question, answer, task[, box]}]`` (the ``{image, question,
 answer}`` layout that stage 0 reads as ``qa``). Training rows come from
 ``images/train/`` records (counterfactual re-renders included: they are scenes too), eval
-rows from primary ``images/eval/`` scenes only. Deterministic in ``seed``.
+rows from primary ``images/eval/`` scenes only (optionally only some pools: ``eval_pools``,
+e.g. ``["eval"]`` for the in-distribution scenes without the novel-pair and striped-
+background OOD pools). Deterministic in ``seed``.
 
 Example:
     >>> rows = build_instructions(pad_records, split="eval", seed=0)   # doctest: +SKIP
@@ -36,6 +38,7 @@ import numpy as np
 
 from fam.errors import DataError
 from fam.data.boxes import box_to_text, normalise_box
+from fam.data.scenes.sampling import POOL_PREFIX
 from fam.utils.io import atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -121,7 +124,8 @@ def _image_rows(rec: dict, objs: list[dict], rng: np.random.Generator, per_task:
 
 def build_instructions(records: Iterable[tuple[int, dict]], split: str, seed: int = 0,
                        per_task: int = 2, margin: float = 12 / 112, source: str = "pad.jsonl",
-                       max_per_task: int | None = None) -> list[dict]:
+                       max_per_task: int | None = None,
+                       eval_pools: Sequence[str] | None = None) -> list[dict]:
     """Instruction rows of one split (module docstring).
 
     Args:
@@ -133,6 +137,8 @@ def build_instructions(records: Iterable[tuple[int, dict]], split: str, seed: in
         margin: relation margin as a fraction of the image side.
         source: file name for error messages.
         max_per_task: cap on rows per task (eval sets: equal-size task blocks).
+        eval_pools: Scenes pools the eval rows come from (``"eval"``, ``"novel"``,
+            ``"crowded"``, ``"striped"``); ``None``: every eval image.
 
     Returns:
         ``[{image, question, answer, task[, box]}]``.
@@ -141,6 +147,12 @@ def build_instructions(records: Iterable[tuple[int, dict]], split: str, seed: in
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     prefix = f"images/{split}/"
+    stems = None
+    if split == "eval" and eval_pools is not None:
+        unknown = sorted(set(eval_pools) - set(POOL_PREFIX))
+        if unknown:
+            raise ValueError(f"eval_pools {unknown}: Scenes pools are {sorted(POOL_PREFIX)}")
+        stems = tuple(POOL_PREFIX[p] for p in eval_pools)
     rows: list[dict] = []
     for line, rec in records:
         image = rec.get("image", "")
@@ -148,6 +160,8 @@ def build_instructions(records: Iterable[tuple[int, dict]], split: str, seed: in
             continue
         if split == "eval" and "-" in Path(image).stem:
             continue  # counterfactual re-renders repeat their scene
+        if stems is not None and not Path(image).stem.startswith(stems):
+            continue
         rows.extend(_image_rows(rec, _objects(rec, (source, line)), rng, per_task, margin))
     if max_per_task is not None:
         kept, seen = [], Counter()
@@ -162,7 +176,8 @@ def build_instructions(records: Iterable[tuple[int, dict]], split: str, seed: in
 
 
 def write_instructions(scenes_dir: str | Path, out_dir: str | Path | None = None, seed: int = 0,
-                       per_task: int = 2, eval_per_task: int | None = 200) -> dict[str, Any]:
+                       per_task: int = 2, eval_per_task: int | None = 200,
+                       eval_pools: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``sft_train.json`` and ``sft_eval.json`` next to a Scenes folder's files.
 
     Args:
@@ -172,6 +187,7 @@ def write_instructions(scenes_dir: str | Path, out_dir: str | Path | None = None
         seed: sampling seed.
         per_task: rows per task per image.
         eval_per_task: cap on eval rows per task.
+        eval_pools: pools of the eval rows (:func:`build_instructions`).
 
     Returns:
         ``{"train": path, "eval": path, "counts": {split: {task: n}}}``.
@@ -184,7 +200,8 @@ def write_instructions(scenes_dir: str | Path, out_dir: str | Path | None = None
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"counts": {}}
     for split, cap in (("train", None), ("eval", eval_per_task)):
-        rows = build_instructions(recs, split, seed, per_task, source=str(src), max_per_task=cap)
+        rows = build_instructions(recs, split, seed, per_task, source=str(src), max_per_task=cap,
+                                  eval_pools=eval_pools)
         path = out / f"sft_{split}.json"
         atomic_write_json(path, rows)
         res[split] = str(path)

@@ -235,7 +235,8 @@ def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 3
 def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | None = None,
              datasets: Iterable[str] | None = None, batch_size: int = 32,
              max_rows: int | None = None, progress: bool = True, ties: Ties = "expected",
-             split: str | None = None, check_images: bool = True) -> dict[str, Any]:
+             split: str | None = None, check_images: bool = True,
+             per_row: bool = False) -> dict[str, Any]:
     """Run the MMEB protocol on every (or the chosen) dataset under ``data_dir``.
 
     Datasets are loaded and scored one at a time, so memory holds one dataset's rows and
@@ -262,6 +263,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         check_images: check every referenced image before encoding (exists, opens within
             the decompression-bomb limit, file intact), so a bad file is reported with its
             data row rather than from inside the model.
+        per_row: also keep each dataset's per-row credits (``credits``, in row order) for
+            paired statistics between models evaluated on the same rows.
 
     Returns:
         The results dict described in this module's docstring.
@@ -326,6 +329,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
             "split": info.split if info is not None else None,
             "chance": 100.0 * chance,
         }
+        if per_row:
+            per_dataset[name]["credits"] = [float(c) for c in credits.tolist()]
         logger.info("%s: precision@1 %.2f over %d rows (%d distinct items encoded)", name,
                     per_dataset[name][PRIMARY_METRIC], len(rows), n_encoded)
 

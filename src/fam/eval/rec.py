@@ -10,7 +10,9 @@ Scoring (RefCOCO protocol): a prediction is correct when ``IoU(pred, gold) ≥ 0
 answer that does not contain a well-formed box (fewer than four numbers, an edge outside
 0..100, ``x1 ≤ x0`` or ``y1 ≤ y0``) is wrong, and counted separately as ``invalid`` so that
 a model that never learned the format is told apart from one that points at the wrong
-object.
+object. A looser read-out is reported beside it: ``centre_accuracy``, the fraction of
+answers whose box centre falls inside the gold box (the "pointing game"), which does not
+need the box's extent right.
 
 Example:
     >>> box_to_text([28, 56, 46, 74], width=112, height=112)
@@ -28,8 +30,8 @@ from typing import Any
 
 from fam.data.boxes import BOX_SCALE, box_to_text, normalise_box
 
-__all__ = ["BOX_SCALE", "IOU_THRESHOLD", "box_iou", "box_to_text", "normalise_box",
-           "parse_box", "score_rec"]
+__all__ = ["BOX_SCALE", "IOU_THRESHOLD", "box_iou", "box_to_text", "centre_inside",
+           "normalise_box", "parse_box", "score_rec"]
 
 #: RefCOCO's hit criterion.
 IOU_THRESHOLD = 0.5
@@ -88,22 +90,33 @@ def score_rec(answers: Sequence[str], gold: Sequence[Sequence[float]],
 
     Returns:
         ``accuracy`` (fraction with IoU ≥ threshold), ``mean_iou`` (invalid answers count
-        0), ``invalid`` (fraction without a well-formed box), ``n``, and ``hits`` (per
-        answer, for paired statistics).
+        0), ``centre_accuracy`` (box centre inside the gold box), ``invalid`` (fraction
+        without a well-formed box), ``n``, and per answer ``hits``, ``ious`` and
+        ``centre_hits`` (for paired statistics).
     """
     if len(answers) != len(gold):
         raise ValueError(f"{len(answers)} answers but {len(gold)} gold boxes")
-    hits, ious, invalid = [], [], 0
+    hits, ious, centres, invalid = [], [], [], 0
     for text, g in zip(answers, gold):
         box = parse_box(text)
         if box is None:
             invalid += 1
-            iou = 0.0
+            iou, inside = 0.0, False
         else:
             iou = box_iou(box, g)
+            inside = centre_inside(box, g)
         ious.append(iou)
         hits.append(iou >= threshold)
+        centres.append(inside)
     n = len(answers)
     return {"accuracy": sum(hits) / n if n else float("nan"),
             "mean_iou": sum(ious) / n if n else float("nan"),
-            "invalid": invalid / n if n else float("nan"), "n": n, "hits": hits}
+            "centre_accuracy": sum(centres) / n if n else float("nan"),
+            "invalid": invalid / n if n else float("nan"), "n": n, "hits": hits,
+            "ious": ious, "centre_hits": centres}
+
+
+def centre_inside(box: Sequence[float], gold: Sequence[float]) -> bool:
+    """Whether ``box``'s centre lies inside ``gold`` (edges included)."""
+    cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+    return gold[0] <= cx <= gold[2] and gold[1] <= cy <= gold[3]

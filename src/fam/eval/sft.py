@@ -31,7 +31,7 @@ from fam.utils.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_captions", "evaluate_sft", "score_vqa"]
+__all__ = ["chance_levels", "evaluate_captions", "evaluate_sft", "score_vqa"]
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -94,6 +94,57 @@ def evaluate_sft(adapter, rows_path: str | Path, image_root: str | Path,
         out["vqa"] = {"accuracy": sum(vqa_hits) / len(vqa_hits), "n": len(vqa_hits),
                       "hits": vqa_hits}
     return out
+
+
+def chance_levels(train_rows_path: str | Path, eval_rows_path: str | Path,
+                  max_candidates: int = 2000) -> dict[str, dict[str, Any]]:
+    """What a model that ignores the image scores on the evaluation rows.
+
+    * VQA tasks: the most frequent training answer of the task, given to every question
+      (the majority baseline; for balanced yes/no it is 0.5).
+    * REC: the one box that hits most training boxes (searched among the training gold
+      boxes, at most ``max_candidates`` of them), given to every question: its
+      accuracy@0.5, mean IoU and centre accuracy on the evaluation rows.
+
+    Returns:
+        ``{task: {"accuracy", "answer", "hits"[, "mean_iou", "centre_accuracy", "ious",
+        "centre_hits"]}}`` (per-item values in the evaluation rows' order, for paired
+        statistics against a model's).
+    """
+    import numpy as np
+    from collections import Counter
+    train, rows = _load_rows(train_rows_path), _load_rows(eval_rows_path)
+    out: dict[str, dict[str, Any]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        ev = [r for r in rows if r["task"] == task]
+        tr = [r for r in train if r["task"] == task]
+        if task == "rec":
+            gold_tr = np.asarray([r["box"] for r in tr], float)
+            gold_ev = np.asarray([r["box"] for r in ev], float)
+            cands = gold_tr[:max_candidates]
+            best = cands[int(np.argmax((_ious(cands, gold_tr) >= 0.5).mean(1)))]
+            res = score_rec([str([int(v) for v in best])] * len(ev), gold_ev.tolist())
+            out[task] = {"accuracy": res["accuracy"], "mean_iou": res["mean_iou"],
+                         "centre_accuracy": res["centre_accuracy"],
+                         "answer": [int(v) for v in best], "hits": res["hits"],
+                         "ious": res["ious"], "centre_hits": res["centre_hits"]}
+        else:
+            maj = Counter(_first_word(r["answer"]) for r in tr or ev).most_common(1)[0][0]
+            res = score_vqa([maj] * len(ev), [r["answer"] for r in ev])
+            out[task] = {"accuracy": res["accuracy"], "answer": maj, "hits": res["hits"]}
+    return out
+
+
+def _ious(a: Any, b: Any) -> Any:
+    """``(A, B)`` IoU of two box arrays ``(A, 4)`` and ``(B, 4)``."""
+    import numpy as np
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
 def evaluate_captions(adapter, pad_path: str | Path, captions_path: str | Path,

@@ -1,218 +1,178 @@
-"""Caption-only vs patch-aligned projector training from one set of frozen towers (method.md §4–5).
+"""The projector study (``fam projector-compare``): patch-aligned training, tested where the
+paper (arXiv 2505.17316) makes its claims, at CPU scale, offline (docs/projector_study.md).
 
-The experiment of arXiv 2505.17316 at CPU scale, offline:
+1. **Data.** Scenes with textured backgrounds (``scenes.background_texture``), captions,
+   PAD masks, and the instruction data of the SFT stage (:mod:`fam.data.instructions`).
+2. **A frozen pretrained tower.** Tiny LLaVAs, one per language model (``llms``: Llama,
+   Qwen2), built with one tokenizer; ``fam train tower`` pretrains the vision tower
+   contrastively on the first one, and the same tower goes into every LLaVA. Its patch
+   entropy before any projector is measured against the random initialisation.
+3. **Stage 0 per language model**, the tower frozen: the stand-in for a pretrained LLM.
+4. **Projectors** (fresh, towers and LLM frozen), every arm × seed:
+   the β sweep (``betas`` × ``schedules`` on ``sweep_projector`` and the first LLM) and the
+   cross-architecture check (``projectors`` × ``llms`` × {0, ``projector.beta_max``}); each
+   analysed on held-out images (ΔH uncentred and centred, patch mIoU, matching-pursuit
+   recovery, the multi-semantic check, region → phrase retrieval, held-out caption loss,
+   caption quality of greedy captions).
+5. **SFT** (``downstream``) from every cross-architecture projector with identical settings:
+   VQA (count, colour, relation) and REC (box text, IoU ≥ 0.5), gated on the caption-only
+   arms being above the no-image baseline.
+6. **FAM** (``fam``): MAC + VEIN from the SFT'd caption-only vs patch-aligned LVLM (sweep
+   projector, first LLM), evaluated with the MMEB protocol on Scenes.
 
-1. the Scenes benchmark (:mod:`fam.data.scenes`): captions and PAD region masks;
-2. a tiny random LLaVA-1.5 and stage 0 (:mod:`fam.experiments.pipeline`): generative
-   pre-training of the whole model on the Scenes captions, which gives a working vision tower
-   and LLM (the stand-in for pretrained CLIP + Vicuna);
-3. from that ONE checkpoint, two FRESH projectors per seed with the same budget, data order
-   and initialisation, towers frozen (:mod:`fam.projector.recipe`):
-   ``β = 0`` (caption-only, LLaVA's projector pre-training) and ``β: 0 → β_max`` (patch-aligned);
-4. the alignment report (:func:`fam.projector.report.analyze_alignment`) of each model on the
-   held-out evaluation images, the held-out caption loss, and region → phrase retrieval.
-
-Budgets: the ``projector_compare`` preset (``configs/experiments/``). Results:
-``projector_results.json`` (per seed and mean ± std) and ``projector_results.md``
-(a side-by-side table saying, per metric, which side is ahead and whether the gap exceeds
-the seed spread), plus comparison figures. The stage-0 model's own (jointly trained)
-projector is reported as a reference column. Re-running with the same ``out`` reuses
-finished stages.
+Independent runs go to ``workers`` processes (1 torch thread each). Results:
+``projector_results.json`` (every run, every comparison with paired CIs),
+``projector_results.md`` and figures (:mod:`fam.experiments.projector_report`). Re-running
+with the same ``out`` reuses everything that finished.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fam.config import CompareConfig, to_dict
-from fam.experiments.pipeline import (Timings, base_model, prepare_scenes, stage_run,
-                                      start_experiment)
+from fam.experiments.pipeline import Timings, prepare_scenes, stage_run, start_experiment
 from fam.experiments.presets import load_preset
+from fam.experiments.projector_report import (format_results, measure_tower, summarise,
+                                              write_figures)
+from fam.experiments.projector_runs import (Arm, arm_unit, caption_only, fam_unit, run_units,
+                                            stage0_unit)
 from fam.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+__all__ = ["compare_config", "format_results", "plan_arms", "run_projector_compare"]
+
 
 def compare_config(quick: bool = False) -> CompareConfig:
-    """The comparison's budgets: the ``projector_compare`` preset, or its ``_quick`` form."""
+    """The study's budgets: the ``projector_compare`` preset, or its ``_quick`` form."""
     return load_preset(CompareConfig, "projector_compare_quick" if quick else "projector_compare")
 
 
-#: (key in the flat metrics, label, direction: +1 higher is better, -1 lower, 0 descriptive)
-METRICS: list[tuple[str, str, int]] = [
-    ("delta_H", "ΔH = H(before P) − H(after P) (nats; paper: higher with patch loss)", 0),
-    ("H_before", "H vision tokens before P", 0),
-    ("H_after", "H vision tokens after P", 0),
-    ("H_text", "H caption token embeddings (text reference)", 0),
-    ("miou", "Align(V,W) patch mIoU", 1),
-    ("in_mask_cos", "in-mask cos(P(X)_i, t_k)", 1),
-    ("contrast", "in − out cos contrast", 1),
-    ("retrieval_top1", "region→phrase retrieval top-1", 1),
-    ("retrieval_top5", "region→phrase retrieval top-5", 1),
-    ("mp_recovery_region", "MP label recovery, regions (any in-mask patch, top-K)", 1),
-    ("mp_recovery_patch", "MP label recovery, in-mask patches (top-K)", 1),
-    ("mp_energy", "MP explained energy at K", 0),
-    ("caption_nll", "held-out caption loss (nats/token)", -1),
-]
+def plan_arms(exp: CompareConfig) -> tuple[list[Arm], list[Arm], list[Arm]]:
+    """``(all arms, cross-architecture arms, FAM arms)``, each arm once.
+
+    The sweep: ``betas`` × ``schedules`` on ``sweep_projector`` and ``llms[0]`` (β = 0 once);
+    the cross-architecture check: ``projectors`` × ``llms`` × {0, ``projector.beta_max``
+    with ``projector.beta_schedule``}; FAM: the cross-architecture pair of the sweep
+    projector and ``llms[0]``. All for every seed.
+    """
+    b_star, s_star = exp.projector.beta_max, exp.projector.beta_schedule
+    arms: dict[str, Arm] = {}
+    cross: list[Arm] = []
+    for seed in exp.seeds:
+        for beta in exp.betas:
+            for sched in exp.schedules:
+                a = Arm(exp.sweep_projector, exp.llms[0], float(beta), sched, seed)
+                arms.setdefault(a.name, a)
+        for kind in exp.projectors:
+            for llm in exp.llms:
+                for beta in (0.0, b_star):
+                    a = Arm(kind, llm, beta, s_star, seed)
+                    arms.setdefault(a.name, a)
+                    cross.append(arms[a.name])
+    fam = [a for a in cross if a.projector == exp.sweep_projector and a.llm == exp.llms[0]]
+    return list(arms.values()), cross, fam
 
 
-def _flat(report: dict[str, Any], nll: float) -> dict[str, float]:
-    mp = report["matching_pursuit"]
-    k = mp["k_max"]
-    return {
-        "delta_H": report["entropy"]["delta_H"], "H_before": report["entropy"]["H_before"],
-        "H_after": report["entropy"]["H_after"], "H_text": report["entropy"]["H_text"],
-        "miou": report["align"]["miou"], "in_mask_cos": report["align"]["in_mask_cos"],
-        "contrast": report["align"]["contrast"],
-        "retrieval_top1": report["retrieval"]["top1"],
-        "retrieval_top5": report["retrieval"]["top5"],
-        "mp_recovery_region": mp["recovery"][f"region@{k}"],
-        "mp_recovery_patch": mp["recovery"][f"patch@{k}"],
-        "mp_energy": mp["explained_energy"][-1],
-        "caption_nll": nll,
-    }
+def _tiny(out: Path, data: Path, exp: CompareConfig, llm: str) -> Path:
+    """``models/tiny-<llm>``: a random tiny LLaVA; every LLM gets the same tokenizer
+    (trained on the captions and the instruction rows)."""
+    from fam.backbones import build_tiny
+    from fam.data.captions import caption_texts, read_json_list
+    path = out / "models" / f"tiny-{llm}"
+    if not (path / "config.json").exists():
+        corpus = caption_texts(data / "captions.json")
+        corpus += [r["question"] + " " + r["answer"]
+                   for r in read_json_list(data / "sft_train.json")]
+        build_tiny("llava", path, size=exp.model.size, image_size=exp.scenes.image_size,
+                   corpus=corpus, seed=0, text_model=llm)
+    return path
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-            "n": int(v.size)}
-
-
-def _fmt(s: dict[str, float]) -> str:
-    if not math.isfinite(s["mean"]):
-        return "n/a"
-    return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
-
-
-def format_results(res: dict[str, Any]) -> str:
-    """The markdown table of :func:`run_projector_compare`'s result."""
-    cap, pat, ref = res["summary"]["caption"], res["summary"]["patch"], res["stage0"]
-    cfg = res["config"]
-    proj = cfg["projector"]
-    lines = [f"# Projector pre-training: caption-only vs patch-aligned (β → "
-             f"{proj['beta_max']:g})", "",
-             f"Seeds {cfg['seeds']}, {proj['optim']['steps']} projector steps "
-             f"(batch {proj['optim']['batch_size']}, {proj['projector']} projector), "
-             f"frozen towers from one stage-0 tiny LLaVA ({cfg['model']['size']}); "
-             f"metrics on {res['counts']['eval_images']} held-out images, "
-             f"{res['counts']['eval_regions']} regions, {res['counts']['label_candidates']} "
-             f"label phrases (retrieval chance {1 / res['counts']['label_candidates']:.3f}); "
-             f"MP: K = {cfg['k_max']}. Mean ± std over seeds.", "",
-             "| metric | stage 0 (joint P, ref.) | caption-only (β=0) | patch-aligned | "
-             "Δ (patch − caption) | ahead |",
-             "|---|---|---|---|---|---|"]
-    for key, label, sign in METRICS:
-        c, p = cap[key], pat[key]
-        d = p["mean"] - c["mean"]
-        if sign == 0 or not math.isfinite(d):
-            ahead = "—"
-        else:
-            better = "patch-aligned" if d * sign > 0 else "caption-only"
-            spread = max(c["std"], p["std"])
-            ahead = better if abs(d) > 2 * spread else f"{better} (within 2σ)"
-            if abs(d) == 0:
-                ahead = "tie"
-        r = ref.get(key)
-        lines.append(f"| {label} | {r:.3f} | {_fmt(c)} | {_fmt(p)} | {d:+.3f} | {ahead} |"
-                     if r is not None and math.isfinite(r) else
-                     f"| {label} | n/a | {_fmt(c)} | {_fmt(p)} | {d:+.3f} | {ahead} |")
-    t = res["timings_s"]
-    lines += ["", f"Total {t['total']:.0f} s (data {t['data']:.0f} s, stage 0 {t['stage0']:.0f} s,"
-              f" projectors {t['projectors']:.0f} s, analysis {t['analysis']:.0f} s), "
-              f"torch threads: {res['torch_threads']}.", "",
-              "\"ahead\" names the better side for metrics with a direction; \"within 2σ\" "
-              "means the gap is smaller than twice the larger seed std, i.e. not a clear win."]
-    return "\n".join(lines) + "\n"
+def _with_tower(tiny: Path, tower_model: Path, dst: Path) -> Path:
+    """``tiny`` with the vision tower of ``tower_model`` (weights copied key for key)."""
+    from fam.backbones import load_backbone
+    from fam.projector.tower import llava_vision_tower
+    if not (dst / "config.json").exists():
+        src = load_backbone(tower_model)
+        adapter = load_backbone(tiny)
+        llava_vision_tower(adapter.hf_model).load_state_dict(
+            llava_vision_tower(src.hf_model).state_dict(), strict=True)
+        adapter.save_pretrained(dst)
+    return dst
 
 
 def run_projector_compare(out: str | Path, quick: bool = False, seeds: list[int] | None = None,
                           progress: bool = True, plan: CompareConfig | None = None,
-                          threads: int | None = None) -> dict[str, Any]:
-    """Run the comparison; returns (and writes) ``projector_results.json``'s content.
+                          threads: int | None = None, betas: list[float] | None = None,
+                          schedules: list[str] | None = None,
+                          projectors: list[str] | None = None, llms: list[str] | None = None,
+                          workers: int | None = None) -> dict[str, Any]:
+    """Run the study; returns (and writes) ``projector_results.json``'s content.
 
     Args:
-        out: output folder (``data/``, ``models/tiny``, ``stage0/``, ``caption-s<seed>/``,
-            ``patch-s<seed>/``, ``analysis/<name>/``, the results files and figures).
-        quick: the ``projector_compare_quick`` preset (tests).
-        seeds: override the preset's seeds.
-        progress: progress bars.
+        out: output folder (module docstring of :mod:`fam.experiments.projector_runs`).
+        quick: the ``projector_compare_quick`` preset (CI).
+        seeds, betas, schedules, projectors, llms, workers: override the preset's.
+        progress: progress bars of the stages run in this process.
         plan: explicit budgets (overrides ``quick``).
-        threads: torch threads (overrides the preset's; 0 = torch's default).
+        threads: torch threads per process (overrides the preset's; 0 = torch's default).
     """
-    from fam.analysis.plots import plot_entropy_comparison, plot_explained_energy
-    from fam.backbones import load_backbone
-    from fam.data.captions import load_captions
-    from fam.projector.report import analyze_alignment, jsonable
+    from fam.data.instructions import write_instructions
     from fam.train.runner import run_stage
-    from fam.train.stage0 import generative_eval_loss
 
     exp, out = start_experiment(plan or compare_config(quick), out, "projector-compare",
-                                seeds=list(seeds) if seeds else None, threads=threads)
+                                seeds=list(seeds) if seeds else None, betas=betas,
+                                schedules=schedules, projectors=projectors, llms=llms,
+                                workers=workers, threads=threads)
     timed = Timings()
     with timed("data"):
-        data = prepare_scenes(out / "data", exp.scenes)
-    with timed("stage0"):  # tiny LLaVA + stage 0: one set of towers for every projector
-        _, s0 = base_model(out, data, exp, 0, progress)
-
-    arms = {"caption": 0.0, "patch": exp.projector.beta_max}
-    models: dict[str, Path] = {}
-    with timed("projectors"):  # two fresh projectors per seed, same budget
-        for seed in exp.seeds:
-            for arm, beta in arms.items():
-                name = f"{arm}-s{seed}"
-                models[name] = run_stage(dataclasses.replace(
-                    exp.projector, model=str(s0), captions=str(data / "captions.json"),
-                    pad=str(data / "pad.jsonl"), image_root=str(data), beta_max=beta,
-                    run=stage_run(exp.projector.run, out / name, seed, exp, progress)))
-
-    # analysis on held-out images
-    held = load_captions(data / "captions_eval.json", data)
-    # primary scenes only: counterfactual re-renders (<id>-swap etc.) would repeat them
-    held = [s for s in held if "-" not in s.image.stem][:exp.heldout_captions]
-    reports: dict[str, dict[str, Any]] = {}
-    flat: dict[str, dict[str, float]] = {}
-    with timed("analysis"):
-        for name, path in {"stage0": s0, **models}.items():
-            adapter = load_backbone(path)
-            rep = analyze_alignment(adapter, data / "pad.jsonl", data, out / "analysis" / name,
-                                    max_images=exp.analysis_images, k_max=exp.k_max,
-                                    select="images/eval/", captions=data / "captions_eval.json",
-                                    name=name, n_heatmaps=2)
-            nll = generative_eval_loss(adapter, held)
-            reports[name] = rep
-            flat[name] = _flat(rep, nll)
-
-    summary = {arm: {key: _stats([flat[f"{arm}-s{s}"][key] for s in exp.seeds])
-                     for key, _, _ in METRICS} for arm in arms}
-    s0name = exp.seeds[0]
-    plot_entropy_comparison({n: (flat[n]["H_before"], flat[n]["H_after"], flat[n]["H_text"])
-                             for n in ("stage0", f"caption-s{s0name}", f"patch-s{s0name}")},
-                            out / "entropy_compare.png")
-    plot_explained_energy({n: reports[n]["matching_pursuit"]["explained_energy"]
-                           for n in ("stage0", f"caption-s{s0name}", f"patch-s{s0name}")},
-                          out / "explained_energy_compare.png")
-    timings = timed.finish()
-    rep0 = reports["stage0"]
-    res = {"config": to_dict(exp), "per_seed": flat, "summary": summary,
-           "stage0": flat["stage0"], "paths": {k: str(v) for k, v in models.items()},
-           "counts": {"eval_images": rep0["counts"]["images"],
-                      "eval_regions": rep0["counts"]["regions"],
-                      "label_candidates": rep0["retrieval"]["n_candidates"]},
-           "timings_s": timings, "torch_threads": torch.get_num_threads()}
+        data = prepare_scenes(out / "data", exp.scenes, progress)
+        if not (data / "sft_eval.json").exists():
+            write_instructions(data, eval_per_task=exp.sft_eval_per_task,
+                               eval_pools=exp.eval_pools)
+    with timed("tower"):
+        tinies = {llm: _tiny(out, data, exp, llm) for llm in exp.llms}
+        tower = run_stage(dataclasses.replace(
+            exp.tower, model=str(tinies[exp.llms[0]]), captions=str(data / "captions.json"),
+            image_root=str(data), run=stage_run(exp.tower.run, out / "tower", 0, exp, progress)))
+        towered = {llm: tower if i == 0 else
+                   _with_tower(tinies[llm], tower, out / "models" / f"tower-{llm}")
+                   for i, llm in enumerate(exp.llms)}
+        tower_rep = measure_tower(tinies[exp.llms[0]], tower, data, exp.analysis_images)
+    with timed("stage0"):
+        s0 = dict(zip(exp.llms, run_units(stage0_unit, [(exp, out, llm, towered[llm])
+                                                        for llm in exp.llms],
+                                          exp.workers, exp.threads, "stage 0")))
+    arms, cross, fam_arms = plan_arms(exp)
+    with_sft = {a.name for a in cross} if exp.downstream else set()
+    # longest first (SFT, then the C-Abstractor), so the pool's tail is short
+    order = sorted(arms, key=lambda a: (a.name not in with_sft, a.projector != "cabstractor"))
+    with timed("projectors_sft"):
+        done = run_units(arm_unit, [(exp, out, a, Path(s0[a.llm]), a.name in with_sft)
+                                    for a in order], exp.workers, exp.threads, "projector runs")
+    units = {a.name: r for a, r in zip(order, done)}
+    fam_res: dict[str, Any] = {}
+    if exp.fam and exp.downstream:
+        with timed("fam"):
+            jobs = [(exp, out, a, Path(units[a.name]["sft"]["model"])) for a in fam_arms]
+            fam_res = dict(zip([a.name for a in fam_arms],
+                               run_units(fam_unit, jobs, exp.workers, exp.threads, "FAM runs")))
+    with timed("report"):
+        res = summarise(exp, data, units, cross, fam_res, tower_rep)
+    res.update({"config": to_dict(exp), "torch_threads": torch.get_num_threads(),
+                "arms": {a.name: dataclasses.asdict(a) for a in arms},
+                "pairs": {a.name: caption_only(a).name for a in arms if a.beta > 0}})
+    res["timings_s"] = timed.finish()
+    write_figures(res, out)
+    from fam.projector.report import jsonable
     atomic_write_json(out / "projector_results.json", jsonable(res))
     atomic_write_text(out / "projector_results.md", format_results(res))
-    log.info("projector comparison written to %s (%.0f s)", out / "projector_results.md",
-             timings["total"])
+    log.info("projector study written to %s (%.0f s)", out / "projector_results.md",
+             res["timings_s"]["total"])
     return res
-
-
-__all__ = ["METRICS", "compare_config", "format_results", "run_projector_compare"]

@@ -4,6 +4,7 @@ LLaVA-style pre-training of the vision-language projector ``P`` with the vision 
 the LLM **frozen**:
 
     L = L_caption + β(t) · L_patch,   β: 0 → β_max (= 5) linearly over the stage
+                                       (or β_max from the first step: beta_schedule=constant)
 
 ``L_caption`` is the next-token loss of ``<image> prompt caption<eos>`` (labels on the
 caption and the EOS only, as :func:`fam.train.stage0.build_generative_batch`). ``L_patch``
@@ -35,6 +36,10 @@ Projector types:
   ``P(x) = I·(W x + b) + 0 = W x + b`` exactly. :func:`is_linear_projector` recognises it.
   (Replacing the module by a bare ``nn.Linear`` would save keys that the LLaVA class
   cannot load: they would be silently re-initialised.)
+* ``"cabstractor"`` — Honeybee's C-Abstractor (:mod:`fam.backbones.cabstractor`): conv
+  blocks, adaptive average pooling of the patch grid to ``cabstractor.pooled``, readout MLP.
+  The config records it (``fam_projector``), :func:`fam.backbones.load_backbone` rebuilds
+  it, and regions are mapped onto the pooled grid (:mod:`fam.projector.regions`).
 
 The trained model is saved as a normal checkpoint directory ``<out>/model``; the stage runs
 through :func:`fam.train.runner.run_stage` like every other (resumable; only the
@@ -57,7 +62,9 @@ from torch import nn
 
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
-from fam.config import ProjectorConfig
+from fam.backbones.cabstractor import SPEC_KEY, CAbstractor
+from fam.backbones.llava import install_projector
+from fam.config import CAbstractorConfig, ProjectorConfig
 from fam.config.stages import PROJECTOR_TYPES
 from fam.data.captions import CaptionSample, load_captions
 from fam.data.images import ImageRef
@@ -92,21 +99,68 @@ def is_linear_projector(proj: nn.Module) -> bool:
         and zero_b
 
 
+def _fresh_projector(adapter: BackboneAdapter, kind: str, cab: CAbstractorConfig) -> nn.Module:
+    """A new projector of type ``kind`` (default PyTorch init from the current RNG state);
+    the model's config is updated to describe it (``fam_projector`` record, token count)."""
+    cfg = adapter.hf_model.config
+    gh, gw = adapter.patch_grid()
+    if kind == "cabstractor":
+        if cfg.vision_feature_select_strategy != "default" or \
+                not isinstance(cfg.vision_feature_layer, int):
+            raise ConfigError("projector=cabstractor needs vision_feature_select_strategy="
+                              "'default' (no CLS token) and one vision_feature_layer: it pools "
+                              "the patch grid", key="projector")
+        ph, pw = (int(v) for v in cab.pooled)
+        if ph > gh or pw > gw:
+            raise ConfigError(f"cabstractor.pooled={[ph, pw]} exceeds the {gh}x{gw} patch "
+                              "grid; pool to a grid no larger than the input", key="cabstractor.pooled")
+        proj = CAbstractor(int(cfg.vision_config.hidden_size), int(adapter.hidden_size),
+                           (gh, gw), (ph, pw), hidden=cab.hidden or None, depth=cab.depth,
+                           mlp_depth=cab.mlp_depth)
+        setattr(cfg, SPEC_KEY, proj.spec())
+        cfg.image_seq_length = proj.num_tokens
+        return proj
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+    if hasattr(cfg, SPEC_KEY):
+        delattr(cfg, SPEC_KEY)
+    cfg.image_seq_length = gh * gw + int(cfg.vision_feature_select_strategy == "full")
+    cfg.projector_hidden_act = "linear" if kind == "linear" else "gelu"
+    proj = LlavaMultiModalProjector(cfg)
+    if kind == "linear":
+        with torch.no_grad():
+            proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0]))
+            if proj.linear_2.bias is not None:
+                proj.linear_2.bias.zero_()
+    return proj
+
+
+def projector_kind(proj: nn.Module) -> str:
+    """``"cabstractor"``, ``"linear"`` or ``"mlp"``: the type of a model's projector."""
+    if isinstance(proj, CAbstractor):
+        return "cabstractor"
+    return "linear" if is_linear_projector(proj) else "mlp"
+
+
 def setup_projector(adapter: BackboneAdapter, kind: str = "mlp", reinit: bool = True,
-                    seed: int = 0) -> nn.Module:
+                    seed: int = 0, cabstractor: CAbstractorConfig | None = None) -> nn.Module:
     """Freeze the whole model, (re)build the projector and make only it trainable.
 
     Args:
         adapter: a LLaVA-style adapter; modified in place (its model's projector and config).
-        kind: "mlp" (``Linear → GELU → Linear``) or "linear" (a single effective Linear,
-            stored in the LLaVA class as described in the module docstring).
+        kind: "mlp" (``Linear → GELU → Linear``), "linear" (a single effective Linear,
+            stored in the LLaVA class as described in the module docstring) or
+            "cabstractor" (:class:`fam.backbones.cabstractor.CAbstractor`, pooling the patch
+            grid to ``cabstractor.pooled``; recorded in the config so that the saved model
+            rebuilds it on load, and the adapter writes one ``<image>`` per pooled token).
         reinit: build a fresh projector (PyTorch default init, seeded by ``seed``); if False
             keep the checkpoint's projector, which must already be of type ``kind``.
         seed: seed of the fresh projector's initialisation (drawn from a private generator
             state, so the global RNG stream is left as it was).
+        cabstractor: the C-Abstractor's shape (default :class:`CAbstractorConfig`).
 
     Returns:
-        The projector module (its trainable parameters: both MLP layers, or ``linear_1``).
+        The projector module (its trainable parameters: all of it, but the linear form's
+        frozen identity ``linear_2``).
     """
     if kind not in PROJECTOR_TYPES:
         raise ConfigError(f"projector type {kind!r}: expected one of {PROJECTOR_TYPES}")
@@ -114,38 +168,25 @@ def setup_projector(adapter: BackboneAdapter, kind: str = "mlp", reinit: bool = 
     old = projector_module(hf)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
-    cfg = hf.config
     if reinit:
-        cfg.projector_hidden_act = "linear" if kind == "linear" else "gelu"
-        ref = next(old.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            new = type(old)(cfg)
-        new.to(device=ref.device, dtype=ref.dtype)
-        owner = hf.model if getattr(hf.model, "multi_modal_projector", None) is old else hf
-        owner.multi_modal_projector = new
-        proj = new
-        if kind == "linear":
-            with torch.no_grad():
-                proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0]))
-                if proj.linear_2.bias is not None:
-                    proj.linear_2.bias.zero_()
+            proj = _fresh_projector(adapter, kind, cabstractor or CAbstractorConfig())
+        install_projector(hf, proj)
     else:
         proj = old
-        if kind == "linear" and not is_linear_projector(proj):
-            raise ConfigError("reinit=false with projector=linear: the checkpoint's projector "
-                              "is not the linear form; set reinit=true to start a fresh one")
-        if kind == "mlp" and is_linear_projector(proj):
-            raise ConfigError("reinit=false with projector=mlp: the checkpoint holds a linear "
-                              "projector; set projector=linear or reinit=true")
-    proj.requires_grad_(False)
+        have = projector_kind(proj)
+        if have != kind:
+            raise ConfigError(f"reinit=false with projector={kind}: the checkpoint holds a "
+                              f"{have} projector; set projector={have} or reinit=true to start "
+                              "a fresh one", key="projector")
+    proj.requires_grad_(True)
     if kind == "linear":
-        proj.linear_1.requires_grad_(True)     # linear_2 stays the frozen identity
-    else:
-        proj.requires_grad_(True)
+        proj.linear_2.requires_grad_(False)     # the frozen identity
     n = sum(p.numel() for p in proj.parameters() if p.requires_grad)
-    log.info("projector: %s (%s), %d trainable parameters; vision tower and LLM frozen",
-             kind, "fresh" if reinit else "from the checkpoint", n)
+    gh, gw = token_layout(adapter)[:2]
+    log.info("projector: %s (%s), %d trainable parameters, %dx%d image tokens; vision tower "
+             "and LLM frozen", kind, "fresh" if reinit else "from the checkpoint", n, gh, gw)
     return proj
 
 
@@ -293,16 +334,20 @@ class PatchAlignedLoss:
         beta_max: final β; 0 is the caption-only baseline.
         ramp_steps: β ramp length; 0 = ``total_steps``.
         pooling: region pooling of the patch loss.
+        constant: β = ``beta_max`` from the first step (no ramp).
     """
 
     total_steps: int
     beta_max: float = 5.0
     ramp_steps: int = 0
     pooling: str = "mean"
+    constant: bool = False
 
     def beta(self, step: int) -> float:
         if self.beta_max == 0:
             return 0.0
+        if self.constant:
+            return float(self.beta_max)
         return beta_schedule(step, self.total_steps, self.beta_max, self.ramp_steps or None)
 
     def __call__(self, caption, tokens, labels, *, batch: ProjectorBatch, step: int,
@@ -331,7 +376,7 @@ class ProjectorRecipe(Recipe):
         cfg = self.cfg
         adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens,
                                 **cfg.backbone.load_options())
-        setup_projector(adapter, cfg.projector, cfg.reinit, cfg.run.seed)
+        setup_projector(adapter, cfg.projector, cfg.reinit, cfg.run.seed, cfg.cabstractor)
         return ProjectorModule(adapter)
 
     def build(self) -> StageParts:
@@ -341,7 +386,8 @@ class ProjectorRecipe(Recipe):
         samples = build_projector_samples(adapter, cfg.captions, cfg.pad or None,
                                           cfg.image_root or str(Path(cfg.captions).parent),
                                           cfg.prompt, cfg.theta)
-        loss = PatchAlignedLoss(cfg.optim.steps, cfg.beta_max, cfg.ramp_steps, cfg.pooling)
+        loss = PatchAlignedLoss(cfg.optim.steps, cfg.beta_max, cfg.ramp_steps, cfg.pooling,
+                                constant=cfg.beta_schedule == "constant")
         return StageParts(module, loss, samples, lambda ex: collate_projector(adapter, ex),
                           to_device=lambda b, d: b.to(d))
 
@@ -350,7 +396,8 @@ class ProjectorRecipe(Recipe):
         module.adapter.model.eval()
         module.adapter.save_pretrained(final)
         atomic_write_json(final.parent / "projector.json", {
-            "type": cfg.projector, "beta_max": cfg.beta_max, "ramp_steps": cfg.ramp_steps,
+            "type": cfg.projector, "beta_max": cfg.beta_max, "beta_schedule": cfg.beta_schedule,
+            "ramp_steps": cfg.ramp_steps,
             "theta": cfg.theta, "pooling": cfg.pooling, "steps": result.steps,
             "final_metrics": result.final_metrics})
 
@@ -369,4 +416,5 @@ def run_projector(cfg: ProjectorConfig) -> Path:
 
 __all__ = ["PROJECTOR_TYPES", "ProjectorBatch", "ProjectorConfig", "ProjectorModule",
            "PatchAlignedLoss", "ProjectorRecipe", "ProjectorSample", "build_projector_samples",
-           "collate_projector", "is_linear_projector", "run_projector", "setup_projector"]
+           "collate_projector", "is_linear_projector", "projector_kind", "run_projector",
+           "setup_projector"]

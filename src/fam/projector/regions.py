@@ -4,6 +4,10 @@ Each PAD mask goes through exactly the image processor's geometry
 (:func:`fam.projector.geometry.processor_transform`), is average-pooled onto the patch
 grid (coverage ``c_k``) and thresholded at θ (``S_k``, arg-max fallback); each label is
 tokenised as written mid-sentence. Shared by projector training and the alignment report.
+
+With a C-Abstractor the LLM reads a pooled grid, not the patch grid: the patch coverage is
+pooled with the abstractor's own operator (:func:`fam.projector.cabstractor.pool_coverage`)
+before the threshold, so ``S_k`` lives on the tokens the LLM reads.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 from fam.data.rle import rle_decode
 from fam.errors import ConfigError, DataError
 from fam.pad.records import PadRecord
+from fam.projector.cabstractor import pool_coverage
 from fam.projector.geometry import mask_to_patch_coverage, processor_transform, select_patches
 
 logger = logging.getLogger(__name__)
@@ -24,7 +29,8 @@ __all__ = ["RegionTargets", "region_targets", "label_token_ids", "token_layout"]
 
 
 def token_layout(adapter: Any) -> tuple[int, int, int]:
-    """``(G_h, G_w, offset)`` of a LLaVA adapter's image tokens.
+    """``(G_h, G_w, offset)`` of a LLaVA adapter's image tokens (the grid the LLM reads:
+    the patch grid, or a C-Abstractor's pooled grid).
 
     ``offset`` is 1 when the CLS token leads the image tokens
     (``vision_feature_select_strategy == "full"``), else 0: grid cell ``i`` (raster) is image
@@ -33,7 +39,7 @@ def token_layout(adapter: Any) -> tuple[int, int, int]:
     if not hasattr(adapter, "patch_grid"):
         raise ConfigError(f"{type(adapter).__name__} has no patch_grid(): the alignment tools "
                           "need a LLaVA-style adapter")
-    gh, gw = adapter.patch_grid()
+    gh, gw = adapter.token_grid() if hasattr(adapter, "token_grid") else adapter.patch_grid()
     full = getattr(adapter.config, "vision_feature_select_strategy", "default") == "full"
     return gh, gw, int(full)
 
@@ -78,10 +84,11 @@ class RegionTargets:
         labels: K region labels.
         token_ids: K lists, each label's token ids (:func:`label_token_ids`).
         patch_sets: ``(K, N)`` bool ``S_k`` over the N image tokens (raster, after the CLS
-            offset when there is one).
+            offset when there is one; the pooled grid of a C-Abstractor).
         coverage: ``(K, N)`` float32 patch coverage ``c_k``.
         grid: ``(G_h, G_w)``.
         offset: index of grid cell 0 among the image tokens (1 with a leading CLS token).
+        indices: K indices of the kept regions in the PAD record's ``regions``.
     """
 
     labels: list[str]
@@ -90,6 +97,7 @@ class RegionTargets:
     coverage: np.ndarray
     grid: tuple[int, int]
     offset: int = 0
+    indices: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -114,13 +122,14 @@ def region_targets(record: PadRecord, adapter: Any, theta: float = 0.5) -> Regio
     """
     src, line = record.source, record.line
     gh, gw, off = token_layout(adapter)
+    ph, pw = adapter.patch_grid()
     h, w = record.height, record.width
     patch = int(adapter.config.vision_config.patch_size)
     tf = processor_transform(adapter.image_processor, (h, w), patch)
-    if tf.grid_size("token") != (gh, gw):
+    if tf.grid_size("token") != (ph, pw):
         raise DataError(f"processed grid {tf.grid_size('token')} != the model's patch grid "
-                        f"{(gh, gw)}; the processor and the vision config disagree", src, line)
-    labels, ids, masks = [], [], []
+                        f"{(ph, pw)}; the processor and the vision config disagree", src, line)
+    labels, ids, masks, index = [], [], [], []
     for j, reg in enumerate(record.regions):
         m = rle_decode(reg.mask, where=str(src) if src else None)
         if m.shape != (h, w):
@@ -135,11 +144,14 @@ def region_targets(record: PadRecord, adapter: Any, theta: float = 0.5) -> Regio
         labels.append(reg.label)
         ids.append(tok)
         masks.append(m)
+        index.append(j)
     n = off + gh * gw
     if not masks:
         return RegionTargets([], [], np.zeros((0, n), bool), np.zeros((0, n), np.float32),
-                             (gh, gw), off)
+                             (gh, gw), off, [])
     cov = mask_to_patch_coverage(np.stack(masks), tf, level="token").reshape(len(masks), -1)
+    if (gh, gw) != (ph, pw):  # a C-Abstractor: coverage pooled as the features are
+        cov = pool_coverage(cov, (ph, pw), (gh, gw))
     sets = select_patches(cov, theta, flat=True)
     keep = sets.any(axis=1)
     if not keep.all():
@@ -148,7 +160,8 @@ def region_targets(record: PadRecord, adapter: Any, theta: float = 0.5) -> Regio
     cov, sets = cov[keep], sets[keep]
     labels = [x for x, k in zip(labels, keep) if k]
     ids = [x for x, k in zip(ids, keep) if k]
+    index = [x for x, k in zip(index, keep) if k]
     if off:
         cov = np.concatenate([np.zeros((len(cov), off), np.float32), cov], axis=1)
         sets = np.concatenate([np.zeros((len(sets), off), bool), sets], axis=1)
-    return RegionTargets(labels, ids, sets, cov.astype(np.float32), (gh, gw), off)
+    return RegionTargets(labels, ids, sets, cov.astype(np.float32), (gh, gw), off, index)

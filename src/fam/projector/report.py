@@ -6,7 +6,10 @@ Patch-Aligned Dataset (PAD, method.md §4) file and writes ``alignment.json`` pl
 * **Compression.** Matrix entropy (:mod:`fam.analysis.entropy`) of each image's vision
   tokens *before* the projector (the vision-tower features exactly as fed to
   ``multi_modal_projector``) and *after* it (the projected tokens the LLM reads), ``ΔH``,
-  and the text reference: the entropy of caption tokens' LLM input embeddings.
+  and the text reference: the entropy of caption tokens' LLM input embeddings; uncentred
+  (method.md §5) and centred (``*_c``). A C-Abstractor reads N patches and writes n < N
+  tokens: ``H_before`` is then taken on the input pooled to the output grid (``H_tower``
+  keeps the N patches), so both sides of ``ΔH`` have n tokens.
 * **Align(V, W)** (:mod:`fam.analysis.alignment`): patch-level mIoU of each region's
   similarity map with its ground-truth patch set ``S_k``, mean in-mask cosine and
   in-minus-out contrast, with label embeddings ``t_k`` = mean input embedding of the label's
@@ -17,7 +20,8 @@ Patch-Aligned Dataset (PAD, method.md §4) file and writes ``alignment.json`` pl
 * **Matching pursuit** (:mod:`fam.analysis.matching_pursuit`) of projected patches over the
   LLM vocabulary (dictionary = input-embedding matrix without special tokens): explained
   energy vs K, atoms needed per patch, and label recovery (do a region's label tokens appear
-  among the top-K atoms of its in-mask patches?).
+  among the top-K atoms of its in-mask patches?), and the multi-semantic check
+  (:mod:`fam.analysis.multisemantic`: K = 5 atoms against every word true of the patch).
 
 This is the analysis entry point of the projector unit: it reads the PAD file through
 :func:`fam.pad.records.read_pad`, builds the same region targets as training
@@ -41,11 +45,13 @@ from PIL import Image
 from fam.analysis.alignment import alignment_report, patch_ious, similarity_map
 from fam.analysis.entropy import matrix_entropy
 from fam.analysis.matching_pursuit import matching_pursuit
+from fam.analysis.multisemantic import multisemantic_scores, object_words
 from fam.data.captions import caption_map
 from fam.data.images import load_image
 from fam.errors import DataError
 from fam.losses.patch import region_embeddings
 from fam.pad.records import PadRecord, read_pad
+from fam.projector.cabstractor import pool_tokens
 from fam.projector.geometry import processor_transform, transform_image
 from fam.projector.hooks import projector_module, vision_tokens
 from fam.projector.regions import RegionTargets, label_token_ids, region_targets, token_layout
@@ -128,13 +134,20 @@ def _collect(adapter: Any, records: Sequence[PadRecord], pad_path: Path, theta: 
     return _Tokens(list(records), torch.cat(before_l), torch.cat(after_l), targets, images)
 
 
-def _entropy(tok: _Tokens, tokenizer: Any, emb: torch.Tensor,
-             cap_map: dict[str, str]) -> tuple[dict[str, float], int]:
-    """Matrix entropy before/after the projector and of caption embeddings (method.md §5)."""
-    n_tok, d = tok.after.shape[1:]
-    h_before = [matrix_entropy(x) for x in tok.before]
-    h_after = [matrix_entropy(x) for x in tok.after]
-    h_text = []
+def _entropy(tok: _Tokens, tokenizer: Any, emb: torch.Tensor, cap_map: dict[str, str],
+             grids: tuple[tuple[int, int], tuple[int, int]]) -> tuple[dict[str, float], int]:
+    """Matrix entropy before/after the projector and of caption embeddings (method.md §5),
+    uncentred (method.md §5, the SPEC's definition) and centred (``*_c``, Diff-eRank).
+
+    ``H_tower`` is the tower's patch features as they are (N patches); ``H_before`` the same
+    features on the projector's *output* token grid (average-pooled like a C-Abstractor's
+    pooling; identical to ``H_tower`` for per-token projectors), so that ``ΔH = H_before −
+    H_after`` compares matrices with the same number of tokens.
+    """
+    patch_grid, token_grid = grids
+    before = tok.before if patch_grid == token_grid else \
+        pool_tokens(tok.before, patch_grid, token_grid)
+    text_seqs = []
     special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []))
     for r, tgt in zip(tok.records, tok.targets):
         cap = cap_map.get(r.image) or r.extra.get("caption") or \
@@ -142,12 +155,54 @@ def _entropy(tok: _Tokens, tokenizer: Any, emb: torch.Tensor,
         ids = [int(i) for i in tokenizer(cap, add_special_tokens=False)["input_ids"]
                if int(i) not in special] if cap else []
         if len(ids) >= 2:
-            h_text.append(matrix_entropy(emb[ids]))
-    return {"H_before": float(np.mean(h_before)), "H_after": float(np.mean(h_after)),
-            "delta_H": float(np.mean(h_before) - np.mean(h_after)),
-            "H_text": float(np.mean(h_text)) if h_text else float("nan"),
-            "H_max_before": math.log(min(n_tok, tok.before.shape[-1])),
-            "H_max_after": math.log(min(n_tok, d))}, len(h_text)
+            text_seqs.append(emb[ids])
+    out: dict[str, float] = {}
+    for sfx, center in (("", False), ("_c", True)):
+        def mean_h(seqs: Any) -> float:
+            return float(np.mean([matrix_entropy(x, center=center) for x in seqs])) \
+                if len(seqs) else float("nan")
+        hb, ha = mean_h(before), mean_h(tok.after)
+        out.update({f"H_tower{sfx}": mean_h(tok.before), f"H_before{sfx}": hb,
+                    f"H_after{sfx}": ha, f"delta_H{sfx}": hb - ha,
+                    f"H_text{sfx}": mean_h(text_seqs)})
+    n_tok, d = tok.after.shape[1:]
+    out.update({"H_max_tower": math.log(min(tok.before.shape[1], tok.before.shape[-1])),
+                "H_max_before": math.log(min(n_tok, before.shape[-1])),
+                "H_max_after": math.log(min(n_tok, d))})
+    return out, len(text_seqs)
+
+
+def _multisemantic(tok: _Tokens, atoms: torch.Tensor, tokenizer: Any, k: int,
+                   ) -> dict[str, Any] | None:
+    """The paper's multi-semantic check (:mod:`fam.analysis.multisemantic`): for every
+    (region, in-mask token) pair, precision/recall of the token's first ``k``
+    matching-pursuit atoms against the words true of the region's object (colour, shape,
+    relations). ``None`` when the PAD regions carry no Scenes attributes."""
+    n_tok = tok.after.shape[1]
+    rows, truth = [], []
+    cache: dict[str, set[int]] = {}
+
+    def ids(word: str) -> set[int]:
+        if word not in cache:
+            cache[word] = set(label_token_ids(tokenizer, word))
+        return cache[word]
+
+    for i, (rec, tgt) in enumerate(zip(tok.records, tok.targets)):
+        objs = []
+        for reg in rec.regions:
+            a = reg.extra.get("attributes") or {}
+            if not all(isinstance(a.get(x), str) for x in ("colour", "shape")):
+                return None
+            objs.append({"colour": a["colour"], "shape": a["shape"], "box": reg.box})
+        words = object_words(objs, rec.width, rec.height)
+        for j, ridx in enumerate(tgt.indices or []):
+            true = {c: [ids(w) for w in ws] for c, ws in words[ridx].items()}
+            for p in np.flatnonzero(tgt.patch_sets[j]):
+                rows.append(atoms[i * n_tok + int(p)])
+                truth.append(true)
+    if not rows:
+        return None
+    return multisemantic_scores(torch.stack(rows), truth, k=min(k, atoms.shape[1]))
 
 
 def _retrieval(after: torch.Tensor, sets: torch.Tensor, idx: torch.Tensor, labels: list[str],
@@ -259,7 +314,7 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
                       theta: float = 0.5, select: str | None = None,
                       captions: str | Path | None = None, batch_size: int = 16,
                       n_heatmaps: int = 3, n_atom_rows: int = 24, plots: bool = True,
-                      name: str | None = None) -> dict[str, Any]:
+                      name: str | None = None, multisemantic_k: int = 5) -> dict[str, Any]:
     """Run the method.md §5 analyses of a LLaVA-style checkpoint on PAD images; write a report.
 
     Args:
@@ -280,6 +335,7 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
         n_atom_rows: sample patches listed in ``atoms.md``.
         plots: write the PNG figures (needs matplotlib).
         name: model name used in figure legends (default: the directory name).
+        multisemantic_k: atoms per token of the multi-semantic check (paper: 5).
 
     Returns:
         The content of ``alignment.json``: ``entropy`` (``H_before``, ``H_after``,
@@ -288,7 +344,9 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
         ``chance``), ``matching_pursuit`` (``explained_energy`` (K+1 means),
         ``atoms_to_50`` / ``atoms_to_80`` (mean atoms to reach 50/80% energy, unreached
         counted as K+1), ``recovery`` (region- and patch-level label recovery at K=1, 5,
-        K_max, with chance levels)), ``counts`` and ``files``. Primary metric:
+        K_max, with chance levels)), ``multisemantic`` (precision/recall of K atoms against
+        the words true of the token's object, when the regions carry Scenes attributes;
+        else ``None``), ``counts`` and ``files``. Primary metric:
         ``align.miou``.
     """
     adapter = _load_adapter(model)
@@ -307,7 +365,8 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
     layout = token_layout(adapter)
 
     tok = _collect(adapter, recs, pad_path, theta, batch_size, n_heatmaps)
-    entropy, n_text = _entropy(tok, tokenizer, emb, caption_map(captions) if captions else {})
+    entropy, n_text = _entropy(tok, tokenizer, emb, caption_map(captions) if captions else {},
+                               (tuple(adapter.patch_grid()), tuple(layout[:2])))
 
     # Align(V, W) over every region of the selected images
     idx = torch.tensor([i for i, t in enumerate(tok.targets) for _ in range(len(t))],
@@ -325,6 +384,7 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
                          if label_token_ids(tokenizer, reg.label)})
     retrieval = _retrieval(tok.after, sets, idx, labels, candidates, tokenizer, emb)
     mp_report, mp = _pursuit(tok.after, sets, idx, label_ids, tokenizer, emb, k_max)
+    multisemantic = _multisemantic(tok, mp.atoms, tokenizer, multisemantic_k)
 
     _write_atoms(out, name, mp, tok, idx, labels, tokenizer, n_atom_rows, layout[1], layout[2])
     files = {"atoms": "atoms.md"}
@@ -334,7 +394,7 @@ def analyze_alignment(model: str | Path | Any, pad_path: str | Path, image_root:
     report = {"model": str(model) if isinstance(model, (str, Path)) else name,
               "pad": str(pad_path), "select": select, "theta": theta,
               "entropy": entropy, "align": align, "retrieval": retrieval,
-              "matching_pursuit": mp_report,
+              "matching_pursuit": mp_report, "multisemantic": multisemantic,
               "counts": {"images": n_img, "regions": len(labels), "tokens_per_image": n_tok,
                          "grid": list(layout[:2]), "text_sequences": n_text},
               "files": files}

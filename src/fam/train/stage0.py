@@ -18,7 +18,7 @@ from torch import nn
 from fam.backbones import load_backbone
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import Stage0Config
-from fam.data.captions import CaptionSample, load_captions, load_qa
+from fam.data.captions import CaptionSample, as_text_samples, load_captions, load_qa
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.train.runner import Recipe, StageParts, run_stage
 from fam.train.trainer import TrainResult
@@ -31,10 +31,14 @@ __all__ = ["build_generative_batch", "GenerativeModule", "generative_parts", "ne
 
 def build_generative_batch(adapter: BackboneAdapter, samples: list[CaptionSample],
                            ) -> tuple[EncodedBatch, torch.Tensor]:
-    """Tokenise ``<image> prompt target<eos>`` with labels on the target and the EOS only."""
+    """Tokenise ``<image> prompt target<eos>`` (``prompt target<eos>`` for a text-only
+    sample) with labels on the target and the EOS only."""
     items = []
     for s in samples:
-        head = f"{IMAGE_PLACEHOLDER}\n{s.prompt} "
+        if s.image is None:
+            head = f"{s.prompt} " if s.prompt else ""
+        else:
+            head = f"{IMAGE_PLACEHOLDER}\n{s.prompt} "
         text = head + s.target
         items.append(MMItem(text, s.image, content=(len(head), len(text)), source=s.source,
                             line=s.line, field=s.field))
@@ -95,7 +99,10 @@ def generative_parts(module: GenerativeModule, samples: list[CaptionSample]) -> 
 
 
 class Stage0Recipe(Recipe):
-    """Every weight of the model trains on (image, prompt → caption / answer) samples."""
+    """Every weight of the model (but a frozen vision tower, ``freeze_vision``) trains on
+    (image, prompt → caption / answer) samples; with ``text_only`` the language model
+    alone trains on the same facts in words (captions, and questions after their image's
+    caption), as a text-pretrained LLM that has never read image tokens."""
 
     cfg: Stage0Config
     name = "stage0"
@@ -103,8 +110,12 @@ class Stage0Recipe(Recipe):
     def module(self) -> GenerativeModule:
         adapter = load_backbone(self.cfg.model, max_text_tokens=self.cfg.max_text_tokens,
                                 **self.cfg.backbone.load_options())
-        for p in adapter.model.parameters():
-            p.requires_grad_(True)
+        lm = {id(p) for p in adapter.language_model().parameters()}
+        lm |= {id(p) for p in adapter.hf_model.get_output_embeddings().parameters()}
+        for name, p in adapter.model.named_parameters():
+            frozen = (self.cfg.freeze_vision and adapter.is_vision_param(name)) or \
+                (self.cfg.text_only and id(p) not in lm)
+            p.requires_grad_(not frozen)
         return GenerativeModule(adapter)
 
     def build(self) -> StageParts:
@@ -112,9 +123,13 @@ class Stage0Recipe(Recipe):
         module = self.module()
         root = cfg.image_root or str(Path(cfg.captions).parent)
         samples = load_captions(cfg.captions, root, cfg.prompt)
-        if cfg.qa:
-            samples += load_qa(cfg.qa, root)
-        log.info("stage 0: %d samples from %s", len(samples), cfg.captions)
+        qa = load_qa(cfg.qa, root) if cfg.qa else []
+        if cfg.text_only:
+            samples = as_text_samples(samples, qa, {c.image: c.target for c in samples})
+        else:
+            samples += qa
+        log.info("stage 0: %d %ssamples from %s", len(samples),
+                 "text-only " if cfg.text_only else "", cfg.captions)
         return generative_parts(module, samples)
 
     def export(self, module: GenerativeModule, final: Path, result: TrainResult) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from fam.config.scenes import COLOURS, SHAPES, ScenesConfig
 from fam.data.rle import rle_encode
 from fam.data.scenes.scene import Scene
+from fam.data.texture import add_background_texture
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,12 +54,23 @@ def _shape_mask(shape: str, s: int) -> np.ndarray:
     return mask
 
 
-def render_scene(scene: Scene, image_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def texture_stream(scene_id: str, seed: int) -> np.random.Generator:
+    """The background-texture stream of a scene: a counterfactual re-render
+    (``<id>-swap`` etc.) gets its scene's stream, hence the same background."""
+    base = scene_id.split("-")[0]
+    return np.random.default_rng([seed, 0x7E7, zlib.crc32(base.encode())])
+
+
+def render_scene(scene: Scene, image_size: int, texture: float = 0.0,
+                 seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """Draw a scene.
 
     Args:
         scene: the scene description.
         image_size: side in pixels.
+        texture: amplitude of the background texture of plain scenes
+            (:func:`fam.data.texture.add_background_texture`; 0 = flat grey).
+        seed: the benchmark's seed (with the scene id, it seeds the texture).
 
     Returns:
         ``(image, masks)``: ``image`` is ``(H, W, 3)`` uint8 RGB; ``masks[k]`` is the
@@ -80,6 +93,9 @@ def render_scene(scene: Scene, image_size: int) -> tuple[np.ndarray, list[np.nda
         m[y0:y1, x0:x1] = _shape_mask(o.shape, x1 - x0)
         img[m] = COLOURS[o.colour]
         masks.append(m)
+    if texture > 0 and scene.style == "plain":
+        fg = np.logical_or.reduce(masks) if masks else np.zeros((W, W), bool)
+        img = add_background_texture(img, fg, texture_stream(scene.id, seed), texture)
     return img, masks
 
 
@@ -115,7 +131,7 @@ def render_all(scenes: Sequence[Scene], out: Path, cfg: ScenesConfig, with_crops
     # disable=None: tqdm shows the bar only on a terminal, never in logs or CI output.
     for sc in tqdm(scenes, desc="Scenes: rendering", unit="img",
                    disable=None if progress else True):
-        img, masks = render_scene(sc, W)
+        img, masks = render_scene(sc, W, cfg.background_texture, cfg.seed)
         _write_png(img, out / sc.image_path, cfg.png_compress_level)
         regions = []
         for k, (o, m) in enumerate(zip(sc.objects, masks)):

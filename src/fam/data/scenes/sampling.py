@@ -143,7 +143,8 @@ def _counterfactuals(base: Scene, rng: np.random.Generator, cfg: ScenesConfig) -
     return out
 
 
-_POOL_PREFIX = {"train": "tr", "eval": "ev", "novel": "nv", "crowded": "cw", "striped": "st"}
+#: File-name prefix of each pool's scene ids (``ev00012``).
+POOL_PREFIX = {"train": "tr", "eval": "ev", "novel": "nv", "crowded": "cw", "striped": "st"}
 
 
 def sample_pool(cfg: ScenesConfig, pool: str, n: int) -> list[Scene]:
@@ -153,7 +154,7 @@ def sample_pool(cfg: ScenesConfig, pool: str, n: int) -> list[Scene]:
     style = "striped" if pool == "striped" else "plain"
     scenes = []
     for i in range(n):
-        sid = f"{_POOL_PREFIX[pool]}{i:05d}"
+        sid = f"{POOL_PREFIX[pool]}{i:05d}"
         for _attempt in range(1000):
             objs = _sample_objects(rng, cfg, pool)
             if objs is None:
