@@ -169,7 +169,7 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
     def forward(self, batch: PairBatch, step: int = 0, mode: str = "loss") -> dict:
         """``mode="loss"``: the named loss terms. ``mode="reps"``: this batch's embeddings
         ``{"q", "t", "n"}`` ((B, d), (B, d), (n_neg, d)) and the VEIN sum ``aux`` over its
-        eligible samples with their count ``aux_n`` (the GradCache protocol)."""
+        masked tokens with their count ``aux_n`` (the GradCache protocol)."""
         layers = self._vein_layers()
         q = self.embedder(batch.query, layers)
         t = self.embedder(batch.target, layers)
@@ -184,9 +184,8 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
         if self.vein is not None:
             rq = self._vein_loss(q, batch.vein_query)
             rt = self._vein_loss(t, batch.vein_target)
-            nq, nt = int(rq["n_samples"]), int(rt["n_samples"])
-            # Sum over eligible samples (each side's loss is a mean over its samples).
-            out["aux"], out["aux_n"] = rq["loss"] * nq + rt["loss"] * nt, nq + nt
+            # Sum over the masked tokens of both sides and their count: L_rec is their mean.
+            out["aux"], out["aux_n"] = rq["sum"] + rt["sum"], rq["count"] + rt["count"]
         if mode == "reps":
             return out
         terms = self.gc_loss([out["reps"]], [batch], out["aux_n"])
@@ -239,7 +238,7 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
                 loss = loss + 0.0 * r["p"].sum()
         terms = {"loss": loss, "task_loss": task["loss"].detach(),
                  "accuracy": task["accuracy"],
-                 # L_rec = Σ_samples rec / N (a per-sample mean, SPEC §3), times λ.
+                 # L_rec = Σ_tokens rec / N (a mean over masked tokens, SPEC §3), times λ.
                  "aux_scale": self.vein_weight / max(aux_n, 1)}
         return terms
 

@@ -19,12 +19,13 @@ restored before its re-run; after the step the RNG is left where pass 1 left it,
 run's later random draws do not depend on whether GradCache is on.
 
 **Per-chunk auxiliary losses (VEIN).** The VEIN loss needs token states, which are not
-cached; but it is a mean of *per-sample* terms (SPEC §3), so it can be computed inside the
-re-run of each chunk. A module returns per chunk ``aux`` = the **sum** of its per-sample
-terms (for VEIN: ``Σ_{eligible samples s} mean_layers(L_rec(s))``) and the total loss adds
-``aux_scale · Σ_chunks aux``, with ``aux_scale = λ / N`` and ``N`` the number of eligible
-samples of the whole (local) batch, known after pass 1. That is exactly
-``λ · mean_s L_rec(s)``, the full-batch value. VEIN's random masks are drawn from the global
+cached; but it is a mean of *per-token* terms (SPEC §3: over the masked image tokens of the
+eligible samples), so it can be computed inside the re-run of each chunk. A module returns
+per chunk ``aux`` = the **sum** of its terms (for VEIN: ``Σ_{masked tokens j}
+mean_layers(1 − cos_j)``) and their count ``aux_n``; the total loss adds
+``aux_scale · Σ_chunks aux``, with ``aux_scale = λ / N`` and ``N`` the number of terms of
+the whole (local) batch, known after pass 1. That is exactly ``λ · L_rec``, the full-batch
+value. VEIN's random masks are drawn from the global
 RNG, so they are replayed like dropout.
 
 Memory: pass 1 holds one chunk's activations without graph, pass 3 one chunk's graph;
@@ -208,7 +209,7 @@ class GradCacheMixin:
     """
 
     gradcache_chunk: int = 0
-    #: name of the logged per-sample mean of the aux loss (e.g. ``"rec_loss"`` for VEIN)
+    #: name of the logged mean of the aux loss (e.g. ``"rec_loss"`` for VEIN)
     gc_aux_name: str = "aux_loss"
 
     def gc_split(self, batch: Any, size: int) -> list[Any]:  # pragma: no cover - abstract
