@@ -20,7 +20,8 @@ and chance level is a percentage in [0, 100]::
           "n_encoded": 2000,              # distinct items encoded (after deduplication)
           "meta_task": "classification",  # classification | vqa | retrieval | grounding
           "split": "IND",                 # IND | OOD
-          "chance": 0.1                   # expected precision@1 of a random ranking
+          "chance": 0.1,                  # expected precision@1 of a random ranking
+          "credits": [1.0, 0.0, 0.5, ...] # per-row credits, only with keep_credits=True
         }, ...
       },
       "meta_task": {"classification": 55.1, "vqa": null, ...},  # null: no dataset evaluated
@@ -195,7 +196,8 @@ def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 3
 def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | None = None,
              datasets: Iterable[str] | None = None, batch_size: int = 32,
              max_rows: int | None = None, progress: bool = True, ties: Ties = "expected",
-             split: str | None = None, check_images: bool = True) -> dict[str, Any]:
+             split: str | None = None, check_images: bool = True,
+             keep_credits: bool = False) -> dict[str, Any]:
     """Run the MMEB protocol on every (or the chosen) dataset under ``data_dir``.
 
     Datasets are loaded and scored one at a time, so memory holds one dataset's rows and
@@ -216,6 +218,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         split: split of multi-split dataset folders (default ``"test"``).
         check_images: check that every referenced image exists before encoding, so a
             missing file is reported with its data row rather than from inside the model.
+        keep_credits: also return each dataset's per-row credits (for bootstraps over
+            eval rows, :mod:`fam.eval.stats`).
 
     Returns:
         The results dict described in this module's docstring.
@@ -258,6 +262,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
             "split": info.split,
             "chance": 100.0 * chance,
         }
+        if keep_credits:
+            per_dataset[name]["credits"] = credits.tolist()
         logger.info("%s: precision@1 %.2f over %d rows (%d distinct items encoded)", name,
                     per_dataset[name][PRIMARY_METRIC], len(rows), n_encoded)
 
