@@ -179,3 +179,58 @@ def atoms_table(atoms: Any, decode: Callable[[int], str], row_labels: Sequence[s
     if a.shape[0] > n:
         lines.append(f"\n({a.shape[0] - n} more rows not shown)")
     return "\n".join(lines)
+
+
+def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str, float | None],
+                   path: str | Path, title: str = "precision@1 (%)") -> Path:
+    """Grouped bars of precision@1 per meta-task, IND, OOD and overall, one bar per model.
+
+    Args:
+        models: label → ``{metric: value}`` or ``{metric: {"mean": v, "ci95": [lo, hi]}}``
+            (a CI draws a whisker; ``None`` values are skipped), in display order.
+        chance: metric → chance level (a dashed line over that metric's bars).
+        path: output file.
+        title: y-axis label.
+    """
+    plt = _plt()
+    metrics = [m for m in ("classification", "vqa", "retrieval", "grounding", "IND", "OOD",
+                           "overall")
+               if any(_value(v.get(m))[0] is not None for v in models.values())]
+    labels = list(models)
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) * max(1, len(labels)) ** 0.5), 3.6))
+    cmap = plt.get_cmap("tab10")
+    for i, label in enumerate(labels):
+        xs, ys, err = [], [], [[], []]
+        for j, m in enumerate(metrics):
+            mean, ci = _value(models[label].get(m))
+            if mean is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            ys.append(mean)
+            lo, hi = ci if ci is not None else (mean, mean)
+            err[0].append(max(0.0, mean - lo))
+            err[1].append(max(0.0, hi - mean))
+        has_ci = any(e > 0 for e in err[0] + err[1])
+        ax.bar(xs, ys, width, label=label, color=cmap(i % 10),
+               yerr=np.array(err) if has_ci else None, capsize=2, error_kw={"lw": 0.8})
+    for j, m in enumerate(metrics):
+        c = chance.get(m)
+        if c is not None:
+            ax.hlines(c, j - 0.45, j + 0.45, colors="k", linestyles="dashed", lw=0.9,
+                      label="chance" if j == 0 else None)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics, fontsize=8)
+    ax.set_ylabel(title)
+    ax.legend(fontsize=7, ncol=min(4, len(labels) + 1), loc="upper left",
+              bbox_to_anchor=(0.0, -0.12), frameon=False)
+    return _save(fig, path)
+
+
+def _value(v: Any) -> tuple[float | None, tuple[float, float] | None]:
+    if v is None:
+        return None, None
+    if isinstance(v, Mapping):
+        ci = v.get("ci95")
+        return v.get("mean"), (tuple(ci) if ci else None)
+    return float(v), None
