@@ -63,12 +63,22 @@ class RunConfig:
 
 @dataclass
 class VeinConfig:
+    """VEIN (SPEC §3; the official code and every difference: docs/vein.md)."""
+
     enabled: bool = False  # add the VEIN reconstruction loss (SPEC §3)
-    weight: float = 1.0  # λ in L_adapt = L_task + λ L_rec (paper: 1)
+    weight: float = 1.0  # λ in L_adapt = L_task + λ L_rec (paper: 1), over the global batch
     mask_ratio: float = 0.3  # γ, fraction of image tokens masked (paper best: 0.3)
-    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # LM layers (paper 2B: last three)
+    layers: list[int] = field(default_factory=list)  # [] = paper: last three up to 3B params, else last
+    # "unmasked": the paper's VEIN (decoder memory = the unmasked image tokens); "embedding":
+    # inversion (memory = e alone, plus visible_ratio of the tokens): L_rec must use e.
+    memory: str = "unmasked"
+    visible_ratio: float = 0.0  # memory="embedding": fraction of image tokens also visible
+    target_pos: bool = True  # reconstruct V + PE (official code) instead of V
+    mask_init: str = "official"  # mask token init: "official" N(0,1) | "mae" N(0,0.02²)
     detach_target: bool = True  # official code detaches the image-token states (targets)
     num_heads: int = 8  # decoder attention heads (official: 8; reduced to a divisor of d)
+    dropout: float = 0.0  # decoder dropout (official: 0.1; 0 keeps L_rec deterministic given masks)
+    diagnose: bool = True  # log rec_loss_shuffled (e shuffled) and the gradient norms
     eligible_override: dict[str, bool] = field(default_factory=dict)  # dataset -> force on/off
 
 

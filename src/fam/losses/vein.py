@@ -49,7 +49,7 @@ from fam import distributed as dist_utils
 logger = logging.getLogger(__name__)
 
 __all__ = ["VeinDecoder", "VeinHead", "vein_eligible", "vein_mask_positions", "sinusoidal_positions",
-           "default_vein_layers", "global_mean", "grad_norms", "vein_verdict", "VEIN_MEMORY",
+           "default_vein_layers", "global_mean", "global_sums", "grad_norms", "vein_verdict", "VEIN_MEMORY",
            "MASK_INITS"]
 
 _VQA_TASKS = {"vqa"}
@@ -316,9 +316,10 @@ class VeinDecoder(nn.Module):
             dict with ``loss`` (scalar: mean over all masked tokens of ``1 − cos``),
             ``sum`` (scalar, the sum of those terms) and ``count`` (int, masked tokens),
             ``per_sample`` ``(B,)`` (each sample's mean), ``masked`` ``(B, N)`` bool,
-            ``pred`` ``(B, K_max, d)``; with ``shuffle_check`` and B >= 2 also
-            ``sum_shuffled`` / ``loss_shuffled`` (detached): the same with ``e`` rolled by
-            one sample (every sample gets another's), same masks, same dropout draws.
+            ``pred`` ``(B, K_max, d)``; with ``shuffle_check`` also ``sum_shuffled`` /
+            ``loss_shuffled`` (detached): the same with ``e`` rolled by one sample (every
+            sample gets another's), same masks, same dropout draws (with B = 1, nothing to
+            shuffle: the sample's own loss).
         """
         b, n, d = tokens.shape
         if d != self.hidden_size or emb.shape != (b, d):
@@ -367,11 +368,15 @@ class VeinDecoder(nn.Module):
         count = int(k.sum())
         out = {"loss": total / count, "sum": total, "count": count,
                "per_sample": terms.sum(dim=1) / k, "masked": masked, "pred": pred}
-        if shuffle_check and b >= 2:
-            with torch.no_grad(), _replayed_rng(rng, tokens.device):
-                shuffled = emb.detach().roll(1, dims=0)
-                p2 = self._decode(x.detach(), shuffled, pos, masked, idx, slot_valid, valid, visible)
-                s2 = self._terms(p2, target.detach(), slot_valid).sum()
+        if shuffle_check:
+            if b >= 2:
+                with torch.no_grad(), _replayed_rng(rng, tokens.device):
+                    shuffled = emb.detach().roll(1, dims=0)
+                    p2 = self._decode(x.detach(), shuffled, pos, masked, idx, slot_valid, valid,
+                                      visible)
+                    s2 = self._terms(p2, target.detach(), slot_valid).sum()
+            else:
+                s2 = total.detach()  # one sample has no other e to take: its own loss
             out["sum_shuffled"], out["loss_shuffled"] = s2, s2 / count
         return out
 
@@ -461,8 +466,8 @@ class VeinHead(nn.Module):
             dict with ``loss`` (scalar, mean over layers of each layer's mean over masked
             tokens), ``sum`` (scalar) and ``count`` (int) with ``loss = sum / count``,
             ``per_layer`` (``{layer: scalar}``) and ``n_samples`` (int, eligible samples);
-            with ``shuffle_check`` and >= 2 eligible samples also ``sum_shuffled`` and
-            ``loss_shuffled`` (detached). With no eligible sample the loss and sum are
+            with ``shuffle_check`` also ``sum_shuffled`` and ``loss_shuffled`` (detached; see
+            :meth:`VeinDecoder.forward`). With no eligible sample the loss and sum are
             ``0 · Σ params``: zero, but connected to every decoder parameter, so DDP's
             reducer still sees a gradient for each of them and does not hang waiting for
             the ranks that did have samples.
@@ -477,8 +482,11 @@ class VeinHead(nn.Module):
         n_samples = int(rows.numel())
         if n_samples == 0:
             zero = sum(p.sum() for p in self.parameters()) * 0.0
-            return {"loss": zero, "sum": zero, "count": 0,
-                    "per_layer": {l: zero.detach() for l in self.layers}, "n_samples": 0}
+            out = {"loss": zero, "sum": zero, "count": 0,
+                   "per_layer": {l: zero.detach() for l in self.layers}, "n_samples": 0}
+            if shuffle_check:
+                out["sum_shuffled"] = out["loss_shuffled"] = zero.detach()
+            return out
         per_layer, sums, shuffled, counts = {}, [], [], set()
         for layer in self.layers:
             h = self._lookup(hidden_states_per_layer, layer, "hidden_states_per_layer")[rows]
@@ -499,10 +507,41 @@ class VeinHead(nn.Module):
         total = torch.stack(sums).sum() / len(self.layers)
         out = {"loss": total / count, "sum": total, "count": count, "per_layer": per_layer,
                "n_samples": n_samples}
-        if shuffled:
+        if shuffle_check:
             out["sum_shuffled"] = torch.stack(shuffled).sum() / len(self.layers)
             out["loss_shuffled"] = out["sum_shuffled"] / count
         return out
+
+
+def _all_reduce(values: list[float], device: torch.device | None = None) -> list[float]:
+    """Sum of ``values`` over ranks (float64; identity for one process)."""
+    if dist_utils.world_size() == 1:
+        return list(values)
+    vec = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        vec = vec.to(device if device is not None and device.type == "cuda" else "cuda")
+    torch.distributed.all_reduce(vec)
+    return vec.tolist()
+
+
+def global_sums(local_count: int, sums: Mapping[str, Tensor | float] | None = None
+                ) -> tuple[int, dict[str, float]]:
+    """The global count ``N = Σ_r count_r`` and the global sums of some per-term totals.
+
+    Every rank must call it at the same point with the same keys (one all-reduce).
+
+    Args:
+        local_count: terms on this rank (e.g. masked tokens).
+        sums: name → this rank's sum of a quantity over those terms (detached).
+
+    Returns:
+        ``(N, {name: Σ_r sum_r})``.
+    """
+    keys = sorted(sums or {})
+    vals = [float(local_count)] + [float(sums[k]) for k in keys]  # type: ignore[index]
+    dev = next((v.device for v in (sums or {}).values() if torch.is_tensor(v)), None)
+    red = _all_reduce(vals, dev)
+    return int(round(red[0])), dict(zip(keys, red[1:]))
 
 
 def global_mean(local_sum: Tensor, local_count: int, weight: float = 1.0) -> tuple[Tensor, Tensor, int]:
@@ -531,19 +570,10 @@ def global_mean(local_sum: Tensor, local_count: int, weight: float = 1.0) -> tup
         graph), ``value`` the global mean (detached, the same on every rank),
         ``global_count`` N.
     """
-    ws = dist_utils.world_size()
-    if ws == 1:
-        n = max(int(local_count), 1)
-        return weight * local_sum / n, (local_sum / n).detach(), int(local_count)
-    vec = torch.stack([local_sum.detach().to(torch.float64),
-                       torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
-    if torch.distributed.get_backend() == "nccl" and vec.device.type != "cuda":
-        vec = vec.cuda()
-    torch.distributed.all_reduce(vec)
-    total, n = float(vec[0]), int(round(float(vec[1])))
+    n, total = global_sums(local_count, {"sum": local_sum.detach()})
     denom = max(n, 1)
-    value = torch.tensor(total / denom, dtype=local_sum.dtype, device=local_sum.device)
-    return weight * ws * local_sum / denom, value, n
+    value = torch.tensor(total["sum"] / denom, dtype=local_sum.dtype, device=local_sum.device)
+    return weight * dist_utils.world_size() * local_sum / denom, value, n
 
 
 def grad_norms(terms: Mapping[str, Tensor], params: Iterable[Tensor]) -> dict[str, float]:
@@ -573,7 +603,8 @@ def grad_norms(terms: Mapping[str, Tensor], params: Iterable[Tensor]) -> dict[st
     return out
 
 
-def vein_verdict(rec_loss: float, rec_loss_shuffled: float, rtol: float = 0.01) -> str | None:
+def vein_verdict(rec_loss: float | None, rec_loss_shuffled: float | None, rtol: float = 0.01,
+                 memory: str = "unmasked") -> str | None:
     """A sentence when VEIN's loss does not depend on the embedding, else None.
 
     ``L_rec`` with each sample's own ``e`` and with ``e`` shuffled across the batch are
@@ -585,6 +616,7 @@ def vein_verdict(rec_loss: float, rec_loss_shuffled: float, rtol: float = 0.01) 
         rec_loss: L_rec with own ``e``.
         rec_loss_shuffled: L_rec with shuffled ``e`` (same masks).
         rtol: relative tolerance.
+        memory: the variant (the sentence suggests the inversion variant to ``unmasked``).
 
     Returns:
         The warning sentence, or None when ``e`` matters (or a value is missing/NaN).
@@ -595,8 +627,8 @@ def vein_verdict(rec_loss: float, rec_loss_shuffled: float, rtol: float = 0.01) 
         return None
     gap = rec_loss_shuffled - rec_loss
     if abs(gap) < rtol * max(abs(rec_loss), 1e-12):
+        hint = " (try vein.memory=embedding)" if memory == "unmasked" else ""
         return (f"VEIN teaches the model nothing: L_rec with each sample's own embedding "
                 f"({rec_loss:.6g}) equals L_rec with the embeddings shuffled across the batch "
-                f"({rec_loss_shuffled:.6g}, gap {gap:+.2g}); the decoder ignores e "
-                "(try vein.memory=embedding)")
+                f"({rec_loss_shuffled:.6g}, gap {gap:+.2g}); the decoder ignores e{hint}")
     return None

@@ -25,6 +25,7 @@ from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_trai
 from fam.data.types import MMItem
 from fam.errors import ConfigError
 from fam.losses.contrastive import info_nce
+from fam.losses.vein import default_vein_layers, global_sums, grad_norms, vein_verdict
 from fam.model import EmbeddingModel, apply_lora, merge_lora, save_lora, select_tokens
 from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
 from fam.train.trainer import Trainer, enable_gradient_checkpointing, save_on_main_rank
@@ -135,6 +136,16 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
             a negative block to the loss, all-masked when none of its rows has one, so that
             under DDP/FSDP all ranks gather tensors of the same shapes even when only some
             ranks' local batches carry negatives (MMEB mixes subsets with and without).
+        vein_diagnose: VEIN's diagnostic (docs/vein.md): every step ``rec_loss_shuffled``
+            (L_rec with ``e`` shuffled across the batch, no gradient), and every
+            ``grad_norm_every`` steps ``vein_grad_norm`` / ``task_grad_norm``, the norms of
+            the gradients ``λ L_rec`` and ``L_task`` alone send into the trained backbone
+            weights (plain path only: GradCache never holds the whole graph).
+        grad_norm_every: see ``vein_diagnose`` (0: never).
+
+    L_rec is the mean over the masked tokens of the **global** batch
+    (:func:`fam.losses.vein.global_mean`): under DDP it equals one process on the
+    concatenated batch, in value and gradient.
     """
 
     gc_aux_name = "rec_loss"
@@ -142,8 +153,11 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
     def __init__(self, embedder: EmbeddingModel, temperature: float = 0.02,
                  vein: nn.Module | None = None, vein_weight: float = 1.0,
                  gradcache_chunk: int = 0, mask_duplicates: bool = True,
-                 hard_negatives: bool = False):
+                 hard_negatives: bool = False, vein_diagnose: bool = False,
+                 grad_norm_every: int = 0):
         super().__init__()
+        self.vein_diagnose = vein_diagnose and vein is not None
+        self.grad_norm_every = grad_norm_every
         self.hard_negatives = hard_negatives
         self.mask_duplicates = mask_duplicates
         self.embedder = embedder
@@ -164,7 +178,7 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
             hidden[l], valid = select_tokens(out.hidden_states[l], out.image_mask)
         emb = {l: out.eos_state(l) for l in layers}
         sample = eligible & out.has_image & (valid.sum(1) >= 2)
-        return self.vein(hidden, emb, valid, sample)
+        return self.vein(hidden, emb, valid, sample, shuffle_check=self.vein_diagnose)
 
     def forward(self, batch: PairBatch, step: int = 0, mode: str = "loss") -> dict:
         """``mode="loss"``: the named loss terms. ``mode="reps"``: this batch's embeddings
@@ -186,14 +200,38 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
             rt = self._vein_loss(t, batch.vein_target)
             # Sum over the masked tokens of both sides and their count: L_rec is their mean.
             out["aux"], out["aux_n"] = rq["sum"] + rt["sum"], rq["count"] + rt["count"]
+            if self.vein_diagnose:
+                out["aux_diag"] = {"rec_loss_shuffled": rq["sum_shuffled"] + rt["sum_shuffled"]}
         if mode == "reps":
             return out
         terms = self.gc_loss([out["reps"]], [batch], out["aux_n"])
         scale = terms.pop("aux_scale")
         if out["aux"] is not None:
-            terms["loss"] = terms["loss"] + scale * out["aux"]
-            terms["rec_loss"] = (out["aux"] / max(out["aux_n"], 1)).detach()
+            rec = scale * out["aux"]
+            if self.grad_norm_every and (step + 1) % self.grad_norm_every == 0 \
+                    and torch.is_grad_enabled():
+                params = [p for p in self.embedder.parameters() if p.requires_grad]
+                norms = grad_norms({"task": terms["loss"], "vein": rec}, params)
+                terms["task_grad_norm"] = torch.tensor(norms["task"])
+                terms["vein_grad_norm"] = torch.tensor(norms["vein"])
+            terms["loss"] = terms["loss"] + rec
+            terms.update(self.gc_aux_terms(out["aux"].detach(), out["aux_n"],
+                                           out.get("aux_diag", {})))
         return terms
+
+    def gc_aux_terms(self, aux_sum: torch.Tensor, aux_n: int,
+                     diag: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The logged VEIN terms, global means over the masked tokens of all ranks:
+        ``rec_loss`` (own ``e``) and, with the diagnostic, ``rec_loss_shuffled``."""
+        n, sums = global_sums(aux_n, {"rec_loss": aux_sum, **diag})
+        return {k: torch.tensor(v / max(n, 1), dtype=torch.float64) for k, v in sums.items()}
+
+    def log_notes(self, metrics: dict[str, float]) -> list[str]:
+        """Warnings about logged metrics: whether VEIN's loss depends on ``e`` at all."""
+        memory = getattr(self.vein, "memory", "unmasked")
+        note = vein_verdict(metrics.get("rec_loss"), metrics.get("rec_loss_shuffled"),
+                            memory=memory)
+        return [note] if note else []
 
     def gc_split(self, batch: PairBatch, size: int) -> list[PairBatch]:
         """Rows ``[s, e)`` of each side; a chunk's hard negatives are those of its rows."""
@@ -209,6 +247,12 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
                                  batch.vein_target[s:e], batch.target_ids[s:e],
                                  batch.neg_ids[s:e]))
         return out
+
+    def _aux_scale(self, aux_n: int) -> float:
+        if self.vein is None:
+            return 0.0
+        n, _ = global_sums(aux_n)  # every rank calls gc_loss once per (micro-)batch
+        return self.vein_weight * dist_utils.world_size() / max(n, 1)
 
     def gc_loss(self, reps, chunks, aux_n: int) -> dict[str, torch.Tensor]:
         """InfoNCE over the concatenated chunk embeddings (see :mod:`fam.train.gradcache`)."""
@@ -238,8 +282,9 @@ class ContrastiveModule(GradCacheMixin, nn.Module):
                 loss = loss + 0.0 * r["p"].sum()
         terms = {"loss": loss, "task_loss": task["loss"].detach(),
                  "accuracy": task["accuracy"],
-                 # L_rec = Σ_tokens rec / N (a mean over masked tokens, SPEC §3), times λ.
-                 "aux_scale": self.vein_weight / max(aux_n, 1)}
+                 # λ L_rec = λ Σ_tokens rec / N over the global batch (SPEC §3); W/N per
+                 # rank because DDP averages the ranks' gradients (global_mean).
+                 "aux_scale": self._aux_scale(aux_n)}
         return terms
 
 
@@ -326,14 +371,21 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     meta: dict[str, str] = {}
     if cfg.vein.enabled:
         v = cfg.vein
+        layers = list(v.layers) or default_vein_layers(
+            sum(p.numel() for p in emb.adapter.model.parameters()), emb.num_layers)
+        log.info("VEIN on layers %s (memory=%s, γ=%g, λ=%g, target %s)", layers, v.memory,
+                 v.mask_ratio, v.weight, "V + PE" if v.target_pos else "V")
         # Layer indices into hidden_states (0 = input embeddings, num_layers = last).
-        layers = [emb.resolve_layer(l) for l in v.layers]
-        vein = VeinHead(emb.adapter.hidden_size, layers, num_layers=emb.num_layers + 1,
-                        gamma=v.mask_ratio, num_heads=v.num_heads,
-                        detach_target=v.detach_target)
+        vein = VeinHead(emb.adapter.hidden_size, [emb.resolve_layer(l) for l in layers],
+                        num_layers=emb.num_layers + 1, gamma=v.mask_ratio,
+                        num_heads=v.num_heads, detach_target=v.detach_target,
+                        dropout=v.dropout, memory=v.memory, target_pos=v.target_pos,
+                        mask_init=v.mask_init, visible_ratio=v.visible_ratio)
         meta = vein_meta_tasks(pairs, cfg.train_dir)
     module = ContrastiveModule(emb, cfg.temperature, vein, cfg.vein.weight, cfg.gradcache_chunk,
-                               cfg.mask_duplicates, cfg.hard_negatives)
+                               cfg.mask_duplicates, cfg.hard_negatives,
+                               vein_diagnose=cfg.vein.diagnose,
+                               grad_norm_every=cfg.run.log_every if cfg.vein.diagnose else 0)
     collate = PairCollator(emb.adapter, cfg.hard_negatives, meta, dict(cfg.vein.eligible_override))
     trainer = Trainer(module, pairs, collate, cfg.optim, cfg.run,
                       "adapt+vein" if vein is not None else "adapt", config_dump=to_dict(cfg))

@@ -32,7 +32,9 @@ Memory: pass 1 holds one chunk's activations without graph, pass 3 one chunk's g
 the full batch only ever exists as ``(B, d)`` representations (plus the inputs).
 
 The module protocol (:class:`GradCacheMixin`): ``forward(batch, step, mode="reps")``
-returns ``{"reps": {name: (b, d)}, "aux": scalar or None, "aux_n": int}`` for one chunk;
+returns ``{"reps": {name: (b, d)}, "aux": scalar or None, "aux_n": int}`` for one chunk
+(optionally ``"aux_diag": {name: detached sum}``, summed over chunks and handed with the aux
+sum and count to the module's ``gc_aux_terms`` for logging);
 ``gc_split(batch, size)`` cuts a batch into chunks; ``gc_loss(reps_per_chunk, chunks,
 aux_n)`` returns the named loss terms and ``aux_scale``. ``forward(batch, step)`` (mode
 ``"loss"``) must equal ``gc_loss`` on a single chunk plus the scaled aux, so the plain and
@@ -151,6 +153,7 @@ def gradcache_step(module: nn.Module, batch: Any, step: int, chunk_size: int,
     # Pass 1: representations without graph. The unwrapped module is enough (no grad
     # means nothing for DDP to reduce) and avoids DDP's per-forward buffer broadcast.
     states, reps, aux_vals, aux_n = [], [], [], 0
+    diag: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for c in chunks:
             states.append(RngState(device))
@@ -159,6 +162,8 @@ def gradcache_step(module: nn.Module, batch: Any, step: int, chunk_size: int,
             if out.get("aux") is not None:
                 aux_vals.append(out["aux"].detach())
             aux_n += int(out.get("aux_n", 0))
+            for k, v in out.get("aux_diag", {}).items():  # detached diagnostic sums
+                diag[k] = diag[k] + v if k in diag else v
     after = RngState(device)
 
     # Pass 2: the loss on detached leaves, and its gradient w.r.t. every representation.
@@ -179,7 +184,10 @@ def gradcache_step(module: nn.Module, batch: Any, step: int, chunk_size: int,
     if aux_vals:
         aux_sum = torch.stack(aux_vals).sum()
         out_terms["loss"] = out_terms["loss"] + (aux_sum * aux_scale).to(out_terms["loss"].dtype)
-        out_terms[getattr(module, "gc_aux_name", "aux_loss")] = aux_sum / max(aux_n, 1)
+        if hasattr(module, "gc_aux_terms"):  # e.g. global means over ranks
+            out_terms.update(module.gc_aux_terms(aux_sum, aux_n, diag))
+        else:
+            out_terms[getattr(module, "gc_aux_name", "aux_loss")] = aux_sum / max(aux_n, 1)
     if not torch.isfinite(out_terms["loss"]):
         after.restore()
         return out_terms

@@ -376,7 +376,9 @@ class Trainer:
             bar = tqdm(total=opt.steps, initial=self.step, desc=self.name, dynamic_ncols=True)
         last: dict[str, float] = {}
         agg: dict[str, float] = {}
-        n_agg = 0
+        n_agg: dict[str, int] = {}  # per key: some terms are only measured at some steps
+        notes_seen: list[str] = []
+        notes = getattr(self.module, "log_notes", None)
         try:
             for chunks in loader:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -421,20 +423,25 @@ class Trainer:
                 self.step += 1
                 for k, v in terms_sum.items():
                     agg[k] = agg.get(k, 0.0) + v
-                n_agg += 1
+                    n_agg[k] = n_agg.get(k, 0) + 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
                 if self.step % run.log_every == 0 or self.step == opt.steps:
-                    last = _mean_over_ranks({k: v / n_agg for k, v in agg.items()})
+                    last = _mean_over_ranks({k: v / n_agg[k] for k, v in agg.items()})
                     last["lr"] = self.scheduler.get_last_lr()[0]
-                    agg, n_agg = {}, 0
+                    agg, n_agg = {}, {}
                     if writer is not None:
                         for k, v in last.items():
                             writer.add_scalar(f"{self.name}/{k}", v, self.step)
                     if dist_utils.rank() == 0:
                         log.info("%s step %d/%d %s", self.name, self.step, opt.steps,
                                  " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+                        for note in (notes(last) if notes is not None else []):
+                            kind = note.split(":")[0]  # say each kind once (and in the summary)
+                            if kind not in notes_seen:
+                                notes_seen.append(kind)
+                                log.warning("%s step %d: %s", self.name, self.step, note)
                 if run.save_every and self.step % run.save_every == 0 and self.step < opt.steps:
                     self.save_checkpoint()
         finally:
@@ -445,9 +452,13 @@ class Trainer:
         self.save_checkpoint()
         seconds = time.time() - t0
         if dist_utils.rank() == 0:
-            atomic_write_json(self.out_dir / "train_metrics.json",
-                              {"stage": self.name, "steps": self.step, "seconds": seconds,
-                               "final": last})
+            summary = {"stage": self.name, "steps": self.step, "seconds": seconds, "final": last}
+            final_notes = notes(last) if notes is not None and last else []
+            if final_notes:
+                summary["notes"] = final_notes
+                for note in final_notes:
+                    log.warning("%s summary: %s", self.name, note)
+            atomic_write_json(self.out_dir / "train_metrics.json", summary)
         return TrainResult(self.step, last, seconds, self.out_dir)
 
     def _grad_norm(self, clip: float) -> float:
