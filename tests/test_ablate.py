@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from fam.ablate import (GROUPS, MASK_RATIOS, AblationRun, adapt_config, add_ablate_subcommand,
-                        aggregate_runs, align_config, expand_groups, format_ablation,
-                        plan_for_size, run_ablation, vein_layer_sets)
+from fam.ablate import (DEFAULT_GROUPS, GROUPS, MASK_RATIOS, AblationRun, adapt_config,
+                        add_ablate_subcommand, aggregate_runs, align_config, expand_groups,
+                        format_ablation, plan_for_size, run_ablation, vein_layer_sets)
+from fam.cli import main
 from fam.demo import quick_plan
 from fam.errors import ConfigError
 
@@ -142,3 +143,45 @@ def test_tiny_end_to_end(tmp_path):
     rep2 = run_ablation(out, seeds=[0], groups=["main"], plan=plan, size="test",
                         report_only=True)
     assert len(rep2["runs"]) == 2 and "| fam | (not run)" in (out / "ablation.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_ablation_reports_paired_intervals_and_mechanisms(tmp_path):
+    """``fam ablate --size quick --seeds 0 1``: every default group, paired differences with
+    mean and 95 % bounds (t over seeds, bootstrap over rows), mechanism checks, the plot."""
+    out = tmp_path / "abl"
+    assert main(["ablate", "--out", str(out), "--seeds", "0", "1", "--size", "quick",
+                 "--no-progress"]) == 0
+    rep = json.loads((out / "ablation.json").read_text())
+    assert list(rep["groups"]) == list(DEFAULT_GROUPS)
+    labels = [lab for cfgs in rep["groups"].values() for lab, _ in cfgs]
+    for want in ("baseline", "mac_only", "vein_only", "fam", "vein_inversion", "fam_inversion",
+                 "vein_only_w32", "coarse", "coarse+c2f", "coarse+c2f+fine", "control"):
+        assert want in labels
+    pairs = {(p["config"], p["reference"]): p for p in rep["paired"]}
+    assert ("fam", "baseline") in pairs and ("mac_only", "control") in pairs
+    assert ("vein_inversion", "vein_only_w32") in pairs
+    for p in rep["paired"]:
+        assert p["seeds"] == [0, 1]
+        for m, d in p["metrics"].items():
+            lo, hi = d["ci95"]
+            assert lo <= d["mean"] <= hi
+            blo, bhi = d["bootstrap_ci95"]
+            assert blo <= bhi
+    # The control trains on the task pairs plus MAC's caption pairs, for align + adapt steps.
+    plan = plan_for_size("quick")
+    ctrl = json.loads((out / "seed0" / "runs" / AblationRun(captions=True).key /
+                       "train_metrics.json").read_text())
+    assert ctrl["steps"] == plan.adapt_steps + plan.align_steps
+    assert (out / "data" / "train_captions" / "Scenes-Captions.jsonl").exists()
+    mech = rep["mechanism"]
+    assert set(mech) >= {"baseline", "fam", "vein_inversion"}
+    assert mech["baseline"]["vein"] is None
+    for lab in ("vein_only", "fam", "vein_inversion", "fam_inversion", "vein_only_w32"):
+        v = mech[lab]["vein"]
+        assert v["rec_loss"] > 0 and v["rec_loss_shuffled"] > 0 and v["grad_ratio"] > 0
+    assert -1 <= mech["fam"]["object_caption_gap"] <= 1
+    assert (out / "ablation.png").stat().st_size > 1000 and rep["plot"] == str(out / "ablation.png")
+    md = (out / "ablation.md").read_text()
+    assert "## Paired differences" in md and "## Mechanism checks" in md
+    assert "| fam − mac_only | 2 |" in md

@@ -164,13 +164,17 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     results: dict[str, Any] = {"models": {}, "paths": {k: str(v) for k, v in models.items()}}
     held_out = load_captions(data / "captions_eval.json", data)
     results["caption_nll"] = {}
+    gallery_models: dict[str, EmbeddingModel] = {}
     for name, path in models.items():
         adapter = load_backbone(path)
         res = evaluate(EmbeddingModel(adapter), data / "eval", data, progress=progress)
         results["models"][name] = res
         if name in ("untrained", "stage0"):
             results["caption_nll"][name] = generative_eval_loss(adapter, held_out)
+        if name in ("vlm2vec", "fam"):
+            gallery_models[{"vlm2vec": "VLM2Vec", "fam": "FAM"}[name]] = EmbeddingModel(adapter)
     timings["eval"] = time.time() - t
+    results["figures"] = _figures(out, results, gallery_models, data)
     timings["total"] = time.time() - t_start
     results["timings_s"] = timings
     results["peak_rss_mb"] = _peak_rss_mb()
@@ -181,6 +185,38 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     report = format_report(results)
     atomic_write_text(out / "results.md", report)
     return results
+
+
+def _figures(out: Path, results: dict[str, Any], gallery_models: dict[str, Any],
+             data: Path) -> dict[str, str]:
+    """``results.png`` (precision@1 per meta-task, IND, OOD, overall per model, chance line)
+    and ``gallery.png``/``gallery.json`` (top-3 retrievals of the baseline and FAM for the
+    first text→image and image→text rows). Needs matplotlib (the ``plots`` extra); without
+    it the demo still writes its tables."""
+    from fam.eval.gallery import retrieval_gallery
+    from fam.eval.metrics import META_TASKS
+    figures: dict[str, str] = {}
+    if gallery_models:
+        gal = retrieval_gallery(gallery_models, data / "eval", data, n=3, k=3)
+        atomic_write_json(out / "gallery.json", gal)
+        figures["gallery_json"] = str(out / "gallery.json")
+    try:
+        from fam.analysis.plots import plot_precision
+        from fam.eval.gallery import plot_gallery
+    except ImportError:  # pragma: no cover - optional extra
+        log.warning("matplotlib not installed: no figures (pip install fam[plots])")
+        return figures
+    ms = results["models"]
+    first = next(iter(ms.values()))
+    ch = first.get("chance", {})
+    chance = {m: ch.get("meta_task", {}).get(m) for m in META_TASKS}
+    chance.update({m: ch.get(m) for m in ("IND", "OOD", "overall")})
+    scores = {name: {**{m: r["meta_task"].get(m) for m in META_TASKS},
+                     **{m: r.get(m) for m in ("IND", "OOD", "overall")}} for name, r in ms.items()}
+    figures["results"] = str(plot_precision(scores, chance, out / "results.png"))
+    if gallery_models:
+        figures["gallery"] = str(plot_gallery(gal, out / "gallery.png"))
+    return figures
 
 
 def format_report(results: dict[str, Any]) -> str:
