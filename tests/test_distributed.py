@@ -1,4 +1,4 @@
-"""2-rank gloo DDP == 1 process on the concatenated batch (SPEC §1 gathering).
+"""2-rank gloo DDP == 1 process on the concatenated batch (method.md §1 gathering).
 
 Each rank holds half the batch, the losses gather with ``fam.distributed.gather_with_grad``
 and DDP averages the gradients; the loss value and every parameter gradient must equal

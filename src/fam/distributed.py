@@ -1,4 +1,10 @@
-"""Cross-rank gathering for contrastive losses (SPEC §1, "Under DDP ...").
+"""Everything distributed in fam: process set-up, DDP/FSDP wrapping, full states, gathering.
+
+Set-up (:func:`init_from_env`, :func:`resolve_device`, :func:`barrier`,
+:func:`run_on_main_rank`), the two strategies of the trainer (:func:`wrap_ddp`,
+:func:`shard_fsdp`), full (unsharded) states for checkpoints and export
+(:func:`full_trainable_state`, :func:`full_state_dict`), and the cross-rank gathering of
+contrastive losses described below (method.md §1, "Many processes").
 
 Contrastive losses want every rank to see the *global* batch as negatives. The pattern is
 open_clip's ``gather_features(..., gather_with_grad=False)``: ``all_gather`` the local
@@ -34,14 +40,19 @@ ranks instead of hanging or corrupting memory.
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["is_dist", "rank", "world_size", "gather_with_grad", "gather_no_grad"]
+__all__ = ["is_dist", "rank", "world_size", "gather_with_grad", "gather_no_grad",
+           "init_from_env", "resolve_device", "barrier", "run_on_main_rank", "wrap_ddp",
+           "shard_fsdp", "full_trainable_state", "load_full_trainable_state", "full_state_dict",
+           "mean_over_ranks"]
 
 
 def is_dist() -> bool:
@@ -150,3 +161,138 @@ def gather_no_grad(x: Tensor) -> Tensor:
     parts = _all_gather(x.to(torch.uint8) if is_bool else x, "gather_no_grad")
     out = torch.cat(parts, dim=0)
     return out.bool() if is_bool else out
+
+
+# ---------------------------------------------------------------------------- set-up
+def resolve_device(spec: str) -> torch.device:
+    """``run.device``: ``"auto"`` is this rank's CUDA device (``LOCAL_RANK``) or the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def init_from_env() -> bool:
+    """Initialise the default process group when launched by torchrun (``WORLD_SIZE > 1``).
+
+    Backend: NCCL on CUDA, gloo otherwise. Returns whether a group is (now) initialised.
+    A no-op when a group already exists (tests spawn their own) or for a single process.
+    """
+    if is_dist():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    logger.info("distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(),
+                dist.get_backend())
+    return True
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_dist():
+        dist.barrier()
+
+
+def run_on_main_rank(fn: Callable[[], Any]) -> bool:
+    """Run ``fn()`` on rank 0 only, then wait for all ranks; returns whether it ran here.
+
+    Every rank holds the same weights after DDP training; concurrent writers of one folder
+    would race on its atomic rename.
+    """
+    ran = rank() == 0
+    if ran:
+        fn()
+    barrier()
+    return ran
+
+
+# ---------------------------------------------------------------------------- strategies
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
+    """``DistributedDataParallel`` around ``module`` (replicated weights, averaged grads)."""
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters)
+
+
+def shard_fsdp(module: nn.Module) -> int:
+    """FSDP2: shard every transformer block, then the root (in place); returns #blocks.
+
+    The language model's decoder layers are found by class name (``*DecoderLayer``, the
+    transformer-based auto-wrap policy of accelerate/FSDP); everything else (vision tower,
+    embeddings, VEIN decoders) stays in the root unit. Each sharded block all-gathers in its
+    forward, so every rank must run the same forwards: the vision tower runs only for
+    batches with images, which is why it is not sharded on its own. Gradients are averaged
+    over ranks like DDP's, so the gather-with-gradient scaling above holds.
+    """
+    from torch.distributed.fsdp import fully_shard
+    blocks = [m for m in module.modules()
+              if type(m).__name__.endswith("DecoderLayer") and any(True for _ in m.parameters())]
+    for m in blocks:
+        fully_shard(m)
+    fully_shard(module)
+    return len(blocks)
+
+
+def full_trainable_state(module: nn.Module, names: Sequence[str], params: Sequence[nn.Parameter],
+                         optimizer: torch.optim.Optimizer, sharded: bool,
+                         ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Full (unsharded) trainable tensors and optimizer state, on the CPU.
+
+    Collective under FSDP (every rank calls it; every rank gets the full tensors).
+    """
+    if not sharded:
+        return ({n: p.detach().cpu().contiguous() for n, p in zip(names, params)},
+                optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    state = {n: p.detach().full_tensor().cpu().contiguous() for n, p in zip(names, params)}
+    osd = get_optimizer_state_dict(module, optimizer,
+                                   options=StateDictOptions(full_state_dict=True,
+                                                            cpu_offload=True))
+    return state, osd
+
+
+def load_full_trainable_state(module: nn.Module, names: Sequence[str],
+                              params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
+                              state: dict[str, Tensor], optimizer_state: dict[str, Any],
+                              sharded: bool) -> None:
+    """Inverse of :func:`full_trainable_state`: copy full tensors into (sharded) parameters."""
+    if not sharded:
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                p.copy_(state[n].to(p.device, p.dtype))
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.tensor import distribute_tensor
+    with torch.no_grad():
+        for n, p in zip(names, params):
+            p.copy_(distribute_tensor(state[n].to(p.device, p.dtype), p.device_mesh,
+                                      p.placements))
+    set_optimizer_state_dict(module, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def full_state_dict(module: nn.Module, sharded: bool) -> dict[str, Tensor]:
+    """The module's full state dict (collective under FSDP: every rank calls it, all get it)."""
+    if not sharded:
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+
+
+def mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
+    """Average logged terms over ranks (local terms such as VEIN's differ per rank)."""
+    if not is_dist() or not terms:
+        return terms
+    keys = sorted(terms)
+    vec = torch.tensor([terms[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        vec = vec.cuda()
+    dist.all_reduce(vec)
+    return {k: float(v) / world_size() for k, v in zip(keys, vec.tolist())}

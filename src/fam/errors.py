@@ -40,4 +40,13 @@ class DataError(FamError, ValueError):
 
 
 class ConfigError(FamError, ValueError):
-    """An invalid configuration value (names the key and the accepted values)."""
+    """An invalid configuration value (names the key and the accepted values).
+
+    Args:
+        message: what is wrong and what to do, starting with the key (``optim.lr=nan: ...``).
+        key: the dotted config key at fault (``optim.lr``), if there is one.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        self.key = key
+        super().__init__(message)

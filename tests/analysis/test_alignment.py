@@ -1,4 +1,4 @@
-"""Align(V, W) patch-level mIoU and cosine contrasts (SPEC §5) on constructed maps."""
+"""Align(V, W) patch-level mIoU and cosine contrasts (method.md §5) on constructed maps."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Matrix entropy (SPEC §5): closed-form cases."""
+"""Matrix entropy (method.md §5): closed-form cases."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Matching pursuit (SPEC §5): exact recovery, monotone energy, chunking parity."""
+"""Matching pursuit (method.md §5): exact recovery, monotone energy, chunking parity."""
 from __future__ import annotations
 
 import pytest

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from fam.analysis.probes import (ProbeConfig, attention_probe, crop_region, load_probe_images,
                                  load_probe_model, run_probes, similarity_probes)
+from fam.data.rle import rle_encode
 from fam.errors import ConfigError, DataError
 
 OBJECTS = [
@@ -19,6 +21,13 @@ OBJECTS = [
     [("yellow star", (5, 5, 30, 30), "the yellow star"),
      ("white cross", (70, 70, 100, 100), "the white cross below the yellow star")],
 ]
+
+
+def _box_mask(box):
+    """A valid PAD mask (COCO RLE of the 112x112 image) covering ``box``."""
+    m = np.zeros((112, 112), dtype=bool)
+    m[box[1]:box[3], box[0]:box[2]] = True
+    return rle_encode(m)
 
 
 @pytest.fixture
@@ -34,11 +43,11 @@ def scenes_dir(tmp_path):
         rel = f"images/eval/ev{i:05d}.png"
         im.save(root / rel)
         recs.append({"image": rel, "width": 112, "height": 112,
-                     "regions": [{"label": lab, "box": list(box), "expression": ex, "score": 1.0}
-                                 for lab, box, ex in objs]})
+                     "regions": [{"label": lab, "box": list(box), "expression": ex, "score": 1.0,
+                                  "mask": _box_mask(box)} for lab, box, ex in objs]})
     # A counterfactual render and a training image: both must be skipped.
-    recs.append({"image": "images/eval/ev00000-swap.png", "regions": recs[0]["regions"]})
-    recs.append({"image": "images/train/tr00000.png", "regions": recs[0]["regions"]})
+    recs.append({**recs[0], "image": "images/eval/ev00000-swap.png"})
+    recs.append({**recs[0], "image": "images/train/tr00000.png"})
     (root / "pad.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     return root
 

@@ -43,7 +43,8 @@ def test_group_members_match_aggregate():
     scores = {k: 100 * float(np.mean(v)) for k, v in cr.items()}
     infos_free = {g: float(np.mean([scores[n] for n in m])) for g, m in groups.items()}
     from fam.data.mmeb import DatasetInfo
-    agg = aggregate(scores, {k: DatasetInfo(k, v["meta_task"], v["split"]) for k, v in DATASETS.items()})
+    infos = {k: DatasetInfo(k, v["meta_task"], v["split"]) for k, v in DATASETS.items()}
+    agg = aggregate(scores, infos)
     assert infos_free["overall"] == pytest.approx(agg["overall"])
     assert infos_free["IND"] == pytest.approx(agg["IND"])
     assert infos_free["retrieval"] == pytest.approx(agg["meta_task"]["retrieval"])

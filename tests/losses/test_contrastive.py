@@ -1,4 +1,4 @@
-"""InfoNCE with in-batch and hard negatives (SPEC §1)."""
+"""InfoNCE with in-batch and hard negatives (method.md §1)."""
 from __future__ import annotations
 
 import pytest

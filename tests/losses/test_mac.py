@@ -1,4 +1,4 @@
-"""MAC (SPEC §2): the exact cheap form equals a naive reference, value and gradient."""
+"""MAC (method.md §2): the exact cheap form equals a naive reference, value and gradient."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Patch-aligned training loss (SPEC §4): hand-computed values, pooling, β schedule."""
+"""Patch-aligned training loss (method.md §4): hand-computed values, pooling, β schedule."""
 from __future__ import annotations
 
 import math

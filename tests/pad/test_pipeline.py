@@ -73,8 +73,8 @@ def test_ground_truth_provider_reproduces_gt(scenes, tmp_path):
 
 
 def test_tiny_grounding_dino_sam_end_to_end(scenes, tmp_path):
-    from fam.pad import HFGroundingDinoDetector, HFSamSegmenter, save_tiny_grounding_dino, \
-        save_tiny_sam
+    from fam.pad import HFGroundingDinoDetector, HFSamSegmenter
+    from pad_tiny_models import save_tiny_grounding_dino, save_tiny_sam
     vocab = sorted({x.label for r in read_pad(scenes / "pad.jsonl") for x in r.regions})
     gd = HFGroundingDinoDetector(save_tiny_grounding_dino(tmp_path / "gd", vocab))
     sam = HFSamSegmenter(save_tiny_sam(tmp_path / "sam"))
@@ -244,7 +244,7 @@ def test_read_pad_bad_json_and_round_trip(tmp_path):
 
 
 def test_cli_pad_build_gt(scenes, tmp_path, capsys):
-    from fam.pad.cli import add_pad_subcommand
+    from fam.cli.pad import add_pad_subcommand
     parser = argparse.ArgumentParser(prog="fam")
     add_pad_subcommand(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "pad.jsonl"

@@ -27,7 +27,8 @@ from test_gradcache import make_module, make_pairs  # same directory (pytest roo
 
 from fam.config import OptimConfig, RunConfig
 from fam.train.adapt import PairCollator
-from fam.train.trainer import ResumableBatchSampler, Trainer
+from fam.train.schedule import ResumableBatchSampler
+from fam.train.trainer import Trainer
 
 WORLD = 2
 GLOBAL_BATCH = 8
@@ -68,15 +69,14 @@ def _free_port() -> int:
 
 def _train(out, pairs, batch_size: int, chunk: int, strategy: str = "ddp",
            steps: int = STEPS) -> dict[str, torch.Tensor]:
-    module = make_module("task", dtype=DTYPE)
-    module.gradcache_chunk = chunk
-    module.hard_negatives = True  # as run_adapt sets it from AdaptConfig.hard_negatives
+    module, loss = make_module("task", dtype=DTYPE)
     opt = OptimConfig(lr=5e-3, batch_size=batch_size, steps=steps, warmup_ratio=0.0)
     # save_every=1: checkpoint writes (rank 0 only, with barriers) happen mid-run too.
     run = RunConfig(out_dir=str(out), save_every=1, progress=False, log_every=1, device="cpu",
                     strategy=strategy)
+    # hard_negatives=True, as run_adapt sets it from AdaptConfig.hard_negatives
     trainer = Trainer(module, pairs, PairCollator(module.embedder.adapter, True), opt, run,
-                      strategy)
+                      strategy, loss=loss, gradcache_chunk=chunk)
     trainer.train()
     full = trainer.full_state_dict()  # collective under FSDP: full tensors on every rank
     return {n: full[n].detach().clone() for n, p in module.named_parameters()
@@ -137,7 +137,7 @@ def test_two_rank_trainer_equals_one_process(scene_images, tmp_path):
     chunks = (0, 2)
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), pairs, chunks), nprocs=WORLD, join=True)
     ref = _train(tmp_path / "single", pairs, GLOBAL_BATCH, 0)
-    init = {n: p for n, p in make_module("task", dtype=DTYPE).named_parameters()
+    init = {n: p for n, p in make_module("task", dtype=DTYPE)[0].named_parameters()
             if p.requires_grad}
     assert any(not torch.allclose(init[n], ref[n]) for n in ref)  # the weights moved
     for chunk in chunks:

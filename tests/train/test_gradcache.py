@@ -18,9 +18,9 @@ from fam.data.types import MMItem
 from fam.losses.vein import VeinHead
 from fam.model import EmbeddingModel, apply_lora
 from fam.train import gradcache as gc
-from fam.train.adapt import ContrastiveModule, PairCollator
-from fam.train.align import AlignCollator, MACModule
-from fam.train.stage0 import CaptionSample
+from fam.train.adapt import ContrastiveLoss, ContrastiveModule, PairCollator
+from fam.train.align import AlignCollator, MACLoss, MACModule
+from fam.data.captions import CaptionSample
 from fam.train.trainer import Trainer
 
 CORPUS = ["a red circle left of a blue square", "a small green triangle above a yellow star",
@@ -60,14 +60,19 @@ def make_module(kind: str, lora_dropout: float = 0.0, vein: bool = False, vein_d
     torch.manual_seed(seed)
     apply_lora(emb, LoraConfig(enabled=True, r=4, alpha=8, dropout=lora_dropout))
     if kind == "mac":
-        module = MACModule(emb, token_layer=-1)
+        module, loss = MACModule(emb, token_layer=-1), MACLoss()
     else:
         head = None
         if vein:
             head = VeinHead(adapter.hidden_size, [emb.resolve_layer(-1), emb.resolve_layer(-2)],
                             num_layers=emb.num_layers + 1, gamma=0.3, dropout=vein_dropout)
-        module = ContrastiveModule(emb, 0.05, head, vein_weight=0.7)
-    return module.to(dtype).train()
+        module, loss = ContrastiveModule(emb, head), ContrastiveLoss(0.05, vein_weight=0.7)
+    return module.to(dtype).train(), loss
+
+
+def _full(module, loss, batch):
+    """The plain (one-forward) loss terms of the whole batch."""
+    return loss(**module(batch, 0), batch=batch, step=0)
 
 
 def _grads(module) -> dict[str, torch.Tensor]:
@@ -83,16 +88,10 @@ def _assert_same(a: dict, b: dict, rtol=1e-5, atol=1e-9):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
-def _chunkwise_reference(module, batch, chunk: int):
+def _chunkwise_reference(module, loss_fn, batch, chunk: int):
     """Full graph over all chunks (same RNG draws as GradCache's pass 1), one backward."""
-    chunks = module.gc_split(batch, chunk)
-    outs = [module(c, 0, mode="reps") for c in chunks]
-    terms = module.gc_loss([o["reps"] for o in outs], chunks, sum(o["aux_n"] for o in outs))
-    scale = terms.pop("aux_scale")
-    loss = terms["loss"]
-    auxes = [o["aux"] for o in outs if o["aux"] is not None]
-    if auxes:
-        loss = loss + scale * torch.stack(auxes).sum()
+    outs = [module(c, 0) for c in batch.split(chunk)]
+    loss = loss_fn(**gc.combine(outs), batch=batch, step=0)["loss"]
     loss.backward()
     return loss.detach()
 
@@ -108,7 +107,7 @@ def _pair_batch(module, scene_images, n=8, dtype=torch.float64):
 
 
 def test_split_encoded_splits_flat_qwen_pixels_by_image(scene_images):
-    module = make_module("task", dtype=torch.float32)
+    module, _ = make_module("task", dtype=torch.float32)
     batch = _pair_batch(module, scene_images, 8, torch.float32)
     q = batch.query
     parts = [gc.split_encoded(q, s, e) for s, e in gc.chunk_bounds(q.batch_size, 3)]
@@ -122,32 +121,30 @@ def test_split_encoded_splits_flat_qwen_pixels_by_image(scene_images):
 
 
 def test_task_loss_with_hard_negatives_matches_full_batch(scene_images):
-    module = make_module("task")
+    module, loss = make_module("task")
     batch = _pair_batch(module, scene_images, 8)
     assert batch.neg is not None and 0 < batch.neg_rows.numel() < 8
-    full = module(batch, 0)
+    full = _full(module, loss, batch)
     full["loss"].backward()
     want = _grads(module)
-    module.gradcache_chunk = 3  # uneven chunks: 3, 3, 2
-    terms = module.train_step(batch, 0)
+    terms = gc.gradcache_step(module, loss, batch, 0, 3)  # uneven chunks: 3, 3, 2
     got = _grads(module)
     torch.testing.assert_close(terms["loss"], full["loss"].detach(), rtol=1e-6, atol=0)
     _assert_same(got, want)
 
 
 def test_mac_matches_full_batch(scene_images):
-    module = make_module("mac")
+    module, loss = make_module("mac")
     adapter = module.embedder.adapter
     samples = [CaptionSample(scene_images[i % 3], "", " ".join(WORDS[i:i + 3 + i % 2]),
                              "caps.json", i + 1, "caption") for i in range(6)]
     batch = AlignCollator(adapter, "Represent the given image.", "Find: ")(samples)
     batch.images = batch.images.to("cpu", torch.float64)
     batch.texts = batch.texts.to("cpu", torch.float64)
-    full = module(batch, 0)
+    full = _full(module, loss, batch)
     full["loss"].backward()
     want = _grads(module)
-    module.gradcache_chunk = 4
-    terms = module.train_step(batch, 0)
+    terms = gc.gradcache_step(module, loss, batch, 0, 4)
     _assert_same(_grads(module), want)
     for k in ("loss", "coarse_loss", "c2f_loss", "fine_loss"):
         torch.testing.assert_close(terms[k], full[k].detach(), rtol=1e-6, atol=0)
@@ -155,15 +152,14 @@ def test_mac_matches_full_batch(scene_images):
 
 def test_vein_and_dropout_replay_the_rng(scene_images, monkeypatch):
     """Dropout in LoRA and the VEIN decoder, random VEIN masks: exact only with RNG replay."""
-    module = make_module("task", lora_dropout=0.2, vein=True, vein_dropout=0.2)
+    module, loss = make_module("task", lora_dropout=0.2, vein=True, vein_dropout=0.2)
     batch = _pair_batch(module, scene_images, 8)
     torch.manual_seed(123)
-    ref_loss = _chunkwise_reference(module, batch, 3)
+    ref_loss = _chunkwise_reference(module, loss, batch, 3)
     want = _grads(module)
     after_ref = torch.rand(3)
-    module.gradcache_chunk = 3
     torch.manual_seed(123)
-    terms = module.train_step(batch, 0)
+    terms = gc.gradcache_step(module, loss, batch, 0, 3)
     # The RNG continues where pass 1 left it: later draws do not depend on GradCache.
     torch.testing.assert_close(torch.rand(3), after_ref)
     torch.testing.assert_close(terms["loss"], ref_loss, rtol=1e-6, atol=0)
@@ -172,7 +168,7 @@ def test_vein_and_dropout_replay_the_rng(scene_images, monkeypatch):
     # Without the replay the re-run draws other dropout/mask values: the test would see it.
     monkeypatch.setattr(gc.RngState, "restore", lambda self: None)
     torch.manual_seed(123)
-    module.train_step(batch, 0)
+    gc.gradcache_step(module, loss, batch, 0, 3)
     bad = _grads(module)
     assert any(not torch.allclose(bad[k], want[k], rtol=1e-5, atol=1e-9) for k in want)
 
@@ -193,34 +189,33 @@ def test_vein_chunk_scaling_matches_one_forward_full_batch(scene_images, monkeyp
         masked = torch.zeros(b, n, dtype=torch.bool).scatter_(1, idx, slot)
         return masked, idx, k
     monkeypatch.setattr(vein_mod, "vein_mask_positions", fixed)
-    module = make_module("task", vein=True)
+    module, loss = make_module("task", vein=True)
     batch = _pair_batch(module, scene_images, 8)
-    full = module(batch, 0)
+    full = _full(module, loss, batch)
     full["loss"].backward()
     want = _grads(module)
-    module.gradcache_chunk = 3
-    terms = module.train_step(batch, 0)
+    terms = gc.gradcache_step(module, loss, batch, 0, 3)
     torch.testing.assert_close(terms["loss"], full["loss"].detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(terms["rec_loss"], full["rec_loss"], rtol=1e-6, atol=0)
     _assert_same(_grads(module), want)
 
 
-def _trainer(module, pairs, out, chunk: int, steps: int = 3):
-    module.gradcache_chunk = chunk
+def _trainer(module, loss, pairs, out, chunk: int, steps: int = 3):
     adapter = module.embedder.adapter
     opt = OptimConfig(lr=5e-3, batch_size=8, steps=steps, warmup_ratio=0.0, grad_clip=1.0)
     run = RunConfig(out_dir=str(out), save_every=0, progress=False, log_every=1, device="cpu")
-    return Trainer(module, pairs, PairCollator(adapter, True), opt, run, "gc-test")
+    return Trainer(module, pairs, PairCollator(adapter, True), opt, run, "gc-test", loss=loss,
+                   gradcache_chunk=chunk)
 
 
 def test_trainer_run_with_gradcache_equals_without(scene_images, tmp_path):
     pairs = make_pairs(scene_images, 16)
     runs = {}
     for chunk in (0, 3):
-        module = make_module("task", dtype=torch.float32)
-        _trainer(module, pairs, tmp_path / f"c{chunk}", chunk).train()
+        module, loss = make_module("task", dtype=torch.float32)
+        _trainer(module, loss, pairs, tmp_path / f"c{chunk}", chunk).train()
         runs[chunk] = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    base = make_module("task", dtype=torch.float32)
+    base, _ = make_module("task", dtype=torch.float32)
     changed = [n for n, p in base.named_parameters() if p.requires_grad
                and not torch.allclose(p, runs[0][n])]
     assert changed  # training moved the LoRA weights
@@ -228,15 +223,15 @@ def test_trainer_run_with_gradcache_equals_without(scene_images, tmp_path):
 
 
 def test_gradient_checkpointing_leaves_gradients_unchanged(scene_images):
-    from fam.train.trainer import enable_gradient_checkpointing
-    module = make_module("task", lora_dropout=0.2)
+    from fam.train.embedder import enable_gradient_checkpointing
+    module, loss = make_module("task", lora_dropout=0.2)
     batch = _pair_batch(module, scene_images, 6)
     torch.manual_seed(5)
-    module(batch, 0)["loss"].backward()
+    _full(module, loss, batch)["loss"].backward()
     want = _grads(module)
     enable_gradient_checkpointing(module.embedder)
     torch.manual_seed(5)
-    module(batch, 0)["loss"].backward()
+    _full(module, loss, batch)["loss"].backward()
     _assert_same(_grads(module), want)
 
 
@@ -264,7 +259,7 @@ def test_real_size_qwen2_vl_2b_shape_gradcache_step_fits_10gb(tiny_dirs, scene_i
     from transformers import Qwen2VLImageProcessorPil
 
     from fam.backbones.qwen2_vl import Qwen2VLAdapter
-    from fam.plan import KNOWN_SHAPES, PlanConfig, estimate
+    from fam.bench.plan import KNOWN_SHAPES, PlanConfig, estimate
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -300,7 +295,7 @@ def test_real_size_qwen2_vl_2b_shape_gradcache_step_fits_10gb(tiny_dirs, scene_i
     for p in model.parameters():
         p.requires_grad_(False)
     apply_lora(emb, LoraConfig(enabled=True, r=8, alpha=16, dropout=0.05))
-    module = ContrastiveModule(emb, 0.02, gradcache_chunk=1).train()
+    module, loss = ContrastiveModule(emb).train(), ContrastiveLoss(0.02)
     n_params = sum(p.numel() for p in module.parameters())
     build_s = time.perf_counter() - t0
     batch = PairCollator(adapter, True)(make_pairs(scene_images, 2))
@@ -309,7 +304,7 @@ def test_real_size_qwen2_vl_2b_shape_gradcache_step_fits_10gb(tiny_dirs, scene_i
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     t1 = time.perf_counter()
-    terms = module.train_step(batch, 0)
+    terms = gc.gradcache_step(module, loss, batch, 0, 1)
     opt.step()
     step_s = time.perf_counter() - t1
     peak_gb = _vm_kb("VmHWM") * 1024 / 1e9

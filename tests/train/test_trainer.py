@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from fam.config import OptimConfig, RunConfig
-from fam.train.trainer import ResumableBatchSampler, Trainer, TrainingDiverged, lr_lambda
+from fam.train.schedule import ResumableBatchSampler, lr_lambda
+from fam.train.trainer import Trainer, TrainingDiverged
 
 
 class Toy(nn.Module):

@@ -1,7 +1,7 @@
-"""Patch-level alignment of projected vision tokens with label words: Align(V, W) (SPEC §5).
+"""Patch-level alignment of projected vision tokens with label words: Align(V, W) (method.md §5).
 
 For each annotated region ``k`` of an image (label embedding ``t_k``, ground-truth patch
-set ``S_k`` from :func:`fam.analysis.geometry.select_patches`):
+set ``S_k`` from :func:`fam.projector.geometry.select_patches`):
 
     s_k[i] = cos(P(X)_i, t_k)                              similarity map over the image
     ŝ_k = (s_k − min_i s_k) / (max_i s_k − min_i s_k)      min-max over *this image's* patches
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def similarity_map(vision_tokens: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each token with a label embedding (SPEC §5 ``s_k``).
+    """Cosine similarity of each token with a label embedding (method.md §5 ``s_k``).
 
     Args:
         vision_tokens: ``(N, d)`` projector outputs of one image.
@@ -63,7 +63,7 @@ def patch_ious(sim_maps: torch.Tensor, gt_patch_sets: torch.Tensor,
     Args:
         sim_maps: ``(K, N)`` similarity maps, each over its own image's N patches.
         gt_patch_sets: ``(K, N)`` bool ground truth ``S_k``.
-        threshold: on the min-max-normalised map (0.5, SPEC §5).
+        threshold: on the min-max-normalised map (0.5, method.md §5).
 
     Returns:
         ``(K,)`` float IoU; NaN for regions with an empty ground-truth set.
@@ -81,7 +81,7 @@ def patch_ious(sim_maps: torch.Tensor, gt_patch_sets: torch.Tensor,
 
 def patch_miou(sim_maps: torch.Tensor, gt_patch_sets: torch.Tensor,
                threshold: float = 0.5) -> float:
-    """Patch-level mIoU, Align(V, W) (SPEC §5): mean of :func:`patch_ious` over regions
+    """Patch-level mIoU, Align(V, W) (method.md §5): mean of :func:`patch_ious` over regions
     with a non-empty ground truth (NaN if there is none)."""
     ious = patch_ious(sim_maps, gt_patch_sets, threshold)
     ok = ~ious.isnan()
@@ -115,7 +115,7 @@ def alignment_report(vision_tokens: torch.Tensor, label_embs: torch.Tensor,
                      gt_patch_sets: torch.Tensor, region_image_index: torch.Tensor | None = None,
                      threshold: float = 0.5,
                      token_mask: torch.Tensor | None = None) -> dict[str, float]:
-    """Align(V, W) over a set of images (SPEC §5). Primary metric: ``"miou"``.
+    """Align(V, W) over a set of images (method.md §5). Primary metric: ``"miou"``.
 
     Args:
         vision_tokens: ``(B, N, d)`` projector outputs (or ``(N, d)``, one image).

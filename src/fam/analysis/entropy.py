@@ -1,4 +1,4 @@
-"""Matrix entropy of token sequences: how much a projector compresses (SPEC §5).
+"""Matrix entropy of token sequences: how much a projector compresses (method.md §5).
 
 For one sequence ``Z ∈ R^{N×d}`` with L2-normalised rows ``ẑ_i``:
 
@@ -39,7 +39,7 @@ def _to64(z: ArrayLike) -> torch.Tensor:
 
 
 def matrix_entropy(z: ArrayLike, eps: float = 1e-12) -> float:
-    """Matrix (von Neumann) entropy of one token sequence (SPEC §5, reconstructed).
+    """Matrix (von Neumann) entropy of one token sequence (method.md §5, reconstructed).
 
     Args:
         z: ``(N, d)`` token embeddings (torch or numpy, any float dtype).
@@ -108,7 +108,7 @@ def entropy_report(before: ArrayLike | Sequence[ArrayLike],
                    after: ArrayLike | Sequence[ArrayLike],
                    text: ArrayLike | Sequence[ArrayLike] | None = None,
                    text_mask: ArrayLike | None = None) -> dict[str, float]:
-    """Compression summary over a set of images (SPEC §5).
+    """Compression summary over a set of images (method.md §5).
 
     Args:
         before: ``(B, N, d_v)`` or list of ``(N_i, d_v)``: tokens before the projector.

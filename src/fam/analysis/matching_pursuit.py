@@ -1,4 +1,4 @@
-"""Matching pursuit over the LLM's input embeddings: the multi-semantic hypothesis (SPEC §5).
+"""Matching pursuit over the LLM's input embeddings: the multi-semantic hypothesis (method.md §5).
 
 The paper (arXiv 2505.17316) hypothesises that a projected patch ``v`` is a sparse linear
 combination of word embeddings, one per meaning in the patch ("hand" + "phone" +
@@ -65,14 +65,15 @@ def matching_pursuit(v: torch.Tensor, dictionary: torch.Tensor, k_max: int = 10,
                      selection: Literal["positive", "abs"] = "positive",
                      chunk_size: int | None = 32768, allowed: torch.Tensor | None = None,
                      dtype: torch.dtype = torch.float32) -> MPResult:
-    """Greedy matching pursuit of vectors over a dictionary (SPEC §5).
+    """Greedy matching pursuit of vectors over a dictionary (method.md §5).
 
     Args:
         v: ``(M, d)`` vectors (projected patches, or region means).
         dictionary: ``(V, d)`` atoms (the LLM's input-embedding matrix); may live on another
             device and dtype, chunks are moved/cast on the fly.
         k_max: number of greedy steps K (5–10 in the paper).
-        normalize_dict: use unit-norm atoms (SPEC: "L2-normalised LLM input embeddings").
+        normalize_dict: use unit-norm atoms (method.md §5: "the L2-normalised LLM input
+            embeddings").
             If False, raw rows: selection by raw inner product, coefficient
             ``<r, a>/‖a‖²`` (still an exact projection).
         selection: "positive" (max ``<r, a>``, default) or "abs" (max ``|<r, a>|``).

@@ -1,4 +1,5 @@
-"""Figures for the alignment analysis (SPEC §5): heatmaps, entropy bars, MP energy curves.
+"""Figures: the alignment analysis (method.md §5: heatmaps, entropy bars, MP energy curves),
+precision@1 per model with CI whiskers, and the retrieval gallery.
 
 matplotlib is imported lazily with the non-interactive Agg backend, so ``import fam`` and
 headless training never need a display (or matplotlib at all).
@@ -48,7 +49,7 @@ def plot_similarity_heatmaps(image: Image.Image, sim_maps: Sequence[Any], labels
     """Overlay patch-to-label similarity maps on the image, one panel per label.
 
     The maps live on the token grid of the *processed* image; pass the image in that frame
-    (:func:`fam.analysis.geometry.transform_image`) so patches line up. Each map is
+    (:func:`fam.projector.geometry.transform_image`) so patches line up. Each map is
     stretched over the whole image (nearest-neighbour: one block per patch).
 
     Args:
@@ -91,7 +92,7 @@ def plot_similarity_heatmaps(image: Image.Image, sim_maps: Sequence[Any], labels
 
 
 def plot_entropy_comparison(entropies: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """Grouped bars of matrix entropy before/after the projector and of text (SPEC §5).
+    """Grouped bars of matrix entropy before/after the projector and of text (method.md §5).
 
     Args:
         entropies: name → ``(H_before, H_after, H_text)`` in nats (``H_text`` may be NaN
@@ -121,7 +122,7 @@ def plot_entropy_comparison(entropies: Mapping[str, Sequence[float]], path: str 
 
 
 def plot_explained_energy(curves: Mapping[str, Any], path: str | Path) -> Path:
-    """Matching-pursuit explained energy vs number of atoms K (SPEC §5).
+    """Matching-pursuit explained energy vs number of atoms K (method.md §5).
 
     Args:
         curves: name → ``(K+1,)`` mean curve (e.g. ``MPResult.explained_energy.mean(0)``),
@@ -234,3 +235,56 @@ def _value(v: Any) -> tuple[float | None, tuple[float, float] | None]:
         ci = v.get("ci95")
         return v.get("mean"), (tuple(ci) if ci else None)
     return float(v), None
+
+
+def plot_gallery(gallery: Mapping[str, Any], path: str | Path) -> Path:
+    """Draw :func:`fam.experiments.gallery.retrieval_gallery`'s result: one row per query,
+    the query first, then each model's top-k (images for text→image, captions for image→text), the correct one in
+    green, wrong ones in red."""
+    import textwrap
+
+    from PIL import Image as PILImage
+    plt = _plt()
+    models, k = list(gallery["models"]), int(gallery["k"])
+    blocks = [(d, gallery[d]) for d in ("t2i", "i2t") if d in gallery]
+    n_rows = sum(len(b["rows"]) for _, b in blocks)
+    n_cols = 1 + len(models) * k
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, 1.9 * n_rows), squeeze=False)
+    r = 0
+    for direction, block in blocks:
+        for row in block["rows"]:
+            ax = axes[r][0]
+            q = row["query"]
+            if direction == "i2t":
+                ax.imshow(PILImage.open(q["image"]).convert("RGB"))
+                ax.set_title(f"{block['dataset']}\nquery image", fontsize=7)
+            else:
+                ax.text(0.0, 0.5, textwrap.fill(q["text"], 24), fontsize=6, va="center",
+                        transform=ax.transAxes)
+                ax.set_title(f"{block['dataset']}\nquery text", fontsize=7)
+            for m, label in enumerate(models):
+                for j, (idx, cos) in enumerate(row["top"][label]):
+                    a = axes[r][1 + m * k + j]
+                    ok = idx == 0
+                    colour = "#1a7f37" if ok else "#cf222e"
+                    cand = row["candidates"][idx]
+                    if direction == "t2i":
+                        a.imshow(PILImage.open(cand["image"]).convert("RGB"))
+                    else:
+                        a.text(0.02, 0.5, textwrap.fill(cand["text"], 22), fontsize=5.5,
+                               va="center", color=colour, transform=a.transAxes)
+                    for s in a.spines.values():
+                        s.set_visible(True)
+                        s.set_edgecolor(colour)
+                        s.set_linewidth(3 if ok else 1.5)
+                    head = f"{label}\n" if r == 0 and j == 0 else ""
+                    a.set_title(f"{head}#{j + 1} {'✓' if ok else '✗'} {cos:.2f}", fontsize=7,
+                                color=colour)
+            r += 1
+    for row_axes in axes:
+        for a in row_axes:
+            a.set_xticks([])
+            a.set_yticks([])
+    axes[0][0].figure.suptitle("top-3 retrievals, first rows of each dataset (green = correct)",
+                               fontsize=8)
+    return _save(fig, path)

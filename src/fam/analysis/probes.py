@@ -1,4 +1,4 @@
-"""FAM pilot probes (SPEC §5): what an embedding model keeps of objects, and where it looks.
+"""FAM pilot probes (method.md §5): what an embedding model keeps of objects, and where it looks.
 
 Three probes, run on the Scenes evaluation images (``pad.jsonl`` gives each object's box and
 referring expression) for any number of checkpoints:
@@ -19,7 +19,7 @@ referring expression) for any number of checkpoints:
   *other* is the special tokens and the EOS token itself) and the mass per token (raw mass
   divided by the number of image / text tokens, which removes the effect of the image
   simply having more tokens). The layers with the largest raw image mass are the
-  "vision-centric" layers, the candidates for VEIN (SPEC §3).
+  "vision-centric" layers, the candidates for VEIN (method.md §3).
 
 Attention maps need eager attention; :func:`load_probe_model` loads checkpoints with
 ``attn_implementation="eager"`` and :func:`attention_probe` refuses any other.
@@ -29,8 +29,6 @@ Entry point: :func:`run_probes` (``fam analyze probes``); it writes ``probes.jso
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,39 +39,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fam.config import ProbeConfig
 from fam.data.images import load_image
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import ConfigError, DataError
 from fam.model import EmbeddingModel
+from fam.pad.records import iter_pad
 from fam.utils.io import atomic_write_json, atomic_write_text
+from fam.utils.layers import negative_layer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ProbeConfig", "ProbeRegion", "ProbeImage", "load_probe_images", "crop_region",
            "load_probe_model", "embed_items", "similarity_probes", "attention_probe",
-           "run_probes", "format_probes", "plot_similarity_probes", "plot_layer_attention",
-           "add_probes_subcommand"]
-
-
-@dataclass
-class ProbeConfig:
-    """Settings of the probes (defaults follow the Scenes/VLM2Vec prompts)."""
-
-    # VLM2Vec/FAM image prompt, for the whole image and for the crops
-    image_instruction: str = "Represent the given image."
-    # retrieval prompt before a referring expression (VLM2Vec's T2I instruction)
-    text_instruction: str = "Find me an everyday image that matches the given caption: "
-    # image + text input of the attention probe (the Scenes grounding query)
-    attention_prompt: str = ("Select the portion of the image that isolates the object "
-                             "labeled as \"{expression}\"")
-    margin: float = 0.15  # crop margin, as a fraction of the box's larger side (≥ min_margin_px)
-    min_margin_px: int = 2  # pixels of context kept around even the smallest box
-    split: str = "eval"  # pad.jsonl records under images/<split>/
-    max_images: int = 64  # images probed (crops: all their objects)
-    attention_images: int = 32  # images used for the attention probe
-    top_layers: int = 3  # how many vision-centric layers to name
-    batch_size: int = 16  # items per forward
-    seed: int = 0  # picks the mismatched pairings
+           "run_probes", "format_probes", "plot_similarity_probes", "plot_layer_attention"]
 
 
 @dataclass
@@ -95,8 +74,10 @@ def load_probe_images(data_dir: str | Path, split: str = "eval", max_images: int
                       ) -> list[ProbeImage]:
     """Primary scenes of one split with their objects, read from ``<data_dir>/pad.jsonl``.
 
-    Counterfactual renders (``<id>-swap.png`` etc.) are skipped: they repeat a scene's
-    objects. Images are taken in file order, so a run is deterministic.
+    The file is read (and validated) by :func:`fam.pad.records.read_pad`. Counterfactual
+    renders (``<id>-swap.png`` etc.) are skipped: they repeat a scene's objects. Images
+    are taken in file order, so a run is deterministic. A region's ``expression`` (the
+    Scenes generator writes one) defaults to ``"the <label>"``.
 
     Raises:
         DataError: no ``pad.jsonl``, a malformed record, or no image of the split.
@@ -108,25 +89,16 @@ def load_probe_images(data_dir: str | Path, split: str = "eval", max_images: int
                         "(written by `fam data scenes` or `fam demo`)", data_dir)
     prefix = f"images/{split}/"
     out: list[ProbeImage] = []
-    with pad.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                rel = rec["image"]
-                if not rel.startswith(prefix) or "-" in Path(rel).stem:
-                    continue
-                regions = [ProbeRegion(tuple(int(v) for v in r["box"]), r["label"],
-                                       r.get("expression") or f"the {r['label']}")
-                           for r in rec["regions"]]
-            except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-                raise DataError(f"malformed PAD record ({e!r}); expected image and regions "
-                                f"with box, label, expression", pad, lineno) from None
-            if regions:
-                out.append(ProbeImage(data_dir / rel, regions))
-            if len(out) >= max_images:
-                break
+    for rec in iter_pad(pad, data_dir, select=prefix):
+        if not rec.image.startswith(prefix) or "-" in Path(rec.image).stem:
+            continue
+        regions = [ProbeRegion(tuple(int(v) for v in r.box), r.label,
+                               r.extra.get("expression") or f"the {r.label}")
+                   for r in rec.regions]
+        if regions:
+            out.append(ProbeImage(data_dir / rec.image, regions))
+        if len(out) >= max_images:
+            break
     if not out:
         raise DataError(f"no image under {prefix!r} with regions", pad)
     return out
@@ -323,8 +295,8 @@ def attention_probe(model: EmbeddingModel, images: Sequence[ProbeImage],
             "image_per_token": mean["image_pt"], "text_per_token": mean["text_pt"],
             "image_share": share, "n_image_tokens": n_img_tok / max(n, 1),
             "n_text_tokens": n_txt_tok / max(n, 1),
-            "vision_centric_layers": [l + 1 for l in top],
-            "vision_centric_layers_neg": [l - n_layers for l in top],
+            "vision_centric_layers": [l + 1 for l in top],  # att[l] is layer l + 1
+            "vision_centric_layers_neg": [negative_layer(l + 1, n_layers) for l in top],
             "n_samples": n}
 
 
@@ -467,50 +439,3 @@ def run_probes(models: Mapping[str, str | Path], data_dir: str | Path, out_dir: 
     atomic_write_json(out / "probes.json", results)
     atomic_write_text(out / "probes.md", format_probes(results))
     return results
-
-
-# --------------------------------------------------------------------------- CLI
-
-def _parse_models(specs: Sequence[str]) -> dict[str, str]:
-    models: dict[str, str] = {}
-    for s in specs:
-        if "=" not in s:
-            raise ConfigError(f"--models entry {s!r} is not NAME=DIR")
-        k, v = s.split("=", 1)
-        if not k or not v:
-            raise ConfigError(f"--models entry {s!r} is not NAME=DIR")
-        if k in models:
-            raise ConfigError(f"--models: the name {k!r} is given twice")
-        models[k] = v
-    return models
-
-
-def cmd_probes(args: argparse.Namespace) -> int:
-    if args.threads:
-        # Tiny models: one thread avoids OpenMP oversubscription on shared CPUs.
-        torch.set_num_threads(args.threads)
-    cfg = ProbeConfig(max_images=args.max_images, attention_images=args.attention_images,
-                      margin=args.margin, split=args.split, seed=args.seed)
-    res = run_probes(_parse_models(args.models), args.data, args.out, cfg)
-    log.info("probes written to %s\n%s", args.out, format_probes(res))
-    return 0
-
-
-def add_probes_subcommand(analyze_subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``probes`` under ``fam analyze`` (returns the sub-parser)."""
-    p = analyze_subparsers.add_parser(
-        "probes", help="FAM pilot probes: global-local and object-caption similarity, "
-                       "layer-wise attention of the embedding token")
-    p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
-                   help="checkpoints to probe, e.g. stage0=out/stage0/model fam=out/fam/model")
-    p.add_argument("--data", required=True, help="Scenes benchmark root (holds pad.jsonl)")
-    p.add_argument("--out", required=True, help="output folder")
-    d = ProbeConfig()
-    p.add_argument("--max-images", type=int, default=d.max_images)
-    p.add_argument("--attention-images", type=int, default=d.attention_images)
-    p.add_argument("--margin", type=float, default=d.margin)
-    p.add_argument("--split", default=d.split)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.set_defaults(func=cmd_probes)
-    return p

@@ -6,7 +6,7 @@ downstream (embedding model, losses, trainers, analysis) receives tensors and ma
 
 - ``image_mask`` (B, L): positions holding image tokens, found as
   ``input_ids == config.image_token_id`` (never a hard-coded id);
-- ``text_mask`` (B, L): tokens of the text *content* (SPEC §1): not the image block, not
+- ``text_mask`` (B, L): tokens of the text *content* (method.md §1): not the image block, not
   special tokens, not padding and, when the item says where its content is
   (:attr:`MMItem.content`), not the instruction either;
 - ``eos_index`` (B,): the last real token, whose final-layer state is the embedding.
@@ -93,8 +93,13 @@ class _Seq:
     extra: dict[str, list[int]] = field(default_factory=dict)
 
 
-class BackboneAdapter:
+class BackboneAdapter(torch.nn.Module):
     """Base class of the per-family adapters.
+
+    The adapter is a module whose only child is the transformers model (``self.model``),
+    so whoever holds the adapter (the embedding model, a training module) reaches the
+    model's parameters through it, and replacing ``self.model`` (a LoRA wrap or merge) is
+    seen by every holder: the model is held in exactly one place.
 
     Args:
         model: the transformers generative model (``*ForConditionalGeneration``), possibly
@@ -117,6 +122,7 @@ class BackboneAdapter:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("the adapter needs a fast tokenizer (offset mapping) for the "
                               "text-content mask; load it with use_fast=True")
+        super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor

@@ -2,7 +2,7 @@
 
 Image block: N × ``<image>``, N = number of vision-tower patches kept by
 ``vision_feature_select_strategy`` (``default`` drops CLS). The projector
-(``multi_modal_projector``) is what patch-aligned training (SPEC §4) trains.
+(``multi_modal_projector``) is what patch-aligned training (method.md §4) trains.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phi-3.5-Vision adapter (remote code only; FAM's second backbone, SPEC §1).
+"""Phi-3.5-Vision adapter (remote code only; FAM's second backbone, method.md §1).
 
 Phi-3.5-V has no native transformers class: ``microsoft/Phi-3.5-vision-instruct`` ships
 ``modeling_phi3_v.py``/``processing_phi3_v.py``/``image_processing_phi3_v.py`` and runs

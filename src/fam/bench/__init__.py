@@ -1,4 +1,6 @@
-"""Benchmarks that back the efficiency claims of the library (run with ``python -m``)."""
+"""Benchmarks that back the efficiency claims (``fam bench mac|gradcache``, ratios against a
+reference measured in the same run), the shared peak-memory meter, and the memory planner
+(:mod:`fam.bench.plan`, ``fam plan``)."""
 
 from __future__ import annotations
 

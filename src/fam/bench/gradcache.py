@@ -1,7 +1,6 @@
-"""Benchmark: peak memory of a GradCache training step vs plain steps (SPEC §1, GradCache).
+"""Benchmark: peak memory of a GradCache training step vs plain steps (method.md §1, GradCache).
 
-Run ``python -m fam.bench.gradcache [--size s] [--image-size 224] [--batch 256] [--chunk 16]``
-(or ``fam bench gradcache`` once the lead wires :func:`add_bench_gradcache`).
+Run ``fam bench gradcache [--size s] [--image-size 224] [--batch 256] [--chunk 16]``.
 
 Three configurations of one contrastive training step (ContrastiveModule, tiny random
 Qwen2-VL, LoRA r=8, image queries vs caption targets, in-batch negatives), measured in the
@@ -33,7 +32,6 @@ Method (honest by construction, same as :mod:`fam.bench.mac`):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,14 +39,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from fam.bench import PeakMemory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_bench", "main", "add_bench_gradcache"]
+__all__ = ["run_bench", "format_report", "CORPUS"]
 
 CORPUS = ["a red circle left of a blue square", "a small green triangle above a yellow star",
           "Represent the given image.", "Find the image that matches the caption:"]
@@ -74,7 +71,7 @@ def _build(size: str, image_size: int, text_tokens: int, device: str):
     for p in adapter.model.parameters():
         p.requires_grad_(False)
     apply_lora(emb, LoraConfig(enabled=True, r=8, alpha=16, dropout=0.05))
-    return ContrastiveModule(emb, 0.02).to(device).train()
+    return ContrastiveModule(emb).to(device).train()
 
 
 def _batch(module, b: int, image_size: int, text_words: int, device: str):
@@ -96,16 +93,18 @@ def _worker(b: int, chunk: int, size: str, image_size: int, text_words: int, dev
     """Measure one configuration in this (fresh) process."""
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    from fam.train.adapt import ContrastiveLoss
+    from fam.train.gradcache import train_step
     module = _build(size, image_size, text_words + 8, device)
-    module.gradcache_chunk = chunk
+    loss = ContrastiveLoss(0.02)
     # Warm-up on 2 rows: lazy initialisation (thread pools, kernels) is not counted.
-    module.train_step(_batch(module, 2, image_size, text_words, device), 0)
+    train_step(module, loss, _batch(module, 2, image_size, text_words, device), 0, chunk)
     module.zero_grad(set_to_none=True)
     batch = _batch(module, b, image_size, text_words, device)
     sync()
     meter = PeakMemory(cuda)
     t0 = time.perf_counter()
-    terms = module.train_step(batch, 0)
+    terms = train_step(module, loss, batch, 0, chunk)
     sync()
     seconds = time.perf_counter() - t0
     peak, method = meter.stop()
@@ -157,62 +156,34 @@ def _mb(x: float) -> str:
     return f"{x / 2 ** 20:.1f} MiB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: prints a table and, last, the peak-memory ratios."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--_worker"]:  # internal: one measurement in a fresh process
-        b, chunk, size, image_size, text_words, device = json.loads(argv[1])
-        print(json.dumps(_worker(b, chunk, size, image_size, text_words, device)))
-        return 0
-    p = argparse.ArgumentParser(prog="python -m fam.bench.gradcache",
-                                description=__doc__.split("\n")[0])
-    _add_args(p)
-    args = p.parse_args(argv)
-    return _run_cli(args)
-
-
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=256, help="large batch (default: 256)")
-    p.add_argument("--chunk", type=int, default=16, help="GradCache chunk (default: 16)")
-    p.add_argument("--size", default="s", choices=["xs", "s", "m"], help="tiny Qwen2-VL size")
-    p.add_argument("--image-size", type=int, default=112, help="pixels (112: 16 image tokens)")
-    p.add_argument("--text-words", type=int, default=12, help="caption length in words")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    res = run_bench(args.batch, args.chunk, args.size, args.image_size, args.text_words,
-                    args.device, args.threads, with_full=not args.no_full)
+def format_report(res: dict[str, dict], size: str, batch: int, chunk: int, device: str) -> str:
+    """The printed table and, last, the peak-memory ratios."""
     g, s = res["gradcache"], res["small"]
-    print(f"GradCache bench: tiny Qwen2-VL '{args.size}', LoRA r=8, {g['image_tokens']} image "
-          f"tokens ({g['query_tokens']} query tokens), device={args.device}, threads={g['threads']}, "
-          f"peak memory method={g['memory_method']} (extra memory during one training step)")
-    print(f"{'configuration':<28} | {'peak':>11} | {'step time':>9}")
+    lines = [f"GradCache bench: tiny Qwen2-VL '{size}', LoRA r=8, {g['image_tokens']} image "
+             f"tokens ({g['query_tokens']} query tokens), device={device}, "
+             f"threads={g['threads']}, peak memory method={g['memory_method']} (extra memory "
+             "during one training step)",
+             f"{'configuration':<28} | {'peak':>11} | {'step time':>9}"]
     for name, label in (("gradcache", f"B={g['batch']}, GradCache {g['chunk']}"),
                         ("small", f"B={s['batch']}, no GradCache"),
-                        ("full", f"B={args.batch}, no GradCache")):
+                        ("full", f"B={batch}, no GradCache")):
         if name in res:
             r = res[name]
-            print(f"{label:<28} | {_mb(r['peak_bytes']):>11} | {r['time_s']:>8.2f}s")
+            lines.append(f"{label:<28} | {_mb(r['peak_bytes']):>11} | {r['time_s']:>8.2f}s")
     ratio = g["peak_bytes"] / max(s["peak_bytes"], 1)
     if "full" in res:
         f = res["full"]
-        print(f"peak(B={args.batch}, no cache) / peak(B={args.batch}, chunk {args.chunk}): "
-              f"{f['peak_bytes'] / max(g['peak_bytes'], 1):.1f}x")
-    print(f"peak(B={args.batch}, chunk {args.chunk}) / peak(B={args.chunk}, no cache): "
-          f"{ratio:.2f}x (target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
-    return 0
-
-
-def add_bench_gradcache(subparsers) -> argparse.ArgumentParser:
-    """Register ``fam bench gradcache`` on an argparse ``subparsers`` object (for fam/cli.py)."""
-    p = subparsers.add_parser("gradcache", help="peak memory: GradCache vs plain training steps")
-    _add_args(p)
-    p.set_defaults(func=_run_cli)
-    return p
+        lines.append(f"peak(B={batch}, no cache) / peak(B={batch}, chunk {chunk}): "
+                     f"{f['peak_bytes'] / max(g['peak_bytes'], 1):.1f}x")
+    lines.append(f"peak(B={batch}, chunk {chunk}) / peak(B={chunk}, no cache): "
+                 f"{ratio:.2f}x (target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fam.bench.gradcache --_worker JSON` measures one configuration in this
+    # fresh process (run_bench's subprocess protocol); users run `fam bench gradcache`.
+    if sys.argv[1:2] != ["--_worker"]:
+        sys.exit("this module is the benchmark's worker; run `fam bench gradcache [...]`")
+    b, chunk, size, image_size, text_words, device = json.loads(sys.argv[2])
+    print(json.dumps(_worker(b, chunk, size, image_size, text_words, device)))

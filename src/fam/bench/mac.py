@@ -1,6 +1,6 @@
-"""Benchmark: exact MAC (SPEC §2, O(Bd) memory) vs the naive (B·N)×(B·T) form.
+"""Benchmark: exact MAC (method.md §2, O(Bd) memory) vs the naive (B·N)×(B·T) form.
 
-Run ``python -m fam.bench.mac [--shapes B,N,T,d ...] [--device cpu|cuda] [--repeats 3]``.
+Run ``fam bench mac [--shapes B,N,T,d ...] [--device cpu|cuda] [--repeats 3]``.
 
 Method (honest by construction):
 
@@ -21,7 +21,6 @@ broadcast multiply, then means.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,10 +40,10 @@ from fam.bench import PeakMemory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["mac_loss_naive", "run_bench", "paper_scale_estimate", "main"]
+__all__ = ["mac_loss_naive", "run_bench", "paper_scale_estimate", "format_report", "DEFAULT_SHAPES"]
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((64, 256, 32, 256), (128, 256, 32, 256))
-# The official FAM run (SPEC §2): batch 512, Phi-3.5-V image tokens 757, caption 64, d 3072.
+# The official FAM run (method.md §2): batch 512, Phi-3.5-V image tokens 757, caption 64, d 3072.
 PAPER_SCALE = {"B": 512, "N": 757, "T": 64, "d": 3072, "bytes_per_element": 2}
 
 
@@ -200,43 +199,36 @@ def _fmt_bytes(x: float) -> str:
     return f"{x:.1f} TB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; prints the table, the paper-scale estimate and, last, the ratios."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--_worker"]:  # internal: one measurement in a fresh process
-        b, n, t, d = (int(x) for x in argv[1].split(","))
-        print(json.dumps(_worker(b, n, t, d, argv[2], argv[3], int(argv[4]))))
-        return 0
-    p = argparse.ArgumentParser(prog="python -m fam.bench.mac", description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in DEFAULT_SHAPES],
-                   help="B,N,T,d tuples (default: %(default)s)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    rows = run_bench(shapes, device=args.device, repeats=args.repeats)
-
-    print(f"MAC forward+backward, float32, device={args.device}, torch threads={rows[0]['threads']}, "
-          f"peak memory method={rows[0]['memory_method']}")
-    print(f"{'B':>5} {'N':>5} {'T':>4} {'d':>5} | {'exact time':>11} {'naive time':>11} | "
-          f"{'exact peak':>11} {'naive peak':>11} | {'mem x':>7} {'speed x':>7}")
+def format_report(rows: list[dict], device: str) -> str:
+    """The printed table, the paper-scale estimate and, last, the ratios."""
+    lines = [f"MAC forward+backward, float32, device={device}, torch threads={rows[0]['threads']}, "
+             f"peak memory method={rows[0]['memory_method']}",
+             f"{'B':>5} {'N':>5} {'T':>4} {'d':>5} | {'exact time':>11} {'naive time':>11} | "
+             f"{'exact peak':>11} {'naive peak':>11} | {'mem x':>7} {'speed x':>7}"]
     for r in rows:
-        print(f"{r['B']:>5} {r['N']:>5} {r['T']:>4} {r['d']:>5} | {r['exact_time_s'] * 1e3:>9.1f}ms "
-              f"{r['naive_time_s'] * 1e3:>9.1f}ms | {_fmt_bytes(r['exact_peak_bytes']):>11} "
-              f"{_fmt_bytes(r['naive_peak_bytes']):>11} | {r['memory_ratio']:>6.1f}x "
-              f"{r['speed_ratio']:>6.1f}x")
+        lines.append(f"{r['B']:>5} {r['N']:>5} {r['T']:>4} {r['d']:>5} | "
+                     f"{r['exact_time_s'] * 1e3:>9.1f}ms {r['naive_time_s'] * 1e3:>9.1f}ms | "
+                     f"{_fmt_bytes(r['exact_peak_bytes']):>11} "
+                     f"{_fmt_bytes(r['naive_peak_bytes']):>11} | {r['memory_ratio']:>6.1f}x "
+                     f"{r['speed_ratio']:>6.1f}x")
     est = paper_scale_estimate(**PAPER_SCALE)
     ps = PAPER_SCALE
-    print(f"paper scale (B={ps['B']}, N={ps['N']}, T={ps['T']}, d={ps['d']}, bf16): naive "
-          f"(B·N)×(B·T) matrix = {est['naive_elements']:.3g} elements = "
-          f"{est['naive_bytes'] / 1e9:.1f} GB before backward; exact form's score inputs "
-          f"= {est['exact_bytes'] / 1e6:.1f} MB (O(Bd))")
     first = rows[0]
-    print(f"(ratios below: naive / exact at B,N,T,d = {first['B']},{first['N']},{first['T']},{first['d']})")
-    print(f"peak memory ratio: {first['memory_ratio']:.1f}x")
-    print(f"speed ratio: {first['speed_ratio']:.1f}x")
-    return 0
+    lines += [f"paper scale (B={ps['B']}, N={ps['N']}, T={ps['T']}, d={ps['d']}, bf16): naive "
+              f"(B·N)×(B·T) matrix = {est['naive_elements']:.3g} elements = "
+              f"{est['naive_bytes'] / 1e9:.1f} GB before backward; exact form's score inputs "
+              f"= {est['exact_bytes'] / 1e6:.1f} MB (O(Bd))",
+              f"(ratios below: naive / exact at B,N,T,d = "
+              f"{first['B']},{first['N']},{first['T']},{first['d']})",
+              f"peak memory ratio: {first['memory_ratio']:.1f}x",
+              f"speed ratio: {first['speed_ratio']:.1f}x"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fam.bench.mac --_worker ...` measures one variant in this fresh process
+    # (run_bench's subprocess protocol); users run `fam bench mac`.
+    if sys.argv[1:2] != ["--_worker"]:
+        sys.exit("this module is the benchmark's worker; run `fam bench mac [--shapes ...]`")
+    b, n, t, d = (int(x) for x in sys.argv[2].split(","))
+    print(json.dumps(_worker(b, n, t, d, sys.argv[3], sys.argv[4], int(sys.argv[5]))))

@@ -1,6 +1,6 @@
 """COCO run-length encoding (RLE) of binary masks, without pycocotools.
 
-PAD records (SPEC §4) store each region's mask as a COCO RLE dict
+PAD records (method.md §4) store each region's mask as a COCO RLE dict
 ``{"size": [h, w], "counts": ...}``. This module reads and writes that format
 bit-for-bit like pycocotools (``maskApi.c``), so files written here load in
 pycocotools and vice versa:

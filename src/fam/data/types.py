@@ -17,7 +17,7 @@ class MMItem:
     ``image`` is an absolute path (already resolved under the data root) or ``None``.
     ``content`` optionally gives the character span ``(start, end)`` of the text *content*
     inside ``text`` (e.g. the caption after an instruction); tokens outside it are not
-    text-content tokens (SPEC §1). ``None`` means the whole text is content.
+    text-content tokens (method.md §1). ``None`` means the whole text is content.
     ``source``/``line``/``field`` say where the item came from, so that an error loading its
     image names the data file, row and field. They do not take part in equality.
     """

@@ -1,4 +1,4 @@
-"""Ranking metrics and MMEB aggregation (SPEC §6).
+"""Ranking metrics and MMEB aggregation (method.md §6).
 
 MMEB scores each query against its candidate list and counts a hit when the positive is
 ranked first (precision@1). A naive ``argmax`` returns the FIRST maximal index, and the

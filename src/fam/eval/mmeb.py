@@ -1,4 +1,4 @@
-"""The MMEB evaluation protocol (SPEC §6): rank candidates by cosine, report precision@1.
+"""The MMEB evaluation protocol (method.md §6): rank candidates by cosine, report precision@1.
 
 For each dataset: every distinct item (query or candidate, e.g. the same ``(text, image)``) is
 encoded once, each query is scored against its own candidate list by cosine similarity,

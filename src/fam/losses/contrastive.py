@@ -1,4 +1,4 @@
-"""Row-wise InfoNCE with in-batch and explicit hard negatives (SPEC §1).
+"""Row-wise InfoNCE with in-batch and explicit hard negatives (method.md §1).
 
 VLM2Vec trains its embedding model with ``CE(q·tᵀ/τ, arange(B))`` on L2-normalised EOS
 embeddings, τ = 0.02. VLM2Vec loads ``neg_*`` fields but never uses them; here each
@@ -52,7 +52,7 @@ def info_nce(
 
     ``scores = q̂ · [t̂ ; n̂]ᵀ / τ`` of shape ``(B, B + B·K)`` and
     ``loss = CE(scores, arange(B))``: the positive of query ``i`` is target ``i``
-    (SPEC §1). Inputs are L2-normalised **inside** (normalising unit vectors again is a
+    (method.md §1). Inputs are L2-normalised **inside** (normalising unit vectors again is a
     no-op, so callers may pass either).
 
     Hard negatives: row ``i``'s explicit negatives are appended as columns for every

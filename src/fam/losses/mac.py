@@ -1,4 +1,4 @@
-"""Multi-granularity Aligned Contrastive loss, FAM stage 1 (SPEC §2).
+"""Multi-granularity Aligned Contrastive loss, FAM stage 1 (method.md §2).
 
 Three InfoNCE terms on image-caption pairs, with ``g(u, v) = cos(u, v)/τ``:
 
@@ -85,7 +85,7 @@ def masked_mean_normalized(tokens: Tensor, mask: Tensor | None = None, name: str
     Computed as a weighted sum ``Σ_n w_n·tokens[n]`` with ``w_n = mask_n/(‖tokens[n]‖·count)``
     so that no normalised ``(B, N, d)`` copy is materialised, and with a hand-written
     backward whose only ``(B, N, d)`` allocation is the gradient itself. The result is
-    **not** re-normalised (SPEC §2). Not twice differentiable.
+    **not** re-normalised (method.md §2). Not twice differentiable.
 
     Args:
         tokens: ``(B, N, d)`` token states.
@@ -165,7 +165,7 @@ def mac_loss_from_pooled(
     c2f_reduction: str = "mean",
     gather: bool = True,
 ) -> dict[str, Tensor]:
-    """MAC loss from the embeddings and the pooled token means (SPEC §2, exact form).
+    """MAC loss from the embeddings and the pooled token means (method.md §2, exact form).
 
     Under DDP (``gather=True``) the four ``(B, d)`` inputs are gathered with
     :func:`fam.distributed.gather_with_grad` and every rank computes the global loss; after
@@ -240,7 +240,7 @@ def mac_loss(
     c2f_reduction: str = "mean",
     gather: bool = True,
 ) -> dict[str, Tensor]:
-    """Multi-granularity Aligned Contrastive loss (FAM stage 1, SPEC §2).
+    """Multi-granularity Aligned Contrastive loss (FAM stage 1, method.md §2).
 
     Exact closed form of the coarse, coarse-to-fine and fine InfoNCE terms; see the
     module docstring. Equivalent to :func:`mac_pool` followed by

@@ -1,17 +1,17 @@
-"""Patch-aligned projector training (SPEC §4; arXiv 2505.17316, "patch-aligned training").
+"""Patch-aligned projector training (method.md §4; arXiv 2505.17316, "patch-aligned training").
 
 The projector ``P`` maps frozen vision-encoder patches into the LLM's input-embedding
 space. Caption loss alone aligns them only coarsely; the patch-alignment loss pulls the
 projected tokens of each annotated region towards the mean input embedding of the
 region's label words:
 
-    z_k = pool_{i ∈ S_k} P(X)_i                    (region embedding, SPEC §4)
+    z_k = pool_{i ∈ S_k} P(X)_i                    (region embedding, method.md §4)
     t_k = mean_j E[y_k,j]                          (label embedding, frozen)
     L_patch = mean_images mean_{k ∈ image} (1 − cos(z_k, t_k))
     L = L_caption + β(t) · L_patch,  β: 0 → β_max = 5 linearly
 
 Everything here is a pure function of tensors: the selection masks ``S_k`` come from
-:mod:`fam.analysis.geometry`, label token ids from the backbone adapter's tokenizer.
+:mod:`fam.projector.geometry`, label token ids from the backbone adapter's tokenizer.
 
 Example:
     >>> import torch
@@ -40,7 +40,7 @@ POOLINGS = ("mean", "coverage", "token")
 
 def _check_pooling(pooling: str) -> None:
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS} (SPEC §4)")
+        raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS} (method.md §4)")
 
 
 def _region_weights(patch_sets: torch.Tensor, coverage: torch.Tensor | None,
@@ -59,7 +59,7 @@ def _region_weights(patch_sets: torch.Tensor, coverage: torch.Tensor | None,
     if pooling == "coverage":
         if coverage is None:
             raise ValueError("pooling='coverage' needs `coverage` (K, N), the patch coverage "
-                             "from fam.analysis.geometry.mask_to_patch_coverage")
+                             "from fam.projector.geometry.mask_to_patch_coverage")
         if coverage.shape != patch_sets.shape:
             raise ValueError(f"coverage shape {tuple(coverage.shape)} != patch_sets shape "
                              f"{tuple(patch_sets.shape)}")
@@ -93,11 +93,11 @@ def _as_batched(vision_tokens: torch.Tensor, region_image_index: torch.Tensor | 
 def region_embeddings(vision_tokens: torch.Tensor, patch_sets: torch.Tensor,
                       coverage: torch.Tensor | None = None, pooling: Pooling = "mean",
                       region_image_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Region vision embeddings ``z_k`` pooled over the selected patches (SPEC §4).
+    """Region vision embeddings ``z_k`` pooled over the selected patches (method.md §4).
 
     ``z_k = mean_{i∈S_k} P(X)_i`` ("mean", the paper) or ``Σ_{i∈S_k} c_k[i] P(X)_i /
     Σ_{i∈S_k} c_k[i]`` ("coverage"). Tokens are pooled as they are (not normalised first),
-    as in the SPEC formula.
+    as in the method.md §4 formula.
 
     Args:
         vision_tokens: ``(N, d)`` tokens of one image, or ``(B, N, d)`` for a batch.
@@ -133,7 +133,7 @@ def region_embeddings(vision_tokens: torch.Tensor, patch_sets: torch.Tensor,
 @torch.no_grad()
 def label_embedding(token_ids: Sequence[Sequence[int]],
                     embedding_matrix: torch.Tensor) -> torch.Tensor:
-    """Label embeddings ``t_k``: mean of the label tokens' input-embedding rows (SPEC §4).
+    """Label embeddings ``t_k``: mean of the label tokens' input-embedding rows (method.md §4).
 
     Frozen target: computed without gradient and detached.
 
@@ -172,21 +172,21 @@ def patch_alignment_loss(vision_tokens: torch.Tensor, region_patch_masks: torch.
                          label_embs: torch.Tensor, region_image_index: torch.Tensor | None = None,
                          pooling: Pooling = "mean", coverage: torch.Tensor | None = None,
                          ) -> dict[str, torch.Tensor]:
-    """Patch-alignment loss ``L_patch`` (SPEC §4).
+    """Patch-alignment loss ``L_patch`` (method.md §4).
 
     Per region: ``ℓ_k = 1 − cos(z_k, t_k)`` ("mean"/"coverage" pooling), or
     ``ℓ_k = mean_{i∈S_k} (1 − cos(P(X)_i, t_k))`` ("token"). Per image: mean of ``ℓ_k``
     over its regions. ``L_patch``: mean over the images that have ≥ 1 region, so an image
-    with many regions weighs as much as one with a single region (SPEC: "per image,
-    averaged over images with regions"). Regions with an empty patch set (cropped away)
-    are dropped. Cosines are computed in float32.
+    with many regions weighs as much as one with a single region (method.md §4: "per image,
+    averaged over the images that have regions"). Regions with an empty patch set (cropped
+    away) are dropped. Cosines are computed in float32.
 
     Args:
         vision_tokens: ``(B, N, d)`` projector outputs ``P(X)`` (or ``(N, d)``, one image).
         region_patch_masks: ``(K, N)`` bool ``S_k`` (flattened raster grid).
         label_embs: ``(K, d)`` label embeddings ``t_k`` (see :func:`label_embedding`).
         region_image_index: ``(K,)`` long, the image of each region; optional for ``(N, d)``.
-        pooling: "mean" (paper) | "coverage" | "token"  **[choice, SPEC §4]**.
+        pooling: "mean" (paper) | "coverage" | "token"  **[choice, method.md §4]**.
         coverage: ``(K, N)`` coverage, for ``pooling="coverage"``.
 
     Returns:
@@ -243,7 +243,7 @@ def patch_alignment_loss(vision_tokens: torch.Tensor, region_patch_masks: torch.
 
 def beta_schedule(step: int, total_steps: int, beta_max: float = 5.0,
                   ramp_steps: int | None = None) -> float:
-    """Patch-loss weight β(t): linear ramp 0 → ``beta_max``, then constant (SPEC §4).
+    """Patch-loss weight β(t): linear ramp 0 → ``beta_max``, then constant (method.md §4).
 
     ``β(step) = beta_max · min(step / ramp_steps, 1)``: 0 at step 0, ``beta_max`` from
     step ``ramp_steps`` on. The ramp length is a **[choice]**; default the whole stage
@@ -268,7 +268,7 @@ def beta_schedule(step: int, total_steps: int, beta_max: float = 5.0,
 
 def projector_loss(caption_loss: torch.Tensor, patch_loss: torch.Tensor | None,
                    beta: float) -> torch.Tensor:
-    """Total projector pre-training loss ``L = L_caption + β · L_patch`` (SPEC §4).
+    """Total projector pre-training loss ``L = L_caption + β · L_patch`` (method.md §4).
 
     With ``beta == 0`` (or ``patch_loss`` None) the caption loss is returned unchanged, so
     the gradients are exactly the caption-only ones (``0 · L_patch`` would still spread a

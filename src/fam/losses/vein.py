@@ -1,5 +1,5 @@
-"""Vision Embedding Inversion (VEIN), FAM stage 2 (SPEC §3; facts about the official code
-in ``docs/vein.md``).
+"""Vision Embedding Inversion (VEIN), FAM stage 2 (method.md §3; the official code fact by
+fact, and every difference, in ``docs/vein.md``).
 
 At a layer ``l`` of the LVLM, a fraction γ of the image-token states ``H^l`` is masked; a
 one-layer Transformer decoder must reconstruct them, with the embedding-token state ``e^l``
@@ -26,12 +26,16 @@ gradient.
 **Diagnostic.** With ``shuffle_check`` the decoder is run a second time (no gradient, same
 masks and dropout draws) with ``e`` shuffled across the batch (each sample gets another's):
 ``loss_shuffled``. If it equals ``loss``, the decoder ignores ``e`` and VEIN teaches the
-model nothing (:func:`vein_verdict`). :func:`grad_norms` measures the gradient each loss
-term sends into the backbone.
+model nothing (:func:`vein_verdict`). :func:`fam.train.gradcache.grad_norms` measures the
+gradient each loss term sends into the backbone.
 
 The decoder is a training-time auxiliary: it is never part of the exported embedding
 model. Everything here is tensor code; which layers, tokens and samples are used is decided
 by the caller (the backbone adapter gives the masks, :func:`vein_eligible` the sample rule).
+
+Length: the decoder with its two variants, the multi-layer head, the global-batch mean and
+the diagnostic are one unit (method.md §3, docs/vein.md); splitting them would scatter the
+one definition of L_rec.
 """
 from __future__ import annotations
 
@@ -45,12 +49,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fam import distributed as dist_utils
+from fam.utils.layers import resolve_layer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VeinDecoder", "VeinHead", "vein_eligible", "vein_mask_positions", "sinusoidal_positions",
-           "default_vein_layers", "global_mean", "global_sums", "grad_norms", "vein_verdict", "VEIN_MEMORY",
-           "MASK_INITS"]
+__all__ = ["VeinDecoder", "VeinHead", "vein_eligible", "vein_mask_positions",
+           "sinusoidal_positions", "default_vein_layers", "global_mean", "global_sums",
+           "vein_verdict", "VEIN_MEMORY", "MASK_INITS"]
 
 _VQA_TASKS = {"vqa"}
 
@@ -70,7 +75,7 @@ LARGE_BACKBONE_PARAMS = 3_000_000_000
 
 
 def vein_eligible(has_image: bool, meta_task: str, override: bool | None = None) -> bool:
-    """Whether a query/target side gets the VEIN loss (SPEC §3 **[choice]**).
+    """Whether a query/target side gets the VEIN loss (method.md §3 **[choice]**).
 
     Rule: the side contains an image and its task is not VQA-type (for VQA the answer
     text, not the image content, is what the embedding must encode). A per-dataset
@@ -130,7 +135,7 @@ def sinusoidal_positions(n: int, d: int, device=None, dtype=torch.float32) -> Te
 
 def vein_mask_positions(valid: Tensor, gamma: float, generator: torch.Generator | None = None
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """Draw the masked image-token positions, per sample (SPEC §3).
+    """Draw the masked image-token positions, per sample (method.md §3).
 
     Sample ``b`` with ``n_b`` valid tokens gets ``k_b = max(1, ⌊γ·n_b⌋)`` masked positions,
     uniformly at random among its valid ones; ``k_b`` is capped at ``n_b − 1`` so that at
@@ -164,7 +169,8 @@ def vein_mask_positions(valid: Tensor, gamma: float, generator: torch.Generator 
     return _draw(valid, k, generator)
 
 
-def _draw(valid: Tensor, k: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+def _draw(valid: Tensor, k: Tensor, generator: torch.Generator | None
+          ) -> tuple[Tensor, Tensor, Tensor]:
     """``k[b]`` uniformly random positions among row ``b``'s valid ones (see above)."""
     b, n = valid.shape
     gen_device = generator.device if generator is not None else valid.device
@@ -213,7 +219,7 @@ def _replayed_rng(state: tuple[Tensor, Tensor | None] | None, device: torch.devi
 
 
 class VeinDecoder(nn.Module):
-    """One VEIN decoder: reconstructs masked image-token states of one layer (SPEC §3).
+    """One VEIN decoder: reconstructs masked image-token states of one layer (method.md §3).
 
     Architecture (official code, ``EmbeddingGuidedVisualReconstructor`` strategy 1): a
     learnable mask token ``m`` (d), fixed sinusoidal position encodings over the image-token
@@ -261,7 +267,8 @@ class VeinDecoder(nn.Module):
         if memory not in VEIN_MEMORY:
             raise ValueError(f"VEIN memory must be one of {sorted(VEIN_MEMORY)}; got {memory!r}.")
         if mask_init not in MASK_INITS:
-            raise ValueError(f"VEIN mask_init must be one of {sorted(MASK_INITS)}; got {mask_init!r}.")
+            raise ValueError(f"VEIN mask_init must be one of {sorted(MASK_INITS)}; "
+                             f"got {mask_init!r}.")
         if not 0.0 <= visible_ratio <= 1.0 - gamma:
             raise ValueError(f"VEIN visible_ratio must be in [0, 1 - gamma] = [0, {1 - gamma:g}]; "
                              f"got {visible_ratio}.")
@@ -332,7 +339,8 @@ class VeinDecoder(nn.Module):
             masked, idx, k = vein_mask_positions(valid, self.gamma, generator)
         else:
             masked = masked.to(device=tokens.device, dtype=torch.bool)
-            if (masked & ~valid).any() or (masked.sum(1) < 1).any() or ((valid & ~masked).sum(1) < 1).any():
+            left = (valid & ~masked).sum(1)
+            if (masked & ~valid).any() or (masked.sum(1) < 1).any() or (left < 1).any():
                 raise ValueError("VeinDecoder: a given mask must pick >= 1 valid token per row "
                                  "and leave >= 1 valid token unmasked.")
             idx, k = _positions_of(masked)
@@ -348,7 +356,7 @@ class VeinDecoder(nn.Module):
         x = tokens.to(dtype)
         if self.detach_target:
             # Official code: the image-token states are detached, so L_rec reaches the
-            # LVLM only through the embedding token e^l (SPEC §3). Detaching x detaches
+            # LVLM only through the embedding token e^l (method.md §3). Detaching x detaches
             # both the reconstruction targets and the memory tokens.
             x = x.detach()
         pos = sinusoidal_positions(n, d, device=tokens.device, dtype=dtype)  # (N, d)
@@ -390,7 +398,7 @@ class VeinDecoder(nn.Module):
 
 
 class VeinHead(nn.Module):
-    """VEIN on several layers: one :class:`VeinDecoder` per layer (SPEC §3).
+    """VEIN on several layers: one :class:`VeinDecoder` per layer (method.md §3).
 
     ``L_rec`` is the **mean** over the configured layers **[choice]** (the official code
     supports a single layer; the mean keeps λ's scale independent of how many layers).
@@ -431,11 +439,9 @@ class VeinHead(nn.Module):
             for l in self.layers})
 
     def resolve_layer(self, layer: int) -> int:
-        """Map a possibly negative layer index to ``[0, num_layers)``."""
-        resolved = layer + self.num_layers if layer < 0 else layer
-        if not 0 <= resolved < self.num_layers:
-            raise ValueError(f"VEIN layer {layer} is out of range for num_layers={self.num_layers}.")
-        return resolved
+        """Map a layer index to ``[0, num_layers)`` with fam's one convention
+        (:func:`fam.utils.layers.resolve_layer`; -1 = last, 0 = input embeddings)."""
+        return resolve_layer(layer, self.num_layers - 1, allow_input=True)
 
     def _lookup(self, per_layer: Mapping[int, Tensor], layer: int, what: str) -> Tensor:
         for key, value in per_layer.items():
@@ -501,8 +507,9 @@ class VeinHead(nn.Module):
             if "sum_shuffled" in r:
                 shuffled.append(r["sum_shuffled"])
         if len(counts) != 1:  # k_b depends only on n_b, unless given masks differ per layer
-            raise ValueError(f"VeinHead: layers masked different numbers of tokens {sorted(counts)}; "
-                             "give masks with the same count per sample on every layer.")
+            raise ValueError(f"VeinHead: layers masked different numbers of tokens "
+                             f"{sorted(counts)}; give masks with the same count per sample on "
+                             "every layer.")
         count = counts.pop()
         total = torch.stack(sums).sum() / len(self.layers)
         out = {"loss": total / count, "sum": total, "count": count, "per_layer": per_layer,
@@ -544,7 +551,8 @@ def global_sums(local_count: int, sums: Mapping[str, Tensor | float] | None = No
     return int(round(red[0])), dict(zip(keys, red[1:]))
 
 
-def global_mean(local_sum: Tensor, local_count: int, weight: float = 1.0) -> tuple[Tensor, Tensor, int]:
+def global_mean(local_sum: Tensor, local_count: int, weight: float = 1.0
+                ) -> tuple[Tensor, Tensor, int]:
     """``weight ·`` the mean of per-token terms over the **global** batch, DDP-ready.
 
     Each rank holds the sum of its terms and their count. The global mean is
@@ -574,33 +582,6 @@ def global_mean(local_sum: Tensor, local_count: int, weight: float = 1.0) -> tup
     denom = max(n, 1)
     value = torch.tensor(total["sum"] / denom, dtype=local_sum.dtype, device=local_sum.device)
     return weight * dist_utils.world_size() * local_sum / denom, value, n
-
-
-def grad_norms(terms: Mapping[str, Tensor], params: Iterable[Tensor]) -> dict[str, float]:
-    """The L2 norm of the gradient each loss term alone sends into ``params``.
-
-    Used to compare what VEIN and the task loss teach the backbone (e.g. ``{"task": L_task,
-    "rec": λ·L_rec}`` over the LoRA weights). Keeps the graph (``retain_graph``) so the
-    caller's backward still runs; costs one extra backward per term, so call it at logging
-    steps only. Under DDP the norms are this rank's (no all-reduce).
-
-    Args:
-        terms: name → scalar loss with graph.
-        params: the parameters (those without ``requires_grad`` are skipped).
-
-    Returns:
-        name → gradient norm (0.0 when the term does not reach the parameters).
-    """
-    ps = [p for p in params if p.requires_grad]
-    out = {}
-    for name, t in terms.items():
-        if not ps or not torch.is_tensor(t) or t.grad_fn is None:
-            out[name] = 0.0
-            continue
-        gs = torch.autograd.grad(t, ps, retain_graph=True, allow_unused=True)
-        sq = sum(float(g.detach().double().pow(2).sum()) for g in gs if g is not None)
-        out[name] = math.sqrt(sq)
-    return out
 
 
 def vein_verdict(rec_loss: float | None, rec_loss_shuffled: float | None, rtol: float = 0.01,

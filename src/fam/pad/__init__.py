@@ -1,4 +1,4 @@
-"""PAD, the Patch-Aligned Dataset (SPEC §4): records, pluggable stages and the builder.
+"""PAD, the Patch-Aligned Dataset (method.md §4): records, pluggable stages and the builder.
 
     from fam.pad import build_pad, list_images, GroundTruthProvider, read_pad
     gt = GroundTruthProvider("scenes/pad.jsonl")
@@ -8,26 +8,10 @@ Model-based stages (:class:`HFGroundingDinoDetector`, :class:`HFSamSegmenter`) i
 transformers only when constructed.
 """
 from fam.pad.pipeline import PadStats, build_pad, filter_regions, list_images, mask_iou, stats_path
-from fam.pad.providers import (
-    STOP_WORDS,
-    CaptionNounTagger,
-    Detection,
-    Detector,
-    GroundTruthProvider,
-    HFGroundingDinoDetector,
-    HFSamSegmenter,
-    ImageMeta,
-    ListTagger,
-    Segmenter,
-    Tagger,
-    batched_nms,
-    box_iou,
-    extract_noun_phrases,
-    load_captions,
-    nms,
-    save_tiny_grounding_dino,
-    save_tiny_sam,
-)
+from fam.pad.detect import HFGroundingDinoDetector, HFSamSegmenter, batched_nms, box_iou, nms
+from fam.pad.protocols import Detection, Detector, ImageMeta, Segmenter, Tagger
+from fam.pad.taggers import (STOP_WORDS, CaptionNounTagger, GroundTruthProvider, ListTagger,
+                             extract_noun_phrases)
 from fam.pad.records import (
     PadRecord,
     PadRegion,
@@ -43,8 +27,7 @@ __all__ = [
     "PadStats", "build_pad", "filter_regions", "list_images", "mask_iou", "stats_path",
     "STOP_WORDS", "CaptionNounTagger", "Detection", "Detector", "GroundTruthProvider",
     "HFGroundingDinoDetector", "HFSamSegmenter", "ImageMeta", "ListTagger", "Segmenter",
-    "Tagger", "batched_nms", "box_iou", "extract_noun_phrases", "load_captions", "nms",
-    "save_tiny_grounding_dino", "save_tiny_sam",
+    "Tagger", "batched_nms", "box_iou", "extract_noun_phrases", "nms",
     "PadRecord", "PadRegion", "iter_pad", "pad_line", "parse_pad_record", "read_pad",
     "region_mask", "write_pad",
 ]

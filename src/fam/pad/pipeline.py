@@ -1,4 +1,4 @@
-"""Build a Patch-Aligned Dataset (SPEC §4): tagger → detector → segmenter → PAD JSONL.
+"""Build a Patch-Aligned Dataset (method.md §4): tagger → detector → segmenter → PAD JSONL.
 
 The run is resumable and crash-safe, because the original PAD is 558K images:
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from fam.data.images import load_image
 from fam.errors import DataError
-from fam.pad.providers import Detector, ImageMeta, Segmenter, Tagger
+from fam.pad.protocols import Detector, ImageMeta, Segmenter, Tagger
 from fam.pad.records import PadRecord, PadRegion, pad_line
 from fam.utils.io import atomic_write_json
 
@@ -240,7 +240,7 @@ def build_pad(images: Sequence[tuple[str, str | Path]], tagger: Tagger, detector
     Args:
         images: ``(relative path, absolute path)`` pairs, in processing order (see
             :func:`list_images`); the relative path becomes the record's ``image``.
-        tagger, detector, segmenter: the stages (:mod:`fam.pad.providers`).
+        tagger, detector, segmenter: the stages (:mod:`fam.pad.protocols`).
         out_path: output ``pad.jsonl``; appended to, so an interrupted run resumes.
         min_area: smallest kept region: a fraction of the image area if < 1 (default
             0.05% ≈ 6 px of a 112-px image, 154 px of 640x480), else pixels.

@@ -1,4 +1,4 @@
-"""PAD records: the Patch-Aligned Dataset's one-JSON-line-per-image format (SPEC §4).
+"""PAD records: the Patch-Aligned Dataset's one-JSON-line-per-image format (method.md §4).
 
 A record::
 
@@ -35,6 +35,7 @@ __all__ = ["PadRegion", "PadRecord", "parse_pad_record", "iter_pad", "read_pad",
            "write_pad", "pad_line", "region_mask"]
 
 _RECORD_KEYS = ("image", "width", "height", "tags", "regions")
+_REQUIRED_KEYS = ("image", "width", "height", "regions")  # tags default to []
 _REGION_KEYS = ("label", "score", "box", "mask")
 
 
@@ -78,10 +79,12 @@ class PadRecord:
     Attributes:
         image: image path relative to the image root.
         width, height: image size in pixels.
-        tags: tagger output (the detector's text prompt).
+        tags: tagger output (the detector's text prompt); optional in the file (``[]``).
         regions: the detected, segmented regions.
         extra: any other keys of the record, written back unchanged.
         path: the resolved absolute image path (set by :func:`read_pad`; not written).
+        source, line: the file and 1-based line the record was read from (for error
+            messages downstream; not written).
     """
 
     image: str
@@ -91,6 +94,8 @@ class PadRecord:
     regions: list[PadRegion]
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
+    source: str | None = field(default=None, compare=False)
+    line: int | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of the record."""
@@ -189,11 +194,12 @@ def parse_pad_record(row: Any, *, source: str | Path | None = None, line: int | 
     src = str(source) if source is not None else None
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}", src, line)
-    for key in _RECORD_KEYS:
+    for key in _REQUIRED_KEYS:
         if key not in row:
             raise DataError(f"missing field '{key}' (PAD records need {list(_RECORD_KEYS)})",
                             src, line, key)
-    image, width, height, tags, regions = (row[k] for k in _RECORD_KEYS)
+    image, width, height, regions = (row[k] for k in _REQUIRED_KEYS)
+    tags = row.get("tags", [])
     if not isinstance(image, str) or not image:
         raise DataError(f"image must be a non-empty relative path, got {image!r}", src, line,
                         "image")
@@ -214,16 +220,23 @@ def parse_pad_record(row: Any, *, source: str | Path | None = None, line: int | 
     regs = [_parse_region(r, k, width, height, src, line) for k, r in enumerate(regions)]
     extra = {k: v for k, v in row.items() if k not in _RECORD_KEYS}
     return PadRecord(image=image, width=width, height=height, tags=list(tags), regions=regs,
-                     extra=extra, path=path)
+                     extra=extra, path=path, source=src, line=line)
 
 
-def iter_pad(path: str | Path, image_root: str | Path | None = None) -> Iterator[PadRecord]:
+def iter_pad(path: str | Path, image_root: str | Path | None = None,
+             select: str | None = None) -> Iterator[PadRecord]:
     """Stream validated records from a PAD JSONL file.
+
+    The one PAD reader of fam: the builder, projector training, the alignment report and
+    the probes all read PAD files through it.
 
     Args:
         path: the ``pad.jsonl`` file.
         image_root: folder the ``image`` paths are relative to; defaults to the folder
             holding ``path`` (the Scenes layout).
+        select: keep only records whose ``image`` contains this substring (e.g.
+            ``"images/eval/"`` for the Scenes evaluation images); every line is still
+            validated.
 
     Raises:
         DataError: the file is missing or a line is invalid (names file, line, field).
@@ -231,12 +244,15 @@ def iter_pad(path: str | Path, image_root: str | Path | None = None) -> Iterator
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     for line, row in read_jsonl(path):
-        yield parse_pad_record(row, source=path, line=line, image_root=root)
+        rec = parse_pad_record(row, source=path, line=line, image_root=root)
+        if select is None or select in rec.image:
+            yield rec
 
 
-def read_pad(path: str | Path, image_root: str | Path | None = None) -> list[PadRecord]:
+def read_pad(path: str | Path, image_root: str | Path | None = None,
+             select: str | None = None) -> list[PadRecord]:
     """Read and validate a whole PAD JSONL file (see :func:`iter_pad`)."""
-    return list(iter_pad(path, image_root))
+    return list(iter_pad(path, image_root, select))
 
 
 def pad_line(record: PadRecord | dict[str, Any]) -> str:

@@ -1,17 +1,19 @@
 """FAM stage 1: Multi-granularity Aligned Contrastive (MAC) training on image-caption pairs.
 
-Each image and each caption is encoded separately (SPEC §2): the image as
+Each image and each caption is encoded separately (method.md §2): the image as
 ``<image> Represent the given image.`` and the caption after a retrieval instruction. The
 EOS embeddings give the coarse term, the token states of a chosen layer (image tokens of the
 image input, caption tokens of the text input) the coarse-to-fine and fine terms, all through
-the exact mean-of-normalised-tokens form of :func:`fam.losses.mac.mac_loss`. As in the
+the exact mean-of-normalised-tokens form of :func:`fam.losses.mac.mac_loss`: the module
+outputs the four ``(B, d)`` representations, :class:`MACLoss` scores them. As in the
 official code, the stage trains a LoRA that is merged into the weights at the end, so
 stage 2 starts from a normal checkpoint and puts a fresh LoRA on top.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,37 +21,19 @@ import torch
 from torch import nn
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
-from fam.config import LoraConfig, OptimConfig, RunConfig, to_dict
+from fam.config import AlignConfig
+from fam.data.captions import CaptionSample, load_captions
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.losses.mac import mac_loss_from_pooled, mac_pool
 from fam.model import EmbeddingModel, merge_lora
-from fam.train.stage0 import CaptionSample, load_captions
-from fam.train.gradcache import GradCacheMixin, chunk_bounds, split_encoded
-from fam.train.trainer import Trainer, save_on_main_rank
+from fam.train.embedder import prepare_embedder
+from fam.train.gradcache import chunk_bounds, split_encoded
+from fam.train.runner import Recipe, StageParts, run_stage
+from fam.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class AlignConfig:
-    """Stage 1 (MAC) settings."""
-
-    model: str = ""  # checkpoint dir or hub id to start from (stage 0 / a pretrained LVLM)
-    captions: str = ""  # LLaVA pre-training caption JSON (image, caption / blip_caption)
-    image_root: str = ""  # root of the image paths (default: the caption file's folder)
-    image_instruction: str = "Represent the given image."  # FAM/VLM2Vec image prompt
-    text_instruction: str = "Find me an everyday image that matches the given caption: "
-    token_layer: int = -1  # LM layer whose token states feed c2f/fine terms (official: last)
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (w_c, w_c2f, w_f), paper: 1
-    c2f_reduction: str = "mean"  # "mean" (paper) | "sum" (official code)
-    temperature: float = 0.02  # τ (FAM: 0.02)
-    max_text_tokens: int = 64  # caption tokens per item
-    gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off); see fam.train.gradcache
-    full_finetune: bool = False  # train the LM weights instead of LoRA
-    freeze_vision: bool = True  # keep the vision tower frozen
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, steps=200))
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
-    run: RunConfig = field(default_factory=RunConfig)
+__all__ = ["AlignBatch", "AlignCollator", "MACModule", "MACLoss", "AlignRecipe", "run_align"]
 
 
 @dataclass
@@ -59,6 +43,11 @@ class AlignBatch:
 
     def to(self, device: torch.device) -> "AlignBatch":
         return AlignBatch(self.images.to(device), self.texts.to(device))
+
+    def split(self, size: int) -> list["AlignBatch"]:
+        """Row chunks of at most ``size`` pairs (GradCache)."""
+        return [AlignBatch(split_encoded(self.images, s, e), split_encoded(self.texts, s, e))
+                for s, e in chunk_bounds(self.images.batch_size, size)]
 
 
 class AlignCollator:
@@ -75,34 +64,25 @@ class AlignCollator:
         txts = []
         for s in samples:
             text = self.txt_instr + s.target
-            # Only the caption's tokens are text tokens for the c2f/fine terms (SPEC §1).
+            # Only the caption's tokens are text tokens for the c2f/fine terms (method.md §1).
             txts.append(MMItem(text, None, content=(len(self.txt_instr), len(text))))
         return AlignBatch(self.adapter.encode(imgs), self.adapter.encode(txts))
 
 
-class MACModule(GradCacheMixin, nn.Module):
-    """Embedding model trained with the MAC loss; ``forward`` returns its named terms.
+class MACModule(nn.Module):
+    """The embedding model; ``forward`` → the four ``(B, d)`` representations MAC needs.
 
-    MAC depends on the encoder only through four ``(B, d)`` representations (``e_img``,
-    ``e_txt``, ``v̄``, ``t̄``; :func:`fam.losses.mac.mac_pool`), so it is GradCache-able:
-    with ``gradcache_chunk > 0`` the Trainer runs :meth:`train_step` (see
-    :mod:`fam.train.gradcache`).
+    ``e_img``, ``e_txt`` (EOS embeddings) and ``v_bar``, ``t_bar`` (means of the normalised
+    image / caption token states of ``token_layer``; :func:`fam.losses.mac.mac_pool`). MAC
+    depends on the encoder only through them, which is what makes it GradCache-able.
     """
 
-    def __init__(self, embedder: EmbeddingModel, token_layer: int = -1,
-                 temperature: float = 0.02, weights: Sequence[float] = (1.0, 1.0, 1.0),
-                 c2f_reduction: str = "mean", gradcache_chunk: int = 0):
+    def __init__(self, embedder: EmbeddingModel, token_layer: int = -1):
         super().__init__()
         self.embedder = embedder
         self.layer = embedder.resolve_layer(token_layer)
-        self.temperature = temperature
-        self.weights = tuple(weights)
-        self.c2f_reduction = c2f_reduction
-        self.gradcache_chunk = gradcache_chunk
 
-    def forward(self, batch: AlignBatch, step: int = 0, mode: str = "loss") -> dict:
-        """``mode="loss"``: the named MAC terms. ``mode="reps"``: ``{"reps": {e_img, e_txt,
-        v_bar, t_bar}}``, each (B, d) (the GradCache protocol)."""
+    def forward(self, batch: AlignBatch, step: int = 0) -> dict[str, torch.Tensor]:
         io = self.embedder(batch.images, [self.layer])
         to = self.embedder(batch.texts, [self.layer])
         # Token states over the whole sequence with the adapter's masks: the exact form of
@@ -111,59 +91,53 @@ class MACModule(GradCacheMixin, nn.Module):
                                 io.image_mask, to.text_mask)
         # One dtype for the four score inputs (embeddings are float32; float64 models in tests).
         dt = io.embedding.dtype
-        reps = {"e_img": io.embedding, "e_txt": to.embedding, "v_bar": v_bar.to(dt),
+        return {"e_img": io.embedding, "e_txt": to.embedding, "v_bar": v_bar.to(dt),
                 "t_bar": t_bar.to(dt)}
-        if mode == "reps":
-            return {"reps": reps, "aux": None, "aux_n": 0}
-        terms = self.gc_loss([reps], [batch], 0)
-        terms.pop("aux_scale")
-        return terms
 
-    def gc_split(self, batch: AlignBatch, size: int) -> list[AlignBatch]:
-        return [AlignBatch(split_encoded(batch.images, s, e), split_encoded(batch.texts, s, e))
-                for s, e in chunk_bounds(batch.images.batch_size, size)]
 
-    def gc_loss(self, reps, chunks, aux_n: int) -> dict[str, torch.Tensor]:
-        cat = {k: torch.cat([r[k] for r in reps]) for k in reps[0]}
-        terms = mac_loss_from_pooled(cat["e_img"], cat["e_txt"], cat["v_bar"], cat["t_bar"],
-                                     temperature=self.temperature, weights=self.weights,
-                                     c2f_reduction=self.c2f_reduction)
-        out = {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
-        out["aux_scale"] = 0.0
-        return out
+@dataclass
+class MACLoss:
+    """``L_align = w_c L_c + w_c2f L_c2f + w_f L_f`` over the module's outputs (method.md §2)."""
+
+    temperature: float = 0.02
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    c2f_reduction: str = "mean"
+
+    def __call__(self, e_img, e_txt, v_bar, t_bar, *, batch=None, step: int = 0,
+                 ) -> dict[str, torch.Tensor]:
+        terms = mac_loss_from_pooled(e_img, e_txt, v_bar, t_bar, temperature=self.temperature,
+                                     weights=self.weights, c2f_reduction=self.c2f_reduction)
+        return {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
+
+
+class AlignRecipe(Recipe):
+    """A fresh LoRA (or the LM weights) trained with MAC, merged into the exported model."""
+
+    cfg: AlignConfig
+    name = "align-mac"
+
+    def module(self) -> MACModule:
+        cfg = self.cfg
+        emb = prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
+                               full_finetune=cfg.full_finetune, freeze_vision=cfg.freeze_vision,
+                               lora=dataclasses.replace(cfg.lora, enabled=True))
+        return MACModule(emb, cfg.token_layer)
+
+    def build(self) -> StageParts:
+        cfg = self.cfg
+        module = self.module()
+        samples = load_captions(cfg.captions, cfg.image_root or str(Path(cfg.captions).parent))
+        collate = AlignCollator(module.embedder.adapter, cfg.image_instruction,
+                                cfg.text_instruction)
+        return StageParts(module, MACLoss(cfg.temperature, tuple(cfg.weights), cfg.c2f_reduction),
+                          samples, collate, gradcache_chunk=cfg.gradcache_chunk)
+
+    def export(self, module: MACModule, final: Path, result: TrainResult) -> None:
+        merge_lora(module.embedder)  # official code: merge before stage 2 puts a fresh LoRA on top
+        module.embedder.adapter.model.eval()
+        module.embedder.adapter.save_pretrained(final)
 
 
 def run_align(cfg: AlignConfig) -> Path:
     """Train stage 1 and save the (LoRA-merged) model to ``<out_dir>/model``."""
-    out = Path(cfg.run.out_dir)
-    final = out / "model"
-    if (final / "config.json").exists() and cfg.run.resume:
-        log.info("align: %s already holds a trained model; skipping", final)
-        return final
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    from fam.train.adapt import prepare_embedder, trained_embedder
-
-    def make_embedder() -> EmbeddingModel:
-        return prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
-                                full_finetune=cfg.full_finetune,
-                                freeze_vision=cfg.freeze_vision,
-                                lora=LoraConfig(**{**cfg.lora.__dict__, "enabled": True}))
-    emb = make_embedder()
-    adapter = emb.adapter
-    root = cfg.image_root or str(Path(cfg.captions).parent)
-    samples = load_captions(cfg.captions, root)
-    module = MACModule(emb, cfg.token_layer, cfg.temperature, cfg.weights, cfg.c2f_reduction,
-                       cfg.gradcache_chunk)
-    collate = AlignCollator(adapter, cfg.image_instruction, cfg.text_instruction)
-    trainer = Trainer(module, samples, collate, cfg.optim, cfg.run, "align-mac",
-                      config_dump=to_dict(cfg))
-    trainer.train()
-    emb = trained_embedder(trainer, emb, make_embedder)
-    adapter = emb.adapter
-    merge_lora(emb)  # official code: merge before stage 2 puts a fresh LoRA on top
-    adapter.model.eval()
-    if save_on_main_rank(lambda: adapter.save_pretrained(final)):
-        log.info("align: saved the stage-1 model to %s", final)
-    return final
+    return run_stage(cfg)

@@ -1,50 +1,46 @@
-"""GradCache: contrastive losses over batches far larger than fit in memory (SPEC §1).
+"""One (micro-)batch's forward and backward: plain, or GradCache (method.md §1).
 
-Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
-(arXiv 2104.06174, §3). A contrastive loss depends on the encoder only through small
-per-sample representations ``r`` (EOS embeddings; for MAC also the pooled token means v̄, t̄).
-So the gradient factorises, ``dL/dθ = Σ_i (∂L/∂r_i) · ∂r_i/∂θ``, and can be computed in
-three steps whose activation memory is that of one *chunk*, not of the batch:
+The contract every stage follows (open_clip style): the module's ``forward(batch, step)``
+returns **named outputs** and the stage's loss takes them by keyword,
+``loss(**outputs, batch=batch, step=step) -> {"loss": scalar, **named terms}``. The plain
+step is exactly that, then ``backward``. :func:`train_step` is what the trainer calls.
 
-1. **Representation pass** (no grad): embed the batch chunk by chunk, keep only ``r``.
-2. **Loss pass**: compute the loss on the detached ``r`` (the whole batch; under DDP it is
-   gathered across ranks inside the loss) and ``g = ∂L/∂r`` — the *cached gradient*,
-   ``(B, d)`` per representation.
-3. **Re-run pass** (with grad): re-embed each chunk and back-propagate the surrogate
-   ``⟨r_chunk, g_chunk⟩``, whose gradient w.r.t. θ is exactly chunk's share of ``dL/dθ``.
+**GradCache** (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup", arXiv 2104.06174, §3) is the same loss computed another way, for any module
+and loss following the contract whose batch can be cut into row chunks
+(``batch.split(size) -> [batch, ...]``). A contrastive loss depends on the encoder only
+through small per-sample outputs ``r`` (EOS embeddings; for MAC also the pooled token means),
+so ``dL/dθ = Σ_i (∂L/∂r_i) · ∂r_i/∂θ`` and the step runs in three passes whose activation
+memory is that of one *chunk*:
 
-Exactness needs the re-run to reproduce pass 1 bit for bit, dropout included: the RNG
-state (torch CPU + the CUDA device's) is captured before each chunk's first pass and
-restored before its re-run; after the step the RNG is left where pass 1 left it, so the
-run's later random draws do not depend on whether GradCache is on.
+1. **Outputs** (no grad): run each chunk, keep its outputs.
+2. **Loss** on the outputs combined over chunks (detached leaves) and ``g = ∂L/∂output``
+   — the *cached gradient*.
+3. **Re-run** each chunk with grad and back-propagate the surrogate ``Σ ⟨output, g⟩``,
+   whose gradient w.r.t. θ is exactly that chunk's share of ``dL/dθ``.
 
-**Per-chunk auxiliary losses (VEIN).** The VEIN loss needs token states, which are not
-cached; but it is a mean of *per-token* terms (SPEC §3: over the masked image tokens of the
-eligible samples), so it can be computed inside the re-run of each chunk. A module returns
-per chunk ``aux`` = the **sum** of its terms (for VEIN: ``Σ_{masked tokens j}
-mean_layers(1 − cos_j)``) and their count ``aux_n``; the total loss adds
-``aux_scale · Σ_chunks aux``, with ``aux_scale = λ / N`` and ``N`` the number of terms of
-the whole (local) batch, known after pass 1. That is exactly ``λ · L_rec``, the full-batch
-value. VEIN's random masks are drawn from the global
-RNG, so they are replayed like dropout.
+Combining outputs over chunks (:func:`combine`): a tensor with a leading row dimension is
+concatenated (rows of the batch, or rows of its hard negatives, in batch order); a scalar
+(0-dim tensor or number) must be a *sum over the chunk's samples* and is added up. That is
+how per-sample losses that need token states (VEIN's ``rec_sum`` with its count ``rec_n``)
+take part: the loss is linear in the sum, so its cached gradient is the constant ``λ / N``.
 
-Memory: pass 1 holds one chunk's activations without graph, pass 3 one chunk's graph;
-the full batch only ever exists as ``(B, d)`` representations (plus the inputs).
+Exactness needs the re-run to reproduce pass 1 bit for bit, dropout included: the RNG state
+(torch CPU + the CUDA device's) is captured before each chunk's first pass and restored
+before its re-run; after the step the RNG is left where pass 1 left it, so the run's later
+random draws do not depend on whether GradCache is on. VEIN's random masks are drawn from
+the global RNG, so they are replayed like dropout.
 
-The module protocol (:class:`GradCacheMixin`): ``forward(batch, step, mode="reps")``
-returns ``{"reps": {name: (b, d)}, "aux": scalar or None, "aux_n": int}`` for one chunk
-(optionally ``"aux_diag": {name: detached sum}``, summed over chunks and handed with the aux
-sum and count to the module's ``gc_aux_terms`` for logging);
-``gc_split(batch, size)`` cuts a batch into chunks; ``gc_loss(reps_per_chunk, chunks,
-aux_n)`` returns the named loss terms and ``aux_scale``. ``forward(batch, step)`` (mode
-``"loss"``) must equal ``gc_loss`` on a single chunk plus the scaled aux, so the plain and
-the cached paths share one loss definition.
+Memory: pass 1 holds one chunk's activations without graph, pass 3 one chunk's graph; the
+full batch only ever exists as its small outputs (plus the inputs).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Sequence
+import math
+from numbers import Number
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +49,11 @@ from fam.backbones.base import EncodedBatch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GradCacheMixin", "gradcache_step", "split_encoded", "chunk_bounds", "RngState"]
+__all__ = ["train_step", "gradcache_step", "combine", "split_encoded", "chunk_bounds",
+           "RngState", "Loss", "grad_norms"]
+
+#: ``loss(**outputs, batch=..., step=...) -> {"loss": scalar, **named terms}``
+Loss = Callable[..., dict[str, torch.Tensor]]
 
 #: Keys of ``EncodedBatch.inputs`` indexed by *image*, not by row (image i = the i-th row
 #: with ``has_image``). ``pixel_values`` is per image too, except when ``image_grid_thw``
@@ -121,6 +121,58 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The outputs of a batch from those of its chunks (see the module docstring).
+
+    Tensors with rows are concatenated (chunks without the key contribute nothing), scalars
+    (0-dim tensors, numbers) are summed; a key whose values are all ``None`` stays ``None``.
+    """
+    keys = list(dict.fromkeys(k for p in parts for k in p))
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [p[k] for p in parts if p.get(k) is not None]
+        if not vals:
+            out[k] = None
+        elif torch.is_tensor(vals[0]) and vals[0].dim() > 0:
+            out[k] = torch.cat(vals)
+        elif torch.is_tensor(vals[0]):
+            out[k] = torch.stack(vals).sum()
+        elif isinstance(vals[0], Number):
+            out[k] = sum(vals)
+        else:
+            raise TypeError(f"output {k!r}: GradCache combines tensors and numbers, got "
+                            f"{type(vals[0]).__name__}")
+    return out
+
+
+def grad_norms(terms: Mapping[str, torch.Tensor], params: Iterable[torch.Tensor]
+               ) -> dict[str, float]:
+    """The L2 norm of the gradient each loss term alone sends into ``params``.
+
+    Used to compare what VEIN and the task loss teach the backbone (e.g. ``{"task": L_task,
+    "rec": λ·L_rec}`` over the LoRA weights). Keeps the graph (``retain_graph``) so the
+    caller's backward still runs; costs one extra backward per term, so call it at logging
+    steps only. Under DDP the norms are this rank's (no all-reduce).
+
+    Args:
+        terms: name → scalar loss with graph.
+        params: the parameters (those without ``requires_grad`` are skipped).
+
+    Returns:
+        name → gradient norm (0.0 when the term does not reach the parameters).
+    """
+    ps = [p for p in params if p.requires_grad]
+    out = {}
+    for name, t in terms.items():
+        if not ps or not torch.is_tensor(t) or t.grad_fn is None:
+            out[name] = 0.0
+            continue
+        gs = torch.autograd.grad(t, ps, retain_graph=True, allow_unused=True)
+        sq = sum(float(g.detach().double().pow(2).sum()) for g in gs if g is not None)
+        out[name] = math.sqrt(sq)
+    return out
+
+
 def _device_of(module: nn.Module) -> torch.device:
     try:
         return next(module.parameters()).device
@@ -128,66 +180,92 @@ def _device_of(module: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def gradcache_step(module: nn.Module, batch: Any, step: int, chunk_size: int,
-                   ddp_module: nn.Module | None = None, loss_scale: float = 1.0,
-                   sync: bool = True) -> dict[str, torch.Tensor]:
-    """One GradCache forward/backward; leaves the gradients in ``.grad`` (accumulated).
+def _detached(terms: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
+
+
+def train_step(module: nn.Module, loss: Loss | None, batch: Any, step: int,
+               gradcache_chunk: int = 0, ddp_module: nn.Module | None = None,
+               micro_batches: int = 1, sync: bool = True) -> dict[str, Any]:
+    """Forward + backward of one (micro-)batch; gradients accumulate in ``.grad``.
 
     Args:
-        module: a :class:`GradCacheMixin` module (the unwrapped one).
-        batch: the local batch (what the collator returned, on the device).
-        step: the optimizer step (passed to ``forward``).
-        chunk_size: rows per chunk.
-        ddp_module: the DDP wrapper of ``module`` (or None): the re-runs go through it, all
-            but the last inside ``no_sync()`` so gradients are all-reduced once.
-        loss_scale: multiplies the gradient (``1/grad_accum`` for micro-batches).
-        sync: let the last re-run all-reduce (False for all but the last micro-batch).
+        module: the stage's module (unwrapped).
+        loss: the stage's loss over the module's named outputs; ``None`` when the module
+            returns the loss terms itself. A loss may add ``"grad_terms": {name: scalar with
+            graph}``: the plain step then also reports ``<name>_grad_norm``, the norm of the
+            gradient each sends into the module's ``grad_norm_params()`` (GradCache drops
+            them).
+        batch: what the collator returned, on the device.
+        step: the optimizer step (passed to the module and the loss).
+        gradcache_chunk: rows per GradCache chunk; 0 = the plain step.
+        ddp_module: the DDP wrapper of ``module`` (or None); forwards with grad go through
+            it. (The plain step's caller handles ``no_sync``.)
+        micro_batches: micro-batches of the optimizer step (``grad_accum``); the
+            gradient is divided by it.
+        sync: GradCache only: let the last re-run all-reduce (False for all but the last
+            micro-batch).
 
     Returns:
-        The named loss terms (detached). When the loss is not finite the backward is
-        skipped and the terms are returned for the caller to report.
+        The named loss terms, detached. The plain step back-propagates even a non-finite
+        loss (under DDP every rank must join the all-reduce; the trainer stops the run).
+    """
+    if gradcache_chunk > 0:
+        if loss is None:
+            raise ValueError("GradCache needs the stage's loss over the module's outputs")
+        return gradcache_step(module, loss, batch, step, gradcache_chunk, ddp_module,
+                              micro_batches, sync)
+    fwd = ddp_module if ddp_module is not None else module
+    out = fwd(batch, step)
+    terms = out if loss is None else loss(**out, batch=batch, step=step)
+    probe = terms.pop("grad_terms", None)
+    if probe:
+        # A diagnostic the loss asks for (e.g. VEIN's): the gradient norm each named part
+        # of the loss alone sends into the module's ``grad_norm_params()`` (or all of them).
+        params = module.grad_norm_params() if hasattr(module, "grad_norm_params") else \
+            [p for p in module.parameters() if p.requires_grad]
+        for name, value in grad_norms(probe, params).items():
+            terms[f"{name}_grad_norm"] = torch.tensor(value)
+    (terms["loss"] / micro_batches).backward()
+    return _detached(terms)
+
+
+def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_size: int,
+                   ddp_module: nn.Module | None = None, micro_batches: int = 1,
+                   sync: bool = True) -> dict[str, Any]:
+    """One GradCache forward/backward (module docstring); arguments as :func:`train_step`.
+
+    ``batch.split(chunk_size)`` cuts the batch into row chunks. The re-runs go through
+    ``ddp_module``, all but the last inside ``no_sync()`` so gradients are all-reduced once.
+    When the loss is not finite the re-runs are skipped and the terms returned for the
+    caller to report.
     """
     fwd = ddp_module if ddp_module is not None else module
-    chunks = module.gc_split(batch, chunk_size)
+    chunks = batch.split(chunk_size)
     device = _device_of(module)
-    # Pass 1: representations without graph. The unwrapped module is enough (no grad
-    # means nothing for DDP to reduce) and avoids DDP's per-forward buffer broadcast.
-    states, reps, aux_vals, aux_n = [], [], [], 0
-    diag: dict[str, torch.Tensor] = {}
+    # Pass 1: outputs without graph. The unwrapped module is enough (no grad means nothing
+    # for DDP to reduce) and avoids DDP's per-forward buffer broadcast.
+    states, outs = [], []
     with torch.no_grad():
         for c in chunks:
             states.append(RngState(device))
-            out = module(c, step, mode="reps")
-            reps.append({k: v.detach() for k, v in out["reps"].items()})
-            if out.get("aux") is not None:
-                aux_vals.append(out["aux"].detach())
-            aux_n += int(out.get("aux_n", 0))
-            for k, v in out.get("aux_diag", {}).items():  # detached diagnostic sums
-                diag[k] = diag[k] + v if k in diag else v
+            outs.append(module(c, step))
     after = RngState(device)
 
-    # Pass 2: the loss on detached leaves, and its gradient w.r.t. every representation.
-    leaves = [{k: v.requires_grad_(True) for k, v in r.items()} for r in reps]
-    terms = module.gc_loss(leaves, chunks, aux_n)
-    aux_scale = float(terms.pop("aux_scale", 0.0))
-    flat = [v for r in leaves for v in r.values()]
-    grads = torch.autograd.grad(terms["loss"], flat, allow_unused=True)
-    cached, i = [], 0
-    for r in leaves:
-        g = {}
-        for k, v in r.items():
-            gk = grads[i]
-            g[k] = (gk if gk is not None else torch.zeros_like(v)) * loss_scale
-            i += 1
-        cached.append(g)
-    out_terms = {k: v.detach() for k, v in terms.items()}
-    if aux_vals:
-        aux_sum = torch.stack(aux_vals).sum()
-        out_terms["loss"] = out_terms["loss"] + (aux_sum * aux_scale).to(out_terms["loss"].dtype)
-        if hasattr(module, "gc_aux_terms"):  # e.g. global means over ranks
-            out_terms.update(module.gc_aux_terms(aux_sum, aux_n, diag))
-        else:
-            out_terms[getattr(module, "gc_aux_name", "aux_loss")] = aux_sum / max(aux_n, 1)
+    # Pass 2: the loss on detached leaves, and its gradient w.r.t. every float output.
+    leaves = [{k: (v.detach().requires_grad_(True) if torch.is_tensor(v) and
+                   v.is_floating_point() else v) for k, v in o.items()} for o in outs]
+    terms = loss(**combine(leaves), batch=batch, step=step)
+    # Gradient-norm diagnostics need the whole graph, which GradCache never holds.
+    terms.pop("grad_terms", None)
+    flat = [(ci, k, v) for ci, o in enumerate(leaves) for k, v in o.items()
+            if torch.is_tensor(v) and v.requires_grad]
+    grads = torch.autograd.grad(terms["loss"], [v for _, _, v in flat], allow_unused=True)
+    cached: list[dict[str, torch.Tensor]] = [{} for _ in chunks]
+    scale = 1.0 / micro_batches
+    for (ci, k, v), g in zip(flat, grads):
+        cached[ci][k] = (g if g is not None else torch.zeros_like(v)) * scale
+    out_terms = _detached(terms)
     if not torch.isfinite(out_terms["loss"]):
         after.restore()
         return out_terms
@@ -199,46 +277,9 @@ def gradcache_step(module: nn.Module, batch: Any, step: int, chunk_size: int,
                                        and not (sync and last)) else contextlib.nullcontext()
         with ctx:
             states[ci].restore()
-            out = fwd(c, step, mode="reps")
-            surrogate = sum((v * cached[ci][k].to(v.dtype)).sum() for k, v in out["reps"].items()
-                            if v.numel())
-            if out.get("aux") is not None:
-                surrogate = surrogate + out["aux"] * (aux_scale * loss_scale)
+            out = fwd(c, step)
+            surrogate = sum((out[k] * g.to(out[k].dtype)).sum()
+                            for k, g in cached[ci].items() if out[k].numel())
             surrogate.backward()
     after.restore()
     return out_terms
-
-
-class GradCacheMixin:
-    """Adds :meth:`train_step` (GradCache when ``gradcache_chunk > 0``) to a loss module.
-
-    Subclasses implement ``forward(batch, step, mode)`` (``mode="reps"`` as described in
-    the module docstring), :meth:`gc_split` and :meth:`gc_loss`.
-    """
-
-    gradcache_chunk: int = 0
-    #: name of the logged mean of the aux loss (e.g. ``"rec_loss"`` for VEIN)
-    gc_aux_name: str = "aux_loss"
-
-    def gc_split(self, batch: Any, size: int) -> list[Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def gc_loss(self, reps: Sequence[dict[str, torch.Tensor]], chunks: Sequence[Any],
-                aux_n: int) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def train_step(self, batch: Any, step: int, ddp_module: nn.Module | None = None,
-                   loss_scale: float = 1.0, sync: bool = True) -> dict[str, torch.Tensor]:
-        """Forward + backward of one (micro-)batch; the Trainer calls this when defined.
-
-        Without GradCache this is the plain ``(loss · loss_scale).backward()`` through
-        ``ddp_module``; the caller handles ``no_sync`` for ``sync=False`` then.
-        """
-        if self.gradcache_chunk > 0:
-            return gradcache_step(self, batch, step, self.gradcache_chunk, ddp_module,
-                                  loss_scale, sync)
-        fwd = ddp_module if ddp_module is not None else self
-        terms = fwd(batch, step)
-        if torch.isfinite(terms["loss"]):
-            (terms["loss"] * loss_scale).backward()
-        return {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}

@@ -1,151 +1,48 @@
-"""A small, resumable training loop shared by every stage.
+"""The training loop shared by every stage.
 
-A stage (stage 0, MAC alignment, adaptation, projector training) supplies a module holding
-all trainable parameters whose ``forward(batch, step)`` returns named loss terms (one forward
-per backward, which is what DDP expects), a dataset and a collate function. The loop owns the rest: AdamW with warm-up and decay, gradient accumulation and
-clipping, autocast, tensorboard logging, a progress bar, atomic checkpoints and exact resume
-(same data order, optimizer, scheduler and RNG states), NaN detection, and DDP when launched
-with torchrun.
+A stage supplies a module holding all its trainable parameters, whose ``forward(batch,
+step)`` returns named outputs, the loss over them (``loss(**outputs, batch=, step=)`` →
+named terms with ``"loss"``; :mod:`fam.train.gradcache`), a dataset and a collate function.
+The loop owns the rest: AdamW with warm-up and decay (:mod:`fam.train.schedule`), gradient
+accumulation and clipping, GradCache as a strategy for any such stage, autocast,
+tensorboard logging, a progress bar, atomic checkpoints and exact resume
+(:mod:`fam.train.checkpoints`), divergence detection, and DDP or FSDP under torchrun
+(:mod:`fam.distributed`). One optimizer step:
+
+    chunks = collate(examples of this step)               # grad_accum micro-batches
+    for chunk in chunks: terms = train_step(module, loss, chunk, ...)   # forward + backward
+    clip gradients; stop on a non-finite loss or gradient; optimizer.step(); log; checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from fam import distributed as dist_utils
 from fam.config import OptimConfig, RunConfig
 from fam.errors import FamError
 from fam.train import checkpoints as ckpt
+from fam.train.gradcache import Loss, train_step
+from fam.train.schedule import ResumableBatchSampler, lr_lambda
 from fam.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged"]
+
 
 class TrainingDiverged(FamError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(spec)
-
-
-def init_distributed_from_env() -> bool:
-    """Initialise the default process group when launched by torchrun (``WORLD_SIZE > 1``).
-
-    Backend: NCCL on CUDA, gloo otherwise. Returns whether a group is (now) initialised.
-    A no-op when a group already exists (tests spawn their own) or for a single process.
-    """
-    import torch.distributed as dist
-    if dist_utils.is_dist():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    log.info("distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(),
-             dist.get_backend())
-    return True
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op when not distributed)."""
-    if dist_utils.is_dist():
-        torch.distributed.barrier()
-
-
-def save_on_main_rank(save: Callable[[], Any]) -> bool:
-    """Run ``save()`` on rank 0 only, then wait for all ranks; returns whether it ran here.
-
-    Every rank holds the same weights after DDP training; concurrent writers of one
-    directory would race on its atomic rename.
-    """
-    ran = dist_utils.rank() == 0
-    if ran:
-        save()
-    barrier()
-    return ran
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute transformer-layer activations in backward (``run.gradient_checkpointing``).
-
-    Uses transformers' non-reentrant checkpointing, which needs no input gradients (works
-    with LoRA on frozen embeddings) and replays the RNG state, so dropout and therefore
-    gradients are unchanged. Only active in ``train()`` mode (transformers' rule).
-
-    Args:
-        model: an :class:`fam.model.EmbeddingModel` (or anything with ``.adapter``).
-    """
-    hf = model.adapter.hf_model
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("gradient checkpointing on (%s)", type(hf).__name__)
-
-
-def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
-    """Linear warm-up to 1, then cosine/linear decay to 0 (or constant) over ``cfg.steps``."""
-    warm = int(round(cfg.warmup_ratio * cfg.steps))
-
-    def f(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        span = max(1, cfg.steps - warm)
-        prog = min(1.0, (step - warm) / span)
-        if cfg.schedule == "linear":
-            return 1.0 - prog
-        return 0.5 * (1.0 + math.cos(math.pi * prog))
-    return f
-
-
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Yields the index batches of steps ``start_step..total_steps-1``.
-
-    The order is a fixed function of (seed, epoch), so a resumed run sees exactly the batches
-    the uninterrupted run would have seen. Under DDP each global batch is split into equal
-    per-rank slices (rank r takes positions r, r+W, ...), so the global batch is the same for
-    any world size. The last incomplete batch of an epoch is dropped (contrastive losses want
-    full batches).
-    """
-
-    def __init__(self, n: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if n < batch_size * world_size:
-            raise FamError(f"the dataset has {n} examples, fewer than one global batch "
-                           f"({batch_size} × {world_size} processes); lower optim.batch_size")
-        self.n, self.bs, self.total, self.seed = n, batch_size, total_steps, seed
-        self.start, self.rank, self.world = start_step, rank, world_size
-        self.per_epoch = n // (batch_size * world_size)
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        gbs = self.bs * self.world
-        epoch_cache: dict[int, np.ndarray] = {}
-        for step in range(self.start, self.total):
-            epoch, pos = divmod(step, self.per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            glob = epoch_cache[epoch][pos * gbs:(pos + 1) * gbs]
-            yield glob[self.rank::self.world].tolist()
 
 
 @dataclass
@@ -161,23 +58,31 @@ class Trainer:
 
     Args:
         module: holds every parameter the stage may train (those with ``requires_grad``);
-            ``module(batch, step) -> {"loss": scalar, **named terms}`` where the batch is what
-            ``collate`` returned, already moved to the device by ``to_device``.
+            ``module(batch, step)`` returns named outputs (the batch is what ``collate``
+            returned, moved to the device by ``to_device``).
         dataset: indexable examples.
         collate: list of examples -> batch (e.g. tokenised pairs); runs in DataLoader workers.
         optim: optimisation settings; run: bookkeeping settings.
         name: stage name for logs.
         to_device: moves a collated batch to the device.
         config_dump: the stage's config, stored in each checkpoint's state.json.
+        loss: the stage's loss over the module's outputs; ``None`` when the module returns
+            the loss terms (``{"loss": ..., **terms}``) itself. A loss with a
+            ``log_notes(metrics) -> [sentence]`` method has its warnings logged (once per
+            kind) and written to ``train_metrics.json``'s ``notes``.
+        gradcache_chunk: GradCache chunk size in rows (0: plain steps).
     """
 
     def __init__(self, module: nn.Module, dataset: Sequence[Any],
                  collate: Callable[[list[Any]], Any], optim: OptimConfig, run: RunConfig,
                  name: str, to_device: Callable[[Any, torch.device], Any] | None = None,
-                 config_dump: dict[str, Any] | None = None):
+                 config_dump: dict[str, Any] | None = None, *, loss: Loss | None = None,
+                 gradcache_chunk: int = 0):
         self.module = module
         self.dataset = dataset
         self.collate = collate
+        self.loss = loss
+        self.gradcache_chunk = gradcache_chunk
         self.optim_cfg = optim
         self.run_cfg = run
         self.name = name
@@ -185,13 +90,11 @@ class Trainer:
         self.config_dump = config_dump or {}
         self.out_dir = Path(run.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.device = resolve_device(run.device)
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
-        if not self.params:
+        optim.validate("optim.")  # configs built in code are checked like loaded ones
+        run.validate("run.")
+        self.device = dist_utils.resolve_device(run.device)
+        if not any(p.requires_grad for p in module.parameters()):
             raise FamError(f"{name}: no trainable parameters")
-        if run.strategy not in ("ddp", "fsdp"):
-            raise FamError(f"run.strategy must be 'ddp' or 'fsdp', got {run.strategy!r}")
         self.sharded = False
         self._build_optimizer()
         self.step = 0
@@ -204,49 +107,24 @@ class Trainer:
                                            weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
 
-    def _shard(self) -> None:
-        """FSDP2: shard every transformer block, then the root; rebuild the optimizer.
-
-        The language model's decoder layers are found by class name (``*DecoderLayer``, the
-        transformer-based auto-wrap policy of accelerate/FSDP); everything else (vision
-        tower, embeddings, VEIN decoders) stays in the root unit. Each sharded block
-        all-gathers in its forward, so every rank must run the same forwards: the vision
-        tower runs only for batches with images, which is why it is not sharded on its own.
-        Gradients are averaged over ranks like DDP's, so the gather-with-gradient scaling of
-        :mod:`fam.distributed` holds.
-        """
-        from torch.distributed.fsdp import fully_shard
-        blocks = [m for m in self.module.modules()
-                  if type(m).__name__.endswith("DecoderLayer")
-                  and any(True for _ in m.parameters())]
-        for m in blocks:
-            fully_shard(m)
-        fully_shard(self.module)
-        self.sharded = True
-        self._build_optimizer()
-        log.info("%s: FSDP over %d ranks, %d blocks sharded", self.name,
-                 dist_utils.world_size(), len(blocks))
-
-    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Full (unsharded) trainable tensors and optimizer state; collective under FSDP."""
-        if not self.sharded:
-            return ({n: p.detach().cpu().contiguous() for n, p in
-                     zip(self.param_names, self.params)}, self.optimizer.state_dict())
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_optimizer_state_dict)
-        params = {n: p.detach().full_tensor().cpu().contiguous() for n, p in
-                  zip(self.param_names, self.params)}
-        osd = get_optimizer_state_dict(self.module, self.optimizer,
-                                       options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
-        return params, osd
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's full state dict (every rank calls it under FSDP; all get it)."""
+        return dist_utils.full_state_dict(self.module, self.sharded)
+
+    def unsharded(self, rebuild: Callable[[], nn.Module]) -> nn.Module | None:
+        """The trained module with full weights on rank 0 (None on other ranks).
+
+        Without sharding that is the module itself; under FSDP every rank gathers the full
+        state (a collective) and rank 0 loads it into a fresh copy from ``rebuild()``.
+        """
         if not self.sharded:
-            return self.module.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+            return self.module if dist_utils.rank() == 0 else None
+        full = self.full_state_dict()
+        if dist_utils.rank() != 0:
+            return None
+        fresh = rebuild()
+        fresh.load_state_dict(full)
+        return fresh
 
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_dirs(self) -> list[Path]:
@@ -265,7 +143,8 @@ class Trainer:
         parameters are never saved: the run stops with :class:`TrainingDiverged` instead,
         naming the newest (good) checkpoint.
         """
-        state, opt_state = self._full_states()  # collective under FSDP: every rank calls it
+        state, opt_state = dist_utils.full_trainable_state(  # collective under FSDP
+            self.module, self.param_names, self.params, self.optimizer, self.sharded)
         bad = ckpt.non_finite(state)  # identical on every rank (replicated or gathered)
         if bad:
             raise TrainingDiverged(
@@ -273,7 +152,7 @@ class Trainer:
                 f"after step {self.step} (e.g. {bad[0]}); not saving them. Last good "
                 f"checkpoint: {self._last_good()} (lower optim.lr or check the data)")
         if dist_utils.rank() != 0:
-            barrier()
+            dist_utils.barrier()
             return None
         path = ckpt.write_checkpoint(self.ckpt_root / f"step-{self.step}", self.step, state,
                                      opt_state, self.scheduler.state_dict(),
@@ -281,7 +160,7 @@ class Trainer:
         keep = max(1, self.run_cfg.keep_checkpoints)
         for old in self._ckpt_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        barrier()
+        dist_utils.barrier()
         return path
 
     def _expected_shapes(self) -> dict[str, torch.Size]:
@@ -292,22 +171,9 @@ class Trainer:
         """Apply a checkpoint (a folder, read and validated first, or a read one)."""
         c = path if isinstance(path, ckpt.Checkpoint) else \
             ckpt.read_checkpoint(Path(path), self._expected_shapes())
-        state = c.params
-        if self.sharded:
-            from torch.distributed.tensor import distribute_tensor
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                                 set_optimizer_state_dict)
-            with torch.no_grad():
-                for n, p in zip(self.param_names, self.params):
-                    p.copy_(distribute_tensor(state[n].to(p.device, p.dtype), p.device_mesh,
-                                              p.placements))
-            set_optimizer_state_dict(self.module, self.optimizer, c.optimizer,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            with torch.no_grad():
-                for n, p in zip(self.param_names, self.params):
-                    p.copy_(state[n].to(p.device, p.dtype))
-            self.optimizer.load_state_dict(c.optimizer)
+        dist_utils.load_full_trainable_state(self.module, self.param_names, self.params,
+                                             self.optimizer, c.params, c.optimizer,
+                                             self.sharded)
         self.scheduler.load_state_dict(c.scheduler)
         self.step = c.step
         # The restored learning rate is the one the saved run's schedule set for this step;
@@ -322,144 +188,119 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
-        import contextlib
         prec = self.run_cfg.precision
         if prec == "fp32":
             return contextlib.nullcontext()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def train(self) -> TrainResult:
-        """Run (or finish) the stage; returns the last logged metrics."""
-        run, opt = self.run_cfg, self.optim_cfg
-        t0 = time.time()
-        init_distributed_from_env()
+    def _prepare(self) -> None:
+        """Process group, device, FSDP sharding and resume."""
+        dist_utils.init_from_env()
         self.module.to(self.device)
-        if dist_utils.is_dist() and run.strategy == "fsdp" and not self.sharded:
-            self._shard()
-        if run.resume:
+        if dist_utils.is_dist() and self.run_cfg.strategy == "fsdp" and not self.sharded:
+            n = dist_utils.shard_fsdp(self.module)
+            self.sharded = True
+            self._build_optimizer()
+            log.info("%s: FSDP over %d ranks, %d blocks sharded", self.name,
+                     dist_utils.world_size(), n)
+        if self.run_cfg.resume:
             # The newest checkpoint that validates; corrupt ones are skipped with a warning.
             found = ckpt.newest_loadable(self.ckpt_root, self._expected_shapes())
             if found is not None:
                 self.load_checkpoint(found)
+
+    def _wrapped(self) -> nn.Module:
+        """The module the steps run through: DDP's wrapper when replicated, else itself."""
+        if dist_utils.is_dist() and not self.sharded:
+            return dist_utils.wrap_ddp(self.module, self.device,
+                                       self.run_cfg.ddp_find_unused_parameters)
+        return self.module
+
+    def _loader(self) -> DataLoader:
+        run, opt = self.run_cfg, self.optim_cfg
+        sampler = ResumableBatchSampler(len(self.dataset), opt.batch_size, opt.steps, run.seed,
+                                        self.step, dist_utils.rank(), dist_utils.world_size())
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self._collate_chunks,
+                          num_workers=run.num_workers, persistent_workers=False,
+                          # Own generator: creating the iterator must not draw from the
+                          # global RNG, or a resumed run's dropout would be shifted.
+                          generator=torch.Generator().manual_seed(run.seed))
+
+    def _step(self, chunks: list[Any], wrapped: nn.Module) -> dict[str, float]:
+        """One optimizer step over its micro-batches; returns the step's mean terms."""
+        ddp = wrapped if wrapped is not self.module else None
+        self.optimizer.zero_grad(set_to_none=True)
+        terms_sum: dict[str, float] = {}
+        for ci, chunk in enumerate(chunks):
+            chunk = self.to_device(chunk, self.device)
+            last = ci == len(chunks) - 1
+            # Plain steps: all but the last micro-batch accumulate without all-reduce
+            # (GradCache handles no_sync inside, per chunk re-run).
+            ctx = wrapped.no_sync() if (not last and dist_utils.is_dist() and ddp is not None
+                                        and not self.gradcache_chunk) \
+                else contextlib.nullcontext()
+            with ctx, self._autocast():
+                terms = train_step(self.module, self.loss, chunk, self.step,
+                                   self.gradcache_chunk, ddp, len(chunks), sync=last)
+            loss = terms["loss"]
+            if not torch.isfinite(loss) and not dist_utils.is_dist():
+                # (Under DDP a rank must not leave alone: its NaN reaches every rank's
+                # gradients through the all-reduce and stops all of them below.)
+                raise TrainingDiverged(
+                    f"{self.name}: loss is {loss.item()} at step {self.step}; last good "
+                    f"checkpoint: {self._last_good()} (lower optim.lr, check the data for "
+                    "NaN, or use fp32)")
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / len(chunks)
+        gn = self._grad_norm(self.optim_cfg.grad_clip)
+        terms_sum["grad_norm"] = gn
+        if not math.isfinite(gn) or not math.isfinite(terms_sum["loss"]):
+            # Never step on a non-finite gradient: the weights stay those of the last step,
+            # and every saved checkpoint holds finite tensors.
+            raise TrainingDiverged(
+                f"{self.name}: loss {terms_sum['loss']:.4g}, gradient norm {gn:.4g} at step "
+                f"{self.step}; the optimizer did not step. Last good checkpoint: "
+                f"{self._last_good()} (lower optim.lr, check the data for NaN, or use fp32)")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return terms_sum
+
+    def train(self) -> TrainResult:
+        """Run (or finish) the stage; returns the last logged metrics."""
+        run, opt = self.run_cfg, self.optim_cfg
+        t0 = time.time()
+        self._prepare()
         if self.step >= opt.steps:
             log.info("%s: already complete (%d steps)", self.name, self.step)
             return TrainResult(self.step, {}, 0.0, self.out_dir)
-        writer = None
-        if dist_utils.rank() == 0:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-            except ImportError:  # tensorboard is an optional extra
-                log.warning("tensorboard not installed; logging to the console only")
-        ddp_module = self.module
-        if dist_utils.is_dist() and not self.sharded:
-            ddp_module = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=run.ddp_find_unused_parameters)
-        micro = opt.batch_size // max(1, opt.grad_accum)
-        if micro * opt.grad_accum != opt.batch_size:
-            raise FamError(f"optim.batch_size {opt.batch_size} is not divisible by "
-                           f"optim.grad_accum {opt.grad_accum}")
-        sampler = ResumableBatchSampler(len(self.dataset), opt.batch_size, opt.steps, run.seed,
-                                        self.step, dist_utils.rank(), dist_utils.world_size())
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self._collate_chunks,
-                            num_workers=run.num_workers, persistent_workers=False,
-                            # Own generator: creating the iterator must not draw from the
-                            # global RNG, or a resumed run's dropout would be shifted.
-                            generator=torch.Generator().manual_seed(run.seed))
+        wrapped = self._wrapped()
+        loader = self._loader()
+        logger = _MetricLog(self.name, self.out_dir, opt.steps, self.step, run.progress,
+                            getattr(self.loss, "log_notes", None))
         self.module.train()
-        step_fn = getattr(self.module, "train_step", None)
-        bar = None
-        if run.progress and dist_utils.rank() == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=opt.steps, initial=self.step, desc=self.name, dynamic_ncols=True)
-        last: dict[str, float] = {}
-        agg: dict[str, float] = {}
-        n_agg: dict[str, int] = {}  # per key: some terms are only measured at some steps
-        notes_seen: list[str] = []
-        notes = getattr(self.module, "log_notes", None)
         try:
             for chunks in loader:
-                self.optimizer.zero_grad(set_to_none=True)
-                terms_sum: dict[str, float] = {}
-                for ci, chunk in enumerate(chunks):
-                    chunk = self.to_device(chunk, self.device)
-                    sync = ci == len(chunks) - 1 or not dist_utils.is_dist()
-                    ctx = ddp_module.no_sync() if (not sync and hasattr(ddp_module, "no_sync")) \
-                        else _null()
-                    with ctx, self._autocast():
-                        if step_fn is not None:
-                            # The module does its own backward (GradCache: several
-                            # forwards per step, all but the last under no_sync).
-                            terms = step_fn(chunk, self.step, ddp_module if ddp_module is not
-                                            self.module else None, 1.0 / len(chunks), sync)
-                        else:
-                            terms = ddp_module(chunk, self.step)
-                        loss = terms["loss"]
-                        if not torch.isfinite(loss) and not dist_utils.is_dist():
-                            # (Under DDP a rank must not leave alone: its NaN reaches every
-                            # rank's gradients through the all-reduce and stops all below.)
-                            raise TrainingDiverged(
-                                f"{self.name}: loss is {loss.item()} at step {self.step}; "
-                                f"last good checkpoint: {self._last_good()} "
-                                "(lower optim.lr, check the data for NaN, or use fp32)")
-                        if step_fn is None:
-                            (loss / len(chunks)).backward()
-                    for k, v in terms.items():
-                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
-                gn = self._grad_norm(opt.grad_clip)
-                terms_sum["grad_norm"] = gn
-                if not math.isfinite(gn) or not math.isfinite(terms_sum["loss"]):
-                    # Never step on a non-finite gradient: the weights stay those of the
-                    # last step, and every saved checkpoint holds finite tensors.
-                    raise TrainingDiverged(
-                        f"{self.name}: loss {terms_sum['loss']:.4g}, gradient norm {gn:.4g} "
-                        f"at step {self.step}; the optimizer did not step. Last good "
-                        f"checkpoint: {self._last_good()} (lower optim.lr, check the data "
-                        "for NaN, or use fp32)")
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                for k, v in terms_sum.items():
-                    agg[k] = agg.get(k, 0.0) + v
-                    n_agg[k] = n_agg.get(k, 0) + 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
+                logger.add(self._step(chunks, wrapped))
                 if self.step % run.log_every == 0 or self.step == opt.steps:
-                    last = _mean_over_ranks({k: v / n_agg[k] for k, v in agg.items()})
-                    last["lr"] = self.scheduler.get_last_lr()[0]
-                    agg, n_agg = {}, {}
-                    if writer is not None:
-                        for k, v in last.items():
-                            writer.add_scalar(f"{self.name}/{k}", v, self.step)
-                    if dist_utils.rank() == 0:
-                        log.info("%s step %d/%d %s", self.name, self.step, opt.steps,
-                                 " ".join(f"{k}={v:.4g}" for k, v in last.items()))
-                        for note in (notes(last) if notes is not None else []):
-                            kind = note.split(":")[0]  # say each kind once (and in the summary)
-                            if kind not in notes_seen:
-                                notes_seen.append(kind)
-                                log.warning("%s step %d: %s", self.name, self.step, note)
+                    logger.flush(self.step, self.scheduler.get_last_lr()[0])
                 if run.save_every and self.step % run.save_every == 0 and self.step < opt.steps:
                     self.save_checkpoint()
         finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+            logger.close()
         self.save_checkpoint()
         seconds = time.time() - t0
         if dist_utils.rank() == 0:
-            summary = {"stage": self.name, "steps": self.step, "seconds": seconds, "final": last}
-            final_notes = notes(last) if notes is not None and last else []
-            if final_notes:
-                summary["notes"] = final_notes
-                for note in final_notes:
+            summary = {"stage": self.name, "steps": self.step, "seconds": seconds,
+                       "final": logger.last}
+            notes = logger.summary_notes()
+            if notes:
+                summary["notes"] = notes
+                for note in notes:
                     log.warning("%s summary: %s", self.name, note)
             atomic_write_json(self.out_dir / "train_metrics.json", summary)
-        return TrainResult(self.step, last, seconds, self.out_dir)
+        return TrainResult(self.step, logger.last, seconds, self.out_dir)
 
     def _grad_norm(self, clip: float) -> float:
         """Global gradient norm (identical on every rank), clipping to ``clip`` when > 0."""
@@ -481,21 +322,60 @@ class Trainer:
         return [self.collate(examples[i * size:(i + 1) * size]) for i in range(k)]
 
 
-def _mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
-    """Average logged terms over ranks (local terms such as VEIN's differ per rank)."""
-    if not dist_utils.is_dist() or not terms:
-        return terms
-    keys = sorted(terms)
-    vec = torch.tensor([terms[k] for k in keys], dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        vec = vec.cuda()
-    torch.distributed.all_reduce(vec)
-    return {k: float(v) / dist_utils.world_size() for k, v in zip(keys, vec.tolist())}
+class _MetricLog:
+    """Averages the step terms between log lines; tensorboard (rank 0), tqdm, log lines."""
 
+    def __init__(self, name: str, out_dir: Path, total: int, start: int, progress: bool,
+                 notes: Callable[[dict[str, float]], list[str]] | None = None):
+        self.name, self.total = name, total
+        self.last: dict[str, float] = {}
+        self.agg: dict[str, float] = {}
+        self.n: dict[str, int] = {}  # per term: some are only measured at some steps
+        self.notes = notes
+        self.said: set[str] = set()
+        main = dist_utils.rank() == 0
+        self.writer = None
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is an optional extra
+                log.warning("tensorboard not installed; logging to the console only")
+        self.bar = None
+        if progress and main:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
 
-class _null:
-    def __enter__(self):
-        return self
+    def add(self, terms: dict[str, float]) -> None:
+        for k, v in terms.items():
+            self.agg[k] = self.agg.get(k, 0.0) + v
+            self.n[k] = self.n.get(k, 0) + 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{terms['loss']:.4f}")
 
-    def __exit__(self, *a):
-        return False
+    def flush(self, step: int, lr: float) -> None:
+        self.last = dist_utils.mean_over_ranks({k: v / self.n[k] for k, v in self.agg.items()})
+        self.last["lr"] = lr
+        self.agg, self.n = {}, {}
+        if self.writer is not None:
+            for k, v in self.last.items():
+                self.writer.add_scalar(f"{self.name}/{k}", v, step)
+        if dist_utils.rank() == 0:
+            log.info("%s step %d/%d %s", self.name, step, self.total,
+                     " ".join(f"{k}={v:.4g}" for k, v in self.last.items()))
+            for note in self.summary_notes():
+                kind = note.split(":")[0]  # each kind once here, again in the summary
+                if kind not in self.said:
+                    self.said.add(kind)
+                    log.warning("%s step %d: %s", self.name, step, note)
+
+    def summary_notes(self) -> list[str]:
+        """The stage's warnings about the last logged metrics (e.g. VEIN's verdict)."""
+        return self.notes(self.last) if self.notes is not None and self.last else []
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,93 @@
+"""The ``fam`` command line: all argument parsing of fam lives in this package.
+
+    fam demo [--quick] [--out DIR]              the main job on the embedded default
+    fam data scenes --out DIR [...]             generate the built-in Scenes benchmark
+    fam model tiny --out DIR [--family ...]     save a tiny random-initialised backbone
+    fam train <stage> [CONFIG] [k=v ...]        a training stage (fam.train.registry)
+    fam analyze alignment|probes ...            alignment analysis, FAM probes
+    fam ablate --out DIR --seeds 0 1            FAM ablations on Scenes (mean ± std)
+    fam projector-compare [--quick]             caption-only vs patch-aligned projectors
+    fam eval --model DIR --data DIR             MMEB-protocol evaluation
+    fam encode --model DIR --input F --out F    embed items (inference)
+    fam bench mac|gradcache                     benchmarks with ratios against a reference
+    fam plan ...                                estimate peak memory, suggest a chunk size
+    fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
+
+Training subcommands take an optional YAML config and ``key=value`` overrides, e.g.
+``fam train adapt configs/adapt.yaml optim.lr=1e-4 lora.r=16``. Modules: ``train``
+(stages, data, models), ``infer`` (eval, encode), ``analyze``, ``experiments`` (demo,
+ablate, projector-compare), ``pad``, ``bench`` (benchmarks, plan); each registers its
+subcommands on the parser built here and holds their handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from fam.errors import FamError
+
+log = logging.getLogger("fam")
+
+__all__ = ["build_parser", "main"]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Offline by default: nothing in the embedded pipeline may reach a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fam`` parser with every subcommand."""
+    from fam.cli import analyze, bench, experiments, infer, pad, train
+
+    p = argparse.ArgumentParser(prog="fam", description="fam: fine-grained multimodal embedding "
+                                "learning with vision-language models")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    experiments.add_demo_subcommand(sub)
+    train.add_data_subcommands(sub)
+    train.add_train_subcommands(sub)
+    analyze.add_analyze_subcommands(sub)
+    infer.add_infer_subcommands(sub)
+    bench.add_bench_subcommands(sub)
+    pad.add_pad_subcommand(sub)
+    experiments.add_ablate_subcommand(sub)
+    experiments.add_compare_subcommand(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may follow options (`fam train adapt --vein a=1`): argparse leaves
+    # those as extras; they join the overrides of the commands that take them.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    # A YAML path given as the first positional that is really an override goes to overrides.
+    if getattr(args, "config", None) and "=" in str(args.config):
+        args.overrides = [args.config] + list(args.overrides)
+        args.config = None
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except FamError as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""``fam demo``, ``fam ablate`` and ``fam projector-compare`` (budgets: YAML presets)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_demo_subcommand", "add_ablate_subcommand", "add_compare_subcommand"]
+
+log = logging.getLogger(__name__)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fam.config import DemoConfig
+    from fam.experiments.demo import format_report, run_demo
+    from fam.experiments.presets import load_preset
+    plan = load_preset(DemoConfig, args.preset) if args.preset else None
+    res = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+                   plan=plan, threads=args.threads)
+    print(format_report(res))
+    print(f"artefacts in {Path(args.out).resolve()} (results.json, results.md, */model)")
+    return 0
+
+
+def add_demo_subcommand(sub: Any) -> argparse.ArgumentParser:
+    d = sub.add_parser("demo", help="run the main job (Scenes → stage 0 → adaptation → eval)")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--quick", action="store_true", help="tiny sizes (about a minute)")
+    d.add_argument("--preset", default=None,
+                   help="budgets: a preset name or YAML file (default: demo, or demo_quick)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default 1: fastest for the tiny models; 0 = torch's own)")
+    d.set_defaults(func=cmd_demo)
+    return d
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from fam.config import DemoConfig
+    from fam.experiments.ablation import run_ablation
+    from fam.experiments.ablation_report import format_ablation
+    from fam.experiments.presets import load_preset
+    plan = load_preset(DemoConfig, args.preset) if args.preset else None
+    report = run_ablation(args.out, seeds=args.seeds, size=args.size, groups=args.only,
+                          progress=not args.no_progress, plan=plan, threads=args.threads,
+                          configs=args.configs, report_only=args.report_only,
+                          probes=not args.no_probes)
+    log.info("ablation written to %s\n%s", args.out, format_ablation(report))
+    return 0
+
+
+def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
+    """Register ``fam ablate`` (returns the sub-parser)."""
+    from fam.experiments.ablation import SIZES
+    from fam.experiments.ablation_report import DEFAULT_GROUPS, GROUPS
+    p = sub.add_parser(
+        "ablate", help="FAM ablations on Scenes over seeds (MAC/VEIN and its inversion variant, "
+                       "MAC terms, the data control, γ, layers) with paired confidence intervals")
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--size", choices=list(SIZES), default="small",
+                   help="budget preset (" + ", ".join(f"{k}: {v}" for k, v in SIZES.items()) + ")")
+    p.add_argument("--preset", default=None, help="budgets from another preset or YAML file")
+    p.add_argument("--only", nargs="+", choices=GROUPS, default=None, metavar="GROUP",
+                   help=f"run only these groups ({', '.join(GROUPS)}; default: "
+                        f"{' '.join(DEFAULT_GROUPS)})")
+    p.add_argument("--configs", nargs="+", default=None, metavar="LABEL",
+                   help="run only these configs of the groups (e.g. fam gamma=0.5 last); "
+                        "the baseline always runs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: fastest for tiny models on shared CPUs; "
+                        "0 = torch's default)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing; rebuild ablation.json/.md from finished runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-probes", action="store_true",
+                   help="skip the mechanism checks (FAM probes) on the checkpoints")
+    p.set_defaults(func=cmd_ablate)
+    return p
+
+
+def cmd_projector_compare(args: argparse.Namespace) -> int:
+    from fam.config import CompareConfig
+    from fam.experiments.presets import load_preset
+    from fam.experiments.projector_compare import format_results, run_projector_compare
+    plan = load_preset(CompareConfig, args.preset) if args.preset else None
+    res = run_projector_compare(args.out, quick=args.quick, seeds=args.seeds,
+                                progress=not args.no_progress, plan=plan,
+                                threads=args.threads or None)
+    print(format_results(res))
+    print(f"artefacts in {Path(args.out).resolve()} (projector_results.json/.md)")
+    return 0
+
+
+def add_compare_subcommand(sub: Any) -> argparse.ArgumentParser:
+    pc = sub.add_parser(
+        "projector-compare", help="caption-only vs patch-aligned projectors on Scenes")
+    pc.add_argument("--out", default="runs/projector", help="output folder")
+    pc.add_argument("--quick", action="store_true", help="tiny sizes (under 2 minutes)")
+    pc.add_argument("--preset", default=None,
+                    help="budgets: a preset name or YAML file (default: projector_compare)")
+    pc.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="projector seeds (default: the preset's, 0 1 2)")
+    pc.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: the preset's; use 1 on a shared machine)")
+    pc.add_argument("--no-progress", action="store_true")
+    pc.set_defaults(func=cmd_projector_compare)
+    return pc

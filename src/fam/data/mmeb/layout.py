@@ -1,0 +1,124 @@
+"""Where MMEB data sets are on disk: files or Hugging Face folders, JSONL or parquet, splits."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+from fam.errors import DataError
+from fam.utils.io import read_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+_DATA_SUFFIXES = (".jsonl", ".parquet")
+
+
+# Hugging Face shard names: "<split>-00000-of-00003.parquet".
+_HF_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
+
+
+_DEFAULT_SPLIT = {"train": "original", "eval": "test"}
+
+
+_PARQUET_BATCH = 4096  # rows per pyarrow batch: bounds memory while reading 100K-row files
+
+
+def _split_of(path: Path) -> str:
+    m = _HF_SHARD.match(path.stem)
+    return m.group("split") if m else path.stem
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix in _DATA_SUFFIXES and not p.name.startswith("."))
+
+
+def discover_datasets(path: str | Path, kind: Literal["train", "eval"],
+                      split: str | None = None) -> dict[str, list[Path]]:
+    """Find the datasets under ``path`` and the files that hold each one.
+
+    Args:
+        path: a single ``.jsonl``/``.parquet`` file, a folder of such files (one per
+            dataset), a folder of per-dataset folders (Hugging Face layout), or a benchmark
+            root with a ``train/`` or ``eval/`` folder.
+        kind: ``"train"`` or ``"eval"``; picks the sub-folder of a benchmark root and the
+            default split of multi-split folders (``original`` / ``test``).
+        split: the split to read inside multi-split folders (default by ``kind``).
+
+    Returns:
+        ``{dataset name: [files]}`` in sorted name order; the files of one dataset are
+        read in order and concatenated.
+
+    Raises:
+        DataError: nothing found, a name found twice, or an ambiguous multi-split folder.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in _DATA_SUFFIXES:
+            raise DataError(f"unsupported data file type {path.suffix!r}; expected .jsonl or "
+                            ".parquet", path)
+        return {path.stem: [path]}
+    if not path.is_dir():
+        raise DataError(f"{kind} data not found: no such file or folder", path)
+    if not _data_files(path) and (path / kind).is_dir():
+        logger.info("reading %s data from %s", kind, path / kind)
+        path = path / kind
+
+    found: dict[str, list[Path]] = {}
+    for f in _data_files(path):
+        if f.stem in found:
+            raise DataError(f"dataset {f.stem!r} is stored twice ({found[f.stem][0].name} and "
+                            f"{f.name}); keep one", path)
+        found[f.stem] = [f]
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = _data_files(sub)
+        if not files:
+            continue
+        if sub.name in found:
+            raise DataError(f"dataset {sub.name!r} is stored both as a file and as a folder; "
+                            "keep one", path)
+        by_split: dict[str, list[Path]] = {}
+        for f in files:
+            by_split.setdefault(_split_of(f), []).append(f)
+        if len(by_split) == 1:
+            found[sub.name] = files
+            continue
+        want = split or _DEFAULT_SPLIT[kind]
+        if want not in by_split:
+            raise DataError(f"folder holds splits {sorted(by_split)} and none is {want!r}; pass "
+                            "split= to choose one", sub)
+        found[sub.name] = by_split[want]
+    if not found:
+        raise DataError(f"no {kind} data found: expected <Dataset>.jsonl / <Dataset>.parquet "
+                        "files or one folder of parquet/jsonl files per dataset", path)
+    return dict(sorted(found.items()))
+
+
+def iter_rows(path: Path, columns: Sequence[str], required: Sequence[str]
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line, row)`` from a JSONL or parquet file.
+
+    For parquet, ``line`` is the row index + 1 and only ``columns`` are read (the real
+    files carry other columns we do not need); a missing required column is reported once.
+    """
+    if path.suffix == ".jsonl":
+        yield from read_jsonl(path)
+        return
+    import pyarrow.parquet as pq  # heavy import, only needed for parquet data
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"cannot read parquet file: {e}", path) from None
+    names = set(pf.schema_arrow.names)
+    for col in required:
+        if col not in names:
+            raise DataError(f"column missing (the file has {sorted(names)})", path, None, col)
+    present = [c for c in columns if c in names]
+    line = 0
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=present):
+        for row in batch.to_pylist():
+            line += 1
+            yield line, row

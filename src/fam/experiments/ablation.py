@@ -1,0 +1,435 @@
+"""Ablations of FAM on the Scenes benchmark, over several seeds (``fam ablate``).
+
+Groups (method.md §6 reference: MAC only 56.4, VEIN only 55.9, FAM 57.3 vs VLM2Vec 55.0 on
+MMEB with Qwen2-VL-2B; VEIN position: none 55.0, all 54.2, last 55.3, second-to-last
+55.6, last three 55.9):
+
+* ``main`` — the VLM2Vec baseline; MAC only (MAC, then plain adaptation); VEIN only
+  (adaptation with the paper's VEIN from stage 0, λ = 1); both (FAM).
+* ``inversion`` — the inversion variant of VEIN (``vein.memory=embedding``: the decoder
+  reads ``e`` alone) at λ = :data:`INVERSION_WEIGHT`, alone and after MAC (FAM).
+* ``vein_weight`` — the paper's VEIN at λ = :data:`INVERSION_WEIGHT`: the official code
+  weighs L_rec ``W`` times more than its stated λ on ``W`` GPUs (docs/vein.md), and it is
+  the like-for-like reference of the inversion variant.
+* ``mac_terms`` — MAC terms added one at a time, each followed by *plain* adaptation so
+  the group isolates MAC: coarse; coarse + c2f; coarse + c2f + fine (= MAC only).
+* ``control`` — the paper's Table 3 control: the baseline adapted on the task pairs plus
+  the *same* image-caption pairs MAC uses, as retrieval data (image → caption, MAC's
+  prompts), for as many steps as MAC + adaptation together. It tells MAC's gain from the
+  gain of seeing more data.
+* ``mask_ratio`` — VEIN only with γ ∈ {0.1, 0.3, 0.5, 0.8} (paper: 0.3 best, > 0.8 worse
+  than none).
+* ``vein_layers`` — VEIN only at the last, the second-to-last, the last three and all
+  layers (paper's position ablation, also VEIN only).
+
+For each seed the Scenes data (generated once, with seed 0, shared by every seed: the
+seed varies the model's initialisation, stage 0 and the training order, not the
+benchmark), one tiny model and one stage-0 checkpoint are built; every config of every
+group starts from that stage-0 checkpoint with the same adaptation budget. Runs are
+identified by their settings, not their labels, so a config that appears in two groups
+(e.g. γ = 0.3 at the default layers is "VEIN only") trains once, and the three MAC
+variants' aligned checkpoints are shared by every config that adapts from them.
+
+Layout under ``--out``::
+
+    data/                                  the benchmark (shared by seeds)
+    seed<s>/models/tiny, seed<s>/stage0/   per-seed initialisation and stage 0
+    seed<s>/align/<w_c>-<w_c2f>-<w_f>/     MAC stage-1 checkpoints
+    seed<s>/runs/<run key>/                adaptation runs (model/, checkpoints)
+    seed<s>/results/<run key>.json         evaluation (per-row credits) + mechanism checks
+    ablation.json, ablation.md             all runs, aggregates (mean ± std), paired
+                                           differences with 95 % intervals, mechanisms
+    ablation.png                           precision@1 per config with t 95 % whiskers
+
+Re-running with the same ``--out`` skips finished runs and resumes interrupted stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from fam.config import AdaptConfig, AlignConfig, DemoConfig
+from fam.data.types import IMAGE_PLACEHOLDER
+from fam.errors import ConfigError
+from fam.experiments.ablation_report import (DEFAULT_GROUPS, GROUPS, INVERSION_WEIGHT,
+                                             write_report)
+from fam.experiments.pipeline import (base_model, num_layers, prepare_scenes, stage_run,
+                                      start_experiment)
+from fam.experiments.presets import load_preset
+from fam.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AblationRun", "GROUPS", "DEFAULT_GROUPS", "SIZES", "plan_for_size", "expand_groups",
+           "vein_layer_sets", "align_config", "adapt_config", "caption_pairs_train_dir",
+           "mechanism_checks", "run_ablation", "CAPTION_SUBSET"]
+
+MASK_RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.8)
+MAC_ALL: tuple[float, float, float] = (1.0, 1.0, 1.0)
+#: Name of the caption subset the control adds to the task pairs.
+CAPTION_SUBSET = "Scenes-Captions"
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One training configuration (what differs from the VLM2Vec baseline).
+
+    Attributes:
+        align_weights: (w_c, w_c2f, w_f) of the MAC stage, or ``None`` for no MAC stage
+            (adaptation starts from stage 0).
+        vein: adaptation with VEIN.
+        mask_ratio: VEIN's γ.
+        vein_layers: VEIN's layers (negative: from the end).
+        vein_memory: ``"unmasked"`` (paper) or ``"embedding"`` (inversion).
+        vein_weight: λ.
+        captions: the Table 3 control: MAC's image-caption pairs join the task pairs and
+            the adaptation runs as many steps as MAC + adaptation.
+    """
+
+    align_weights: tuple[float, float, float] | None = None
+    vein: bool = False
+    mask_ratio: float = 0.3
+    vein_layers: tuple[int, ...] = (-3, -2, -1)
+    vein_memory: str = "unmasked"
+    vein_weight: float = 1.0
+    captions: bool = False
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe identity: equal settings share one run (and one folder)."""
+        w = self.align_weights
+        mac = "none" if w is None else "-".join(f"{x:g}" for x in w)
+        vein = "off"
+        if self.vein:
+            vein = f"g{self.mask_ratio:g}_L{'_'.join(str(l) for l in self.vein_layers)}"
+            if self.vein_memory != "unmasked":
+                vein += f"_{self.vein_memory}"
+            if self.vein_weight != 1.0:
+                vein += f"_w{self.vein_weight:g}"
+        return f"mac{mac}__vein{vein}" + ("__captions" if self.captions else "")
+
+
+def plan_for_size(size: str) -> DemoConfig:
+    """Budgets of one ablation size (a preset in ``configs/experiments``).
+
+    ``quick``: a few steps per stage (every group's code path in CI time). ``small``: a 4-layer
+    tiny model with short stages, sized so that every group with 2 seeds fits in about 40
+    minutes on 2 shared CPU cores. ``demo``: the full demo's budgets (hours on a CPU).
+    """
+    if size not in SIZES:
+        raise ConfigError(f"unknown ablation size {size!r}; choose one of {list(SIZES)}")
+    return load_preset(DemoConfig, SIZES[size])
+
+
+#: Ablation sizes and their presets.
+SIZES: dict[str, str] = {"quick": "ablation_quick", "small": "ablation_small", "demo": "demo"}
+
+
+def vein_layer_sets(num_layers: int) -> dict[str, tuple[int, ...]]:
+    """The position ablation's layer sets for a ``num_layers``-layer LM (negative indices).
+
+    ``last_three`` is cut to the layers that exist, so with fewer than 4 layers some sets
+    coincide (and then share one run).
+    """
+    if num_layers < 1:
+        raise ConfigError(f"num_layers must be ≥ 1, got {num_layers}")
+    return {"last": (-1,), "second_to_last": (-2,) if num_layers >= 2 else (-1,),
+            "last_three": tuple(range(-min(3, num_layers), 0)),
+            "all": tuple(range(-num_layers, 0))}
+
+
+def expand_groups(groups: Sequence[str], num_layers: int,
+                  default_layers: Sequence[int] = (-3, -2, -1), default_ratio: float = 0.3,
+                  ) -> dict[str, list[tuple[str, AblationRun]]]:
+    """``{group: [(config label, run)]}``; the baseline is always part of ``main``.
+
+    Args:
+        groups: subset of :data:`GROUPS`.
+        num_layers: LM layers of the backbone (for the layer sets and to cut
+            ``default_layers`` to what exists).
+        default_layers: VEIN layers of "VEIN only"/FAM and of the γ sweep.
+        default_ratio: γ of "VEIN only"/FAM and of the layer sweep.
+    """
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ConfigError(f"unknown ablation group(s) {bad}; choose from {list(GROUPS)}")
+    layers = tuple(sorted({l for l in default_layers if -num_layers <= l < 0}))
+    if not layers:
+        raise ConfigError(f"vein layers {list(default_layers)} do not exist in a "
+                          f"{num_layers}-layer model")
+    vein = dict(vein=True, mask_ratio=default_ratio, vein_layers=layers)
+    inv = dict(vein, vein_memory="embedding", vein_weight=INVERSION_WEIGHT)
+    out: dict[str, list[tuple[str, AblationRun]]] = {}
+    for g in groups:
+        if g == "main":
+            out[g] = [("baseline", AblationRun()),
+                      ("mac_only", AblationRun(align_weights=MAC_ALL)),
+                      ("vein_only", AblationRun(**vein)),
+                      ("fam", AblationRun(align_weights=MAC_ALL, **vein))]
+        elif g == "inversion":
+            out[g] = [("vein_inversion", AblationRun(**inv)),
+                      ("fam_inversion", AblationRun(align_weights=MAC_ALL, **inv))]
+        elif g == "vein_weight":
+            out[g] = [(f"vein_only_w{INVERSION_WEIGHT:g}",
+                       AblationRun(**vein, vein_weight=INVERSION_WEIGHT))]
+        elif g == "control":
+            out[g] = [("control", AblationRun(captions=True))]
+        elif g == "mac_terms":
+            out[g] = [("coarse", AblationRun(align_weights=(1.0, 0.0, 0.0))),
+                      ("coarse+c2f", AblationRun(align_weights=(1.0, 1.0, 0.0))),
+                      ("coarse+c2f+fine", AblationRun(align_weights=MAC_ALL))]
+        elif g == "mask_ratio":
+            out[g] = [(f"gamma={r:g}", AblationRun(vein=True, mask_ratio=r, vein_layers=layers))
+                      for r in MASK_RATIOS]
+        elif g == "vein_layers":
+            out[g] = [(name, AblationRun(vein=True, mask_ratio=default_ratio, vein_layers=ls))
+                      for name, ls in vein_layer_sets(num_layers).items()]
+    return out
+
+
+# --------------------------------------------------------------------------- configs
+
+def align_config(weights: Sequence[float], stage0: str | Path, data: str | Path, out: str | Path,
+                 seed: int, plan: DemoConfig, progress: bool = False) -> AlignConfig:
+    """The MAC stage of a run: the preset's align settings with the given term weights."""
+    data = Path(data)
+    return dataclasses.replace(plan.align, model=str(stage0), captions=str(data / "captions.json"),
+                               image_root=str(data), weights=tuple(float(w) for w in weights),
+                               run=stage_run(plan.align.run, Path(out), seed, plan, progress))
+
+
+def adapt_config(run: AblationRun, start: str | Path, data: str | Path, out: str | Path,
+                 seed: int, plan: DemoConfig, progress: bool = False) -> AdaptConfig:
+    """The adaptation of a run: the preset's settings, VEIN as the run says; the control
+    trains on ``train_captions`` for align + adapt steps."""
+    data = Path(data)
+    vein = dataclasses.replace(plan.vein, enabled=True, mask_ratio=run.mask_ratio,
+                               layers=list(run.vein_layers), memory=run.vein_memory,
+                               weight=run.vein_weight) if run.vein else plan.adapt.vein
+    optim = plan.adapt.optim
+    if run.captions:
+        optim = dataclasses.replace(optim, steps=optim.steps + plan.align.optim.steps)
+    return dataclasses.replace(plan.adapt, model=str(start), image_root=str(data), vein=vein,
+                               train_dir=str(data / ("train_captions" if run.captions else
+                                                     "train")), optim=optim,
+                               run=stage_run(plan.adapt.run, Path(out), seed, plan, progress))
+
+
+def caption_pairs_train_dir(data: str | Path, plan: DemoConfig) -> Path:
+    """``<data>/train_captions``: the task subsets plus MAC's image-caption pairs as a
+    retrieval subset (the Table 3 control's training data).
+
+    The pairs are exactly MAC's (:func:`fam.data.captions.load_captions` on
+    ``captions.json``, the caption field MAC reads) with MAC's prompts: query = the image
+    after ``align.image_instruction``, positive = the caption after
+    ``align.text_instruction``. Written once (atomically); the task subsets are linked.
+    """
+    import shutil
+
+    from fam.data.captions import load_captions
+
+    data = Path(data)
+    out = data / "train_captions"
+    if (out / f"{CAPTION_SUBSET}.jsonl").exists():
+        return out
+    tmp = data / "train_captions.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted((data / "train").iterdir()):
+        (tmp / f.name).symlink_to(f.resolve())
+    mac = plan.align
+    lines = []
+    for c in load_captions(data / "captions.json", data):
+        rel = Path(c.image).resolve().relative_to(data.resolve())
+        lines.append(json.dumps({"qry": f"{IMAGE_PLACEHOLDER}\n{mac.image_instruction}",
+                                 "qry_image_path": str(rel),
+                                 "pos_text": mac.text_instruction + c.target,
+                                 "pos_image_path": ""}))
+    (tmp / f"{CAPTION_SUBSET}.jsonl").write_text("\n".join(lines) + "\n")
+    tmp.rename(out)
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+def _probe_config(plan: DemoConfig):
+    from fam.config import ProbeConfig
+    n = min(48, max(2, plan.scenes.n_eval_images // 2))
+    return ProbeConfig(max_images=n, attention_images=min(16, n))
+
+
+def mechanism_checks(model_dir: str | Path, run_dir: str | Path, data: str | Path,
+                     plan: DemoConfig) -> dict[str, Any]:
+    """Why a config helps or not: the FAM probes on its checkpoint and, for VEIN runs, the
+    VEIN diagnostic of its training (the last logging window).
+
+    Returns:
+        ``{"global_local_gap", "object_caption_gap", "object_caption_win_rate",
+        "image_attention": [the EOS token's raw image mass per layer], "vision_centric":
+        [layers, negative], "vein": {rec_loss, rec_loss_shuffled, e_gap, grad_ratio} | None}``;
+        ``e_gap`` = (shuffled − own) / own; ``grad_ratio`` = ‖∇λL_rec‖ / ‖∇L_task‖, the
+        gradient norms into the backbone.
+    """
+    from fam.analysis.probes import (attention_probe, load_probe_images, load_probe_model,
+                                     similarity_probes)
+    cfg = _probe_config(plan)
+    images = load_probe_images(data, cfg.split, cfg.max_images)
+    model = load_probe_model(model_dir)
+    sim = similarity_probes(model, images, cfg)
+    att = attention_probe(model, images, cfg)
+    out: dict[str, Any] = {
+        "global_local_gap": sim["global_local"]["gap"],
+        "object_caption_gap": sim["object_caption"]["gap"],
+        "object_caption_win_rate": sim["object_caption"]["win_rate"],
+        "image_attention": att["image_mass"],
+        "vision_centric": att["vision_centric_layers_neg"],
+        "vein": None}
+    metrics = Path(run_dir) / "train_metrics.json"
+    final = json.loads(metrics.read_text()).get("final", {}) if metrics.exists() else {}
+    if "rec_loss" in final:
+        own, shuf = final["rec_loss"], final.get("rec_loss_shuffled")
+        task, vein = final.get("task_grad_norm"), final.get("vein_grad_norm")
+        out["vein"] = {"rec_loss": own, "rec_loss_shuffled": shuf,
+                       "e_gap": (shuf - own) / own if shuf is not None and own else None,
+                       "grad_ratio": vein / task if task and vein is not None else None}
+    return out
+
+
+def _train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed: int,
+                    plan: DemoConfig, progress: bool, probes: bool = True) -> dict[str, Any]:
+    """Train one run (reusing finished stages), evaluate it (keeping per-row credits for
+    the bootstrap) and run the mechanism checks; returns its result record."""
+    from fam.backbones import load_backbone
+    from fam.eval.mmeb import evaluate
+    from fam.model import EmbeddingModel
+    from fam.train.runner import run_stage
+
+    if run.captions:
+        caption_pairs_train_dir(data, plan)
+    timings: dict[str, float] = {}
+    start: Path = stage0
+    if run.align_weights is not None:
+        t = time.time()
+        wkey = "-".join(f"{w:g}" for w in run.align_weights)
+        start = run_stage(align_config(run.align_weights, stage0, data, root / "align" / wkey,
+                                       seed, plan, progress))
+        timings["align"] = time.time() - t  # ~0 when the checkpoint is shared
+    t = time.time()
+    model = run_stage(adapt_config(run, start, data, root / "runs" / run.key, seed, plan,
+                                   progress))
+    timings["adapt"] = time.time() - t
+    t = time.time()
+    res = evaluate(EmbeddingModel(load_backbone(model)), data / "eval", data, progress=progress,
+                   keep_credits=True)
+    timings["eval"] = time.time() - t
+    rec = {"key": run.key, "seed": seed, "run": dataclasses.asdict(run), "model": str(model),
+           "results": res, "timings_s": timings}
+    if probes:
+        t = time.time()
+        rec["mechanism"] = mechanism_checks(model, root / "runs" / run.key, data, plan)
+        timings["probes"] = time.time() - t
+    return rec
+
+
+def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "small",
+                 groups: Sequence[str] | None = None, progress: bool = False,
+                 plan: DemoConfig | None = None, threads: int = 1,
+                 configs: Sequence[str] | None = None, report_only: bool = False,
+                 probes: bool = True) -> dict[str, Any]:
+    """Run (or resume) the ablation; writes and returns ``ablation.json``'s content.
+
+    Args:
+        out: output folder.
+        seeds: training seeds (each gets its own tiny model and stage-0 checkpoint).
+        size: one of :data:`SIZES` (ignored when ``plan`` is given).
+        groups: subset of :data:`GROUPS` (default: :data:`DEFAULT_GROUPS`).
+        progress: progress bars in the stages.
+        plan: explicit budgets (tests).
+        configs: run only the configs with these labels (e.g. ``fam``, ``gamma=0.5``);
+            the baseline always runs. Default: every config of the groups.
+        threads: torch intra-op threads for every stage and the evaluation (0: torch's
+            default). 1 is the default because the tiny models gain nothing from more,
+            and on a shared 2-core machine oversubscribed OpenMP threads made an adaptation
+            step 10-40x slower (measured: 7-9 s vs 0.6 s per step).
+        report_only: train nothing; rebuild ``ablation.json``/``.md`` from the finished
+            runs' result files (e.g. after running seeds in separate processes, one
+            ``--seeds`` each: two processes must never share a seed).
+        probes: run the mechanism checks (FAM probes, VEIN diagnostic) on every run.
+    """
+    if not seeds:
+        raise ConfigError("give at least one seed (--seeds 0 1 2)")
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        plan, out = start_experiment(plan or plan_for_size(size), out, threads=threads)
+        return _run_ablation(out, seeds, size, list(groups or DEFAULT_GROUPS), progress, plan,
+                             configs, report_only, probes)
+    finally:
+        torch.set_num_threads(before)  # the stages change it too; leave the caller's setting
+
+
+def _run_ablation(out: Path, seeds: Sequence[int], size: str, groups: list[str],
+                  progress: bool, plan: DemoConfig, configs: Sequence[str] | None,
+                  report_only: bool = False, probes: bool = True) -> dict[str, Any]:
+    t_start = time.time()
+    # The benchmark is generated once, with seed 0, and shared by every seed: the seed
+    # varies the model's initialisation, stage 0 and the training order.
+    data = out / "data" if report_only else prepare_scenes(
+        out / "data", dataclasses.replace(plan.scenes, seed=0), progress=False)
+    records: list[dict[str, Any]] = []
+    stage0_times: list[float] = []
+    expanded: dict[str, list[tuple[str, AblationRun]]] = {}
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        t = time.time()
+        if report_only:
+            tiny = root / "models" / "tiny"
+            if not (tiny / "config.json").exists():
+                log.warning("ablate: seed %d has no model under %s; nothing to report", seed,
+                            tiny)
+                continue
+            n_layers = num_layers(tiny)
+        else:
+            _, stage0 = base_model(root, data, plan, seed, progress)
+            stage0_times.append(time.time() - t)
+            n_layers = num_layers(stage0)
+        # The preset's VEIN layers; unset means the paper's default for the backbone size,
+        # which for these tiny models (< 3B parameters) is the last three.
+        expanded = expand_groups(groups, n_layers, plan.vein.layers or (-3, -2, -1))
+        if configs:
+            expanded = {g: [(lab, r) for lab, r in cfgs if lab in configs or lab == "baseline"]
+                        for g, cfgs in expanded.items()}
+            expanded = {g: cfgs for g, cfgs in expanded.items() if cfgs}
+        # main's baseline is always needed: every Δ is taken against it.
+        runs = {AblationRun().key: AblationRun()}
+        for cfgs in expanded.values():
+            for _, r in cfgs:
+                runs.setdefault(r.key, r)
+        for i, (key, run) in enumerate(runs.items(), 1):
+            rpath = root / "results" / f"{key}.json"
+            if rpath.exists():
+                rec = json.loads(rpath.read_text())
+                log.info("ablate seed %d: %s already evaluated; skipping", seed, key)
+            elif report_only:
+                log.info("ablate seed %d: %s not finished; left out of the report", seed, key)
+                continue
+            else:
+                log.info("ablate seed %d: run %d/%d %s", seed, i, len(runs), key)
+                rec = _train_and_eval(run, root, stage0, data, seed, plan, progress, probes)
+                atomic_write_json(rpath, rec)
+                log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s", seed,
+                         key, rec["results"]["overall"], rec["results"]["IND"],
+                         rec["results"]["OOD"], sum(rec["timings_s"].values()))
+            records.append(rec)
+            if not report_only:
+                # Rewrite the report after every run so a long ablation can be read while
+                # it runs (without the bootstrap and the plot, which the final one adds).
+                write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start,
+                             final=False)
+    return write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start)

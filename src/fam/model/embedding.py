@@ -1,0 +1,150 @@
+"""The embedding model: a generative LVLM turned encoder (method.md §1, the VLM2Vec recipe).
+
+The embedding of an input is the final-layer hidden state of its last real token (EOS
+pooling), L2-normalised. The same forward also returns, on request, the token states of
+chosen layers with the image/text masks — what MAC (method.md §2) and VEIN (method.md §3) consume.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.data.types import MMItem
+from fam.utils.layers import resolve_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingOutput:
+    """What one forward of the embedding model returns.
+
+    Attributes:
+        embedding: (B, d) L2-normalised EOS embeddings.
+        hidden_states: ``{layer: (B, L, d)}`` for the requested layers (layer index into the
+            backbone's ``hidden_states`` tuple: 0 = input embeddings, ``num_layers`` = last).
+        image_mask, text_mask: (B, L) bool masks from the adapter.
+        eos_index: (B,) long.
+        has_image: (B,) bool.
+        attentions: per-layer attention maps when asked for (eager attention only).
+    """
+
+    embedding: torch.Tensor
+    hidden_states: dict[int, torch.Tensor]
+    image_mask: torch.Tensor
+    text_mask: torch.Tensor
+    eos_index: torch.Tensor
+    has_image: torch.Tensor
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    def eos_state(self, layer: int) -> torch.Tensor:
+        """(B, d) un-normalised state of the EOS token at ``layer``."""
+        h = self.hidden_states[layer]
+        return h[torch.arange(h.shape[0], device=h.device), self.eos_index]
+
+
+def select_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the masked positions of each row to the front, in sequence order.
+
+    Args:
+        hidden: (B, L, d) token states.
+        mask: (B, L) bool, the positions to keep (e.g. image tokens).
+
+    Returns:
+        tokens (B, N, d) with N = max kept per row, and valid (B, N) bool (False = padding).
+    """
+    mask = mask.bool()
+    counts = mask.sum(1)
+    n = max(int(counts.max()) if counts.numel() else 0, 1)
+    # Stable sort puts the kept positions first without reordering them.
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+    tokens = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+    valid = torch.arange(n, device=hidden.device)[None] < counts[:, None]
+    return tokens, valid
+
+
+class EmbeddingModel(nn.Module):
+    """EOS-pooled, L2-normalised embeddings from a backbone adapter.
+
+    Args:
+        adapter: the backbone adapter (owns the transformers model).
+        normalize: L2-normalise embeddings (VLM2Vec: yes).
+    """
+
+    def __init__(self, adapter: BackboneAdapter, normalize: bool = True):
+        super().__init__()
+        # The adapter is a module holding the HF model (``adapter.model``): registering it
+        # makes .parameters()/.train()/.to() reach the model, and a LoRA wrap or merge
+        # (which replaces ``adapter.model``) is seen here without any bookkeeping.
+        self.adapter = adapter
+        self.normalize = normalize
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    def resolve_layer(self, layer: int) -> int:
+        """The ``hidden_states`` index of ``layer`` (fam's one convention, see
+        :func:`fam.utils.layers.resolve_layer`: 1..n or -1..-n, -1 = last)."""
+        return resolve_layer(layer, self.num_layers)
+
+    def forward(self, batch: EncodedBatch, layers: Sequence[int] = (),
+                output_attentions: bool = False) -> EmbeddingOutput:
+        """Embed a batch.
+
+        Args:
+            batch: from ``adapter.encode`` (already on the model's device).
+            layers: hidden-state layers to return besides the embedding (may be negative).
+            output_attentions: also return attention maps (needs eager attention).
+        """
+        out = self.adapter.forward(batch, output_hidden_states=True,
+                                   output_attentions=output_attentions)
+        hs = out.hidden_states
+        last = hs[-1]
+        idx = torch.arange(last.shape[0], device=last.device)
+        emb = last[idx, batch.eos_index]
+        if self.normalize:
+            # Half precision is upcast (scores are divided by τ = 0.02); float64 stays
+            # float64, so exact-maths tests are not rounded through float32 here.
+            if emb.dtype in (torch.float16, torch.bfloat16):
+                emb = emb.float()
+            emb = F.normalize(emb, dim=-1)
+        wanted = {self.resolve_layer(l): hs[self.resolve_layer(l)] for l in layers}
+        return EmbeddingOutput(emb, wanted, batch.image_mask, batch.text_mask, batch.eos_index,
+                               batch.has_image, out.attentions if output_attentions else None)
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[MMItem], batch_size: int = 32) -> torch.Tensor:
+        """Embed items for inference/evaluation (no grad, eval mode restored afterwards).
+
+        Returns:
+            (n, d) float32 L2-normalised embeddings on the CPU.
+        """
+        was_training = self.training
+        self.eval()
+        device = self.adapter.device
+        outs = []
+        try:
+            for i in range(0, len(items), batch_size):
+                batch = self.adapter.encode(items[i:i + batch_size]).to(device)
+                with autocast_for(device, self.adapter.dtype):
+                    outs.append(self(batch).embedding.float().cpu())
+        finally:
+            self.train(was_training)
+        if not outs:
+            return torch.zeros(0, self.adapter.hidden_size)
+        return torch.cat(outs)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA when the model is in half precision; a no-op otherwise."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    import contextlib
+    return contextlib.nullcontext()
