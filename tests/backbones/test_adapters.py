@@ -414,3 +414,32 @@ def test_dora_wraps_and_merges_exactly(tiny_dirs, scene_images):
     with torch.no_grad():
         after = m(a.encode(items)).embedding
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_phi3v_vlm2vec_format_is_the_processors_chunks_without_eos(phi3v, scene_images):
+    """VLM2Vec's Phi3VProcessor (processing_phi3_v.py L149-201): split at <|image_k|>, each
+    chunk tokenised with the tokenizer's specials, image k as -k × its token count, nothing
+    appended; a text-only item is one tokenizer call."""
+    import re
+
+    from fam.backbones import Phi3VAdapter
+    a = Phi3VAdapter(phi3v.model, phi3v.tokenizer, phi3v.image_processor, prompt_format="vlm2vec")
+    assert a.max_text_tokens is None
+    ims = [Image.open(p).convert("RGB") for p in scene_images[:2]]
+    counts = a.process_images(ims)[1]
+    texts = [f"{IMAGE_PLACEHOLDER}\nRepresent the given image.", "<|image_1|> and <|image_2|>",
+             "Represent the given text: a red circle"]
+    b = a.encode([MMItem(t) for t in texts], images=[ims[0], ims, None])
+    tok = a.tokenizer
+    for row, text in enumerate(texts):
+        tags = [int(t) for t in re.findall(r"<\|image_(\d+)\|>", text)]
+        chunks = [tok(c)["input_ids"] for c in re.split(r"<\|image_\d+\|>", text)]
+        want = list(chunks[0])
+        for k, chunk in zip(tags, chunks[1:]):
+            want += [-k] * counts[k - 1] + list(chunk)
+        real = b.inputs["attention_mask"][row].bool()
+        assert b.inputs["input_ids"][row][real].tolist() == want
+        assert int(b.eos_index[row]) == len(want) - 1
+        assert b.inputs["position_ids"][row][real].tolist() == list(range(len(want)))
+    pooled = b.inputs["input_ids"][torch.arange(3), b.eos_index]
+    assert (pooled != a.eos_token_id).all()  # the last real token, never an appended EOS

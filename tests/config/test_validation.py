@@ -148,3 +148,33 @@ def test_cli_exits_2_with_one_line_naming_the_key(argv, capsys, caplog):
         else {"adapt": "model", "demo": "preset", "plan": "batch"}[argv[0] if argv[0] != "train"
                                                                     else argv[1]]
     assert bad in caplog.text
+
+
+def test_every_stage_selects_the_backbones_inputs():
+    from fam.backbones.options import NAMED_RESOLUTIONS, PROMPT_FORMATS as BACKBONE_FORMATS
+    from fam.config import ProjectorConfig, Stage0Config, load_config
+    from fam.config.training import IMAGE_RESOLUTIONS, PROMPT_FORMATS
+    # the config's copies of the backbone's names (config may not import backbones)
+    assert PROMPT_FORMATS == BACKBONE_FORMATS
+    assert set(IMAGE_RESOLUTIONS) == set(NAMED_RESOLUTIONS) | {"none", "cap"}
+    for cls in (Stage0Config, AlignConfig, AdaptConfig, ProjectorConfig):
+        cfg = load_config(cls, None, ["backbone.prompt_format=vlm2vec",
+                                      "backbone.image_resolution=448x336",
+                                      "backbone.max_pixels=1003520", "max_text_tokens=none"])
+        assert cfg.backbone.load_options() == {"prompt_format": "vlm2vec",
+                                               "image_resolution": "448x336",
+                                               "max_pixels": 1003520}
+        assert cfg.max_text_tokens is None
+        assert load_config(cls, None, []).backbone.load_options() == {}  # unset: as saved
+    assert load_config(AdaptConfig, None, []).max_text_tokens == "auto"
+    assert load_config(AdaptConfig, None, ["split=diverse_instruction"]).split == \
+        "diverse_instruction"
+    for bad, key in (("backbone.prompt_format=llava", "backbone.prompt_format"),
+                     ("backbone.image_resolution=huge", "backbone.image_resolution"),
+                     ("backbone.min_pixels=0", "backbone.min_pixels"),
+                     ("max_text_tokens=0", "max_text_tokens"),
+                     ("max_text_tokens=lots", "max_text_tokens")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(AdaptConfig, None, [bad])
+    with pytest.raises(ConfigError, match=r"backbone\.min_pixels"):
+        load_config(AdaptConfig, None, ["backbone.min_pixels=5000", "backbone.max_pixels=100"])

@@ -244,3 +244,58 @@ def test_records_are_slotted():
     # Memory: real subsets hold 100K rows, so records carry no per-instance __dict__.
     assert not hasattr(TrainPair(MMItem("a"), MMItem("b"), None, "d", "s", 1), "__dict__")
     assert not hasattr(EvalRow(MMItem("a"), [], "d", "s", 1), "__dict__")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["shards", "split-folders"])
+def test_mmeb_train_as_published(tmp_path, caplog, nested):
+    """MMEB-train: original / diverse_instruction splits beside a legacy train shard; images
+    in the dataset's images/ folder, paths relative to the dataset folder."""
+    data = tmp_path / "MMEB-train"
+    for sub in ("ImageNet_1K", "N24News"):
+        _png(data / "images" / sub / "0.png")
+    variants = {"original": "Represent the given image.",
+                "diverse_instruction": "Describe this picture for retrieval.",
+                "train": "legacy instruction"}
+    for sub in ("ImageNet_1K", "N24News"):
+        for split, inst in variants.items():
+            rows = [_train_row(i, qry=f"<|image_1|> {inst}",
+                               qry_image_path=f"images/{sub}/0.png") for i in range(2)]
+            if nested:
+                f = data / sub / split / "0000.parquet"
+            else:
+                f = data / sub / f"{split}-00000-of-00001.parquet"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows), f)
+    with caplog.at_level("WARNING"):
+        pairs = load_train(data, None)  # image root found: the dataset folder
+    assert "ignoring the legacy 'train' shard of 2 subset folder(s)" in caplog.text
+    assert {p.dataset for p in pairs} == {"ImageNet_1K", "N24News"} and len(pairs) == 4
+    assert all(variants["original"] in p.query.text for p in pairs)
+    assert pairs[0].query.image == data / "images" / "ImageNet_1K" / "0.png"
+    assert pairs[0].load_image("query").size == (4, 4)
+    div = load_train(data, None, split="diverse_instruction")
+    assert all(variants["diverse_instruction"] in p.query.text for p in div)
+    legacy = load_train(data, None, split="train")  # still readable when asked for
+    assert all(variants["train"] in p.query.text for p in legacy)
+    with pytest.raises(DataError, match="none is 'nope'"):
+        load_train(data, None, split="nope")
+
+
+def test_mmeb_eval_split_folders_and_image_root_guess(tmp_path):
+    from fam.data.mmeb.layout import guess_image_root
+    data = tmp_path / "MMEB-eval"
+    rows = _eval_rows()[:2]  # parquet columns hold lists only
+    for name, layout in (("VOC2007", "test-00000-of-00001.parquet"),
+                         ("MSCOCO", "test/0000.parquet")):
+        (data / name / layout).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), data / name / layout)
+    found = discover_datasets(data, "eval")
+    assert {k: [p.relative_to(data).as_posix() for p in v] for k, v in found.items()} == {
+        "MSCOCO": ["MSCOCO/test/0000.parquet"], "VOC2007": ["VOC2007/test-00000-of-00001.parquet"]}
+    fields = ("qry_img_path", "tgt_img_path")
+    # no images anywhere: the default stays (validation then names the missing file)
+    assert guess_image_root(data, found["VOC2007"], fields, data) == data
+    for rel in {r["qry_img_path"] for r in rows} | {p for r in rows for p in r["tgt_img_path"]}:
+        if rel:
+            _png(tmp_path / "eval_images" / rel)
+    assert guess_image_root(data, found["VOC2007"], fields, data) == tmp_path / "eval_images"

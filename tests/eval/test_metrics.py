@@ -34,12 +34,44 @@ def test_positive_index_tensor_and_errors():
     assert precision_at_1(scores, torch.tensor([1, 0])).tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="NaN"):
         precision_at_1(torch.tensor([[0.1, float("nan")], [0.2, 0.1]]))
-    with pytest.raises(ValueError, match="ties"):
-        precision_at_1(scores, ties="optimistic")
+    with pytest.raises(ValueError, match="ties must be one of"):
+        precision_at_1(scores, ties="random")
     with pytest.raises(ValueError, match="out of range"):
         precision_at_1(scores, 2)
     with pytest.raises(ValueError, match=r"\(Q, C\)"):
         precision_at_1(torch.zeros(3))
+
+
+def test_the_three_tie_rules_on_hand_made_ties():
+    scores = torch.tensor([[0.9, 0.9, 0.1, 0.0],    # 2-way tie at the top with the positive
+                           [0.2, 0.8, 0.8, 0.0],    # tie at the top without the positive
+                           [0.5, 0.5, 0.5, 0.5],    # 4-way tie (a constant scorer)
+                           [0.7, 0.3, 0.7, 0.7],    # 3-way tie with the positive
+                           [0.6, 0.3, 0.2, 0.1]])   # no tie, positive first
+    assert precision_at_1(scores, ties="expected").tolist() == [0.5, 0.0, 0.25, 1 / 3, 1.0]
+    assert precision_at_1(scores, ties="optimistic").tolist() == [1.0, 0.0, 1.0, 1.0, 1.0]
+    assert precision_at_1(scores, ties="pessimistic").tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+    # recall@2 of the 3-way tie behind one better candidate: ranks 2..4
+    behind = torch.tensor([[0.5, 0.9, 0.5, 0.5]])
+    assert recall_at_k(behind, 2, ties="expected").item() == pytest.approx(1 / 3)
+    assert recall_at_k(behind, 2, ties="optimistic").item() == 1.0
+    assert recall_at_k(behind, 2, ties="pessimistic").item() == 0.0
+
+
+def test_optimistic_is_vlm2vecs_argmax():
+    """VLM2Vec eval.py counts a hit when np.argmax(scores) == 0 (evaluation/eval_utils.py
+    get_pred); with coarse scores full of ties, "optimistic" gives exactly that."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (500, 7), generator=gen).double()  # many ties
+    argmax_hits = torch.tensor([float(np.argmax(row) == 0) for row in scores.numpy()],
+                               dtype=torch.float64)
+    assert torch.equal(precision_at_1(scores, ties="optimistic"), argmax_hits)
+    assert 0 < argmax_hits.mean() < 1
+    # ...and the three rules really differ on this data
+    means = {t: precision_at_1(scores, ties=t).mean().item()
+             for t in ("optimistic", "expected", "pessimistic")}
+    assert means["optimistic"] > means["expected"] > means["pessimistic"]
 
 
 def test_recall_at_k_with_ties():
@@ -114,4 +146,9 @@ def test_format_table_two_models():
     assert len({len(ln) for ln in lines if ln.startswith("-")}) == 1
     single = format_table(a)
     assert "diff" not in single and "model" in single.splitlines()[0]
+    assert lines[0].startswith("ties=unknown")  # these hand-made results record no rule
+    a["ties"], b["ties"] = "optimistic", "optimistic"
+    assert format_table([("x", a), ("y", b)]).startswith("ties=optimistic")
+    b["ties"] = "expected"
+    assert format_table([("x", a), ("y", b)]).startswith("ties=mixed")
     assert not math.isnan(float(single.splitlines()[-1].split()[2]))

@@ -123,6 +123,26 @@ def test_constant_encoder_scores_exactly_chance(bench):
         assert d["precision@1"] == pytest.approx(d["chance"])
     res = evaluate(ConstantEncoder(), bench, progress=False, ties="pessimistic")
     assert res["overall"] == 0.0
+    # optimistic = argmax with the positive first: a constant scorer "wins" everything,
+    # which is why it is not the default (it is what leaderboard numbers use)
+    res = evaluate(ConstantEncoder(), bench, progress=False, ties="optimistic")
+    assert res["overall"] == 100.0 and res["ties"] == "optimistic"
+
+
+def test_score_files_like_vlm2vec(bench, tmp_path):
+    from fam.eval.mmeb import save_score_files
+    for ties in ("optimistic", "expected"):
+        res = evaluate(ConstantEncoder(), bench, progress=False, ties=ties)
+        paths = save_score_files(res, tmp_path / ties)
+        assert sorted(p.name for p in paths) == sorted(f"{n}_score.json" for n in res["datasets"])
+        for name, d in res["datasets"].items():
+            got = json.loads((tmp_path / ties / f"{name}_score.json").read_text())
+            assert set(got) == {"acc", "num_correct", "num_pred"}
+            assert got["num_pred"] == d["n"]
+            assert got["acc"] == pytest.approx(d["precision@1"] / 100)
+            assert got["num_correct"] == pytest.approx(got["acc"] * d["n"])
+            if ties == "optimistic":
+                assert isinstance(got["num_correct"], int) and got["acc"] == 1.0
 
 
 def test_dataset_selection_max_rows_and_single_file(bench):

@@ -157,3 +157,41 @@ def test_adapt_also_saves_the_lora_adapter_which_reloads_exactly(bench, tmp_path
         e1 = merged(merged.adapter.encode(items)).embedding
         e2 = base(base.adapter.encode(items)).embedding
     torch.testing.assert_close(e2, e1, rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_in_vlm2vec_format_records_its_inputs_in_the_saved_model(bench, tmp_path):
+    """backbone.* options reach training, and the exported model keeps them for eval/export."""
+    from fam.config import BackboneConfig
+    from fam.train.adapt import run_adapt
+    cfg = _adapt_cfg(bench, tmp_path, max_text_tokens=None,
+                     backbone=BackboneConfig(prompt_format="vlm2vec", image_resolution="low",
+                                             min_pixels=56 * 56, max_pixels=28 * 28 * 16))
+    path = run_adapt(cfg)
+    saved = json.loads((path / "fam_backbone.json").read_text())
+    assert saved == {"family": "qwen2_vl", "prompt_format": "vlm2vec", "image_resolution": "low",
+                     "max_text_tokens": None, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16}
+    a = load_backbone(path)  # what eval, encode and export get by default
+    assert (a.prompt_format, a.image_resolution, a.max_text_tokens, a.pixel_budget) == \
+        ("vlm2vec", "low", None, (56 * 56, 28 * 28 * 16))
+
+
+def test_pair_collator_hands_images_over_in_their_own_mode(bench, tmp_path):
+    """RGBA reaches the adapter unconverted, so each format's rule applies (docs/vlm2vec.md)."""
+    import numpy as np
+    from PIL import Image
+
+    from fam.data.mmeb import TrainPair
+    from fam.data.types import MMItem
+    from fam.train.adapt import PairCollator
+    arr = np.random.default_rng(0).integers(0, 256, (60, 90, 4), dtype=np.uint8)
+    arr[..., 3] = np.linspace(0, 255, 90, dtype=np.uint8)[None]
+    Image.fromarray(arr, "RGBA").save(tmp_path / "rgba.png")
+    rgba = Image.open(tmp_path / "rgba.png")
+    q = MMItem("<|image_1|>\nRepresent the given image.", tmp_path / "rgba.png")
+    pair = TrainPair(q, MMItem("a label"), None, "Scenes-T2I", str(tmp_path / "x.jsonl"), 1)
+    for fmt, rgb in (("fam", None), ("vlm2vec", rgba.convert("RGB"))):
+        a = load_backbone(bench / "tiny", prompt_format=fmt)
+        batch = PairCollator(a, hard_negatives=False)([pair])
+        want = a.image_processor(images=[rgb if rgb is not None else rgba],
+                                 return_tensors="pt")["pixel_values"]
+        assert torch.equal(batch.query.inputs["pixel_values"], want), fmt

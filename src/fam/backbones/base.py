@@ -24,31 +24,40 @@ the order their blocks appear, which is the order every family scatters features
 Families differ only in the image block (e.g. Qwen2-VL: ``<|vision_start|>`` + N×``<|image_pad|>``
 + ``<|vision_end|>``; LLaVA: N×``<image>``), in how images become pixel tensors and in extra model
 inputs; subclasses implement exactly those hooks.
+
+Prompt formats (``prompt_format``, see :mod:`fam.backbones.options` and ``docs/vlm2vec.md``):
+
+- ``"fam"`` (default): the layout above, EOS appended and pooled, the family's own positions
+  (Qwen2-VL: multimodal RoPE from ``mm_token_type_ids``).
+- ``"vlm2vec"``: what VLM2Vec's v1 code feeds the same weights: each ``<|image_k|>`` becomes the
+  family's bare image token (Qwen2-VL ``<|image_pad|>``, LLaVA-NeXT ``<image>``) expanded to the
+  image's token count, the whole string goes through the tokenizer once (with the special
+  tokens it adds itself, e.g. Llama's ``<s>``), **no EOS** is appended, the last real token is
+  pooled, every real token gets the sequential position ``0..n-1`` (``position_ids``), no text
+  is cut unless ``max_text_tokens`` says so, and transparency is dropped as transformers 4.46
+  did. Phi-3.5-V keeps its processor's chunked layout, without EOS.
+
+Every image passes :meth:`BackboneAdapter.prepare_image` first (optional pre-resize, then RGB).
 """
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
 
-from fam.data.images import load_image
+from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
+                                   check_max_text_tokens, check_prompt_format,
+                                   parse_image_resolution, pre_resize)
+from fam.backbones.layout import PromptLayout
+from fam.data.images import load_image, to_rgb
 from fam.data.types import MMItem
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-#: ``<|image_k|>``: MMEB's placeholder generalised to the k-th image of an item (1-based).
-_PLACEHOLDER_RE = re.compile(r"<\|image_(\d+)\|>")
-
-
-def _placeholder(k: int) -> str:
-    return f"<|image_{k}|>"
-
 
 @dataclass
 class EncodedBatch:
@@ -84,16 +93,7 @@ class EncodedBatch:
         return int(self.eos_index.shape[0])
 
 
-@dataclass
-class _Seq:
-    ids: list[int]
-    image: list[bool]
-    text: list[bool]
-    n_image_tokens: int = 0
-    extra: dict[str, list[int]] = field(default_factory=dict)
-
-
-class BackboneAdapter(torch.nn.Module):
+class BackboneAdapter(PromptLayout, torch.nn.Module):
     """Base class of the per-family adapters.
 
     The adapter is a module whose only child is the transformers model (``self.model``),
@@ -107,26 +107,48 @@ class BackboneAdapter(torch.nn.Module):
         tokenizer: a fast tokenizer (offsets are needed for the content mask).
         image_processor: the family's image processor (``*ImageProcessorPil`` classes work
             without torchvision).
-        max_text_tokens: cap on text tokens per item (the image block is never cut).
+        max_text_tokens: cap on text tokens per item (image tokens are never cut); ``None`` =
+            no limit; ``"auto"`` = 128 for the ``"fam"`` format, no limit for ``"vlm2vec"``.
+            Every cut is counted (``truncated_items``) and logged.
         padding_side: ``"right"`` or ``"left"``; masks are exact either way.
+        prompt_format: ``"fam"`` or ``"vlm2vec"`` (module docstring).
+        image_resolution: pre-resize of every image
+            (:func:`fam.backbones.options.parse_image_resolution`).
     """
 
     family: ClassVar[str] = ""
     #: transformers ``model_type`` values this adapter serves.
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: The bare image token VLM2Vec writes for this family (``None``: no VLM2Vec counterpart).
+    vlm2vec_image_token: ClassVar[str | None] = None
+    #: Whether the processor has a min/max pixel budget (Qwen2-VL family).
+    has_pixel_budget: ClassVar[bool] = False
+    #: Family-specific keyword options of ``from_pretrained`` (beside the common ones).
+    extra_load_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, *,
-                 max_text_tokens: int = 128, padding_side: str = "right"):
+                 max_text_tokens: int | None | str = "auto", padding_side: str = "right",
+                 prompt_format: str = "fam", image_resolution: Any = None):
         if padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("the adapter needs a fast tokenizer (offset mapping) for the "
                               "text-content mask; load it with use_fast=True")
         super().__init__()
+        self.prompt_format = check_prompt_format(prompt_format)
+        if self.prompt_format == "vlm2vec" and not self.supports_vlm2vec():
+            raise ConfigError(
+                f"prompt_format='vlm2vec': VLM2Vec has no {self.family} backbone (its v1 code "
+                "supports qwen2_vl, qwen2_5_vl, llava_next and phi3_v); use prompt_format='fam'")
+        self.image_resolution = parse_image_resolution(image_resolution)
+        if isinstance(max_text_tokens, str) and max_text_tokens.strip().lower() == "auto":
+            max_text_tokens = DEFAULT_MAX_TEXT_TOKENS[self.prompt_format]
+        self.max_text_tokens = check_max_text_tokens(max_text_tokens)
+        #: Items whose text ``max_text_tokens`` cut so far (each cut is logged).
+        self.truncated_items = 0
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.max_text_tokens = max_text_tokens
         self.padding_side = padding_side
         self.image_token_id: int = self._resolve_image_token_id()
         self.pad_token_id: int = self._resolve_pad_id()
@@ -202,9 +224,34 @@ class BackboneAdapter(torch.nn.Module):
         """Pixel inputs for the model and the number of image tokens each image yields."""
         raise NotImplementedError
 
-    def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra model inputs the family needs beside ids, mask and pixels."""
+    def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                     attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra model inputs the family needs beside ids, mask and pixels.
+
+        The ``"vlm2vec"`` format passes explicit ``position_ids`` (B, L): ``0..n-1`` over each
+        row's real tokens, 1 on padding (VLM2Vec's Qwen2-VL ``get_rope_index`` fills padding
+        with ones; padding never influences real tokens).
+        """
+        if self.prompt_format == "vlm2vec":
+            return {"position_ids": sequential_positions(attention_mask)}
         return {}
+
+    @classmethod
+    def supports_vlm2vec(cls) -> bool:
+        """Whether VLM2Vec has a counterpart of this family (``prompt_format="vlm2vec"``)."""
+        return cls.vlm2vec_image_token is not None
+
+    @property
+    def pixel_budget(self) -> tuple[int | None, int | None]:
+        """The processor's (min_pixels, max_pixels) in effect; ``(None, None)`` without one."""
+        return None, None
+
+    @property
+    def settings(self) -> BackboneSettings:
+        """The input settings in effect (what ``fam_backbone.json`` records)."""
+        lo, hi = self.pixel_budget
+        return BackboneSettings(self.prompt_format, self.image_resolution, self.max_text_tokens,
+                                lo, hi)
 
     def bos_ids(self) -> list[int]:
         """Tokens prepended to every sequence (e.g. Llama's ``<s>``)."""
@@ -233,18 +280,29 @@ class BackboneAdapter(torch.nn.Module):
     # ------------------------------------------------------------------ loading/saving
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
-                        attn_implementation: str | None = None, max_text_tokens: int = 128,
-                        padding_side: str = "right", **kwargs: Any) -> "BackboneAdapter":
-        """Load a checkpoint (hub id or local ``save_pretrained`` directory)."""
+                        attn_implementation: str | None = None,
+                        max_text_tokens: int | None | str = "auto", padding_side: str = "right",
+                        prompt_format: str = "fam", image_resolution: Any = None,
+                        **kwargs: Any) -> "BackboneAdapter":
+        """Load a checkpoint (hub id or local ``save_pretrained`` directory).
+
+        ``kwargs`` are the family's own loading options (:attr:`extra_load_options`); prefer
+        :func:`fam.backbones.load_backbone`, which validates every option and applies the
+        settings a saved model records.
+        """
         model, tok, proc = cls.load_components(path, dtype=dtype,
                                                attn_implementation=attn_implementation, **kwargs)
-        return cls(model, tok, proc, max_text_tokens=max_text_tokens, padding_side=padding_side)
+        return cls(model, tok, proc, max_text_tokens=max_text_tokens, padding_side=padding_side,
+                   prompt_format=prompt_format, image_resolution=image_resolution)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Save model, tokenizer and image processor as a normal checkpoint directory.
 
-        Written into a temporary sibling directory first and renamed into place, so a crash
-        never leaves a half-written checkpoint under ``out_dir``.
+        The input settings (prompt format, pre-resize, pixel budget, text cap) go to
+        ``fam_backbone.json`` beside them, so the model is later loaded, evaluated and
+        exported with the inputs it was trained on. Written into a temporary sibling directory
+        first and renamed into place, so a crash never leaves a half-written checkpoint under
+        ``out_dir``.
         """
         from fam.utils.checkpoint import atomic_dir
 
@@ -257,6 +315,7 @@ class BackboneAdapter(torch.nn.Module):
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             self.image_processor.save_pretrained(tmp)
+            self.settings.save(tmp, self.family)
         return Path(out_dir)
 
     def _resolve_image_token_id(self) -> int:
@@ -278,115 +337,24 @@ class BackboneAdapter(torch.nn.Module):
         return int(tok.eos_token_id)
 
     # ------------------------------------------------------------------ batching
-    def _tokenize_segment(self, text: str, offset: int, content: tuple[int, int] | None,
-                          ) -> tuple[list[int], list[bool]]:
-        if not text:
-            return [], []
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        is_text = []
-        for tid, (s, e) in zip(ids, enc["offset_mapping"]):
-            s, e = s + offset, e + offset
-            inside = content is None or (s < content[1] and e > content[0])
-            is_text.append(inside and tid not in self._special_ids and e > s)
-        return ids, is_text
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """What every image goes through before the processor: pre-resize, then RGB.
 
-    def _place_images(self, item: MMItem, n_images: int) -> tuple[str, tuple[int, int] | None]:
-        """The item's text with exactly one ``<|image_k|>`` per image, and its content span.
-
-        Placeholders without an image (text-only side of a row, or ``<|image_k|>`` with k above
-        the image count) and repeats of an already placed image are dropped; images the text
-        does not mention go first (MMEB convention), each followed by a newline.
+        The pre-resize (``image_resolution``) happens in the image's own mode, as VLM2Vec
+        resizes the opened file before its processor converts it. RGB conversion follows the
+        processor of each format: ``"fam"`` composites transparency onto white (transformers 5
+        image processors, which fam runs), ``"vlm2vec"`` drops the alpha channel (transformers
+        4.46, which VLM2Vec pins, used ``Image.convert("RGB")``).
         """
-        text, content = item.text, item.content
-
-        def drop(t: str, c, pos: int, length: int):
-            c = tuple(x - length if x > pos else x for x in c) if c is not None else None
-            return t[:pos] + t[pos + length:], c
-
-        def first_stale(t: str):
-            seen: set[int] = set()
-            for m in _PLACEHOLDER_RE.finditer(t):
-                k = int(m.group(1))
-                if not 1 <= k <= n_images or k in seen:
-                    return m
-                seen.add(k)
-            return None
-
-        while (stale := first_stale(text)) is not None:
-            text, content = drop(text, content, stale.start(), stale.end() - stale.start())
-        # MMEB convention: an image without a placeholder goes first.
-        referenced = {int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)}
-        prefix = "".join(_placeholder(k) + "\n" for k in range(1, n_images + 1)
-                         if k not in referenced)
-        if prefix:
-            text = prefix + text
-            if content is not None:
-                content = (content[0] + len(prefix), content[1] + len(prefix))
-        return text, content
-
-    def image_order(self, item: MMItem, n_images: int) -> list[int]:
-        """1-based indices of the item's images in the order their blocks appear.
-
-        Models fill image positions with image features in the order the images are given,
-        so :meth:`encode` processes each item's images in this order.
-        """
-        text, _ = self._place_images(item, n_images)
-        return [int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)]
-
-    def _build_sequence(self, item: MMItem, n_image_tokens: int | Sequence[int] | None) -> _Seq:
-        """Token ids and masks of one item.
-
-        ``n_image_tokens`` is the token count of the item's image, or a list of counts when the
-        item carries several images (``<|image_1|>``, ``<|image_2|>``, ... in the text), or
-        ``None`` without an image.
-        """
-        if n_image_tokens is None:
-            counts: list[int] = []
-        elif isinstance(n_image_tokens, (list, tuple)):
-            counts = list(n_image_tokens)
-        else:
-            counts = [n_image_tokens]
-        text, content = self._place_images(item, len(counts))
-        # Segments of text between image blocks, with their character offsets in ``text``.
-        segments: list[tuple[str, int]] = []
-        blocks: list[int] = []
-        pos = 0
-        for m in _PLACEHOLDER_RE.finditer(text):
-            segments.append((text[pos:m.start()], pos))
-            blocks.append(int(m.group(1)))
-            pos = m.end()
-        segments.append((text[pos:], pos))
-        budget = self.max_text_tokens
-        toks: list[tuple[list[int], list[bool]]] = []
-        for seg, off in segments:
-            ids_, txt_ = self._tokenize_segment(seg, off, content)
-            # Cut the end of the text (image blocks and the EOS token are never cut).
-            toks.append((ids_[:budget], txt_[:budget]))
-            budget = max(0, budget - len(ids_))
-        bos = self.bos_ids()
-        ids = list(bos)
-        img = [False] * len(ids)
-        txt = [False] * len(ids)
-        for i, (s_ids, s_txt) in enumerate(toks):
-            ids += s_ids
-            img += [False] * len(s_ids)
-            txt += s_txt
-            if i < len(blocks):
-                k = blocks[i]
-                blk_ids, blk_img = self.image_block_at(counts[k - 1], k)
-                ids += blk_ids
-                img += blk_img
-                txt += [False] * len(blk_ids)
-        ids += [self.eos_token_id]
-        img += [False]
-        txt += [False]
-        return _Seq(ids, img, txt, sum(int(c) for c in counts))
+        image = pre_resize(image, self.image_resolution)
+        return to_rgb(image, "drop" if self.prompt_format == "vlm2vec" else "composite")
 
     def load_item_image(self, item: MMItem) -> Image.Image | None:
+        """The item's image as stored on disk (its own mode; :meth:`prepare_image` converts)."""
         if item.image is None:
             return None
-        return load_image(item.image, source=item.source, line=item.line, field=item.field)
+        return load_image(item.image, source=item.source, line=item.line, field=item.field,
+                          rgb=False)
 
     def encode(self, items: Sequence[MMItem],
                images: Sequence[Image.Image | Sequence[Image.Image] | None] | None = None,
@@ -413,7 +381,8 @@ class BackboneAdapter(torch.nn.Module):
         # scatter features into image positions in that order), e.g. "<|image_2|> ... <|image_1|>".
         orders = [self.image_order(it, len(ims)) if len(ims) > 1 else list(range(1, len(ims) + 1))
                   for it, ims in zip(items, per_item)]
-        present = [ims[k - 1] for ims, order in zip(per_item, orders) for k in order]
+        present = [self.prepare_image(ims[k - 1]) for ims, order in zip(per_item, orders)
+                   for k in order]
         pix: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if present:
@@ -442,7 +411,7 @@ class BackboneAdapter(torch.nn.Module):
             txt_mask[b, sl] = torch.tensor(s.text)
             eos[b] = start + n - 1
         inputs = {"input_ids": input_ids, "attention_mask": attn, **pix}
-        inputs.update(self.extra_inputs(input_ids, img_mask))
+        inputs.update(self.extra_inputs(input_ids, img_mask, attn))
         has_image = torch.tensor([len(ims) > 0 for ims in per_item], dtype=torch.bool)
         return EncodedBatch(inputs, img_mask, txt_mask, eos, has_image)
 
@@ -469,3 +438,12 @@ class BackboneAdapter(torch.nn.Module):
         """
         out = self.model(**batch.inputs, labels=labels, use_cache=False, return_dict=True)
         return out.loss
+
+
+def sequential_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions ``0..n-1`` over each row's real tokens and 1 on padding.
+
+    What VLM2Vec's forward gives every token (image tokens included) under either padding side.
+    """
+    attn = attention_mask.long()
+    return (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)

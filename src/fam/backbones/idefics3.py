@@ -169,7 +169,7 @@ class Idefics3Adapter(BackboneAdapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None, **kw: Any):
+    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None):
         from transformers import AutoTokenizer
         model = cls._load_model(path, dtype, attn_implementation)
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)

@@ -25,6 +25,23 @@ TINY_SIZES = {
 }
 
 
+def tiny_llama_tokenizer(corpus: Sequence[str], vocab_size: int) -> Any:
+    """An offline BPE tokenizer with LLaVA's special tokens that, like Llama's, adds ``<s>``.
+
+    The BOS template matters wherever a whole prompt is tokenised at once with the
+    tokenizer's own specials (LLaVA-NeXT's processor, ``prompt_format="vlm2vec"``); fam's own
+    layout tokenises text without specials and places ``<s>`` itself.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    bpe = train_bpe_tokenizer(corpus, LLAVA_SPECIAL_TOKENS, vocab_size)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<image>"])
+
+
 class LlavaAdapter(BackboneAdapter):
     family = "llava"
     model_types = ("llava",)
@@ -64,7 +81,7 @@ class LlavaAdapter(BackboneAdapter):
         return cs["height"] // p, cs["width"] // p
 
     @classmethod
-    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None, **kw: Any):
+    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None):
         from transformers import AutoTokenizer, CLIPImageProcessorPil
         model = cls._load_model(path, dtype, attn_implementation)
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
@@ -101,11 +118,8 @@ class LlavaAdapter(BackboneAdapter):
 
         ``(image_size/14)²`` image tokens (64 at 112 px).
         """
-        from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
-        bpe = train_bpe_tokenizer(corpus, LLAVA_SPECIAL_TOKENS, vocab_size)
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                      pad_token="<pad>", unk_token="<unk>",
-                                      additional_special_tokens=["<image>"])
+        from transformers import CLIPImageProcessorPil
+        tok = tiny_llama_tokenizer(corpus, vocab_size)
         ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
         cfg = cls.tiny_config(len(tok), ids, size, image_size)
         torch.manual_seed(seed)

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from fam.backbones.base import BackboneAdapter
-from fam.backbones.llava import LLAVA_SPECIAL_TOKENS, TINY_SIZES, LlavaAdapter
-from fam.backbones.tokenizer import train_bpe_tokenizer
+from fam.backbones.llava import (LLAVA_SPECIAL_TOKENS, TINY_SIZES, LlavaAdapter,
+                                 tiny_llama_tokenizer)
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class LlavaNextAdapter(BackboneAdapter):
 
     family = "llava_next"
     model_types = ("llava_next",)
+    #: VLM2Vec writes ``<image>`` and its processor expands it (``docs/vlm2vec.md``).
+    vlm2vec_image_token = "<image>"
 
     def __init__(self, model, tokenizer, image_processor, **kwargs: Any):
         super().__init__(model, tokenizer, image_processor, **kwargs)
@@ -124,7 +126,7 @@ class LlavaNextAdapter(BackboneAdapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None, **kw: Any):
+    def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None):
         from transformers import AutoTokenizer
         model = cls._load_model(path, dtype, attn_implementation)
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
@@ -155,11 +157,7 @@ class LlavaNextAdapter(BackboneAdapter):
         """
         if size not in TINY_SIZES:
             raise ConfigError(f"unknown tiny size {size!r}; choose one of {sorted(TINY_SIZES)}")
-        from transformers import PreTrainedTokenizerFast
-        bpe = train_bpe_tokenizer(corpus, LLAVA_SPECIAL_TOKENS, vocab_size)
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                      pad_token="<pad>", unk_token="<unk>",
-                                      additional_special_tokens=["<image>"])
+        tok = tiny_llama_tokenizer(corpus, vocab_size)
         ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
         cfg = cls.tiny_config(len(tok), ids, size, image_size)
         torch.manual_seed(seed)

@@ -66,6 +66,7 @@ class Phi3VAdapter(BackboneAdapter):
     #: Loading runs code from the checkpoint: :func:`fam.backbones.load_backbone` asks for
     #: ``trust_remote_code=True``.
     requires_remote_code = True
+    extra_load_options = ("num_crops",)
 
     def __init__(self, model, tokenizer, image_processor, **kwargs: Any):
         super().__init__(model, tokenizer, image_processor, **kwargs)
@@ -73,10 +74,24 @@ class Phi3VAdapter(BackboneAdapter):
         # to an empty string (``<s>`` for Phi-3.5-V) starts each chunk, also after an image.
         self._chunk_prefix = [int(i) for i in tokenizer("", add_special_tokens=True)["input_ids"]
                               if int(i) != self.eos_token_id]
+        if self.prompt_format == "vlm2vec" and self.image_resolution is not None:
+            log.warning("VLM2Vec never pre-resizes Phi-3.5-V images (its dataset skips PHI3V); "
+                        "image_resolution=%s is applied anyway, as asked", self.image_resolution)
 
     def _resolve_image_token_id(self) -> int:
         # No image_token_id in the config: image k is written as -k (the first image: -1).
         return FIRST_IMAGE_ID
+
+    @classmethod
+    def supports_vlm2vec(cls) -> bool:
+        # VLM2Vec-Full is Phi-3.5-V; its processor writes the layout below, minus the EOS.
+        return True
+
+    def _build_vlm2vec_sequence(self, item, counts):
+        # Phi3VProcessor (VLM2Vec's copy, processing_phi3_v.py) tokenises each chunk between
+        # image tags with the tokenizer's own specials and appends nothing: fam's chunked
+        # layout without the EOS. A text-only item is one chunk, the same thing.
+        return self._build_fam_sequence(item, counts, append_eos=False)
 
     # ------------------------------------------------------------------ model access
     def language_model(self) -> torch.nn.Module:
@@ -116,7 +131,7 @@ class Phi3VAdapter(BackboneAdapter):
     # ------------------------------------------------------------------ loading
     @classmethod
     def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None,
-                        trust_remote_code: bool = False, num_crops: int = 4, **kw: Any):
+                        trust_remote_code: bool = False, num_crops: int = 4):
         """Load the remote-code model, tokenizer and image processor.
 
         Args:

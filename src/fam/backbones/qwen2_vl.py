@@ -3,6 +3,11 @@
 Image block: ``<|vision_start|>`` + N × ``<|image_pad|>`` + ``<|vision_end|>`` with
 ``N = t·h·w / merge_size²`` from the image processor's ``image_grid_thw``. The model needs
 ``mm_token_type_ids`` (1 on image tokens) to compute its multimodal RoPE positions.
+
+``prompt_format="vlm2vec"``: N bare ``<|image_pad|>`` (no vision start/end), no EOS and
+sequential ``position_ids`` for every token, which is what VLM2Vec's forward computes: its
+``get_rope_index`` only counts images that follow a ``<|vision_start|>``, finds none and falls
+back to ``0..n-1`` (``docs/vlm2vec.md``).
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ def _mrope_section(head_dim: int) -> list[int]:
 class Qwen2VLAdapter(BackboneAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    vlm2vec_image_token = "<|image_pad|>"
+    #: min_pixels/max_pixels (common load options) reach this family's image processor.
+    has_pixel_budget = True
 
     def __init__(self, model, tokenizer, image_processor, **kwargs: Any):
         super().__init__(model, tokenizer, image_processor, **kwargs)
@@ -66,18 +74,32 @@ class Qwen2VLAdapter(BackboneAdapter):
         counts = (grid.prod(-1) // (self.merge_size ** 2)).tolist()
         return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, counts
 
-    def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                     attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.prompt_format == "vlm2vec":
+            return super().extra_inputs(input_ids, image_mask, attention_mask)
         return {"mm_token_type_ids": image_mask.to(torch.int32)}
+
+    @property
+    def pixel_budget(self) -> tuple[int | None, int | None]:
+        size = getattr(self.image_processor, "size", None) or {}
+        lo = size.get("shortest_edge") if hasattr(size, "get") else None
+        hi = size.get("longest_edge") if hasattr(size, "get") else None
+        lo = lo if lo is not None else getattr(self.image_processor, "min_pixels", None)
+        hi = hi if hi is not None else getattr(self.image_processor, "max_pixels", None)
+        return (int(lo) if lo is not None else None), (int(hi) if hi is not None else None)
 
     @classmethod
     def load_components(cls, path: str | Path, *, dtype=None, attn_implementation=None,
-                        min_pixels: int | None = None, max_pixels: int | None = None, **kw: Any):
+                        min_pixels: int | None = None, max_pixels: int | None = None):
         from transformers import AutoTokenizer
         model = cls._load_model(path, dtype, attn_implementation)
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
         ip_kw: dict[str, Any] = {}
-        if min_pixels is not None or max_pixels is not None:
+        # Only the limits given: None keeps the checkpoint's preprocessor_config.json value.
+        if min_pixels is not None:
             ip_kw["min_pixels"] = min_pixels
+        if max_pixels is not None:
             ip_kw["max_pixels"] = max_pixels
         proc = cls._image_processor_class().from_pretrained(str(path), **ip_kw)
         return model, tok, proc

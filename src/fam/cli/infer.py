@@ -1,35 +1,192 @@
-"""``fam eval`` (MMEB protocol) and ``fam encode`` (embeddings of a JSONL of items)."""
+"""``fam eval`` (MMEB protocol, ``--compare``) and ``fam encode`` (embeddings of a JSONL of items).
+
+Both load the model through :func:`fam.backbones.load_backbone` with the same input options
+(``--prompt-format``, ``--image-resolution``, ``--min-pixels``/``--max-pixels``,
+``--max-text-tokens``; unset = what the model was saved with) and optionally a published
+peft adapter (``--adapter``). See ``docs/vlm2vec.md`` for VLM2Vec-compatible settings.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_infer_subcommands"]
+log = logging.getLogger("fam")
+
+__all__ = ["add_infer_subcommands", "load_run"]
+
+#: ``--dtype`` choices (the model's weights; ``auto`` keeps what transformers loads).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_backbone_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model inputs (default: what the model was saved with)")
+    g.add_argument("--adapter", default=None,
+                   help="peft adapter folder (LoRA/DoRA, adapter_model.safetensors or .bin) "
+                        "trained on --model, merged into it (e.g. TIGER-Lab/VLM2Vec-Qwen2VL-2B)")
+    g.add_argument("--prompt-format", choices=["fam", "vlm2vec"], default=None,
+                   help="input layout: fam's, or VLM2Vec's (bare image tokens, no EOS, "
+                        "sequential positions, no text cap)")
+    g.add_argument("--image-resolution", default=None,
+                   help="pre-resize images: none | high (1344²) | mid (672²) | low (128²) | cap "
+                        "(only larger than 1344) | 336 | 448x336")
+    g.add_argument("--min-pixels", type=int, default=None, help="Qwen2-VL processor min pixels")
+    g.add_argument("--max-pixels", type=int, default=None, help="Qwen2-VL processor max pixels")
+    g.add_argument("--max-text-tokens", default=None,
+                   help="text tokens kept per item: N | none (no limit) | auto (fam 128, "
+                        "vlm2vec none)")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype")
+    g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow remote-code checkpoints (Phi-3.5-V, VLM2Vec-Full): runs their code")
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    """The embedding model the options describe, on the chosen device, in eval mode."""
+    import torch
+
+    from fam.backbones import load_backbone
+    from fam.errors import ConfigError
+    from fam.model import EmbeddingModel
+    opts: dict[str, Any] = {}
+    if args.prompt_format is not None:
+        opts["prompt_format"] = args.prompt_format
+    if args.image_resolution is not None:
+        opts["image_resolution"] = args.image_resolution
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.max_text_tokens is not None:
+        raw = str(args.max_text_tokens).strip().lower()
+        if raw in ("none", "auto"):
+            opts["max_text_tokens"] = None if raw == "none" else "auto"
+        elif raw.isdigit():
+            opts["max_text_tokens"] = int(raw)
+        else:
+            raise ConfigError(f"--max-text-tokens {args.max_text_tokens!r}: give a positive "
+                              "integer, none or auto")
+    if args.dtype != "auto":
+        opts["dtype"] = getattr(torch, args.dtype)
+    adapter = load_backbone(args.model, trust_remote_code=args.trust_remote_code,
+                            adapter=args.adapter, **opts)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        adapter.model.to(device)
+    except (RuntimeError, AssertionError) as e:  # torch raises these for unknown devices
+        raise ConfigError(f"--device {args.device}: {e}") from None
+    return EmbeddingModel(adapter).eval()
+
+
+def _run_label(path: Path) -> str:
+    """A column name for a run: its folder's name unless the file name says more."""
+    if path.is_file() and path.stem not in ("results", "eval_results"):
+        return path.stem
+    return (path.parent if path.is_file() else path).name or str(path)
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """A run's results for ``--compare``: fam's results JSON, a folder holding one
+    (``results.json``/``eval_results.json``), or a folder of VLM2Vec ``{Dataset}_score.json``
+    files (scored by argmax: ties ``optimistic``).
+
+    Raises:
+        DataError: nothing readable there (names the path and what was expected).
+    """
+    from fam.data.mmeb import dataset_info, load_dataset_infos
+    from fam.data.mmeb.datasets import MMEB_EVAL_EXTRAS
+    from fam.errors import DataError
+    from fam.eval.metrics import aggregate
+    from fam.eval.mmeb import PRIMARY_METRIC, load_results
+    p = Path(path)
+    if p.is_dir():
+        for name in ("results.json", "eval_results.json"):
+            if (p / name).is_file():
+                return load_run(p / name)
+        scores = sorted(p.glob("*_score.json"))
+        if not scores:
+            raise DataError("no results.json, eval_results.json or {Dataset}_score.json files "
+                            "here", p)
+        infos = load_dataset_infos(p)
+        per: dict[str, float] = {}
+        datasets: dict[str, dict[str, Any]] = {}
+        for f in scores:
+            name = f.name[:-len("_score.json")]
+            if name in MMEB_EVAL_EXTRAS and name not in infos:
+                log.warning("%s: %s is not one of the 36 MMEB datasets; left out", f, name)
+                continue
+            try:
+                d = json.loads(f.read_text(encoding="utf-8"))
+                acc, n = float(d["acc"]), int(d["num_pred"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise DataError(f"not a VLM2Vec score file ({e}); expected {{acc, num_correct, "
+                                "num_pred}", f) from None
+            info = dataset_info(name, p, infos=infos)
+            per[name] = 100.0 * acc
+            datasets[name] = {PRIMARY_METRIC: 100.0 * acc, "n": n, "meta_task": info.meta_task,
+                              "split": info.split, "chance": None}
+        res: dict[str, Any] = {"metric": PRIMARY_METRIC, "ties": "optimistic",
+                               "datasets": datasets}
+        res.update(aggregate(per, infos))
+        return res
+    if not p.is_file():
+        raise DataError("no such results file or folder", p)
+    try:
+        res = load_results(p)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON ({e.msg})", p, e.lineno) from None
+    if not isinstance(res, dict) or "datasets" not in res:
+        raise DataError("not a fam results file (no 'datasets')", p)
+    return res
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fam.eval.metrics import TIE_RULES, format_table
+    a, b = (Path(x) for x in args.compare)
+    runs = [load_run(a), load_run(b)]
+    names = [_run_label(a), _run_label(b)]
+    if names[0] == names[1]:
+        names = [f"A:{names[0]}", f"B:{names[1]}"]
+    print(format_table(list(zip(names, runs)), per_dataset=True, digits=args.digits))
+    rules = {r.get("ties") for r in runs}
+    if len(rules) == 1 and (rule := rules.pop()) in TIE_RULES:
+        print(f"ties={rule}: {TIE_RULES[rule]}")
+    for name, r in zip(names, runs):
+        bb = r.get("settings", {}).get("backbone")
+        if bb:
+            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in bb.items()))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fam.backbones import load_backbone
-    from fam.eval.metrics import format_table
-    from fam.eval.mmeb import evaluate, save_results
-    from fam.model import EmbeddingModel
-    adapter = load_backbone(args.model)
-    res = evaluate(EmbeddingModel(adapter), args.data, args.image_root,
-                   datasets=args.datasets or None, batch_size=args.batch_size,
-                   max_rows=args.max_rows, progress=not args.no_progress)
+    from fam.errors import ConfigError
+    if args.compare:
+        return cmd_compare(args)
+    if not args.model or not args.data:
+        raise ConfigError("fam eval needs --model and --data (or --compare A B)")
+    from fam.eval.metrics import TIE_RULES, format_table
+    from fam.eval.mmeb import evaluate, save_results, save_score_files
+    model = _load_model(args)
+    res = evaluate(model, args.data, args.image_root, datasets=args.datasets or None,
+                   batch_size=args.batch_size, max_rows=args.max_rows,
+                   progress=not args.no_progress, ties=args.ties, split=args.split)
+    res["settings"].update(model=str(args.model), adapter=args.adapter)
     out = Path(args.out) if args.out else Path(args.model) / "eval_results.json"
     save_results(res, out)
+    save_score_files(res, out.parent)
     print(format_table([(Path(args.model).name, res)], per_dataset=True))
-    print(f"results written to {out}")
+    print(f"ties={args.ties}: {TIE_RULES[args.ties]}")
+    print(f"results written to {out} (and {{Dataset}}_score.json beside it)")
     return 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from fam.backbones import load_backbone
     from fam.data.types import MMItem
-    from fam.model import EmbeddingModel
     from fam.utils.io import read_jsonl, resolve_under
     root = Path(args.image_root or Path(args.input).parent)
     items = []
@@ -38,7 +195,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         items.append(MMItem(row.get("text", ""),
                             resolve_under(root, img, source=args.input, line=line, field="image")
                             if img else None, source=str(args.input), line=line, field="image"))
-    model = EmbeddingModel(load_backbone(args.model))
+    model = _load_model(args)
     emb = model.encode(items, batch_size=args.batch_size)
     save_file({"embeddings": emb.contiguous()}, args.out)
     print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.out}")
@@ -47,15 +204,27 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def add_infer_subcommands(sub: Any) -> None:
     """``fam eval`` and ``fam encode``."""
-    ev = sub.add_parser("eval", help="MMEB-protocol evaluation of an embedding model")
-    ev.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    ev.add_argument("--data", required=True, help="MMEB-format eval folder or file")
-    ev.add_argument("--image-root", default=None, help="image root (default: beside the data)")
+    ev = sub.add_parser("eval", help="MMEB-protocol evaluation of an embedding model, or "
+                                     "--compare two runs")
+    ev.add_argument("--model", default=None, help="checkpoint directory or hub id")
+    ev.add_argument("--data", default=None, help="MMEB-format eval folder or file")
+    ev.add_argument("--image-root", default=None,
+                    help="image root (default: beside the data, or its eval_images/ or images/)")
     ev.add_argument("--datasets", nargs="*", default=None)
+    ev.add_argument("--split", default=None, help="split of dataset folders (default: test)")
     ev.add_argument("--max-rows", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--ties", choices=["expected", "optimistic", "pessimistic"],
+                    default="expected",
+                    help="expected: a k-way tie earns 1/k (default); optimistic: ties go to the "
+                         "positive (argmax, as VLM2Vec and the MMEB leaderboard); pessimistic")
     ev.add_argument("--out", default=None, help="results JSON (default: <model>/eval_results.json)")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                    help="print two runs side by side with differences (results JSON, a folder "
+                         "holding one, or a folder of VLM2Vec {Dataset}_score.json files)")
+    ev.add_argument("--digits", type=int, default=1, help="decimals in --compare's table")
+    _add_backbone_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     en = sub.add_parser("encode", help="embed a JSONL of {text, image} items")
@@ -64,4 +233,5 @@ def add_infer_subcommands(sub: Any) -> None:
     en.add_argument("--image-root", default=None)
     en.add_argument("--out", required=True, help="safetensors file with 'embeddings' (n, d)")
     en.add_argument("--batch-size", type=int, default=32)
+    _add_backbone_options(en)
     en.set_defaults(func=cmd_encode)

@@ -20,9 +20,10 @@ from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_conf
 from fam.config.scenes import ScenesConfig
 from fam.config.stages import AdaptConfig, AlignConfig, ProjectorConfig, Stage0Config, VeinConfig
 from fam.config.tools import PlanConfig, ProbeConfig
-from fam.config.training import LoraConfig, OptimConfig, RunConfig
+from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 
 __all__ = ["Validated", "load_config", "from_dict", "to_dict", "apply_overrides", "deep_merge",
-           "read_yaml", "OptimConfig", "LoraConfig", "RunConfig", "Stage0Config", "AlignConfig",
+           "read_yaml", "OptimConfig", "LoraConfig", "RunConfig", "BackboneConfig",
+           "Stage0Config", "AlignConfig",
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "ScenesConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig"]

@@ -20,7 +20,8 @@ from typing import Any, ClassVar, Iterable
 
 from fam.errors import ConfigError
 
-__all__ = ["Validated", "fail", "integer", "integers", "number", "choice", "text", "pair_list"]
+__all__ = ["Validated", "fail", "integer", "integers", "number", "choice", "text", "pair_list",
+           "text_cap"]
 
 
 def fail(key: str, value: Any, rule: str) -> None:
@@ -73,6 +74,15 @@ def text(key: str, value: str, what: str) -> None:
     """A non-empty (not only whitespace) string; ``what`` says what to put there."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key} is empty: give {what} ({key}=...)", key=key)
+
+
+def text_cap(key: str, value: Any) -> None:
+    """A text-token cap: an int >= 1, ``None`` (no limit) or ``"auto"`` (the prompt format's
+    default: 128 for fam, no limit for vlm2vec)."""
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        fail(key, value, "must be an integer >= 1, none (no limit) or auto")
 
 
 def pair_list(key: str, value: Any, n: int) -> None:

@@ -8,6 +8,7 @@ is validated (:meth:`fam.config.checks.Validated.validate`) before it is returne
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +28,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
         for a in args:
-            if a is type(None) and value is None:
+            if a is type(None) and (value is None or (
+                    isinstance(value, str) and value.strip().lower() in ("none", "null"))):
                 return None
         for a in args:
             if a is type(None):

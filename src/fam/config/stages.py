@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fam.config.checks import Validated, choice, fail, integer, number
-from fam.config.training import LoraConfig, OptimConfig, RunConfig
+from fam.config.checks import Validated, choice, fail, integer, number, text_cap
+from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
@@ -49,12 +49,13 @@ class Stage0Config(Validated):
     qa: str = ""  # optional JSON list of {image, question, answer}
     image_root: str = ""  # root of the image paths (default: the caption file's folder)
     prompt: str = "Describe the image."  # instruction before the caption
-    max_text_tokens: int = 64  # text tokens per sample
+    max_text_tokens: int | str | None = 64  # text tokens per sample (none: no limit)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=32, steps=300))
     run: RunConfig = field(default_factory=RunConfig)
 
     def check(self, prefix: str) -> None:
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
 
 
 @dataclass
@@ -72,10 +73,11 @@ class AlignConfig(Validated):
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (w_c, w_c2f, w_f), paper: 1
     c2f_reduction: str = "mean"  # "mean" (paper) | "sum" (official code)
     temperature: float = 0.02  # τ (FAM: 0.02)
-    max_text_tokens: int = 64  # caption tokens per item
+    max_text_tokens: int | str | None = 64  # caption tokens per item (none: no limit)
     gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off); see fam.train.gradcache
     full_finetune: bool = False  # train the LM weights instead of LoRA
     freeze_vision: bool = True  # keep the vision tower frozen
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, steps=200))
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
     run: RunConfig = field(default_factory=RunConfig)
@@ -90,7 +92,7 @@ class AlignConfig(Validated):
             fail(prefix + "weights", self.weights, "at least one MAC term needs a weight > 0")
         choice(prefix + "c2f_reduction", self.c2f_reduction, C2F_REDUCTIONS)
         number(prefix + "temperature", self.temperature, 0.0, low_open=True)
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
         integer(prefix + "gradcache_chunk", self.gradcache_chunk, 0)
 
 
@@ -146,25 +148,28 @@ class AdaptConfig(Validated):
 
     model: str = ""  # checkpoint dir or hub id to start from
     train_dir: str = ""  # MMEB-format training data (jsonl/parquet files or subset folders)
-    image_root: str = ""  # root the rows' image paths are relative to (default: train_dir's parent)
+    image_root: str = ""  # root of the rows' image paths (default: found beside train_dir)
+    split: str = ""  # split of MMEB-train subset folders: "" = original (VLM2Vec) | diverse_instruction
     subsets: list[str] = field(default_factory=list)  # restrict to these subsets (empty: all)
     max_per_subset: int = 0  # cap rows per subset (0: no cap)
     temperature: float = 0.02  # τ of InfoNCE (VLM2Vec/FAM: 0.02)
     hard_negatives: bool = True  # use the data's neg_* fields as extra negatives
     mask_duplicates: bool = True  # identical targets of other rows are not negatives (VLM2Vec: no)
-    max_text_tokens: int = 128  # text tokens per item (images never cut)
+    # text tokens per item (images never cut): auto (fam: 128, vlm2vec: no limit) | N | none
+    max_text_tokens: int | str | None = "auto"
     gradcache_chunk: int = 0  # GradCache chunk size in pairs (0: off; Gao et al. 2021)
     full_finetune: bool = False  # train all LM weights instead of LoRA
     freeze_vision: bool = True  # keep the vision tower frozen (VLM2Vec: frozen)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
     vein: VeinConfig = field(default_factory=VeinConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     run: RunConfig = field(default_factory=RunConfig)
 
     def check(self, prefix: str) -> None:
         integer(prefix + "max_per_subset", self.max_per_subset, 0)
         number(prefix + "temperature", self.temperature, 0.0, low_open=True)
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
         integer(prefix + "gradcache_chunk", self.gradcache_chunk, 0)
         if not self.full_finetune and not self.lora.enabled:
             raise ConfigError(f"nothing to train: set {prefix}lora.enabled=true or "
@@ -188,7 +193,8 @@ class ProjectorConfig(Validated):
     theta: float = 0.5  # coverage threshold of S_k (paper: 0.5)
     pooling: str = "mean"  # region embedding: "mean" (paper) | "coverage" | "token" [choice]
     prompt: str = "Describe the image."  # instruction before the caption
-    max_text_tokens: int = 64  # text tokens per sample (the image block is never cut)
+    max_text_tokens: int | str | None = 64  # text tokens per sample (the image block is never cut)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     # LLaVA-1.5 projector pre-training: lr 1e-3, warm-up 3%, no weight decay
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))
@@ -200,7 +206,7 @@ class ProjectorConfig(Validated):
         number(prefix + "beta_max", self.beta_max, 0.0)
         integer(prefix + "ramp_steps", self.ramp_steps, 0)
         number(prefix + "theta", self.theta, 0.0, 1.0, low_open=True)
-        integer(prefix + "max_text_tokens", self.max_text_tokens, 1)
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
 
     def validate(self, prefix: str = "", *, require_inputs: bool = True) -> None:
         super().validate(prefix, require_inputs=require_inputs)

@@ -1,13 +1,14 @@
-"""Sections shared by every training stage: optimisation, LoRA, run bookkeeping."""
+"""Sections shared by every training stage: optimisation, LoRA, run bookkeeping, inputs."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from fam.config.checks import Validated, choice, fail, integer, integers, number, pair_list, text
 
-__all__ = ["OptimConfig", "LoraConfig", "RunConfig", "SCHEDULES", "PRECISIONS", "STRATEGIES",
-           "ATTN_IMPLEMENTATIONS"]
+__all__ = ["OptimConfig", "LoraConfig", "RunConfig", "BackboneConfig", "SCHEDULES", "PRECISIONS",
+           "STRATEGIES", "ATTN_IMPLEMENTATIONS", "PROMPT_FORMATS", "IMAGE_RESOLUTIONS"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -15,6 +16,11 @@ STRATEGIES = ("ddp", "fsdp")
 ATTN_IMPLEMENTATIONS = ("", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
                         "flex_attention")
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+#: The prompt formats and named pre-resize values of fam.backbones.options (a test keeps the
+#: two equal; config may not import backbones).
+PROMPT_FORMATS = ("fam", "vlm2vec")
+IMAGE_RESOLUTIONS = ("none", "high", "mid", "low", "cap")
+_SIZE = re.compile(r"\d+(x\d+)?")
 
 
 @dataclass
@@ -86,3 +92,41 @@ class RunConfig(Validated):
         choice(prefix + "precision", self.precision, PRECISIONS)
         choice(prefix + "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         choice(prefix + "strategy", self.strategy, STRATEGIES)
+
+
+@dataclass
+class BackboneConfig(Validated):
+    """How inputs reach the backbone (docs/vlm2vec.md); unset = what the model was saved with."""
+
+    prompt_format: str = ""  # "" (the model's saved format, else fam) | "fam" | "vlm2vec"
+    image_resolution: str = ""  # "" (saved, else none) | none | high | mid | low | cap | 336 | 448x336
+    min_pixels: int | None = None  # Qwen2-VL processor pixel budget (none: the checkpoint's)
+    max_pixels: int | None = None  # e.g. 1280*28*28 = 1003520; none: the checkpoint's
+
+    def check(self, prefix: str) -> None:
+        if self.prompt_format:
+            choice(prefix + "prompt_format", self.prompt_format, PROMPT_FORMATS)
+        res = self.image_resolution.strip().lower()
+        if res and res not in IMAGE_RESOLUTIONS and not _SIZE.fullmatch(res):
+            fail(prefix + "image_resolution", self.image_resolution,
+                 f"use one of {list(IMAGE_RESOLUTIONS)} or a size such as 336 or 448x336")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None:
+                integer(prefix + name, getattr(self, name), 1)
+        if self.min_pixels is not None and self.max_pixels is not None and \
+                self.min_pixels > self.max_pixels:
+            fail(prefix + "min_pixels", self.min_pixels,
+                 f"must be <= {prefix}max_pixels={self.max_pixels}")
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword options for ``fam.backbones.load_backbone`` (only those set)."""
+        out: dict[str, Any] = {}
+        if self.prompt_format:
+            out["prompt_format"] = self.prompt_format
+        if self.image_resolution.strip():
+            out["image_resolution"] = self.image_resolution.strip().lower()
+        if self.min_pixels is not None:
+            out["min_pixels"] = self.min_pixels
+        if self.max_pixels is not None:
+            out["max_pixels"] = self.max_pixels
+        return out

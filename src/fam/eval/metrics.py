@@ -3,10 +3,14 @@
 MMEB scores each query against its candidate list and counts a hit when the positive is
 ranked first (precision@1). A naive ``argmax`` returns the FIRST maximal index, and the
 positive is always listed first in MMEB data, so a model that gives every candidate the
-same score (e.g. a collapsed encoder) would score 100%. Here ties never favour the
-positive: by default a k-way tie at the top that includes the positive earns 1/k, the
-expected precision@1 under uniformly random tie breaking, so a constant scorer gets
-exactly the chance level.
+same score (e.g. a collapsed encoder) would score 100%. Three tie rules (:data:`TIE_RULES`):
+
+- ``"expected"`` (default): a k-way tie at the top that includes the positive earns 1/k, the
+  expected precision@1 under uniformly random tie breaking, so a constant scorer gets
+  exactly the chance level;
+- ``"optimistic"``: the positive wins every tie. With the positive listed first this is
+  exactly ``np.argmax``, what VLM2Vec's ``eval.py`` and the MMEB leaderboard score with;
+- ``"pessimistic"``: the positive loses every tie.
 
 All reported numbers are percentages (0-100); datasets are averaged with equal weight
 within a meta-task, IND, OOD and overall, as MMEB reports.
@@ -23,9 +27,23 @@ from fam.data.mmeb import META_TASKS, MMEB_DATASETS, DatasetInfo, dataset_info
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["precision_at_1", "recall_at_k", "aggregate", "format_table", "META_TASK_NAMES"]
+__all__ = ["precision_at_1", "recall_at_k", "aggregate", "format_table", "META_TASK_NAMES",
+           "TIE_RULES", "check_ties"]
 
-Ties = Literal["expected", "pessimistic"]
+Ties = Literal["expected", "optimistic", "pessimistic"]
+#: The tie rules, with what each means (shown in tables).
+TIE_RULES: dict[str, str] = {
+    "expected": "a k-way tie with the positive earns 1/k",
+    "optimistic": "ties go to the positive: argmax, as VLM2Vec and the MMEB leaderboard",
+    "pessimistic": "ties go against the positive",
+}
+
+
+def check_ties(ties: str) -> str:
+    """``ties`` if it names a tie rule, else a ``ValueError`` listing them."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {list(TIE_RULES)}, got {ties!r}")
+    return ties
 
 #: Display names of the meta-tasks.
 META_TASK_NAMES = {"classification": "Classification", "vqa": "VQA",
@@ -71,14 +89,16 @@ def recall_at_k(scores: torch.Tensor, k: int = 1, positive_index: int | torch.Te
 
     With ``g`` candidates strictly above the positive and ``e`` tied with it (itself
     included), a random tie break puts the positive uniformly at ranks ``g+1 .. g+e``,
-    so the expected credit is ``clamp((k - g) / e, 0, 1)``. ``"pessimistic"`` ranks the
-    positive last among its ties: credit ``1`` iff ``g + e <= k``.
+    so the expected credit is ``clamp((k - g) / e, 0, 1)``. ``"optimistic"`` ranks the
+    positive first among its ties: credit ``1`` iff ``g < k`` (for ``k = 1`` and the positive
+    in column 0, ``argmax == 0``). ``"pessimistic"`` ranks it last: credit ``1`` iff
+    ``g + e <= k``.
 
     Args:
         scores: (Q, C) query-candidate similarities.
         k: cut-off rank, ``>= 1``.
         positive_index: column of the positive (MMEB: 0), an int or a (Q,) tensor.
-        ties: ``"expected"`` (default) or ``"pessimistic"``.
+        ties: ``"expected"`` (default), ``"optimistic"`` or ``"pessimistic"``.
 
     Returns:
         (Q,) float64 credits in [0, 1].
@@ -88,13 +108,14 @@ def recall_at_k(scores: torch.Tensor, k: int = 1, positive_index: int | torch.Te
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_ties(ties)
     greater, equal = _positive_rank_counts(scores, positive_index)
     greater, equal = greater.double(), equal.double()
     if ties == "expected":
         return ((k - greater) / equal).clamp(0.0, 1.0)
-    if ties == "pessimistic":
-        return (greater + equal <= k).double()
-    raise ValueError(f"ties must be 'expected' or 'pessimistic', got {ties!r}")
+    if ties == "optimistic":
+        return (greater < k).double()
+    return (greater + equal <= k).double()
 
 
 def precision_at_1(scores: torch.Tensor, positive_index: int | torch.Tensor = 0,
@@ -110,7 +131,8 @@ def precision_at_1(scores: torch.Tensor, positive_index: int | torch.Tensor = 0,
         scores: (Q, C) similarities; ``scores[q, positive_index]`` is the positive's.
         positive_index: column of the positive (MMEB: 0), an int or a (Q,) tensor.
         ties: ``"expected"``: a k-way tie at the top that includes the positive earns
-            1/k (expected value under random tie breaking). ``"pessimistic"``: earns 0.
+            1/k (expected value under random tie breaking). ``"optimistic"``: earns 1
+            (``np.argmax`` with the positive first, VLM2Vec's rule). ``"pessimistic"``: earns 0.
 
     Returns:
         (Q,) float64 credits in [0, 1]; the dataset score is their mean.
@@ -195,7 +217,9 @@ def format_table(results: Any, per_dataset: bool = False, digits: int = 1) -> st
 
     Rows: the four meta-tasks, IND, OOD and Overall (with ``per_dataset``, each meta-task
     row is preceded by its datasets). Columns: the number of datasets, one per model, the
-    chance level and, for exactly two models, their difference (second minus first).
+    chance level and, for exactly two models, their difference (second minus first). The
+    header's first cell states the tie rule the scores were computed with (``ties=...``;
+    ``ties=mixed`` and a warning when the models were scored with different rules).
 
     Args:
         results: one results dict from :func:`fam.eval.mmeb.evaluate`, a ``{model name:
@@ -215,7 +239,13 @@ def format_table(results: Any, per_dataset: bool = False, digits: int = 1) -> st
                        "directly comparable")
     first = runs[0][1]
     diff = len(runs) == 2
-    header = ["", "n"] + [name for name, _ in runs] + ["chance"] + (["diff"] if diff else [])
+    rules = {r.get("ties", "unknown") for _, r in runs}
+    if len(rules) > 1:
+        logger.warning("the models were scored with different tie rules (%s); their numbers "
+                       "are not directly comparable", ", ".join(
+                           f"{name}: {r.get('ties', 'unknown')}" for name, r in runs))
+    tie_cell = f"ties={rules.pop()}" if len(rules) == 1 else "ties=mixed"
+    header = [tie_cell, "n"] + [name for name, _ in runs] + ["chance"] + (["diff"] if diff else [])
     body: list[list[str] | None] = []  # None = separator line
 
     def add(label: str, n: int | str, values: list[float | None], chance: float | None):

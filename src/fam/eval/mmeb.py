@@ -2,7 +2,7 @@
 
 For each dataset: every distinct item (query or candidate, e.g. the same ``(text, image)``) is
 encoded once, each query is scored against its own candidate list by cosine similarity,
-and precision@1 (ties never favour the positive, see :mod:`fam.eval.metrics`) is averaged
+and precision@1 (with the chosen tie rule, see :mod:`fam.eval.metrics`) is averaged
 over rows. Real MMEB rows carry 1000 candidates, mostly shared across rows (e.g. the 1000
 ImageNet class names), so deduplication cuts encoding work by up to ~1000x.
 
@@ -11,11 +11,12 @@ and chance level is a percentage in [0, 100]::
 
     {
       "metric": "precision@1",
-      "ties": "expected",                 # tie rule used (see precision_at_1)
+      "ties": "expected",                 # tie rule: expected | optimistic | pessimistic
       "datasets": {
         "<name>": {
           "precision@1": 63.2,            # mean over rows x 100
           "n": 1000,                      # rows evaluated
+          "n_correct": 632.0,             # sum of per-row credits (an int unless ties split)
           "n_candidates": 1000,           # candidates per row (a float mean if they vary)
           "n_encoded": 2000,              # distinct items encoded (after deduplication)
           "meta_task": "classification",  # classification | vqa | retrieval | grounding
@@ -28,8 +29,15 @@ and chance level is a percentage in [0, 100]::
       "IND": 60.0, "OOD": 50.0, "overall": 55.6,  # equal-weight means over datasets
       "n_datasets": {"classification": 10, ..., "IND": 20, "OOD": 16, "overall": 36},
       "chance": {"meta_task": {...}, "IND": ..., "OOD": ..., "overall": ...},
-      "settings": {"data_dir": "...", "image_root": "...", "max_rows": null, "split": null}
+      "settings": {"data_dir": "...", "image_root": "...", "max_rows": null, "split": null,
+                   "backbone": {"prompt_format": "fam", "image_resolution": null,
+                                "max_text_tokens": 128, "min_pixels": ..., "max_pixels": ...}}
     }
+
+``settings.backbone`` is recorded when the encoder is an :class:`~fam.model.EmbeddingModel`
+(the input settings of its adapter). :func:`save_score_files` also writes VLM2Vec's
+per-dataset files, ``{Dataset}_score.json`` with ``acc`` (a fraction), ``num_correct`` and
+``num_pred``, so a fam run compares file by file with a VLM2Vec ``eval.py`` run.
 
 A dataset's chance level comes from ``datasets.json`` when it declares one (its
 ``chance``, else ``1 / n_candidates``); otherwise it is computed from the rows evaluated
@@ -50,15 +58,17 @@ from tqdm.auto import tqdm
 
 from fam.data.mmeb import (EvalRow, dataset_info, discover_datasets, load_dataset_infos,
                            read_eval_rows, validate_images)
+from fam.data.mmeb.datasets import MMEB_EVAL_EXTRAS
+from fam.data.mmeb.layout import guess_image_root
 from fam.data.types import MMItem
 from fam.errors import DataError
-from fam.eval.metrics import Ties, aggregate, precision_at_1
+from fam.eval.metrics import Ties, aggregate, check_ties, precision_at_1
 from fam.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Encoder", "evaluate", "evaluate_rows", "save_results", "load_results",
-           "PRIMARY_METRIC"]
+           "save_score_files", "PRIMARY_METRIC"]
 
 #: The metric MMEB reports; the key of each dataset's score in the results.
 PRIMARY_METRIC = "precision@1"
@@ -209,8 +219,11 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         data_dir: MMEB-eval folder (``<Dataset>.jsonl|parquet`` files or one folder per
             dataset), a single data file, or a benchmark root holding ``eval/``.
         image_root: folder image paths are relative to (default: ``data_dir``, or the
-            folder of a data file).
-        datasets: names to evaluate (default: all found).
+            folder of a data file, unless the rows' images are found under its
+            ``eval_images/`` or ``images/``: :func:`fam.data.mmeb.layout.guess_image_root`).
+        datasets: names to evaluate (default: all found, except the sets MMEB-eval's
+            repository holds beside the benchmark, e.g. CIFAR-100, skipped with a warning
+            unless ``datasets.json`` declares them).
         batch_size: items per ``encoder.encode`` call.
         max_rows: evaluate only the first ``max_rows`` rows of each dataset (quick runs).
         progress: show progress bars.
@@ -227,17 +240,29 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
     Raises:
         DataError: bad data, unknown dataset or missing image (names file, line, field).
     """
+    check_ties(ties)
     data_dir = Path(data_dir)
-    if image_root is None:
-        image_root = data_dir if data_dir.is_dir() else data_dir.parent
     found = discover_datasets(data_dir, "eval", split)
-    names = list(found) if datasets is None else list(datasets)
+    infos = load_dataset_infos(data_dir)
+    if datasets is None:
+        # MMEB-eval as published also holds sets outside the benchmark (e.g. CIFAR-100):
+        # evaluated only when named, or declared in datasets.json.
+        extras = [n for n in found if n in MMEB_EVAL_EXTRAS and n not in infos]
+        if extras:
+            logger.warning("skipping %s: in MMEB-eval's repository but not one of the 36 MMEB "
+                           "datasets (name them with datasets= after declaring them in "
+                           "datasets.json)", ", ".join(extras))
+        names = [n for n in found if n not in extras]
+    else:
+        names = list(datasets)
     if not names:
         raise ValueError("no dataset selected (datasets=[])")
     missing = [n for n in names if n not in found]
     if missing:
         raise DataError(f"dataset(s) {missing} not found; available: {sorted(found)}", data_dir)
-    infos = load_dataset_infos(data_dir)
+    if image_root is None:
+        image_root = guess_image_root(data_dir, found[names[0]], ("qry_img_path", "tgt_img_path"),
+                                      data_dir if data_dir.is_dir() else data_dir.parent)
     meta = {n: dataset_info(n, data_dir, infos=infos) for n in names}
 
     per_dataset: dict[str, dict[str, Any]] = {}
@@ -256,6 +281,7 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         per_dataset[name] = {
             PRIMARY_METRIC: 100.0 * credits.mean().item(),
             "n": len(rows),
+            "n_correct": float(credits.sum().item()),
             "n_candidates": n_cand,
             "n_encoded": n_encoded,
             "meta_task": info.meta_task,
@@ -273,6 +299,9 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
     results.update(summary)
     results["settings"] = {"data_dir": str(data_dir), "image_root": str(image_root),
                            "max_rows": max_rows, "split": split}
+    backbone = getattr(getattr(encoder, "adapter", None), "settings", None)
+    if backbone is not None and hasattr(backbone, "to_dict"):
+        results["settings"]["backbone"] = backbone.to_dict()
     logger.info("MMEB overall %s (IND %s, OOD %s) over %d datasets", _pct(results["overall"]),
                 _pct(results["IND"]), _pct(results["OOD"]), len(per_dataset))
     return results
@@ -285,6 +314,29 @@ def _pct(v: float | None) -> str:
 def save_results(results: dict[str, Any], path: str | Path) -> None:
     """Write results as JSON atomically (a crash never leaves a truncated file)."""
     atomic_write_json(path, results)
+
+
+def save_score_files(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write VLM2Vec's per-dataset score files, ``<out_dir>/{Dataset}_score.json``.
+
+    Each holds ``{"acc": fraction correct, "num_correct": ..., "num_pred": rows}`` like
+    VLM2Vec's ``eval.py``; ``num_correct`` is an int when every row earned 0 or 1 (always
+    with ties ``optimistic``/``pessimistic``), else the sum of fractional tie credits.
+
+    Returns:
+        The files written (atomically).
+    """
+    out: list[Path] = []
+    for name, d in results.get("datasets", {}).items():
+        n = int(d["n"])
+        correct = float(d.get("n_correct", d[PRIMARY_METRIC] * n / 100.0))
+        num_correct: int | float = int(round(correct)) if abs(correct - round(correct)) < 1e-9 \
+            else correct
+        path = Path(out_dir) / f"{name}_score.json"
+        atomic_write_json(path, {"acc": correct / n if n else 0.0, "num_correct": num_correct,
+                                 "num_pred": n})
+        out.append(path)
+    return out
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

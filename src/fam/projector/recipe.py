@@ -324,7 +324,8 @@ class ProjectorRecipe(Recipe):
 
     def module(self) -> ProjectorModule:
         cfg = self.cfg
-        adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens)
+        adapter = load_backbone(cfg.model, max_text_tokens=cfg.max_text_tokens,
+                                **cfg.backbone.load_options())
         setup_projector(adapter, cfg.projector, cfg.reinit, cfg.run.seed)
         return ProjectorModule(adapter)
 

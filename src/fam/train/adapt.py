@@ -130,8 +130,9 @@ class PairCollator:
                              self.override.get(pair.dataset))
 
     def __call__(self, pairs: Sequence[TrainPair]) -> PairBatch:
-        q_img = [p.load_image("query") for p in pairs]
-        t_img = [p.load_image("pos") for p in pairs]
+        # Images as stored: the adapter pre-resizes and converts them (prepare_image).
+        q_img = [p.load_image("query", rgb=False) for p in pairs]
+        t_img = [p.load_image("pos", rgb=False) for p in pairs]
         query = self.adapter.encode([p.query for p in pairs], q_img)
         target = self.adapter.encode([p.pos for p in pairs], t_img)
         neg, rows = None, []
@@ -139,7 +140,7 @@ class PairCollator:
             rows = [i for i, p in enumerate(pairs) if p.neg is not None]
             if rows:
                 neg = self.adapter.encode([pairs[i].neg for i in rows],
-                                          [pairs[i].load_image("neg") for i in rows])
+                                          [pairs[i].load_image("neg", rgb=False) for i in rows])
         vq = torch.tensor([self._eligible(p, im is not None) for p, im in zip(pairs, q_img)])
         vt = torch.tensor([self._eligible(p, im is not None) for p, im in zip(pairs, t_img)])
         tid = torch.tensor([item_id(p.pos) for p in pairs], dtype=torch.long)
@@ -299,7 +300,7 @@ def build_embedder(cfg: AdaptConfig) -> EmbeddingModel:
     """The embedding model of an adaptation run, with its trainable parameters set."""
     return prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
                             full_finetune=cfg.full_finetune, freeze_vision=cfg.freeze_vision,
-                            lora=cfg.lora)
+                            lora=cfg.lora, backbone=cfg.backbone)
 
 
 class AdaptRecipe(Recipe):
@@ -332,9 +333,8 @@ class AdaptRecipe(Recipe):
 
     def build(self) -> StageParts:
         cfg = self.cfg
-        root = cfg.image_root or str(Path(cfg.train_dir).parent)
-        pairs = load_train(cfg.train_dir, root, cfg.subsets or None, cfg.max_per_subset or None,
-                           seed=cfg.run.seed)
+        pairs = load_train(cfg.train_dir, cfg.image_root or None, cfg.subsets or None,
+                           cfg.max_per_subset or None, seed=cfg.run.seed, split=cfg.split or None)
         module = self.module()
         meta = vein_meta_tasks(pairs, cfg.train_dir) if cfg.vein.enabled else {}
         collate = PairCollator(module.embedder.adapter, cfg.hard_negatives, meta,

@@ -120,7 +120,8 @@ class AlignRecipe(Recipe):
         cfg = self.cfg
         emb = prepare_embedder(cfg.model, cfg.run, max_text_tokens=cfg.max_text_tokens,
                                full_finetune=cfg.full_finetune, freeze_vision=cfg.freeze_vision,
-                               lora=dataclasses.replace(cfg.lora, enabled=True))
+                               lora=dataclasses.replace(cfg.lora, enabled=True),
+                               backbone=cfg.backbone)
         return MACModule(emb, cfg.token_layer)
 
     def build(self) -> StageParts:

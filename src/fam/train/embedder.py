@@ -6,7 +6,7 @@ import logging
 from torch import nn
 
 from fam.backbones import load_backbone
-from fam.config import LoraConfig, RunConfig
+from fam.config import BackboneConfig, LoraConfig, RunConfig
 from fam.errors import ConfigError
 from fam.model import EmbeddingModel, apply_lora
 
@@ -30,15 +30,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     log.info("gradient checkpointing on (%s)", type(hf).__name__)
 
 
-def prepare_embedder(model: str, run: RunConfig, *, max_text_tokens: int, full_finetune: bool,
-                     freeze_vision: bool, lora: LoraConfig) -> EmbeddingModel:
+def prepare_embedder(model: str, run: RunConfig, *, max_text_tokens: int | str | None,
+                     full_finetune: bool, freeze_vision: bool, lora: LoraConfig,
+                     backbone: BackboneConfig | None = None) -> EmbeddingModel:
     """Load a backbone and choose what trains: a fresh LoRA, or the weights (full FT).
 
     With full fine-tuning the vision tower stays frozen when ``freeze_vision`` (the adapter
-    knows which parameters are vision parameters).
+    knows which parameters are vision parameters). ``backbone`` sets the prompt format,
+    image pre-resize and pixel budget (unset: what ``model`` was saved with); the exported
+    model records them.
     """
     adapter = load_backbone(model, max_text_tokens=max_text_tokens,
-                            attn_implementation=run.attn_implementation or None)
+                            attn_implementation=run.attn_implementation or None,
+                            **(backbone.load_options() if backbone is not None else {}))
     emb = EmbeddingModel(adapter)
     for p in adapter.model.parameters():
         p.requires_grad_(False)

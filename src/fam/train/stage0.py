@@ -93,7 +93,8 @@ class Stage0Recipe(Recipe):
     name = "stage0"
 
     def module(self) -> GenerativeModule:
-        adapter = load_backbone(self.cfg.model, max_text_tokens=self.cfg.max_text_tokens)
+        adapter = load_backbone(self.cfg.model, max_text_tokens=self.cfg.max_text_tokens,
+                                **self.cfg.backbone.load_options())
         for p in adapter.model.parameters():
             p.requires_grad_(True)
         return GenerativeModule(adapter)

@@ -1,4 +1,19 @@
-"""Where MMEB data sets are on disk: files or Hugging Face folders, JSONL or parquet, splits."""
+"""Where MMEB data sets are on disk: files or Hugging Face folders, JSONL or parquet, splits.
+
+The Hugging Face layouts as published (checked against the dataset repositories' file lists):
+
+* ``TIGER-Lab/MMEB-eval``: ``<Dataset>/test-00000-of-00001.parquet``, or the parquet
+  converter's ``<Dataset>/test/0000.parquet``; it also holds datasets outside the 36 of the
+  benchmark (e.g. ``CIFAR-100``), which are skipped unless asked for by name.
+* ``TIGER-Lab/MMEB-train``: ``<Subset>/original-00000-of-00001.parquet`` and
+  ``<Subset>/diverse_instruction-00000-of-00001.parquet`` (choose with ``split=``; VLM2Vec's
+  paper results use ``original``), beside a legacy ``train-00000-of-00001.parquet`` from
+  before the two splits, which is ignored with a warning.
+
+Images: VLM2Vec unzips MMEB-eval's images into ``eval_images/`` and MMEB-train's into the
+dataset folder (``images/``); :func:`guess_image_root` finds the folder the rows' image paths
+are relative to when none is given.
+"""
 from __future__ import annotations
 
 import logging
@@ -30,9 +45,26 @@ def _split_of(path: Path) -> str:
     return m.group("split") if m else path.stem
 
 
+#: MMEB-train's split from before ``original``/``diverse_instruction`` existed.
+_LEGACY_TRAIN_SPLIT = "train"
+
+
 def _data_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.suffix in _DATA_SUFFIXES and not p.name.startswith("."))
+
+
+def _splits_of_folder(folder: Path) -> dict[str, list[Path]]:
+    """``{split: files}`` of one dataset folder: ``<split>-NNNNN-of-NNNNN.parquet`` shards
+    and/or ``<split>/NNNN.parquet`` sub-folders (the parquet converter's layout)."""
+    by_split: dict[str, list[Path]] = {}
+    for f in _data_files(folder):
+        by_split.setdefault(_split_of(f), []).append(f)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = _data_files(sub)
+        if files:
+            by_split.setdefault(sub.name, []).extend(files)
+    return by_split
 
 
 def discover_datasets(path: str | Path, kind: Literal["train", "eval"],
@@ -72,28 +104,71 @@ def discover_datasets(path: str | Path, kind: Literal["train", "eval"],
             raise DataError(f"dataset {f.stem!r} is stored twice ({found[f.stem][0].name} and "
                             f"{f.name}); keep one", path)
         found[f.stem] = [f]
+    legacy: list[str] = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _data_files(sub)
-        if not files:
+        by_split = _splits_of_folder(sub)
+        if not by_split:
             continue
         if sub.name in found:
             raise DataError(f"dataset {sub.name!r} is stored both as a file and as a folder; "
                             "keep one", path)
-        by_split: dict[str, list[Path]] = {}
-        for f in files:
-            by_split.setdefault(_split_of(f), []).append(f)
-        if len(by_split) == 1:
-            found[sub.name] = files
+        if split is None and kind == "train" and _LEGACY_TRAIN_SPLIT in by_split and \
+                len(by_split) > 1:
+            del by_split[_LEGACY_TRAIN_SPLIT]
+            legacy.append(sub.name)
+        if len(by_split) == 1 and (split is None or split in by_split):
+            found[sub.name] = next(iter(by_split.values()))
             continue
         want = split or _DEFAULT_SPLIT[kind]
         if want not in by_split:
             raise DataError(f"folder holds splits {sorted(by_split)} and none is {want!r}; pass "
                             "split= to choose one", sub)
         found[sub.name] = by_split[want]
+    if legacy:
+        logger.warning("ignoring the legacy %r shard of %d subset folder(s) (%s): MMEB-train's "
+                       "split from before 'original'/'diverse_instruction'; reading %r (pass "
+                       "split= to choose)", _LEGACY_TRAIN_SPLIT, len(legacy),
+                       ", ".join(legacy[:5]) + (", ..." if len(legacy) > 5 else ""),
+                       _DEFAULT_SPLIT["train"])
     if not found:
         raise DataError(f"no {kind} data found: expected <Dataset>.jsonl / <Dataset>.parquet "
                         "files or one folder of parquet/jsonl files per dataset", path)
     return dict(sorted(found.items()))
+
+
+def guess_image_root(data: str | Path, files: Sequence[Path], image_fields: Sequence[str],
+                     default: Path, n_probe: int = 16) -> Path:
+    """The folder the rows' image paths are relative to, when the user gave none.
+
+    Tries ``default`` first, then the data folder, its ``eval_images/`` and ``images/`` (where
+    VLM2Vec's instructions unzip MMEB's images) and the same beside it; the first folder
+    under which the first ``n_probe`` image paths of ``files`` all exist wins. When none
+    fits, ``default`` is returned (image validation then names the first missing file).
+    """
+    data = Path(data)
+    base = data if data.is_dir() else data.parent
+    rel: list[str] = []
+    for f in files:
+        for _, row in iter_rows(f, list(image_fields), []):
+            for key in image_fields:
+                v = row.get(key)
+                for path in (v if isinstance(v, list) else [v]):
+                    if isinstance(path, str) and path:
+                        rel.append(path)
+            if len(rel) >= n_probe:
+                break
+        if len(rel) >= n_probe:
+            break
+    if not rel:
+        return default
+    candidates = [default, base, base / "eval_images", base / "images", base.parent,
+                  base.parent / "eval_images", base.parent / "images"]
+    for root in dict.fromkeys(c for c in candidates):
+        if all((root / r).is_file() for r in rel[:n_probe]):
+            if root != default:
+                logger.info("image root: %s (the rows' image paths resolve there)", root)
+            return root
+    return default
 
 
 def iter_rows(path: Path, columns: Sequence[str], required: Sequence[str]

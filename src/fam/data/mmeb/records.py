@@ -52,8 +52,12 @@ class TrainPair:
     source: str
     line: int
 
-    def load_image(self, side: Literal["query", "pos", "neg"]) -> Image.Image | None:
-        """Open the image of one side as RGB (``None`` if that side has no image).
+    def load_image(self, side: Literal["query", "pos", "neg"], rgb: bool = True
+                   ) -> Image.Image | None:
+        """Open the image of one side (``None`` if that side has no image).
+
+        ``rgb=False`` keeps the file's mode for an adapter that pre-resizes and converts
+        with its own rule (:func:`fam.data.images.load_image`); otherwise RGB.
 
         Raises:
             DataError: the image is missing or corrupt; the message names the image, the
@@ -65,7 +69,7 @@ class TrainPair:
         if item is None or item.image is None:
             return None
         return load_image(item.image, source=self.source, line=self.line,
-                          field=TRAIN_FIELDS[side][1])
+                          field=TRAIN_FIELDS[side][1], rgb=rgb)
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from fam.data.mmeb.layout import discover_datasets, iter_rows
+from fam.data.mmeb.layout import discover_datasets, guess_image_root, iter_rows
 from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, TRAIN_OPTIONAL, TRAIN_REQUIRED,
                                    EvalRow, TrainPair)
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
@@ -146,7 +146,7 @@ def _parse_eval_row(row: dict, source: Path, line: int, dataset: str,
     return EvalRow(query=query, candidates=cands, dataset=dataset, source=str(source), line=line)
 
 
-def load_train(data_dir_or_file: str | Path, image_root: str | Path,
+def load_train(data_dir_or_file: str | Path, image_root: str | Path | None,
                subsets: Iterable[str] | None = None, max_per_subset: int | None = None,
                seed: int = 0, split: str | None = None) -> list[TrainPair]:
     """Load and validate MMEB-format training pairs.
@@ -158,12 +158,14 @@ def load_train(data_dir_or_file: str | Path, image_root: str | Path,
         data_dir_or_file: a data file, a folder of ``<subset>.jsonl|parquet`` files, a
             folder of per-subset folders (MMEB-train layout), or a benchmark root holding
             ``train/``.
-        image_root: folder the rows' image paths are relative to.
+        image_root: folder the rows' image paths are relative to; ``None``: found by
+            :func:`~fam.data.mmeb.layout.guess_image_root` (default: the data's parent).
         subsets: subset names to load (default: all found). Unknown names are an error.
         max_per_subset: keep at most this many rows per subset, a uniformly random sample
             (seeded) kept in file order. ``None`` keeps all.
         seed: seed of that sample.
-        split: split of multi-split folders (default ``"original"``, as VLM2Vec).
+        split: split of multi-split folders (default ``"original"``, as VLM2Vec;
+            ``"diverse_instruction"`` for MMEB-train's paraphrased instructions).
 
     Returns:
         The pairs, subsets in the order given (or sorted), rows in file order.
@@ -173,6 +175,10 @@ def load_train(data_dir_or_file: str | Path, image_root: str | Path,
     """
     found = discover_datasets(data_dir_or_file, "train", split)
     names = _select(found, subsets, "subset", data_dir_or_file)
+    if image_root is None:
+        image_root = guess_image_root(data_dir_or_file, found[names[0]] if names else [],
+                                      [f for _, f in TRAIN_FIELDS.values()],
+                                      Path(data_dir_or_file).parent)
     make = _ItemFactory(Path(image_root))
     pairs: list[TrainPair] = []
     for name in names:
