@@ -98,7 +98,7 @@ class AlignConfig(Validated):
 
 @dataclass
 class VeinConfig(Validated):
-    """VEIN (method.md §3; the official code fact by fact and every difference: docs/vein.md)."""
+    """VEIN (method.md §3: the official code fact by fact, every difference, the variants)."""
 
     enabled: bool = False  # add the VEIN reconstruction loss (method.md §3)
     weight: float = 1.0  # λ in L_adapt = L_task + λ L_rec (paper: 1), over the global batch

@@ -9,7 +9,7 @@ MMEB with Qwen2-VL-2B; VEIN position: none 55.0, all 54.2, last 55.3, second-to-
 * ``inversion`` — the inversion variant of VEIN (``vein.memory=embedding``: the decoder
   reads ``e`` alone) at λ = :data:`INVERSION_WEIGHT`, alone and after MAC (FAM).
 * ``vein_weight`` — the paper's VEIN at λ = :data:`INVERSION_WEIGHT`: the official code
-  weighs L_rec ``W`` times more than its stated λ on ``W`` GPUs (docs/vein.md), and it is
+  weighs L_rec ``W`` times more than its stated λ on ``W`` GPUs (method.md §3.1), and it is
   the like-for-like reference of the inversion variant.
 * ``mac_terms`` — MAC terms added one at a time, each followed by *plain* adaptation so
   the group isolates MAC: coarse; coarse + c2f; coarse + c2f + fine (= MAC only).

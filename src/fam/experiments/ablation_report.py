@@ -27,7 +27,7 @@ GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms", "con
 #: opt-in with ``--only``).
 DEFAULT_GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms", "control")
 #: λ of the inversion variant and of the paper's VEIN in ``vein_weight``: the official
-#: fine-tuning ran on 32 GPUs (its run.sh), where its L_rec weighs 32 × λ (docs/vein.md).
+#: fine-tuning ran on 32 GPUs (its run.sh), where its L_rec weighs 32 × λ (method.md §3.1).
 INVERSION_WEIGHT: float = 32.0
 #: Paired comparisons besides "config − baseline": (config, reference).
 COMPARISONS: tuple[tuple[str, str], ...] = (

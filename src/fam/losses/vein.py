@@ -1,5 +1,5 @@
-"""Vision Embedding Inversion (VEIN), FAM stage 2 (method.md §3; the official code fact by
-fact, and every difference, in ``docs/vein.md``).
+"""Vision Embedding Inversion (VEIN), FAM stage 2 (method.md §3, which also lists the official
+code fact by fact and every difference).
 
 At a layer ``l`` of the LVLM, a fraction γ of the image-token states ``H^l`` is masked; a
 one-layer Transformer decoder must reconstruct them, with the embedding-token state ``e^l``
@@ -34,7 +34,7 @@ model. Everything here is tensor code; which layers, tokens and samples are used
 by the caller (the backbone adapter gives the masks, :func:`vein_eligible` the sample rule).
 
 Length: the decoder with its two variants, the multi-layer head, the global-batch mean and
-the diagnostic are one unit (method.md §3, docs/vein.md); splitting them would scatter the
+the diagnostic are one unit (method.md §3); splitting them would scatter the
 one definition of L_rec.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def vein_eligible(has_image: bool, meta_task: str, override: bool | None = None)
     Rule: the side contains an image and its task is not VQA-type (for VQA the answer
     text, not the image content, is what the embedding must encode). A per-dataset
     ``override`` wins over the rule. (The official code uses a per-dataset table of
-    "pure vision" sides instead; see docs/vein.md.)
+    "pure vision" sides instead; see method.md §3.1.)
 
     Args:
         has_image: the sample side has at least one image.
@@ -564,7 +564,7 @@ def global_mean(local_sum: Tensor, local_count: int, weight: float = 1.0
 
     (The official code instead back-propagates each rank's own mean, and its trainer divides
     the contrastive loss by ``W``: relative to the task loss its L_rec weighs ``W·λ`` and a
-    rank with fewer VEIN samples counts as much as one with more; see docs/vein.md.)
+    rank with fewer VEIN samples counts as much as one with more; see method.md §3.1.)
 
     Every rank must call this at the same point (one all-reduce of two numbers).
 

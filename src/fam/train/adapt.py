@@ -8,7 +8,7 @@ tokens), :class:`ContrastiveLoss` is the loss over them. The VEIN decoders live 
 training module: the exported model (a normal checkpoint directory, LoRA merged) holds no
 trace of them.
 
-VEIN's diagnostic (docs/vein.md): every step ``rec_loss_shuffled`` (L_rec with ``e``
+VEIN's diagnostic (method.md §3.4): every step ``rec_loss_shuffled`` (L_rec with ``e``
 shuffled across the batch, no gradient) next to ``rec_loss``; every ``run.log_every``
 steps ``vein_grad_norm`` / ``task_grad_norm``, the norms of the gradients ``λ L_rec`` and
 ``L_task`` alone send into the trained backbone weights (plain steps; GradCache never holds
