@@ -133,4 +133,7 @@ def test_constants_shared_across_layers_agree():
     assert tuple(PATCH_POOLINGS) == tuple(POOLINGS)
     assert tuple(VEIN_MEMORIES) == tuple(VEIN_MEMORY)
     assert tuple(VEIN_MASK_INITS) == tuple(MASK_INITS)
+    from fam.experiments.ablation_report import VEIN_SAME_RTOL
+    from fam.losses.vein import SAME_RTOL
+    assert VEIN_SAME_RTOL == SAME_RTOL
     assert set(TINY_FAMILIES) == set(NATIVE_FAMILIES)

@@ -29,6 +29,9 @@ DEFAULT_GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_term
 #: λ of the inversion variant and of the paper's VEIN in ``vein_weight``: the official
 #: fine-tuning ran on 32 GPUs (its run.sh), where its L_rec weighs 32 × λ (method.md §3.1).
 INVERSION_WEIGHT: float = 32.0
+#: Relative gap below which own and shuffled L_rec count as equal (the rule of
+#: fam.losses.vein.vein_verdict, SAME_RTOL; a test keeps the two equal).
+VEIN_SAME_RTOL = 0.01
 #: Paired comparisons besides "config − baseline": (config, reference).
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("fam", "mac_only"), ("fam_inversion", "mac_only"),
@@ -217,8 +220,9 @@ def format_ablation(report: Mapping[str, Any]) -> str:
                   "referring expression), win = fraction of crops closer to their own "
                   "expression; image attention = the EOS token's attention mass on image "
                   "tokens at the last layer. VEIN runs: L_rec with own vs shuffled `e` "
-                  "(e-gap = relative increase when shuffled; ~0: the decoder ignores e) and "
-                  "the ratio of the gradient norms λ·L_rec / L_task sent into the backbone.",
+                  "(e-gap = relative increase when shuffled; below 1 % the decoder ignores "
+                  "e and VEIN teaches the model nothing, marked *ignores e*) and the ratio "
+                  "of the gradient norms λ·L_rec / L_task sent into the backbone.",
                   "", "| config | global-local gap | object-caption gap | win | image attn. "
                   "(last) | L_rec own / shuffled | e-gap | grad ratio |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -232,7 +236,8 @@ def format_ablation(report: Mapping[str, Any]) -> str:
                 f"{fmt(m.get('image_attention_last'), '{:.3f}')} | "
                 f"{fmt(v.get('rec_loss'), '{:.4f}')} / "
                 f"{fmt(v.get('rec_loss_shuffled'), '{:.4f}')} | "
-                f"{fmt(v.get('e_gap'), '{:+.2%}')} | {fmt(v.get('grad_ratio'), '{:.2g}')} |")
+                f"{fmt(v.get('e_gap'), '{:+.2%}')}{_ignored(v)} | "
+                f"{fmt(v.get('grad_ratio'), '{:.2g}')} |")
         lines.append("")
 
     t = report.get("time_per_config_s")
@@ -246,6 +251,12 @@ def format_ablation(report: Mapping[str, Any]) -> str:
             line += f"; total wall time {report['wall_s'] / 60:.1f} min"
         lines.append(line + ".")
     return "\n".join(lines) + "\n"
+
+
+def _ignored(vein: Mapping[str, Any]) -> str:
+    """`` *ignores e*`` when own and shuffled L_rec are equal by VEIN's verdict rule."""
+    gap = vein.get("e_gap")
+    return " *ignores e*" if gap is not None and abs(gap) < VEIN_SAME_RTOL else ""
 
 
 def _chance_line(report: Mapping[str, Any]) -> str:

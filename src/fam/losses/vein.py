@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["VeinDecoder", "VeinHead", "vein_eligible", "vein_mask_positions",
            "sinusoidal_positions", "default_vein_layers", "global_mean", "global_sums",
-           "vein_verdict", "VEIN_MEMORY", "MASK_INITS"]
+           "vein_verdict", "VEIN_MEMORY", "MASK_INITS", "SAME_RTOL"]
 
 _VQA_TASKS = {"vqa"}
 
@@ -584,8 +584,12 @@ def global_mean(local_sum: Tensor, local_count: int, weight: float = 1.0
     return weight * dist_utils.world_size() * local_sum / denom, value, n
 
 
-def vein_verdict(rec_loss: float | None, rec_loss_shuffled: float | None, rtol: float = 0.01,
-                 memory: str = "unmasked") -> str | None:
+#: Relative gap below which own and shuffled L_rec count as equal (:func:`vein_verdict`).
+SAME_RTOL = 0.01
+
+
+def vein_verdict(rec_loss: float | None, rec_loss_shuffled: float | None,
+                 rtol: float = SAME_RTOL, memory: str = "unmasked") -> str | None:
     """A sentence when VEIN's loss does not depend on the embedding, else None.
 
     ``L_rec`` with each sample's own ``e`` and with ``e`` shuffled across the batch are
