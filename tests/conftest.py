@@ -51,3 +51,33 @@ def scene_images(tmp_path):
         im.save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope="session")
+def small_collection(tmp_path_factory):
+    """A dozen drawn scenes and their items JSONL (ids, texts, images, a metadata field).
+
+    Returns ``(items_path, image_root)``; images are ``img/<i>.png`` under the root.
+    """
+    root = tmp_path_factory.mktemp("collection")
+    (root / "img").mkdir()
+    colours = [(230, 30, 30), (30, 30, 230), (30, 200, 30), (240, 220, 30)]
+    rows = []
+    for i in range(12):
+        im = Image.new("RGB", (112, 112), (40, 40, 40))
+        d = ImageDraw.Draw(im)
+        c = colours[i % 4]
+        if i % 3 == 0:
+            d.ellipse([10 + 4 * i, 20, 60 + 4 * i, 70], fill=c)
+        elif i % 3 == 1:
+            d.rectangle([20, 10 + 3 * i, 80, 60 + 3 * i], fill=c)
+        else:
+            d.polygon([(56, 10 + i), (100, 100), (12, 100)], fill=c)
+        im.save(root / "img" / f"{i}.png")
+        rows.append({"id": f"scene-{i}", "text": "<|image_1|>\nRepresent the given image.",
+                     "image": f"img/{i}.png", "split": "test"})
+    rows.append({"id": "caption-only", "text": "a red circle left of a blue square"})
+    import json
+    items = root / "items.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return items, root

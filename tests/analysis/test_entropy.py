@@ -74,3 +74,18 @@ def test_delta_and_batch_helpers():
         mean_matrix_entropy([before[0], before[1, :4], before[2]]))
     rep = entropy_report(before, after, text=before, text_mask=mask)
     assert "H_text" in rep
+
+
+def test_centring_removes_a_shared_component_exactly():
+    # z_i = c·e_0 + e_i (i = 1..n): uncentred, a large shared c makes the rows nearly
+    # parallel (H → 0); centred, the rows form a regular simplex in n − 1 dimensions, whose
+    # normalised Gram has n − 1 equal eigenvalues 1/(n − 1): H = ln(n − 1) exactly
+    n = 6
+    eye = torch.eye(n + 1, dtype=torch.float64)
+    z = 1e4 * eye[0] + eye[1:]
+    assert matrix_entropy(z) < 1e-3
+    assert matrix_entropy(z, center=True) == pytest.approx(math.log(n - 1), abs=1e-9)
+    # centring is a no-op on a zero-mean sequence
+    q = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0][:4]
+    q = torch.cat([q, -q])
+    assert matrix_entropy(q, center=True) == pytest.approx(matrix_entropy(q), abs=1e-9)

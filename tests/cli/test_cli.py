@@ -12,7 +12,8 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("demo", "data", "model", "train", "eval", "encode", "bench", "pad"):
+    for cmd in ("demo", "data", "model", "train", "eval", "encode", "bench", "pad", "index",
+                "search", "serve"):
         assert cmd in out
 
 

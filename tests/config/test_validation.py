@@ -158,12 +158,12 @@ def test_cli_exits_2_with_one_line_naming_the_key(argv, capsys, caplog):
 
 def test_every_stage_selects_the_backbones_inputs():
     from fam.backbones.options import NAMED_RESOLUTIONS, PROMPT_FORMATS as BACKBONE_FORMATS
-    from fam.config import ProjectorConfig, Stage0Config, load_config
+    from fam.config import ProjectorConfig, SftConfig, Stage0Config, load_config
     from fam.config.training import IMAGE_RESOLUTIONS, PROMPT_FORMATS
     # the config's copies of the backbone's names (config may not import backbones)
     assert PROMPT_FORMATS == BACKBONE_FORMATS
     assert set(IMAGE_RESOLUTIONS) == set(NAMED_RESOLUTIONS) | {"none", "cap"}
-    for cls in (Stage0Config, AlignConfig, AdaptConfig, ProjectorConfig):
+    for cls in (Stage0Config, AlignConfig, AdaptConfig, ProjectorConfig, SftConfig):
         cfg = load_config(cls, None, ["backbone.prompt_format=vlm2vec",
                                       "backbone.image_resolution=448x336",
                                       "backbone.max_pixels=1003520", "max_text_tokens=none"])

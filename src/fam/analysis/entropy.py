@@ -38,12 +38,19 @@ def _to64(z: ArrayLike) -> torch.Tensor:
     return z.detach().to(torch.float64)
 
 
-def matrix_entropy(z: ArrayLike, eps: float = 1e-12) -> float:
+def matrix_entropy(z: ArrayLike, eps: float = 1e-12, center: bool = False) -> float:
     """Matrix (von Neumann) entropy of one token sequence (method.md §5, reconstructed).
 
     Args:
         z: ``(N, d)`` token embeddings (torch or numpy, any float dtype).
         eps: rows with norm ≤ eps are dropped (they have no direction), with a warning.
+        center: subtract the mean token before normalising the rows, as the reference
+            implementation of matrix entropy does (Diff-eRank, Wei et al. 2024; the
+            patch-aligned paper's own formula is not in the seed material): a component
+            shared by every token (a bias, the flat background of a synthetic image) then
+            no longer makes the rows look parallel. ``False`` keeps the method.md §5
+            reconstruction (no centring). Centring removes one dimension: ``H ≤ ln
+            min(N − 1, d)``.
 
     Returns:
         ``H`` in nats, in ``[0, ln min(N, d)]``; invariant to per-row scaling.
@@ -51,6 +58,8 @@ def matrix_entropy(z: ArrayLike, eps: float = 1e-12) -> float:
     z = _to64(z)
     if z.dim() != 2:
         raise ValueError(f"matrix_entropy expects (N, d), got shape {tuple(z.shape)}")
+    if center:
+        z = z - z.mean(dim=0, keepdim=True)
     norms = z.norm(dim=1)
     keep = norms > eps
     if not bool(keep.all()):

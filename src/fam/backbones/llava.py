@@ -18,6 +18,9 @@ from fam.errors import ConfigError
 
 LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
+#: Language models a tiny LLaVA can carry: LLaVA-1.5's Llama, or Qwen2 (as LLaVA-OneVision).
+TINY_TEXT_MODELS = ("llama", "qwen2")
+
 TINY_SIZES = {
     "xs": dict(hidden=64, layers=2, heads=2, kv_heads=1, v_dim=32, v_layers=2),
     "s": dict(hidden=128, layers=4, heads=4, kv_heads=2, v_dim=64, v_layers=2),
@@ -90,12 +93,15 @@ class LlavaAdapter(BackboneAdapter):
 
     @classmethod
     def tiny_config(cls, vocab_size: int, token_ids: dict[str, int], size: str = "s",
-                    image_size: int = 112) -> Any:
+                    image_size: int = 112, *, text_model: str = "llama") -> Any:
         from transformers import LlavaConfig
         if size not in TINY_SIZES:
             raise ConfigError(f"unknown tiny size {size!r}; choose one of {sorted(TINY_SIZES)}")
+        if text_model not in TINY_TEXT_MODELS:
+            raise ConfigError(f"unknown tiny LLaVA language model {text_model!r}; choose one "
+                              f"of {list(TINY_TEXT_MODELS)}")
         s = TINY_SIZES[size]
-        text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=s["hidden"],
+        text = dict(model_type=text_model, vocab_size=vocab_size, hidden_size=s["hidden"],
                     intermediate_size=2 * s["hidden"], num_hidden_layers=s["layers"],
                     num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                     max_position_embeddings=2048, bos_token_id=token_ids["<s>"],
@@ -113,15 +119,17 @@ class LlavaAdapter(BackboneAdapter):
     @classmethod
     def build_tiny(cls, out_dir: str | Path | None = None, *, size: str = "s", image_size: int = 112,
                    corpus: Sequence[str] = (), vocab_size: int = 1024, seed: int = 0,
-                   **kwargs: Any) -> "LlavaAdapter":
+                   text_model: str = "llama", **kwargs: Any) -> "LlavaAdapter":
         """A small random-initialised LLaVA-1.5 with an offline BPE tokenizer.
 
-        ``(image_size/14)²`` image tokens (64 at 112 px).
+        ``(image_size/14)²`` image tokens (64 at 112 px). ``text_model="qwen2"`` puts a Qwen2
+        language model of the same size behind the projector (the stock LLaVA class takes
+        any causal LM config), for the cross-LLM projector comparison.
         """
         from transformers import CLIPImageProcessorPil
         tok = tiny_llama_tokenizer(corpus, vocab_size)
         ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
-        cfg = cls.tiny_config(len(tok), ids, size, image_size)
+        cfg = cls.tiny_config(len(tok), ids, size, image_size, text_model=text_model)
         torch.manual_seed(seed)
         model = cls._model_class()(cfg)
         model.eval()

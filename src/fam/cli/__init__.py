@@ -9,14 +9,18 @@
     fam projector-compare [--quick]             caption-only vs patch-aligned projectors
     fam eval --model DIR --data DIR             MMEB-protocol evaluation
     fam encode --model DIR --input F --out F    embed items (inference)
-    fam bench mac|gradcache                     benchmarks with ratios against a reference
+    fam index build --model DIR --items F --out IDX   index a collection (FAISS; resumable)
+    fam search --index IDX --text T [--image P] top-k search of an index
+    fam serve --model DIR [--index IDX]         HTTP server: /v1/embeddings, /v1/search, page
+    fam bench mac|gradcache|search|serve        benchmarks with ratios against a reference
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
 Training subcommands take an optional YAML config and ``key=value`` overrides, e.g.
 ``fam train adapt configs/adapt.yaml optim.lr=1e-4 lora.r=16``. Modules: ``train``
 (stages, data, models), ``infer`` (eval, encode), ``analyze``, ``experiments`` (demo,
-ablate, projector-compare), ``pad``, ``bench`` (benchmarks, plan); each registers its
+ablate, projector-compare), ``pad``, ``bench`` (benchmarks, plan), ``deploy`` (index,
+search, serve); each registers its
 subcommands on the parser built here and holds their handlers.
 """
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fam`` parser with every subcommand."""
-    from fam.cli import analyze, bench, experiments, infer, pad, train
+    from fam.cli import analyze, bench, deploy, experiments, infer, pad, train
 
     p = argparse.ArgumentParser(prog="fam", description="fam: fine-grained multimodal embedding "
                                 "learning with vision-language models")
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     pad.add_pad_subcommand(sub)
     experiments.add_ablate_subcommand(sub)
     experiments.add_compare_subcommand(sub)
+    deploy.add_deploy_subcommands(sub)
     return p
 
 

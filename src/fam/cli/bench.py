@@ -1,9 +1,11 @@
-"""``fam bench mac|gradcache`` (ratios against a reference in the same run) and ``fam plan``."""
+"""``fam bench mac|gradcache|search|serve`` (ratios against a reference in the same run) and
+``fam plan``."""
 from __future__ import annotations
 
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_bench_subcommands"]
@@ -25,6 +27,30 @@ def cmd_bench_gradcache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_search(args: argparse.Namespace) -> int:
+    from fam.bench.search import format_report, run_bench
+    r = run_bench(args.work, args.scenes, args.model, args.k, args.n_eval_images, args.repeats,
+                  not args.no_progress)
+    print(format_report(r))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    ok = (r["flat_identical_topk"] == r["exact_identical_topk"] == r["queries"]
+          and r["hnsw_recall_at_k"] >= 0.95)
+    return 0 if ok else 1
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from fam.bench.serve import format_report, run_bench
+    r = run_bench(args.model, args.work, args.clients, args.requests, args.inputs,
+                  args.max_batch, args.timeout, args.threads)
+    print(format_report(r))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    clean = all(m["errors"] == 0 and m["graceful_shutdown"]
+                for m in (r["batched"], r["one_at_a_time"]))
+    return 0 if clean else 1
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from fam.bench.plan import estimate, format_plan, resolve_shape
     from fam.config import PlanConfig
@@ -41,7 +67,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_bench_subcommands(sub: Any) -> None:
-    """``fam bench mac``, ``fam bench gradcache`` and ``fam plan``."""
+    """``fam bench mac|gradcache|search|serve`` and ``fam plan``."""
     from fam.bench.mac import DEFAULT_SHAPES
     from fam.bench.plan import KNOWN_SHAPES
     from fam.config import PlanConfig
@@ -68,6 +94,35 @@ def add_bench_subcommands(sub: Any) -> None:
     gc.add_argument("--threads", type=int, default=2)
     gc.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
     gc.set_defaults(func=cmd_bench_gradcache)
+
+    se = which.add_parser("search", help="FAISS flat and HNSW vs a float64 exact search on the "
+                                         "Scenes eval images: identical top-k, recall, queries/s")
+    se.add_argument("--model", type=Path, default=None,
+                    help="embedding model (default: a tiny random Qwen2-VL built in --work)")
+    se.add_argument("--scenes", type=Path, default=None,
+                    help="a Scenes folder (default: generated in --work)")
+    se.add_argument("--work", type=Path, default=Path("runs/bench_search"))
+    se.add_argument("--n-eval-images", type=int, default=300,
+                    help="Scenes eval scenes when generating (each gives 1-3 images)")
+    se.add_argument("-k", type=int, default=10)
+    se.add_argument("--repeats", type=int, default=3)
+    se.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=cmd_bench_search)
+
+    sv = which.add_parser("serve", help="bounded load test of fam serve on 127.0.0.1: dynamic "
+                                        "batching vs one request at a time, same model")
+    sv.add_argument("--model", type=Path, default=None,
+                    help="embedding model (default: a tiny random Qwen2-VL built in --work)")
+    sv.add_argument("--work", type=Path, default=Path("runs/bench_serve"))
+    sv.add_argument("--clients", type=int, default=32)
+    sv.add_argument("--requests", type=int, default=384, help="requests per mode")
+    sv.add_argument("--inputs", choices=("text", "image", "mixed"), default="mixed")
+    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds per mode, at most")
+    sv.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    sv.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    sv.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("plan", help="estimate the peak memory of a training configuration")
     p.add_argument("--model", required=True,

@@ -197,7 +197,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
                             if img else None, source=str(args.input), line=line, field="image"))
     model = _load_model(args)
     emb = model.encode(items, batch_size=args.batch_size)
-    save_file({"embeddings": emb.contiguous()}, args.out)
+    # The model's identity travels with the vectors (fam index build --embeddings reads it).
+    from fam.index.build import embeddings_metadata
+    layout = {k: getattr(args, k) for k in ("prompt_format", "image_resolution", "min_pixels",
+                                           "max_pixels", "max_text_tokens")
+              if getattr(args, k, None) is not None}
+    save_file({"embeddings": emb.contiguous()}, args.out,
+              metadata=embeddings_metadata(args.model, model.normalize, args.adapter, layout))
     print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.out}")
     return 0
 

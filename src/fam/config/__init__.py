@@ -8,22 +8,27 @@ Typed dataclasses are the single source of truth (STYLE practice 4); YAML files 
 * :mod:`fam.config.scenes` — the Scenes benchmark;
 * :mod:`fam.config.experiments` — demo, ablation and projector comparison presets;
 * :mod:`fam.config.tools` — the FAM probes and the memory planner;
+* :mod:`fam.config.deploy` — the vector index and the HTTP server;
 * :mod:`fam.config.checks` — the validation rules and the :class:`Validated` base;
 * :mod:`fam.config.loader` — YAML + overrides → a validated config.
 
 A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in this package.
 """
 from fam.config.checks import Validated
+from fam.config.deploy import HnswConfig, ServeConfig
 from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
 from fam.config.scenes import ScenesConfig
-from fam.config.stages import AdaptConfig, AlignConfig, ProjectorConfig, Stage0Config, VeinConfig
+from fam.config.stages import (AdaptConfig, AlignConfig, ProjectorConfig, SftConfig,
+                               Stage0Config, TowerConfig, VeinConfig)
 from fam.config.tools import PlanConfig, ProbeConfig
 from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 
 __all__ = ["Validated", "load_config", "from_dict", "to_dict", "apply_overrides", "deep_merge",
            "read_yaml", "OptimConfig", "LoraConfig", "RunConfig", "BackboneConfig",
            "Stage0Config", "AlignConfig",
-           "VeinConfig", "AdaptConfig", "ProjectorConfig", "ScenesConfig", "TinyModelConfig",
-           "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig"]
+           "VeinConfig", "AdaptConfig", "ProjectorConfig", "TowerConfig", "SftConfig",
+           "ScenesConfig", "TinyModelConfig",
+           "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
+           "HnswConfig", "ServeConfig"]

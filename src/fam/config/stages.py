@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fam.config.checks import Validated, choice, fail, integer, number, text_cap
+from fam.config.checks import Validated, choice, fail, integer, integers, number, text_cap
 from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
-           "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS", "VEIN_MEMORIES",
-           "VEIN_MASK_INITS"]
+           "TowerConfig", "SftConfig", "PROJECTOR_TYPES", "PATCH_POOLINGS", "C2F_REDUCTIONS",
+           "TOWER_LOSSES", "VEIN_MEMORIES", "VEIN_MASK_INITS"]
 
 PROJECTOR_TYPES = ("mlp", "linear")
 #: ``vein.memory`` and ``vein.mask_init`` values (fam.losses.vein.VEIN_MEMORY / MASK_INITS
@@ -25,6 +25,8 @@ VEIN_MASK_INITS = ("official", "mae")
 #: the two equal).
 PATCH_POOLINGS = ("mean", "coverage", "token")
 C2F_REDUCTIONS = ("mean", "sum")
+#: Image-text losses of the tower stage (fam.losses.tower).
+TOWER_LOSSES = ("clip", "siglip")
 
 _MODEL = "a checkpoint directory or hub id"
 _CAPTIONS = "an LLaVA caption JSON ([{image, caption | blip_caption}])"
@@ -214,3 +216,66 @@ class ProjectorConfig(Validated):
             raise ConfigError(f"{prefix}pad is empty: beta_max > 0 needs PAD region masks "
                               f"({prefix}pad=pad.jsonl), or set {prefix}beta_max=0 for the "
                               "caption-only baseline", key=prefix + "pad")
+
+
+@dataclass
+class TowerConfig(Validated):
+    """Contrastive pretraining of a LLaVA checkpoint's CLIP vision tower (``fam train tower``).
+
+    The tower trains with a tiny CLIP text encoder on image-caption pairs, CLIP's or
+    SigLIP's loss; the exported checkpoint is the input LLaVA with the trained tower (its
+    LLM and projector untouched), which later stages keep frozen, as LLaVA keeps CLIP.
+    """
+
+    INPUTS = {"model": "a LLaVA-style checkpoint directory (CLIP vision tower)",
+              "captions": _CAPTIONS}
+
+    model: str = ""  # LLaVA-style checkpoint whose vision tower is pretrained
+    captions: str = ""  # LLaVA caption JSON ([{image, caption | blip_caption}])
+    image_root: str = ""  # root of the image paths (default: the caption file's folder)
+    loss: str = "clip"  # "clip" (symmetric InfoNCE) | "siglip" (pairwise sigmoid)
+    text_hidden: int = 64  # width of the tiny CLIP text encoder
+    text_layers: int = 2  # its depth
+    projection_dim: int = 64  # joint image-text embedding width
+    max_text_tokens: int = 64  # positions of the tower's text encoder (caption + EOS)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # image size of the tower
+    # a gentle lr: at 2e-3 the patch features collapsed (docs/projector_study.md)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=5e-4, batch_size=64, steps=600, warmup_ratio=0.05, weight_decay=0.1))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self, prefix: str) -> None:
+        choice(prefix + "loss", self.loss, TOWER_LOSSES)
+        integers(self, prefix, text_hidden=1, text_layers=1, projection_dim=1,
+                 max_text_tokens=2)
+        if self.optim.batch_size < 2:
+            fail(prefix + "optim.batch_size", self.optim.batch_size,
+                 "a contrastive loss needs at least 2 pairs per batch")
+
+
+@dataclass
+class SftConfig(Validated):
+    """LLaVA-style stage 2 (``fam train sft``): the projector and a LoRA on the language
+    model train on instruction data (image, question → answer); the vision tower stays
+    frozen. The same settings for every projector make their downstream scores comparable.
+    """
+
+    INPUTS = {"model": "a LLaVA-style checkpoint directory (e.g. a projector stage's model)",
+              "data": "an instruction JSON ([{image, question, answer}], e.g. sft_train.json)"}
+
+    model: str = ""  # generative LVLM to fine-tune (its projector and LLM)
+    data: str = ""  # JSON list of {image, question, answer} (fam.data.instructions writes it)
+    image_root: str = ""  # root of the image paths (default: the data file's folder)
+    train_projector: bool = True  # LLaVA stage 2 trains the projector too
+    max_text_tokens: int | str | None = 64  # text tokens per sample (none: no limit)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-3, batch_size=32, steps=300, warmup_ratio=0.03, weight_decay=0.0))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self, prefix: str) -> None:
+        text_cap(prefix + "max_text_tokens", self.max_text_tokens)
+        if not self.lora.enabled and not self.train_projector:
+            fail(prefix + "lora.enabled", self.lora.enabled,
+                 "nothing would train: enable the LoRA or set train_projector=true")

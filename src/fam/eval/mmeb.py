@@ -232,7 +232,7 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         check_images: check that every referenced image exists before encoding, so a
             missing file is reported with its data row rather than from inside the model.
         keep_credits: also return each dataset's per-row credits (for bootstraps over
-            eval rows, :mod:`fam.eval.stats`).
+            eval rows, :func:`fam.analysis.stats.paired_bootstrap_ci`).
 
     Returns:
         The results dict described in this module's docstring.

@@ -1,5 +1,5 @@
 """The ablation's report: aggregation over seeds, paired differences with 95 % intervals
-(Student t over seeds, bootstrap over eval rows; :mod:`fam.eval.stats`), the mechanism
+(Student t over seeds, bootstrap over eval rows; :mod:`fam.analysis.stats`), the mechanism
 checks, the markdown tables and the plot."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from fam.config import DemoConfig, to_dict
-from fam.eval.stats import group_members, paired_bootstrap, paired_t
+from fam.analysis.stats import paired_bootstrap_ci, paired_t_ci
 from fam.utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -78,12 +78,12 @@ def aggregate_runs(records: Sequence[Mapping[str, Any]], baseline_key: str | Non
         for m in METRICS:
             vals = [v for v in (_get(seeds[s], m) for s in sorted(seeds)) if v is not None]
             agg[m] = _mean_std(vals)
-            agg[m]["ci95"] = paired_t(vals)["ci95"]  # t interval of the mean over seeds
+            agg[m]["ci95"] = _t_interval([0.0] * len(vals), vals)["ci95"]  # of the mean
             diffs = [_get(seeds[s], m) - _get(base[s], m) for s in sorted(seeds)
                      if s in base and _get(seeds[s], m) is not None
                      and _get(base[s], m) is not None]
             delta[m] = _mean_std(diffs)
-            delta[m]["ci95"] = paired_t(diffs)["ci95"]
+            delta[m]["ci95"] = _t_interval([0.0] * len(diffs), diffs)["ci95"]
         agg["delta"] = delta
         agg["seeds"] = sorted(seeds)
         out[key] = agg
@@ -98,7 +98,8 @@ def paired_differences(records: Sequence[Mapping[str, Any]],
     ``ci95``: Student t over the per-seed differences (the seeds both configs ran; each
     seed's two runs share the stage-0 model). ``bootstrap_ci95``: resampling each eval
     dataset's rows (same rows for both runs of a seed), the seed-averaged difference —
-    the evaluation noise alone (:mod:`fam.eval.stats`).
+    the evaluation noise alone (:func:`fam.analysis.stats.paired_bootstrap_ci` with the
+    datasets as strata and the seeds fixed).
 
     Args:
         records: result records (``key``, ``seed``, ``results`` with per-row credits).
@@ -120,23 +121,44 @@ def paired_differences(records: Sequence[Mapping[str, Any]],
             continue
         metrics: dict[str, Any] = {}
         for m in METRICS:
-            diffs = [_get(a[s], m) - _get(b[s], m) for s in seeds
-                     if _get(a[s], m) is not None and _get(b[s], m) is not None]
-            metrics[m] = {**paired_t(diffs), "bootstrap_ci95": None}
+            both = [s for s in seeds if _get(a[s], m) is not None and _get(b[s], m) is not None]
+            metrics[m] = {**_t_interval([_get(b[s], m) for s in both],
+                                        [_get(a[s], m) for s in both]), "bootstrap_ci95": None}
         have = [s for s in seeds if all("credits" in d for d in a[s]["datasets"].values())
                 and all("credits" in d for d in b[s]["datasets"].values())]
         if have and n_boot > 0:
-            groups = group_members(a[have[0]]["datasets"])
-            boot = paired_bootstrap(
-                [{n: d["credits"] for n, d in a[s]["datasets"].items()} for s in have],
-                [{n: d["credits"] for n, d in b[s]["datasets"].items()} for s in have],
-                groups, n_boot=n_boot)
-            for m in METRICS:
-                if m in boot:
-                    metrics[m]["bootstrap_ci95"] = boot[m]["ci95"]
+            for m, names in _group_members(a[have[0]]["datasets"]).items():
+                ref, cfg, strata = [], [], []
+                for s in have:
+                    ref.append([c for n in names for c in b[s]["datasets"][n]["credits"]])
+                    cfg.append([c for n in names for c in a[s]["datasets"][n]["credits"]])
+                    strata.append([n for n in names for _ in b[s]["datasets"][n]["credits"]])
+                boot = paired_bootstrap_ci(ref, cfg, n_boot=n_boot, strata=strata,
+                                           resample_seeds=False)
+                if m in metrics:
+                    metrics[m]["bootstrap_ci95"] = [100.0 * boot["lo"], 100.0 * boot["hi"]]
         out.append({"config": label, "reference": ref_label, "key": key,
                     "reference_key": ref_key, "seeds": seeds, "metrics": metrics})
     return out
+
+
+def _t_interval(ref: Sequence[float], cfg: Sequence[float]) -> dict[str, Any]:
+    """Mean of ``cfg − ref`` over seeds with its Student-t 95 % interval (None with < 2)."""
+    if not cfg:
+        return {"mean": None, "sd": None, "n": 0, "ci95": None}
+    r = paired_t_ci(ref, cfg)
+    ok = r["n"] >= 2
+    return {"mean": r["mean"], "sd": r["sd"] if ok else None, "n": r["n"],
+            "ci95": [r["lo"], r["hi"]] if ok else None}
+
+
+def _group_members(datasets: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """``{meta_task | "IND" | "OOD" | "overall": [dataset, ...]}`` of a results dict."""
+    groups: dict[str, list[str]] = {}
+    for name, d in datasets.items():
+        for g in (d["meta_task"], d["split"], "overall"):
+            groups.setdefault(g, []).append(name)
+    return groups
 
 
 def _comparison_pairs(expanded: Mapping[str, Sequence[tuple[str, AblationRun]]]

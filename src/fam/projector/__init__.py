@@ -5,6 +5,9 @@
 * :mod:`fam.projector.hooks` — find the projector, tap its input and output;
 * :mod:`fam.projector.regions` — PAD region masks → patch sets and label tokens;
 * :mod:`fam.projector.geometry` — masks through exactly the image processor's transform;
+* :mod:`fam.projector.cabstractor` — a C-Abstractor-style projector (conv blocks, pooled
+  patch grid) and the pooling of region coverage onto its grid;
+* :mod:`fam.projector.tower` — contrastive (CLIP/SigLIP) pretraining of the vision tower;
 * :mod:`fam.projector.report` — the analysis entry point (``fam analyze alignment``):
   compression, Align(V, W), retrieval, matching pursuit.
 

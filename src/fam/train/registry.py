@@ -11,7 +11,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from fam.config import AdaptConfig, AlignConfig, ProjectorConfig, Stage0Config
+from fam.config import (AdaptConfig, AlignConfig, ProjectorConfig, SftConfig, Stage0Config,
+                        TowerConfig)
 from fam.errors import ConfigError
 
 __all__ = ["Stage", "STAGES", "stage_for"]
@@ -52,6 +53,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           {"--vein": ("add the VEIN loss", ("vein.enabled=true",))}),
     Stage("projector", ProjectorConfig, "fam.projector.recipe:ProjectorRecipe",
           "patch-aligned projector pre-training (towers frozen)"),
+    Stage("tower", TowerConfig, "fam.projector.tower:TowerRecipe",
+          "contrastive (CLIP/SigLIP) pretraining of a LLaVA's vision tower"),
+    Stage("sft", SftConfig, "fam.projector.sft:SftRecipe",
+          "LLaVA stage 2: projector + LLM LoRA on instruction data (tower frozen)"),
 )}
 
 

@@ -25,7 +25,7 @@ from fam.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_generative_batch", "GenerativeModule", "next_token_loss",
+__all__ = ["build_generative_batch", "GenerativeModule", "generative_parts", "next_token_loss",
            "generative_eval_loss", "Stage0Recipe", "run_stage0"]
 
 
@@ -86,6 +86,14 @@ def generative_eval_loss(adapter: BackboneAdapter, samples: list[CaptionSample],
     return total / max(n, 1)
 
 
+def generative_parts(module: GenerativeModule, samples: list[CaptionSample]) -> StageParts:
+    """The parts of a next-token stage (stage 0, SFT): loss, data, collate, device move."""
+    adapter = module.adapter
+    return StageParts(module, next_token_loss, samples,
+                      lambda ex: build_generative_batch(adapter, ex),
+                      to_device=lambda b, d: (b[0].to(d), b[1].to(d)))
+
+
 class Stage0Recipe(Recipe):
     """Every weight of the model trains on (image, prompt → caption / answer) samples."""
 
@@ -107,10 +115,7 @@ class Stage0Recipe(Recipe):
         if cfg.qa:
             samples += load_qa(cfg.qa, root)
         log.info("stage 0: %d samples from %s", len(samples), cfg.captions)
-        adapter = module.adapter
-        return StageParts(module, next_token_loss, samples,
-                          lambda ex: build_generative_batch(adapter, ex),
-                          to_device=lambda b, d: (b[0].to(d), b[1].to(d)))
+        return generative_parts(module, samples)
 
     def export(self, module: GenerativeModule, final: Path, result: TrainResult) -> None:
         module.adapter.model.eval()

@@ -1,0 +1,53 @@
+"""Configs of using a trained model: the vector index (HNSW graph) and the HTTP server."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fam.config.checks import Validated, fail, integers, number
+
+__all__ = ["HnswConfig", "ServeConfig"]
+
+
+@dataclass
+class HnswConfig(Validated):
+    """HNSW graph parameters (FAISS names; ``fam index build --kind hnsw``)."""
+
+    m: int = 32  # neighbours per node (graph degree); more = better recall, more memory
+    ef_construction: int = 200  # candidate list size while building
+    ef_search: int = 128  # candidate list size while searching (the recall/speed knob)
+
+    def check(self, prefix: str) -> None:
+        integers(self, prefix, m=1, ef_construction=1, ef_search=1)
+
+
+@dataclass
+class ServeConfig(Validated):
+    """Settings of ``fam serve`` (limits, dynamic batching, auth)."""
+
+    host: str = "127.0.0.1"  # where to listen (default: this machine only)
+    port: int = 8000
+    max_batch: int = 32  # most inputs per forward (1 = one request at a time, no batching)
+    max_wait_ms: float = 2.0  # how long a batch that is not full waits for more requests
+    max_queue: int = 1024  # most requests waiting for the model; more are answered 503
+    max_request_bytes: int = 32 * 1024 * 1024  # largest request body
+    max_inputs: int = 256  # most inputs in one /v1/embeddings request
+    max_text_chars: int = 20_000  # longest text of one input
+    max_image_bytes: int = 10 * 1024 * 1024  # largest encoded image (after base64 decoding)
+    max_image_pixels: int = 25_000_000  # largest width × height: decompression-bomb guard
+    max_images_per_input: int = 8
+    max_k: int = 100  # largest k of a search
+    api_key: str | None = None  # bearer token required by the API when set
+    allow_image_urls: bool = False  # fetch http(s):// image URLs (off: data URIs / base64)
+    url_timeout_s: float = 10.0  # time limit of one image download
+    served_model_name: str | None = None  # the model's name in the API (default: folder name)
+
+    def check(self, prefix: str) -> None:
+        integers(self, prefix, max_batch=1, max_queue=1, max_request_bytes=1, max_inputs=1,
+                 max_text_chars=1, max_image_bytes=1, max_image_pixels=1,
+                 max_images_per_input=1, max_k=1, port=0)
+        if self.port > 65535:
+            fail(prefix + "port", self.port, "must be in 0..65535")
+        number(prefix + "max_wait_ms", self.max_wait_ms, 0.0)
+        number(prefix + "url_timeout_s", self.url_timeout_s, 0.0, low_open=True)
+        if self.api_key is not None and not self.api_key.strip():
+            fail(prefix + "api_key", self.api_key, "is empty; unset it to disable auth")

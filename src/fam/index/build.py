@@ -1,0 +1,221 @@
+"""Build an index folder from items: encode in resumable shards, then index the vectors.
+
+Encoding a large collection is the slow part, so it is done in shards of ``shard_size``
+items, each written atomically to a work folder beside the output (``.IDX.build/``). A killed
+build run again with the same inputs keeps the finished shards and encodes only the rest;
+a build with different inputs (other model, items, prompt or shard size) starts over. The
+finished index replaces ``IDX`` atomically and the work folder is removed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fam.errors import ConfigError
+from fam.index.embed import embed
+from fam.index.identity import model_identity, short
+from fam.index.index import Manifest
+from fam.index.items import ItemRecord, items_fingerprint, read_items
+from fam.config import HnswConfig
+from fam.index.store import VectorIndex
+from fam.utils.checkpoint import atomic_dir
+from fam.utils.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+#: safetensors metadata keys ``fam encode`` writes (model identity travels with the vectors).
+META_IDENTITY, META_PATH, META_NORMALIZED = "fam_model_identity", "fam_model_path", "fam_normalized"
+
+
+def embeddings_metadata(model: str | Path, normalized: bool = True,
+                        adapter: str | Path | None = None,
+                        options: dict | None = None) -> dict[str, str]:
+    """safetensors metadata naming the model that produced a file of embeddings.
+
+    ``adapter`` and ``options`` as in :func:`fam.index.identity.model_identity`.
+    """
+    return {META_IDENTITY: model_identity(model, adapter, options),
+            META_PATH: str(Path(model).resolve()) if Path(model).exists() else str(model),
+            META_NORMALIZED: str(normalized).lower()}
+
+
+def _read_embeddings(path: Path, n_items: int, model: str | Path | None,
+                     ) -> tuple[torch.Tensor, str, str | None, bool]:
+    """Embeddings from ``fam encode`` and the identity of the model that made them."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        emb = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ConfigError(f"{path}: not a safetensors file ({e})") from None
+    if "embeddings" not in emb:
+        raise ConfigError(f"{path} has no 'embeddings' tensor (keys: {sorted(emb)}); write it "
+                          "with fam encode")
+    x = emb["embeddings"].float()
+    if x.ndim != 2 or x.shape[0] != n_items:
+        raise ConfigError(f"{path}: embeddings of shape {tuple(x.shape)} for {n_items} items; "
+                          "encode the same items file with fam encode")
+    ident = meta.get(META_IDENTITY)
+    mpath = meta.get(META_PATH)
+    if model is not None:
+        given = model_identity(model)
+        if ident is not None and ident != given:
+            raise ConfigError(f"{path} was encoded by model {short(ident)} ({mpath}), not by "
+                              f"--model {model} ({short(given)}); pass the model that encoded it")
+        ident, mpath = given, str(Path(model).resolve()) if Path(model).exists() else str(model)
+    if ident is None:
+        raise ConfigError(f"{path} does not say which model encoded it (no {META_IDENTITY} "
+                          "metadata); pass --model with the model that encoded it")
+    if META_NORMALIZED in meta:
+        normalized = meta[META_NORMALIZED] == "true"
+    else:
+        normalized = bool(torch.allclose(x.norm(dim=1), torch.ones(len(x)), atol=1e-4))
+    return x, ident, mpath, normalized
+
+
+class _ShardedEncoder:
+    """Encode items shard by shard into ``work``, skipping shards already written."""
+
+    def __init__(self, work: Path, spec: dict, records: list[ItemRecord], shard_size: int):
+        self.work, self.records, self.shard_size = work, records, shard_size
+        spec_path = work / "build.json"
+        if work.exists():
+            old = None
+            if spec_path.is_file():
+                try:
+                    old = json.loads(spec_path.read_text())
+                except json.JSONDecodeError:
+                    old = None
+            if old != spec:
+                log.warning("%s holds an unfinished build of other inputs; starting over", work)
+                shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        if not spec_path.is_file():
+            atomic_write_json(spec_path, spec)
+        self.n_shards = (len(records) + shard_size - 1) // shard_size
+
+    def shard_path(self, s: int) -> Path:
+        return self.work / f"shard-{s:05d}.safetensors"
+
+    def todo(self) -> list[int]:
+        return [s for s in range(self.n_shards) if not self.shard_path(s).is_file()]
+
+    def run(self, load_model, batch_size: int, progress: bool) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        todo = self.todo()
+        n = len(self.records)
+        done = n - sum(len(self.records[s * self.shard_size:(s + 1) * self.shard_size])
+                       for s in todo)
+        if done:
+            log.info("resuming: %d of %d shards already encoded", self.n_shards - len(todo),
+                     self.n_shards)
+        if todo:
+            model = load_model()
+            with tqdm(total=n, initial=done, unit="item", desc="encoding",
+                      disable=not progress) as bar:
+                for s in todo:
+                    recs = self.records[s * self.shard_size:(s + 1) * self.shard_size]
+                    parts = []
+                    for b in range(0, len(recs), batch_size):
+                        parts.append(embed(model, [r.item for r in recs[b:b + batch_size]],
+                                           batch_size=batch_size))
+                        bar.update(len(recs[b:b + batch_size]))
+                    with atomic_path(self.shard_path(s)) as tmp:
+                        save_file({"embeddings": torch.cat(parts).contiguous()}, str(tmp))
+        return torch.cat([load_file(str(self.shard_path(s)))["embeddings"]
+                          for s in range(self.n_shards)])
+
+
+def build_index(out: str | Path, items: str | Path, *, model: str | Path | None = None,
+                embeddings: str | Path | None = None, image_root: str | Path | None = None,
+                kind: str = "flat", hnsw: HnswConfig | None = None, query_prompt: str = "",
+                document_prompt: str = "", shard_size: int = 1024, batch_size: int = 32,
+                progress: bool = True, embedding_model=None) -> Path:
+    """Build an index folder (see :mod:`fam.index.index` for the layout).
+
+    Args:
+        out: the index folder to write (replaced atomically when complete).
+        items: items JSONL (``text``, ``image``, optional ``id``, metadata fields).
+        model: the embedding model's folder: encodes the items, and names the model in the
+            manifest. With ``embeddings`` it only names (and checks) the model.
+        embeddings: a ``fam encode`` safetensors file of the same items, instead of encoding.
+        image_root: folder the items' image paths are relative to (default: the items
+            file's folder).
+        kind: ``flat`` (exact, FAISS if installed), ``hnsw`` (FAISS) or ``exact`` (torch).
+        hnsw: HNSW parameters.
+        query_prompt, document_prompt: prompts for queries / items (stored in the manifest;
+            the document prompt is applied while encoding).
+        shard_size: items per resumable shard.
+        batch_size: items per forward.
+        progress: show a progress bar.
+        embedding_model: an already loaded :class:`fam.model.EmbeddingModel` for ``model``
+            (skips loading it again).
+
+    Returns:
+        The index folder.
+
+    Raises:
+        ConfigError / DataError: one line naming the bad argument, file, line or field.
+    """
+    out = Path(out)
+    if model is None and embeddings is None:
+        raise ConfigError("give --model (to encode the items) or --embeddings (vectors from "
+                          "fam encode)")
+    if shard_size < 1 or batch_size < 1:
+        raise ConfigError("--shard-size and --batch-size must be >= 1")
+    hnsw = hnsw or HnswConfig()
+    hnsw.validate("hnsw.")
+    # A probe build of the index kind first: a missing FAISS fails before hours of encoding.
+    VectorIndex(torch.zeros(1, 1), kind, hnsw)
+    root = Path(image_root) if image_root is not None else Path(items).parent
+    records = read_items(items, root, document_prompt)
+    fp = items_fingerprint(records)
+    work = out.parent / f".{out.name}.build"
+    if embeddings is not None:
+        if document_prompt:
+            raise ConfigError("--document-prompt cannot apply to --embeddings (already "
+                              "encoded); encode the items with the prompt in their text")
+        vecs, ident, mpath, normalized = _read_embeddings(Path(embeddings), len(records), model)
+    else:
+        ident = model_identity(model)
+        mpath = str(Path(model).resolve()) if Path(model).exists() else str(model)
+        spec = {"model_identity": ident, "items_fingerprint": fp,
+                "document_prompt": document_prompt, "shard_size": shard_size}
+        enc = _ShardedEncoder(work, spec, records, shard_size)
+
+        def load_model():
+            if embedding_model is not None:
+                return embedding_model
+            from fam.backbones import load_backbone
+            from fam.model import EmbeddingModel
+            return EmbeddingModel(load_backbone(model))
+
+        vecs = enc.run(load_model, batch_size, progress)
+        normalized = embedding_model.normalize if embedding_model is not None else True
+    vectors = VectorIndex(vecs, kind, hnsw)
+    manifest = Manifest(model_identity=ident, model_path=mpath, dim=int(vecs.shape[1]),
+                        count=int(vecs.shape[0]), normalized=bool(normalized),
+                        query_prompt=query_prompt, document_prompt=document_prompt, kind=kind,
+                        hnsw=hnsw.__dict__.copy(), image_root=str(root.resolve()),
+                        items_source=str(Path(items).resolve()), items_fingerprint=fp)
+    with atomic_dir(out) as tmp:
+        save_file({"embeddings": vecs.contiguous()}, str(tmp / "embeddings.safetensors"))
+        with (tmp / "items.jsonl").open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.row(), ensure_ascii=False) + "\n")
+        vectors.save_extra(tmp)
+        # The manifest last: its presence marks a complete folder.
+        (tmp / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("index of %d items (dim %d, %s, %s) written to %s", len(records), vecs.shape[1],
+             kind, vectors.backend, out)
+    return out

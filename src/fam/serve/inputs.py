@@ -1,0 +1,280 @@
+"""Request inputs → items to embed, with limits and messages that name the offending field.
+
+Accepted forms (``POST /v1/embeddings``):
+
+- ``"input": "text"`` or ``["text", ...]`` (OpenAI);
+- ``"input": {"text": "...", "image": IMAGE}`` or a list mixing strings and such objects
+  (``text`` may contain ``<|image_1|>`` to say where the image goes; ``image`` may also be a
+  list of images for ``<|image_1|>``, ``<|image_2|>``, ...);
+- ``"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url":
+  IMAGE}}, {"type": "text", "text": "..."}]}]`` (vLLM's chat-style form: one embedding for
+  the whole conversation, images placed where their parts are).
+
+``IMAGE`` is a data URI (``data:image/png;base64,...``) or bare base64; ``http(s)://`` URLs only
+when the server was started with ``--allow-image-urls``. Images are checked before they are
+decoded: encoded size, format (PNG, JPEG, WebP, GIF, BMP) and pixel count (a decompression bomb
+is refused from its header, without decoding it).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from fam.data.types import MMItem
+from fam.config import ServeConfig
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+
+
+class RequestError(Exception):
+    """A client error: HTTP ``status`` and a one-line message (the server answers 4xx)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type_
+
+
+@dataclass
+class ParsedInput:
+    """One input to embed: text (with ``<|image_k|>`` placeholders) and encoded images.
+
+    ``images`` holds image *sources* (bytes or a URL still to fetch) until :func:`load_images`.
+    """
+
+    text: str
+    images: list[Any] = field(default_factory=list)
+    where: str = "input"
+
+    def item(self) -> MMItem:
+        return MMItem(self.text)
+
+
+# ---------------------------------------------------------------------- images
+def _decode_base64(s: str, where: str, cfg: ServeConfig) -> bytes:
+    # A cheap bound before decoding: base64 carries 3 bytes per 4 characters.
+    if len(s) * 3 // 4 > cfg.max_image_bytes + 3:
+        raise RequestError(413, f"{where}: image is larger than the limit of "
+                                f"{cfg.max_image_bytes} bytes", where)
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", s), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"{where}: invalid base64 image data", where) from None
+    if len(data) > cfg.max_image_bytes:
+        raise RequestError(413, f"{where}: image of {len(data)} bytes is larger than the limit "
+                                f"of {cfg.max_image_bytes} bytes", where)
+    return data
+
+
+def image_source(value: Any, where: str, cfg: ServeConfig) -> bytes | str:
+    """Bytes of an image given as a data URI / base64, or the URL to fetch (if allowed)."""
+    if not isinstance(value, str) or not value:
+        raise RequestError(400, f"{where}: expected an image as a data URI or base64 string, "
+                                f"got {_type_name(value)}", where)
+    if value[:8].lower().startswith(("http://", "https://")):
+        if not cfg.allow_image_urls:
+            raise RequestError(400, f"{where}: image URLs are not fetched by this server (start "
+                                    "it with --allow-image-urls); send the image as a data URI "
+                                    "(data:image/png;base64,...)", where)
+        return value
+    if value[:5].lower() == "data:":
+        m = _DATA_URI.match(value)
+        if m is None or not m.group("b64"):
+            raise RequestError(400, f"{where}: only base64 data URIs are accepted "
+                                    "(data:image/png;base64,...)", where)
+        return _decode_base64(value[m.end():], where, cfg)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", value[:16], re.IGNORECASE):
+        raise RequestError(400, f"{where}: URL scheme not accepted; send the image as a data "
+                                "URI (data:image/png;base64,...)", where)
+    return _decode_base64(value, where, cfg)
+
+
+def open_image(data: bytes, where: str, cfg: ServeConfig) -> Image.Image:
+    """Decode image bytes to RGB after checking format and pixel count from the header.
+
+    Raises:
+        RequestError: 413 for too many pixels (decompression bombs), 400 for anything that is
+            not a readable image of an accepted format.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(413, f"{where}: image has too many pixels (decompression bomb "
+                                "guard)", where) from None
+    except UnidentifiedImageError:
+        raise RequestError(400, f"{where}: not an image in an accepted format "
+                                f"({', '.join(IMAGE_FORMATS)})", where) from None
+    except Exception as e:  # noqa: BLE001 - a malformed header can raise many types
+        raise RequestError(400, f"{where}: unreadable image ({type(e).__name__})",
+                           where) from None
+    w, h = im.size
+    if w < 1 or h < 1 or w * h > cfg.max_image_pixels:
+        raise RequestError(413, f"{where}: image of {w}x{h} pixels exceeds the limit of "
+                                f"{cfg.max_image_pixels} pixels", where)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt data
+        raise RequestError(400, f"{where}: corrupt or truncated image ({type(e).__name__}: "
+                                f"{str(e)[:80]})", where) from None
+
+
+async def fetch_image(url: str, where: str, cfg: ServeConfig) -> bytes:
+    """Download an image URL with the size and time limits (only with --allow-image-urls)."""
+    import httpx
+    try:
+        async with httpx.AsyncClient(timeout=cfg.url_timeout_s, follow_redirects=False) as c:
+            async with c.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise RequestError(400, f"{where}: fetching the image URL gave HTTP "
+                                            f"{r.status_code}", where)
+                buf = bytearray()
+                async for chunk in r.aiter_bytes():
+                    buf += chunk
+                    if len(buf) > cfg.max_image_bytes:
+                        raise RequestError(413, f"{where}: image at the URL is larger than the "
+                                                f"limit of {cfg.max_image_bytes} bytes", where)
+                return bytes(buf)
+    except httpx.HTTPError as e:
+        raise RequestError(400, f"{where}: could not fetch the image URL "
+                                f"({type(e).__name__})", where) from None
+
+
+async def load_images(inputs: list[ParsedInput], cfg: ServeConfig) -> list[list[Image.Image]]:
+    """Fetch (if allowed) and decode every input's images, off the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    out = []
+    for inp in inputs:
+        ims = []
+        for j, src in enumerate(inp.images):
+            where = f"{inp.where}.image" + (f"[{j}]" if len(inp.images) > 1 else "")
+            if isinstance(src, str):
+                src = await fetch_image(src, where, cfg)
+            ims.append(await run_in_threadpool(open_image, src, where, cfg))
+        out.append(ims)
+    return out
+
+
+# ---------------------------------------------------------------------- inputs
+def _type_name(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _text(value: Any, where: str, cfg: ServeConfig) -> str:
+    if not isinstance(value, str):
+        raise RequestError(400, f"{where}: expected a string, got {_type_name(value)}", where)
+    if len(value) > cfg.max_text_chars:
+        raise RequestError(413, f"{where}: text of {len(value)} characters is longer than the "
+                                f"limit of {cfg.max_text_chars}", where)
+    return value
+
+
+def _object_input(obj: dict, where: str, cfg: ServeConfig) -> ParsedInput:
+    unknown = set(obj) - {"text", "image"}
+    if unknown:
+        raise RequestError(400, f"{where}: unknown field(s) {sorted(unknown)}; an input object "
+                                "has 'text' and/or 'image'", where)
+    text = _text(obj.get("text", ""), f"{where}.text", cfg)
+    raw = obj.get("image")
+    raws = raw if isinstance(raw, list) else ([] if raw is None else [raw])
+    if len(raws) > cfg.max_images_per_input:
+        raise RequestError(413, f"{where}.image: {len(raws)} images; at most "
+                                f"{cfg.max_images_per_input} per input", f"{where}.image")
+    images = [image_source(v, f"{where}.image" + (f"[{j}]" if isinstance(raw, list) else ""),
+                           cfg) for j, v in enumerate(raws)]
+    if not text and not images:
+        raise RequestError(400, f"{where}: give 'text' and/or 'image'", where)
+    return ParsedInput(text, images, where)
+
+
+def parse_input(value: Any, cfg: ServeConfig, where: str = "input") -> list[ParsedInput]:
+    """The ``input`` field: a string, an input object, or a non-empty list of those."""
+    if isinstance(value, str):
+        return [ParsedInput(_text(value, where, cfg), [], where)]
+    if isinstance(value, dict):
+        return [_object_input(value, where, cfg)]
+    if isinstance(value, list):
+        if not value:
+            raise RequestError(400, f"{where}: empty list; give at least one input", where)
+        if len(value) > cfg.max_inputs:
+            raise RequestError(413, f"{where}: {len(value)} inputs; at most {cfg.max_inputs} "
+                                    "per request", where)
+        out = []
+        for i, v in enumerate(value):
+            w = f"{where}[{i}]"
+            if isinstance(v, str):
+                out.append(ParsedInput(_text(v, w, cfg), [], w))
+            elif isinstance(v, dict):
+                out.append(_object_input(v, w, cfg))
+            elif isinstance(v, (int, list)) and not isinstance(v, bool):
+                raise RequestError(400, f"{w}: token-id inputs are not supported; send text",
+                                   w)
+            else:
+                raise RequestError(400, f"{w}: expected a string or an object with 'text' "
+                                        f"and/or 'image', got {_type_name(v)}", w)
+        return out
+    raise RequestError(400, f"{where}: expected a string, an object with 'text'/'image', or a "
+                            f"list of those, got {_type_name(value)}", where)
+
+
+def parse_messages(value: Any, cfg: ServeConfig) -> ParsedInput:
+    """vLLM's chat-style ``messages``: one input, images where their ``image_url`` parts are."""
+    where = "messages"
+    if not isinstance(value, list) or not value:
+        raise RequestError(400, f"{where}: expected a non-empty array of messages", where)
+    texts: list[str] = []
+    images: list[Any] = []
+    for i, msg in enumerate(value):
+        w = f"{where}[{i}]"
+        if not isinstance(msg, dict):
+            raise RequestError(400, f"{w}: expected an object with 'role' and 'content', got "
+                                    f"{_type_name(msg)}", w)
+        if msg.get("role") not in ("user", "system"):
+            raise RequestError(400, f"{w}.role: expected 'user' or 'system', got "
+                                    f"{msg.get('role')!r}", f"{w}.role")
+        content = msg.get("content")
+        if isinstance(content, str):
+            texts.append(_text(content, f"{w}.content", cfg))
+            continue
+        if not isinstance(content, list):
+            raise RequestError(400, f"{w}.content: expected a string or an array of parts, got "
+                                    f"{_type_name(content)}", f"{w}.content")
+        for j, part in enumerate(content):
+            pw = f"{w}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(_text(part.get("text"), f"{pw}.text", cfg))
+            elif kind == "image_url":
+                iu = part.get("image_url")
+                url = iu.get("url") if isinstance(iu, dict) else iu
+                if len(images) >= cfg.max_images_per_input:
+                    raise RequestError(413, f"{pw}: more than {cfg.max_images_per_input} "
+                                            "images in one input", pw)
+                images.append(image_source(url, f"{pw}.image_url.url", cfg))
+                texts.append(f"<|image_{len(images)}|>")
+            else:
+                raise RequestError(400, f"{pw}: expected a part of type 'text' or 'image_url', "
+                                        f"got {kind!r}", pw)
+    # Parts joined by newlines: an image then an instruction gives fam's own layout
+    # ("<|image_1|>\nRepresent the given image.").
+    text = "\n".join(texts)
+    if len(text) > cfg.max_text_chars:
+        raise RequestError(413, f"{where}: text of {len(text)} characters is longer than the "
+                                f"limit of {cfg.max_text_chars}", where)
+    return ParsedInput(text, images, where)
+
