@@ -366,7 +366,7 @@ class VeinDecoder(nn.Module):
 
         # Dropout draws are replayed for the shuffled pass, so that the two losses differ
         # only through e.
-        replay = shuffle_check and b >= 2 and self.training and any(
+        replay = shuffle_check and self.training and any(
             isinstance(m, nn.Dropout) and m.p > 0 for m in self.layer.modules())
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(tokens.device)
                if tokens.device.type == "cuda" else None) if replay else None
@@ -377,14 +377,13 @@ class VeinDecoder(nn.Module):
         out = {"loss": total / count, "sum": total, "count": count,
                "per_sample": terms.sum(dim=1) / k, "masked": masked, "pred": pred}
         if shuffle_check:
-            if b >= 2:
-                with torch.no_grad(), _replayed_rng(rng, tokens.device):
-                    shuffled = emb.detach().roll(1, dims=0)
-                    p2 = self._decode(x.detach(), shuffled, pos, masked, idx, slot_valid, valid,
-                                      visible)
-                    s2 = self._terms(p2, target.detach(), slot_valid).sum()
-            else:
-                s2 = total.detach()  # one sample has no other e to take: its own loss
+            # (With B = 1 the roll is the identity: the sample's own loss. The pass still runs,
+            # so every rank runs the decoder equally often — FSDP gathers it in each forward.)
+            with torch.no_grad(), _replayed_rng(rng, tokens.device):
+                shuffled = emb.detach().roll(1, dims=0)
+                p2 = self._decode(x.detach(), shuffled, pos, masked, idx, slot_valid, valid,
+                                  visible)
+                s2 = self._terms(p2, target.detach(), slot_valid).sum()
             out["sum_shuffled"], out["loss_shuffled"] = s2, s2 / count
         return out
 
@@ -473,10 +472,10 @@ class VeinHead(nn.Module):
             tokens), ``sum`` (scalar) and ``count`` (int) with ``loss = sum / count``,
             ``per_layer`` (``{layer: scalar}``) and ``n_samples`` (int, eligible samples);
             with ``shuffle_check`` also ``sum_shuffled`` and ``loss_shuffled`` (detached; see
-            :meth:`VeinDecoder.forward`). With no eligible sample the loss and sum are
-            ``0 · Σ params``: zero, but connected to every decoder parameter, so DDP's
-            reducer still sees a gradient for each of them and does not hang waiting for
-            the ranks that did have samples.
+            :meth:`VeinDecoder.forward`). With no eligible sample the loss and sum are zero
+            times a dummy pass of every decoder: zero, but connected to every decoder
+            parameter, so DDP's reducer still sees a gradient for each of them and does not
+            hang waiting for the ranks that did have samples, and FSDP's all-gathers match.
         """
         first = self._lookup(hidden_states_per_layer, self.layers[0], "hidden_states_per_layer")
         b = first.shape[0]
@@ -487,7 +486,15 @@ class VeinHead(nn.Module):
         rows = sel.nonzero().flatten()
         n_samples = int(rows.numel())
         if n_samples == 0:
-            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            # Every decoder still runs (on a dummy two-token sample, weight 0), so the result
+            # is zero but connected to every decoder parameter — DDP's reducer sees a gradient
+            # for each — and every rank runs each decoder equally often (FSDP all-gathers its
+            # weights in each forward).
+            d = first.shape[-1]
+            dummy = first.new_zeros((1, 2, d)).detach()
+            given = torch.tensor([[True, False]], device=first.device)
+            zero = sum(dec(dummy, dummy[:, 0], masked=given, shuffle_check=shuffle_check)["sum"]
+                       for dec in self.decoders.values()) * 0.0
             out = {"loss": zero, "sum": zero, "count": 0,
                    "per_layer": {l: zero.detach() for l in self.layers}, "n_samples": 0}
             if shuffle_check:

@@ -194,8 +194,8 @@ def train_step(module: nn.Module, loss: Loss | None, batch: Any, step: int,
         loss: the stage's loss over the module's named outputs; ``None`` when the module
             returns the loss terms itself. A loss may add ``"grad_terms": {name: scalar with
             graph}``: the plain step then also reports ``<name>_grad_norm``, the norm of the
-            gradient each sends into the module's ``grad_norm_params()`` (GradCache drops
-            them).
+            gradient each sends into the module's ``grad_norm_params()`` (GradCache and
+            FSDP-sharded parameters: not reported).
         batch: what the collator returned, on the device.
         step: the optimizer step (passed to the module and the loss).
         gradcache_chunk: rows per GradCache chunk; 0 = the plain step.
@@ -219,11 +219,13 @@ def train_step(module: nn.Module, loss: Loss | None, batch: Any, step: int,
     out = fwd(batch, step)
     terms = out if loss is None else loss(**out, batch=batch, step=step)
     probe = terms.pop("grad_terms", None)
-    if probe:
+    params = (module.grad_norm_params() if hasattr(module, "grad_norm_params") else
+              [p for p in module.parameters() if p.requires_grad]) if probe else []
+    # (Not under FSDP: its backward hooks would fire inside autograd.grad and reduce the
+    # probe's gradients into the sharded .grad.)
+    if probe and not any(hasattr(p, "device_mesh") for p in params):
         # A diagnostic the loss asks for (e.g. VEIN's): the gradient norm each named part
         # of the loss alone sends into the module's ``grad_norm_params()`` (or all of them).
-        params = module.grad_norm_params() if hasattr(module, "grad_norm_params") else \
-            [p for p in module.parameters() if p.requires_grad]
         for name, value in grad_norms(probe, params).items():
             terms[f"{name}_grad_norm"] = torch.tensor(value)
     (terms["loss"] / micro_batches).backward()
