@@ -54,6 +54,31 @@ def scene_images(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def qwen_lora(tiny_dirs, tmp_path_factory):
+    """A saved LoRA adapter (peft folder) on the tiny Qwen2-VL, with a non-zero update (so
+    merging it matters) and ``base_model_name_or_path`` naming that checkpoint."""
+    pytest.importorskip("peft")
+    import json
+
+    from fam.backbones import load_backbone
+    from fam.config import LoraConfig
+    from fam.model import EmbeddingModel, apply_lora, save_lora
+    emb = EmbeddingModel(load_backbone(tiny_dirs["qwen2_vl"]))
+    apply_lora(emb, LoraConfig(enabled=True, r=4, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in emb.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    save_lora(emb, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tiny_dirs["qwen2_vl"])
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_collection(tmp_path_factory):
     """A dozen drawn scenes and their items JSONL (ids, texts, images, a metadata field).
 

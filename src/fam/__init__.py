@@ -8,6 +8,9 @@ The small public API::
     emb = model.encode([fam.MMItem("<|image_1|>\\nRepresent the given image.", image_path)])
     fam.losses.mac_loss(...); fam.losses.info_nce(...)
     fam.evaluate(model, "mmeb/eval", image_root="mmeb")
+    model = fam.load_embedding_model("runs/demo/fam/model")  # inference: no LM head
+    emb = fam.EncodePipeline(model, batch_size=32).encode(items)
+    fam.export_sentence_transformers("runs/demo/fam/model", "exports/fam")
 
 Training stages (``fam.train``) and the CLI (``fam``) are thin layers on top. Imports are
 lazy so ``import fam`` stays cheap and works without the training extras.
@@ -23,6 +26,9 @@ _LAZY = {
     "load_backbone": ("fam.backbones", "load_backbone"),
     "build_tiny": ("fam.backbones", "build_tiny"),
     "EmbeddingModel": ("fam.model", "EmbeddingModel"),
+    "load_embedding_model": ("fam.model.encode", "load_embedding_model"),
+    "EncodePipeline": ("fam.model.encode", "EncodePipeline"),
+    "export_sentence_transformers": ("fam.export", "export_sentence_transformers"),
     "MMItem": ("fam.data.types", "MMItem"),
     "evaluate": ("fam.eval.mmeb", "evaluate"),
     "load_train": ("fam.data.mmeb", "load_train"),

@@ -117,7 +117,7 @@ def _all_gather(x: Tensor, what: str) -> list[Tensor]:
     return out
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
+def gather_with_grad(x: Tensor, always: bool = False) -> Tensor:
     """All-gather ``x`` along dim 0, keeping the local slice's autograd graph.
 
     The slices received from other ranks are detached copies; the local slice is ``x``
@@ -128,34 +128,37 @@ def gather_with_grad(x: Tensor) -> Tensor:
     Args:
         x: ``(b, ...)`` local tensor; ``b`` and the trailing shape must be equal on every
             rank.
+        always: run the collective even in a group of one process (``fam bench gpu``
+            checks the backend's round trip on one device this way).
 
     Returns:
         ``(W·b, ...)`` tensor, rank ``r``'s rows at ``[r·b, (r+1)·b)``. When not
-        distributed (or ``W == 1``) this is ``x`` itself.
+        distributed (or ``W == 1`` and not ``always``) this is ``x`` itself.
 
     Raises:
         ValueError: when ranks pass different shapes (raised on every rank).
     """
     ws = world_size()
-    if ws == 1:
+    if ws == 1 and not (always and is_dist()):
         return x
     parts = _all_gather(x, "gather_with_grad")
     parts[rank()] = _ScaleGrad.apply(x, float(ws))
     return torch.cat(parts, dim=0)
 
 
-def gather_no_grad(x: Tensor) -> Tensor:
+def gather_no_grad(x: Tensor, always: bool = False) -> Tensor:
     """All-gather ``x`` along dim 0 without any gradient (masks, labels, counts).
 
     Bool tensors are sent as ``uint8`` (not every backend all-gathers bool).
 
     Args:
         x: ``(b, ...)`` local tensor, same shape on every rank.
+        always: as in :func:`gather_with_grad`.
 
     Returns:
         ``(W·b, ...)`` tensor (``x`` itself when not distributed).
     """
-    if world_size() == 1:
+    if world_size() == 1 and not (always and is_dist()):
         return x
     is_bool = x.dtype == torch.bool
     parts = _all_gather(x.to(torch.uint8) if is_bool else x, "gather_no_grad")

@@ -13,7 +13,7 @@ def test_help_lists_every_subcommand(capsys):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     for cmd in ("demo", "data", "model", "train", "eval", "encode", "bench", "pad", "index",
-                "search", "serve"):
+                "search", "serve", "export"):
         assert cmd in out
 
 
@@ -39,6 +39,31 @@ def test_cli_pipeline_small(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "ad" / "model"), "--data", str(data / "eval"),
                  "--image-root", str(data), "--max-rows", "2", "--no-progress"]) == 0
     assert "Overall" in capsys.readouterr().out
+    # The trained model exports with its training record and results in the model card.
+    assert main(["export", "--model", str(tmp_path / "ad" / "model"),
+                 "--out", str(tmp_path / "st")]) == 0
+    assert "min cosine" in capsys.readouterr().out
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert "stage: `adapt+vein`, 2 steps" in card and "| **overall** |" in card
+
+
+def test_encode_cli_matches_library(tiny_dirs, scene_images, tmp_path):
+    from safetensors.torch import load_file
+
+    from fam.data.types import MMItem
+    from fam.model.encode import load_embedding_model
+    root = scene_images[0].parent
+    rows = [{"text": "a red circle"}, {"image": scene_images[0].name},
+            {"text": "<|image_1|>\nRepresent the given image.", "image": scene_images[1].name}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["encode", "--model", str(tiny_dirs["qwen2_vl"]), "--input",
+                 str(tmp_path / "items.jsonl"), "--image-root", str(root),
+                 "--out", str(tmp_path / "e.safetensors"), "--batch-size", "2"]) == 0
+    got = load_file(str(tmp_path / "e.safetensors"))["embeddings"]
+    ref = load_embedding_model(tiny_dirs["qwen2_vl"]).encode(
+        [MMItem("a red circle"), MMItem("", scene_images[0]),
+         MMItem("<|image_1|>\nRepresent the given image.", scene_images[1])])
+    assert (got - ref).abs().max() < 1e-6
 
 
 def test_config_errors_exit_cleanly(tmp_path):

@@ -246,51 +246,24 @@ def _vm_kb(field: str) -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").environ.get("FAM_REAL_SIZE"),
                     reason="real-size smoke test: set FAM_REAL_SIZE=1 (needs ~6 GB RAM, minutes)")
-def test_real_size_qwen2_vl_2b_shape_gradcache_step_fits_10gb(tiny_dirs, scene_images):
-    """A random Qwen2-VL-2B-shaped model (published shapes, tiny vocabulary), bf16, LoRA r=8:
-    one GradCache training step (batch 2, chunk 1, 112 px = 16 image tokens) on CPU.
+def test_real_size_qwen2_vl_2b_shape_gradcache_step_fits_10gb(scene_images):
+    """A random Qwen2-VL-2B-shaped model (published shapes, fam.backbones.qwen2_vl
+    PUBLISHED_SIZES), bf16, LoRA r=8: one GradCache training step (batch 2, chunk 1,
+    112 px = 16 image tokens) on CPU.
 
     CPUs without native bf16 matmul (AVX2 only) run bf16 GEMMs through a slow dot-product
     fallback: a batch of 4 at 224 px took over 20 minutes on the 2-core test machine."""
     import logging
     import time
 
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers import Qwen2VLImageProcessorPil
-
-    from fam.backbones.qwen2_vl import Qwen2VLAdapter
     from fam.bench.plan import KNOWN_SHAPES, PlanConfig, estimate
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(tiny_dirs["qwen2_vl"]), use_fast=True)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in
-           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>",
-            "<|endoftext|>")}
-    s = KNOWN_SHAPES["Qwen2-VL-2B"]
-    text = dict(vocab_size=len(tok), hidden_size=s.hidden, intermediate_size=s.intermediate,
-                num_hidden_layers=s.layers, num_attention_heads=s.heads,
-                num_key_value_heads=s.kv_heads, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [16, 24, 24]},
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                tie_word_embeddings=True)
-    vision = dict(depth=s.vision_depth, embed_dim=s.vision_embed, hidden_size=s.hidden,
-                  num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                        video_token_id=ids["<|video_pad|>"],
-                        vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # never materialise the 8 GB fp32 copy
-    try:
-        torch.manual_seed(0)
-        model = Qwen2VLForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    proc = Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=112 * 112)
-    adapter = Qwen2VLAdapter(model, tok, proc)
+    # Created in bf16: the 8 GB fp32 copy is never materialised.
+    adapter = build_tiny("qwen2_vl", size="2b", corpus=CORPUS, vocab_size=400, seed=0,
+                         image_size=112, dtype=torch.bfloat16)
+    model = adapter.model
     emb = EmbeddingModel(adapter)
     for p in model.parameters():
         p.requires_grad_(False)

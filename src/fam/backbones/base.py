@@ -257,6 +257,22 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
         """Tokens prepended to every sequence (e.g. Llama's ``<s>``)."""
         return []
 
+    def processor_spec(self) -> dict[str, Any]:
+        """How a stock transformers processor reproduces this adapter's layout (``fam export``).
+
+        Returns:
+            ``{"processor_class": name, "processor_config": {...}, "image_placeholder": text,
+            "named_tokens": {attribute: token}}``: a processor class that loads without
+            torchvision, the extra fields of its ``processor_config.json``, the text a chat
+            template writes for one image (the processor expands it into this adapter's image
+            block) and tokenizer attributes the processor reads (e.g. ``image_token``).
+
+        Raises:
+            ConfigError: the family has no exportable processor yet.
+        """
+        raise ConfigError(f"fam export does not support the {self.family} family yet "
+                          "(supported: qwen2_vl, qwen2_5_vl, llava, llava_next)")
+
     @classmethod
     def build_tiny(cls, out_dir: str | Path | None = None, **kwargs: Any) -> "BackboneAdapter":
         raise NotImplementedError
@@ -270,6 +286,10 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
             kw["dtype"] = dtype
         if attn_implementation is not None:
             kw["attn_implementation"] = attn_implementation
+        from fam.backbones.headless import embedding_only_requested, load_headless
+        if embedding_only_requested():
+            # fam.model.encode.load_embedding_model: the LM head is never read nor kept.
+            return load_headless(path, **kw)
         return cls._model_class().from_pretrained(str(path), **kw)
 
     @classmethod

@@ -77,6 +77,19 @@ class LlavaAdapter(BackboneAdapter):
         n = self.num_image_tokens(pv.shape[-2], pv.shape[-1])
         return {"pixel_values": pv}, [n] * len(images)
 
+    def processor_spec(self) -> dict[str, Any]:
+        # LlavaProcessor expands "<image>" into (H/p)·(W/p) + num_additional_image_tokens
+        # tokens, minus one with the "default" strategy: num_additional_image_tokens=1 (the
+        # CLS token) gives exactly num_image_tokens() in both strategies.
+        token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        cfg = self.config
+        return {"processor_class": "LlavaProcessor",
+                "processor_config": {"patch_size": int(cfg.vision_config.patch_size),
+                                     "vision_feature_select_strategy":
+                                         cfg.vision_feature_select_strategy,
+                                     "num_additional_image_tokens": 1, "image_token": token},
+                "image_placeholder": token, "named_tokens": {"image_token": token}}
+
     def patch_grid(self) -> tuple[int, int]:
         """(rows, cols) of the vision tower's patch grid at the processor's crop size."""
         cs = self.image_processor.crop_size

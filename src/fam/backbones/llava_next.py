@@ -79,6 +79,13 @@ class LlavaNextAdapter(BackboneAdapter):
     def bos_ids(self) -> list[int]:
         return self._bos
 
+    def processor_spec(self) -> dict[str, Any]:
+        # LlavaNextProcessor counts features with the same anyres rounding as
+        # num_image_tokens() (see the module docstring).
+        spec = LlavaAdapter.processor_spec(self)
+        spec["processor_class"] = "LlavaNextProcessor"
+        return spec
+
     def image_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
         return [self.image_token_id] * n_tokens, [True] * n_tokens
 

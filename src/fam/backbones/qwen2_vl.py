@@ -31,6 +31,20 @@ TINY_SIZES = {
     "m": dict(hidden=256, layers=4, heads=4, kv_heads=2, v_dim=128, v_depth=2),
 }
 
+#: Published shapes, built with random weights for benchmarks (``fam bench gpu``): the
+#: numbers of Hugging Face ``Qwen/Qwen2-VL-2B-Instruct/config.json`` (the FAM paper's main
+#: backbone; the same as ``fam.bench.plan.KNOWN_SHAPES["Qwen2-VL-2B"]``). Text model:
+#: hidden_size 1536, num_hidden_layers 28, num_attention_heads 12, num_key_value_heads 2,
+#: intermediate_size 8960, vocab_size 151936, rms_norm_eps 1e-6, rope_theta 1e6,
+#: mrope_section [16, 24, 24], max_position_embeddings 32768, tie_word_embeddings true.
+#: Vision tower: depth 32, embed_dim 1280, num_heads 16, mlp_ratio 4, patch_size 14,
+#: spatial_merge_size 2, temporal_patch_size 2 (665 M parameters; 2.21 B in all).
+PUBLISHED_SIZES = {
+    "2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, v_dim=1280, v_depth=32,
+               intermediate=8960, vocab=151936, rms_eps=1e-6, rope_theta=1e6, max_pos=32768,
+               tie=True, v_heads=16, mlp_ratio=4),
+}
+
 
 def _mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies over (t, h, w) like Qwen2-VL's [16, 24, 24] for 128."""
@@ -80,6 +94,16 @@ class Qwen2VLAdapter(BackboneAdapter):
             return super().extra_inputs(input_ids, image_mask, attention_mask)
         return {"mm_token_type_ids": image_mask.to(torch.int32)}
 
+    def processor_spec(self) -> dict[str, Any]:
+        # Qwen2VLProcessor also loads a video processor, which needs torchvision. The
+        # image-only PaddleOCRVLProcessor does the same image-token expansion (N = t·h·w /
+        # merge²) and returns mm_token_type_ids; vLLM ignores it and builds its own
+        # Qwen2-VL processor.
+        tokens = self.tokenizer.convert_ids_to_tokens(
+            [self.vision_start_id, self.image_token_id, self.vision_end_id])
+        return {"processor_class": "PaddleOCRVLProcessor", "processor_config": {},
+                "image_placeholder": "".join(tokens), "named_tokens": {"image_token": tokens[1]}}
+
     @property
     def pixel_budget(self) -> tuple[int | None, int | None]:
         size = getattr(self.image_processor, "size", None) or {}
@@ -106,36 +130,54 @@ class Qwen2VLAdapter(BackboneAdapter):
 
     @classmethod
     def tiny_config(cls, vocab_size: int, token_ids: dict[str, int], size: str = "s") -> Any:
+        """A config of ``size``: a tiny preset (``TINY_SIZES``) or a published shape
+        (``PUBLISHED_SIZES``, whose vocabulary size is the published one: ids of the offline
+        tokenizer are a subset of it)."""
         from transformers import Qwen2VLConfig
-        if size not in TINY_SIZES:
-            raise ConfigError(f"unknown tiny size {size!r}; choose one of {sorted(TINY_SIZES)}")
-        s = TINY_SIZES[size]
+        sizes = {**TINY_SIZES, **PUBLISHED_SIZES}
+        if size not in sizes:
+            raise ConfigError(f"unknown size {size!r}; choose one of {sorted(sizes)}")
+        s = sizes[size]
         head_dim = s["hidden"] // s["heads"]
-        text = dict(vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=2 * s["hidden"],
+        tie = s.get("tie", False)
+        text = dict(vocab_size=s.get("vocab", vocab_size), hidden_size=s["hidden"],
+                    intermediate_size=s.get("intermediate", 2 * s["hidden"]),
                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                    num_key_value_heads=s["kv_heads"], max_position_embeddings=2048,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                    num_key_value_heads=s["kv_heads"],
+                    max_position_embeddings=s.get("max_pos", 2048),
+                    rope_parameters={"rope_type": "default",
+                                     "rope_theta": s.get("rope_theta", 10000.0),
                                      "mrope_section": _mrope_section(head_dim)},
                     bos_token_id=None, eos_token_id=token_ids["<|im_end|>"],
-                    pad_token_id=token_ids["<|endoftext|>"], tie_word_embeddings=False)
+                    pad_token_id=token_ids["<|endoftext|>"], tie_word_embeddings=tie)
+        if "rms_eps" in s:
+            text["rms_norm_eps"] = s["rms_eps"]
         vision = dict(depth=s["v_depth"], embed_dim=s["v_dim"], hidden_size=s["hidden"],
-                      num_heads=max(1, s["v_dim"] // 16), mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+                      num_heads=s.get("v_heads", max(1, s["v_dim"] // 16)),
+                      mlp_ratio=s.get("mlp_ratio", 2), patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
         return Qwen2VLConfig(text_config=text, vision_config=vision,
                              image_token_id=token_ids["<|image_pad|>"],
                              video_token_id=token_ids["<|video_pad|>"],
                              vision_start_token_id=token_ids["<|vision_start|>"],
                              vision_end_token_id=token_ids["<|vision_end|>"],
-                             tie_word_embeddings=False)
+                             tie_word_embeddings=tie)
 
     @classmethod
     def build_tiny(cls, out_dir: str | Path | None = None, *, size: str = "s", image_size: int = 112,
                    corpus: Sequence[str] = (), vocab_size: int = 1024, seed: int = 0,
+                   dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                    **kwargs: Any) -> "Qwen2VLAdapter":
-        """A small random-initialised Qwen2-VL with an offline BPE tokenizer.
+        """A random-initialised Qwen2-VL with an offline BPE tokenizer.
 
         Images are resized to ``image_size``² pixels (min = max pixels), i.e.
         ``(image_size/28)²`` image tokens after the 2×2 merge (16 at 112 px).
+
+        Args:
+            size: a tiny preset (``"xs"``, ``"s"``, ``"m"``) or a published shape (``"2b"``).
+            dtype: parameter dtype; the weights are created in it (a 2B model in bfloat16
+                never materialises a float32 copy). None: float32.
+            device: where the weights are created and initialised (None: the CPU).
         """
         from transformers import PreTrainedTokenizerFast
         bpe = train_bpe_tokenizer(corpus, QWEN_SPECIAL_TOKENS, vocab_size)
@@ -145,7 +187,13 @@ class Qwen2VLAdapter(BackboneAdapter):
         ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
         cfg = cls.tiny_config(len(tok), ids, size)
         torch.manual_seed(seed)
-        model = cls._model_class()(cfg)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or torch.float32)
+        try:
+            with torch.device(device or "cpu"):
+                model = cls._model_class()(cfg)
+        finally:
+            torch.set_default_dtype(prev)
         model.eval()
         proc = cls._image_processor_class()(min_pixels=image_size * image_size,
                                             max_pixels=image_size * image_size)
@@ -167,6 +215,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     @classmethod
     def tiny_config(cls, vocab_size: int, token_ids: dict[str, int], size: str = "s") -> Any:
         from transformers import Qwen2_5_VLConfig
+        if size not in TINY_SIZES:
+            raise ConfigError(f"unknown tiny size {size!r}; choose one of {sorted(TINY_SIZES)}")
         base = super().tiny_config(vocab_size, token_ids, size).to_dict()
         vis = base["vision_config"]
         s = TINY_SIZES[size]

@@ -45,13 +45,13 @@ from fam.bench import PeakMemory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_bench", "format_report", "CORPUS"]
+__all__ = ["run_bench", "format_report", "noise_images", "CORPUS"]
 
 CORPUS = ["a red circle left of a blue square", "a small green triangle above a yellow star",
           "Represent the given image.", "Find the image that matches the caption:"]
 
 
-def _images(n: int, size: int, seed: int = 0):
+def noise_images(n: int, size: int, seed: int = 0):
     """``n`` random-noise RGB images (the content does not matter for memory)."""
     import numpy as np
     from PIL import Image
@@ -81,7 +81,7 @@ def _batch(module, b: int, image_size: int, text_words: int, device: str):
     words = CORPUS[0].split() + CORPUS[1].split()
     caps = [" ".join(words[(i + k) % len(words)] for k in range(text_words)) for i in range(b)]
     q = adapter.encode([MMItem("<|image_1|>\nRepresent the given image.", Path("x.png"))] * b,
-                       _images(b, image_size))
+                       noise_images(b, image_size))
     t = adapter.encode([MMItem(c) for c in caps])
     ones = torch.ones(b, dtype=torch.bool)
     ids = torch.arange(b, dtype=torch.long)  # distinct targets: no duplicate masking

@@ -1,6 +1,7 @@
 """Benchmark: exact MAC (method.md §2, O(Bd) memory) vs the naive (B·N)×(B·T) form.
 
-Run ``fam bench mac [--shapes B,N,T,d ...] [--device cpu|cuda] [--repeats 3]``.
+Run ``fam bench mac [--shapes B,N,T,d ...] [--device cpu|cuda] [--repeats 3]
+[--dtype float32|bfloat16]``.
 
 Method (honest by construction):
 
@@ -14,6 +15,9 @@ Method (honest by construction):
   before the pass — i.e. real RAM, as ``top`` would see it. Where the reset is not
   available the ``ru_maxrss`` growth is used (flagged in the report).
 * Time is the median wall-clock of ``repeats`` forward+backward passes after a warm-up.
+* A variant that runs out of device memory is a measurement too: the worker catches the
+  CUDA out-of-memory error and reports the memory allocated when it happened (and the
+  size of the allocation that failed), e.g. the naive form at the paper's scale.
 
 The naive variant is written the way research code does it (and as the official FAM code
 materialises it): the full token-token cosine matrix, the padding mask applied by a
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,11 +45,13 @@ from fam.bench import PeakMemory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["mac_loss_naive", "run_bench", "paper_scale_estimate", "format_report", "DEFAULT_SHAPES"]
+__all__ = ["mac_loss_naive", "run_bench", "paper_scale_estimate", "format_report", "DEFAULT_SHAPES",
+           "DTYPES", "make_inputs"]
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((64, 256, 32, 256), (128, 256, 32, 256))
 # The official FAM run (method.md §2): batch 512, Phi-3.5-V image tokens 757, caption 64, d 3072.
 PAPER_SCALE = {"B": 512, "N": 757, "T": 64, "d": 3072, "bytes_per_element": 2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def mac_loss_naive(img_emb: Tensor, txt_emb: Tensor, img_tokens: Tensor, txt_tokens: Tensor,
@@ -88,13 +95,19 @@ def _variant(name: str):
     raise ValueError(f"unknown variant {name!r}; expected 'exact' or 'naive'.")
 
 
-def _make_inputs(b: int, n: int, t: int, d: int, device: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(b, d, generator=g), torch.randn(b, d, generator=g),
-          torch.randn(b, n, d, generator=g), torch.randn(b, t, d, generator=g)]
-    xs = [x.to(device).requires_grad_() for x in xs]
+def make_inputs(b: int, n: int, t: int, d: int, device: str, seed: int = 0,
+                dtype: torch.dtype = torch.float32):
+    """Random MAC inputs with realistic padding: ``([e_img, e_txt, H_img, H_txt], img_mask,
+    txt_mask)``; the four tensors are leaves that require grad, in ``dtype`` on ``device``."""
+    cuda = str(device).startswith("cuda")
+    # On CUDA the inputs are drawn on the device (billions of elements at the paper's scale).
+    g = torch.Generator(device=device if cuda else "cpu").manual_seed(seed)
+    gen = dict(generator=g, device=device if cuda else "cpu")
+    xs = [torch.randn(b, d, **gen), torch.randn(b, d, **gen),
+          torch.randn(b, n, d, **gen), torch.randn(b, t, d, **gen)]
+    xs = [x.to(device=device, dtype=dtype).requires_grad_() for x in xs]
     # Realistic padding: full images, captions of random length in [T/4, T].
-    txt_len = torch.randint(max(1, t // 4), t + 1, (b,), generator=g)
+    txt_len = torch.randint(max(1, t // 4), t + 1, (b,), generator=torch.Generator().manual_seed(seed))
     txt_mask = (torch.arange(t)[None] < txt_len[:, None]).to(device)
     img_mask = torch.ones(b, n, dtype=torch.bool, device=device)
     return xs, img_mask, txt_mask
@@ -107,19 +120,40 @@ def _step(fn, xs, im, tm) -> None:
         x.grad = None
 
 
-def _worker(b: int, n: int, t: int, d: int, variant: str, device: str, repeats: int) -> dict:
+def _oom_record(err: Exception, before: int) -> dict:
+    """What a CUDA out-of-memory error measured: the memory allocated when it happened."""
+    msg = str(err)
+    tried = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", msg)
+    return {"oom": True, "oom_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+            "oom_tried_to_allocate": tried.group(1) if tried else None,
+            "device_total_bytes": int(torch.cuda.get_device_properties(0).total_memory),
+            "peak_bytes": int(torch.cuda.max_memory_allocated() - before),
+            "error": msg.strip().splitlines()[0][:300]}
+
+
+def _worker(b: int, n: int, t: int, d: int, variant: str, device: str, repeats: int,
+            dtype: str = "float32") -> dict:
     """Measure one (shape, variant) in this (fresh) process."""
     fn = _variant(variant)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dt = DTYPES[dtype]
     # Warm up kernels/thread pools on a tiny problem so lazy initialisation is not counted.
-    _step(fn, *_make_inputs(4, 8, 4, 16, device))
-    xs, im, tm = _make_inputs(b, n, t, d, device)
+    _step(fn, *make_inputs(4, 8, 4, 16, device, dtype=dt))
+    xs, im, tm = make_inputs(b, n, t, d, device, dtype=dt)
     sync()
+    row = {"B": b, "N": n, "T": t, "d": d, "variant": variant, "device": device, "dtype": dtype,
+           "threads": torch.get_num_threads()}
     meter = PeakMemory(cuda)
     t0 = time.perf_counter()
-    _step(fn, xs, im, tm)
-    sync()
+    try:
+        _step(fn, xs, im, tm)
+        sync()
+    except torch.OutOfMemoryError as err:  # the naive form at the paper's scale may not fit
+        for x in xs:
+            x.grad = None
+        return {**row, **_oom_record(err, meter.before), "time_s": None,
+                "memory_method": meter.method}
     first = time.perf_counter() - t0
     peak, method = meter.stop()
     times = []
@@ -129,18 +163,22 @@ def _worker(b: int, n: int, t: int, d: int, variant: str, device: str, repeats: 
         _step(fn, xs, im, tm)
         sync()
         times.append(time.perf_counter() - t0)
-    return {"B": b, "N": n, "T": t, "d": d, "variant": variant, "device": device,
-            "peak_bytes": int(max(peak, 0)), "time_s": statistics.median(times or [first]),
-            "memory_method": method, "threads": torch.get_num_threads()}
+    return {**row, "peak_bytes": int(max(peak, 0)), "time_s": statistics.median(times or [first]),
+            "memory_method": method, "oom": False}
 
 
-def _run_in_subprocess(b, n, t, d, variant, device, repeats) -> dict:
+def _run_in_subprocess(b, n, t, d, variant, device, repeats, dtype: str = "float32",
+                       timeout: float | None = None) -> dict:
     src_root = str(Path(__file__).resolve().parents[2])  # .../src, so `fam` imports as here
     env = dict(os.environ)
     env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "fam.bench.mac", "--_worker",
-           ",".join(map(str, (b, n, t, d))), variant, device, str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+           ",".join(map(str, (b, n, t, d))), variant, device, str(repeats), dtype]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"benchmark worker {variant} {(b, n, t, d)} timed out after "
+                           f"{timeout:.0f} s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {variant} {(b, n, t, d)} failed "
                            f"(exit {proc.returncode}; out of memory?):\n{proc.stderr[-2000:]}")
@@ -148,29 +186,43 @@ def _run_in_subprocess(b, n, t, d, variant, device, repeats) -> dict:
 
 
 def run_bench(shapes: Sequence[tuple[int, int, int, int]] = DEFAULT_SHAPES, device: str = "cpu",
-              repeats: int = 3) -> list[dict]:
+              repeats: int = 3, dtype: str = "float32", timeout: float | None = None
+              ) -> list[dict]:
     """Time and peak memory of exact vs naive MAC, forward+backward, per shape.
 
     Args:
         shapes: ``(B, N, T, d)`` tuples.
         device: ``"cpu"`` or a CUDA device.
         repeats: timed passes per variant (median reported) after the measured first pass.
+        dtype: ``"float32"`` or ``"bfloat16"`` inputs.
+        timeout: seconds allowed to each variant's worker (None: no limit).
 
     Returns:
-        One dict per shape: ``B, N, T, d, exact_time_s, naive_time_s, exact_peak_bytes,
-        naive_peak_bytes, memory_ratio, speed_ratio`` (ratios are naive / exact) and
-        ``memory_method``.
+        One dict per shape: ``B, N, T, d, dtype, exact_time_s, naive_time_s,
+        exact_peak_bytes, naive_peak_bytes, memory_ratio, speed_ratio`` (ratios are
+        naive / exact), ``memory_method`` and, per variant, ``{v}_oom``; a variant that ran
+        out of CUDA memory has no time, its ``{v}_peak_bytes`` is the growth reached before
+        the failing allocation, ``{v}_oom_allocated_bytes`` the memory allocated then and
+        ``{v}_oom_tried_to_allocate`` the failing request; its ratios are None.
     """
     rows = []
     for b, n, t, d in shapes:
-        res = {v: _run_in_subprocess(b, n, t, d, v, device, repeats) for v in ("exact", "naive")}
-        row = {"B": b, "N": n, "T": t, "d": d, "memory_method": res["exact"]["memory_method"],
-               "threads": res["exact"]["threads"]}
+        res = {v: _run_in_subprocess(b, n, t, d, v, device, repeats, dtype, timeout)
+               for v in ("exact", "naive")}
+        row = {"B": b, "N": n, "T": t, "d": d, "dtype": dtype,
+               "memory_method": res["exact"]["memory_method"], "threads": res["exact"]["threads"]}
         for v in ("exact", "naive"):
             row[f"{v}_time_s"] = res[v]["time_s"]
             row[f"{v}_peak_bytes"] = res[v]["peak_bytes"]
-        row["memory_ratio"] = row["naive_peak_bytes"] / max(row["exact_peak_bytes"], 1)
-        row["speed_ratio"] = row["naive_time_s"] / max(row["exact_time_s"], 1e-9)
+            row[f"{v}_oom"] = bool(res[v].get("oom"))
+            for k in ("oom_allocated_bytes", "oom_tried_to_allocate", "device_total_bytes"):
+                if k in res[v]:
+                    row[f"{v}_{k}"] = res[v][k]
+        measured = not (row["exact_oom"] or row["naive_oom"])
+        row["memory_ratio"] = row["naive_peak_bytes"] / max(row["exact_peak_bytes"], 1) \
+            if measured else None
+        row["speed_ratio"] = row["naive_time_s"] / max(row["exact_time_s"], 1e-9) \
+            if measured else None
         logger.info("MAC bench %s: %s", (b, n, t, d), row)
         rows.append(row)
     return rows
@@ -199,18 +251,29 @@ def _fmt_bytes(x: float) -> str:
     return f"{x:.1f} TB"
 
 
+def _cell(r: dict, v: str) -> tuple[str, str]:
+    """(time, peak) cells of variant ``v``; an out-of-memory variant says where it failed."""
+    if r.get(f"{v}_oom"):
+        return "OOM", f"OOM at {r[f'{v}_oom_allocated_bytes'] / 1e9:.1f} GB"
+    return f"{r[f'{v}_time_s'] * 1e3:.1f}ms", _fmt_bytes(r[f"{v}_peak_bytes"])
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}x"
+
+
 def format_report(rows: list[dict], device: str) -> str:
     """The printed table, the paper-scale estimate and, last, the ratios."""
-    lines = [f"MAC forward+backward, float32, device={device}, torch threads={rows[0]['threads']}, "
+    dtype = rows[0].get("dtype", "float32")
+    lines = [f"MAC forward+backward, {dtype}, device={device}, torch threads={rows[0]['threads']}, "
              f"peak memory method={rows[0]['memory_method']}",
              f"{'B':>5} {'N':>5} {'T':>4} {'d':>5} | {'exact time':>11} {'naive time':>11} | "
              f"{'exact peak':>11} {'naive peak':>11} | {'mem x':>7} {'speed x':>7}"]
     for r in rows:
-        lines.append(f"{r['B']:>5} {r['N']:>5} {r['T']:>4} {r['d']:>5} | "
-                     f"{r['exact_time_s'] * 1e3:>9.1f}ms {r['naive_time_s'] * 1e3:>9.1f}ms | "
-                     f"{_fmt_bytes(r['exact_peak_bytes']):>11} "
-                     f"{_fmt_bytes(r['naive_peak_bytes']):>11} | {r['memory_ratio']:>6.1f}x "
-                     f"{r['speed_ratio']:>6.1f}x")
+        (et, ep), (nt, np_) = _cell(r, "exact"), _cell(r, "naive")
+        lines.append(f"{r['B']:>5} {r['N']:>5} {r['T']:>4} {r['d']:>5} | {et:>11} {nt:>11} | "
+                     f"{ep:>11} {np_:>11} | {_ratio(r['memory_ratio']):>7} "
+                     f"{_ratio(r['speed_ratio']):>7}")
     est = paper_scale_estimate(**PAPER_SCALE)
     ps = PAPER_SCALE
     first = rows[0]
@@ -220,8 +283,8 @@ def format_report(rows: list[dict], device: str) -> str:
               f"= {est['exact_bytes'] / 1e6:.1f} MB (O(Bd))",
               f"(ratios below: naive / exact at B,N,T,d = "
               f"{first['B']},{first['N']},{first['T']},{first['d']})",
-              f"peak memory ratio: {first['memory_ratio']:.1f}x",
-              f"speed ratio: {first['speed_ratio']:.1f}x"]
+              f"peak memory ratio: {_ratio(first['memory_ratio'])}",
+              f"speed ratio: {_ratio(first['speed_ratio'])}"]
     return "\n".join(lines)
 
 
@@ -231,4 +294,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["--_worker"]:
         sys.exit("this module is the benchmark's worker; run `fam bench mac [--shapes ...]`")
     b, n, t, d = (int(x) for x in sys.argv[2].split(","))
-    print(json.dumps(_worker(b, n, t, d, sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    print(json.dumps(_worker(b, n, t, d, sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                             *sys.argv[6:7])))

@@ -12,7 +12,8 @@
     fam index build --model DIR --items F --out IDX   index a collection (FAISS; resumable)
     fam search --index IDX --text T [--image P] top-k search of an index
     fam serve --model DIR [--index IDX]         HTTP server: /v1/embeddings, /v1/search, page
-    fam bench mac|gradcache|search|serve        benchmarks with ratios against a reference
+    fam export --model DIR --out DIR2           a sentence-transformers / vLLM folder
+    fam bench mac|gradcache|encode|search|serve|gpu  benchmarks against a reference; GPU check
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
@@ -20,7 +21,7 @@ Training subcommands take an optional YAML config and ``key=value`` overrides, e
 ``fam train adapt configs/adapt.yaml optim.lr=1e-4 lora.r=16``. Modules: ``train``
 (stages, data, models), ``infer`` (eval, encode), ``analyze``, ``experiments`` (demo,
 ablate, projector-compare), ``pad``, ``bench`` (benchmarks, plan), ``deploy`` (index,
-search, serve); each registers its
+search, serve), ``export``; each registers its
 subcommands on the parser built here and holds their handlers.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fam`` parser with every subcommand."""
-    from fam.cli import analyze, bench, deploy, experiments, infer, pad, train
+    from fam.cli import analyze, bench, deploy, experiments, export, infer, pad, train
 
     p = argparse.ArgumentParser(prog="fam", description="fam: fine-grained multimodal embedding "
                                 "learning with vision-language models")
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_train_subcommands(sub)
     analyze.add_analyze_subcommands(sub)
     infer.add_infer_subcommands(sub)
+    export.add_export_subcommand(sub)
     bench.add_bench_subcommands(sub)
     pad.add_pad_subcommand(sub)
     experiments.add_ablate_subcommand(sub)

@@ -1,5 +1,5 @@
-"""``fam bench mac|gradcache|search|serve`` (ratios against a reference in the same run) and
-``fam plan``."""
+"""``fam bench mac|gradcache|encode|search|serve|gpu`` (measured against a reference in the
+same run) and ``fam plan``."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +14,20 @@ __all__ = ["add_bench_subcommands"]
 def cmd_bench_mac(args: argparse.Namespace) -> int:
     from fam.bench.mac import format_report, run_bench
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    print(format_report(run_bench(shapes, device=args.device, repeats=args.repeats),
-                        args.device))
+    print(format_report(run_bench(shapes, device=args.device, repeats=args.repeats,
+                                  dtype=args.dtype), args.device))
     return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from fam.bench.gpu import device_for, format_markdown, run_gpu_bench
+    from fam.config import GpuBenchConfig
+    cfg = GpuBenchConfig.tiny() if args.tiny else GpuBenchConfig()
+    res = run_gpu_bench(cfg, args.out, device_for(args.tiny), args.tiny)
+    print(format_markdown(res))
+    print(f"written: {args.out}/gpu_bench.json, {args.out}/gpu_bench.md")
+    ok = all(v["status"] == "ok" for v in res["sections"].values()) and res["checks_passed"]
+    return 0 if ok else 1
 
 
 def cmd_bench_gradcache(args: argparse.Namespace) -> int:
@@ -24,6 +35,22 @@ def cmd_bench_gradcache(args: argparse.Namespace) -> int:
     res = run_bench(args.batch, args.chunk, args.size, args.image_size, args.text_words,
                     args.device, args.threads, with_full=not args.no_full)
     print(format_report(res, args.size, args.batch, args.chunk, args.device))
+    return 0
+
+
+def cmd_bench_encode(args: argparse.Namespace) -> int:
+    from fam.bench.encode import format_report, run_default_or_given
+    from fam.errors import ConfigError
+    if (args.model is None) != (args.items is None):
+        raise ConfigError("fam bench encode: give both --model and --items, or neither (a tiny "
+                          "model and Scenes items)")
+    res, label = run_default_or_given(args.model, args.items, args.image_root, args.n,
+                                      args.size, args.layers, args.batch_size, args.threads,
+                                      args.repeats, args.prefetch, args.workers)
+    print(format_report(res, label))
+    if args.json:
+        from fam.utils.io import atomic_write_json
+        atomic_write_json(args.json, res)
     return 0
 
 
@@ -67,7 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_bench_subcommands(sub: Any) -> None:
-    """``fam bench mac|gradcache|search|serve`` and ``fam plan``."""
+    """``fam bench mac|gradcache|encode|search|serve|gpu`` and ``fam plan``."""
     from fam.bench.mac import DEFAULT_SHAPES
     from fam.bench.plan import KNOWN_SHAPES
     from fam.config import PlanConfig
@@ -81,7 +108,19 @@ def add_bench_subcommands(sub: Any) -> None:
                      help="B,N,T,d tuples (default: %(default)s)")
     mac.add_argument("--device", default="cpu")
     mac.add_argument("--repeats", type=int, default=3)
+    mac.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     mac.set_defaults(func=cmd_bench_mac)
+
+    gpu = which.add_parser("gpu", help="the GPU check: Qwen2-VL-2B-shaped adaptation and MAC "
+                                       "steps (time, tokens/s, memory, MFU), MAC at paper "
+                                       "scale, encode throughput, correctness; < 8 min on "
+                                       "one H200 (docs/gpu.md)")
+    gpu.add_argument("--tiny", action="store_true",
+                     help="the same code at tiny size (CPU when no CUDA device; CI)")
+    gpu.add_argument("--out", default="bench_gpu",
+                     help="folder for gpu_bench.json, gpu_bench.md, worker.log "
+                          "(default: %(default)s)")
+    gpu.set_defaults(func=cmd_bench_gpu)
 
     gc = which.add_parser("gradcache", help="peak memory of GradCache (batch 256, chunk 16) "
                                             "vs a plain batch of 16")
@@ -94,6 +133,25 @@ def add_bench_subcommands(sub: Any) -> None:
     gc.add_argument("--threads", type=int, default=2)
     gc.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
     gc.set_defaults(func=cmd_bench_gradcache)
+
+    en = which.add_parser("encode", help="the encode pipeline vs the sequential loop: items/s, "
+                                         "CPU time, peak memory, equal results")
+    en.add_argument("--model", default=None, help="checkpoint (default: a tiny random Qwen2-VL)")
+    en.add_argument("--items", default=None,
+                    help="JSONL of {text, image} as `fam encode` reads (default: Scenes items)")
+    en.add_argument("--image-root", default=None, help="image root (default: beside --items)")
+    en.add_argument("--n", type=int, default=512, help="default items: how many (default 512)")
+    en.add_argument("--size", default="m", choices=["xs", "s", "m"],
+                    help="default model: tiny Qwen2-VL size (default m)")
+    en.add_argument("--layers", type=int, default=16,
+                    help="default model: language-model layers (default 16; 0 = the preset's)")
+    en.add_argument("--batch-size", type=int, default=32)
+    en.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    en.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
+    en.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead")
+    en.add_argument("--workers", type=int, default=1, help="image-decoding threads")
+    en.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    en.set_defaults(func=cmd_bench_encode)
 
     se = which.add_parser("search", help="FAISS flat and HNSW vs a float64 exact search on the "
                                          "Scenes eval images: identical top-k, recall, queries/s")

@@ -47,7 +47,6 @@ def _load_model(args: argparse.Namespace) -> Any:
     """The embedding model the options describe, on the chosen device, in eval mode."""
     import torch
 
-    from fam.backbones import load_backbone
     from fam.errors import ConfigError
     from fam.model import EmbeddingModel
     opts: dict[str, Any] = {}
@@ -69,8 +68,10 @@ def _load_model(args: argparse.Namespace) -> Any:
                               "integer, none or auto")
     if args.dtype != "auto":
         opts["dtype"] = getattr(torch, args.dtype)
-    adapter = load_backbone(args.model, trust_remote_code=args.trust_remote_code,
-                            adapter=args.adapter, **opts)
+    from fam.model.encode import load_embedding_model
+    # Inference: the LM head is not kept (not even loaded without --adapter).
+    adapter = load_embedding_model(args.model, trust_remote_code=args.trust_remote_code,
+                                   adapter=args.adapter, **opts).adapter
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,17 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from fam.data.types import MMItem
-    from fam.utils.io import read_jsonl, resolve_under
-    root = Path(args.image_root or Path(args.input).parent)
-    items = []
-    for line, row in read_jsonl(args.input):
-        img = row.get("image") or None
-        items.append(MMItem(row.get("text", ""),
-                            resolve_under(root, img, source=args.input, line=line, field="image")
-                            if img else None, source=str(args.input), line=line, field="image"))
+    from fam.index.items import read_items
+    items = [r.item for r in read_items(args.input, args.image_root)]
     model = _load_model(args)
-    emb = model.encode(items, batch_size=args.batch_size)
+    emb = model.encode(items, batch_size=args.batch_size, progress=True)
     # The model's identity travels with the vectors (fam index build --embeddings reads it).
     from fam.index.build import embeddings_metadata
     layout = {k: getattr(args, k) for k in ("prompt_format", "image_resolution", "min_pixels",

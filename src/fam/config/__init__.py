@@ -22,7 +22,7 @@ from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_conf
 from fam.config.scenes import ScenesConfig
 from fam.config.stages import (AdaptConfig, AlignConfig, ProjectorConfig, SftConfig,
                                Stage0Config, TowerConfig, VeinConfig)
-from fam.config.tools import PlanConfig, ProbeConfig
+from fam.config.tools import GpuBenchConfig, PlanConfig, ProbeConfig
 from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 
 __all__ = ["Validated", "load_config", "from_dict", "to_dict", "apply_overrides", "deep_merge",
@@ -31,4 +31,4 @@ __all__ = ["Validated", "load_config", "from_dict", "to_dict", "apply_overrides"
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "TowerConfig", "SftConfig",
            "ScenesConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
-           "HnswConfig", "ServeConfig"]
+           "HnswConfig", "ServeConfig", "GpuBenchConfig"]

@@ -1,11 +1,11 @@
-"""Configs of the tools around training: the FAM probes and the memory planner."""
+"""Configs of the tools around training: the FAM probes, the memory planner, the GPU bench."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from fam.config.checks import Validated, choice, fail, integers, number, text
 
-__all__ = ["ProbeConfig", "PlanConfig", "PLAN_PRECISIONS"]
+__all__ = ["ProbeConfig", "PlanConfig", "PLAN_PRECISIONS", "GpuBenchConfig", "GPU_BENCH_SECTIONS"]
 
 #: Bytes per element of the precisions the planner models.
 PLAN_PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -68,3 +68,74 @@ class PlanConfig(Validated):
         choice(prefix + "weight_precision", self.weight_precision, PLAN_PRECISIONS)
         choice(prefix + "precision", self.precision, PLAN_PRECISIONS)
         choice(prefix + "attn", self.attn, ("sdpa", "eager"))
+
+
+#: Sections of ``fam bench gpu``, in the order they run (MAC at the paper's scale first, while
+#: the device holds no model: its naive form needs every free byte).
+GPU_BENCH_SECTIONS = ("environment", "mac", "adapt", "align", "encode", "checks")
+
+
+@dataclass
+class GpuBenchConfig(Validated):
+    """Sizes and time limits of ``fam bench gpu`` (defaults: the full run on one H200-class
+    device, under 8 minutes; :meth:`tiny`: the same code at tiny size, for CI on a CPU)."""
+
+    model_size: str = "2b"  # Qwen2-VL shape: "2b" (published, random weights) or tiny "xs"|"s"|"m"
+    dtype: str = "bfloat16"  # weights of the backbone (LoRA, VEIN: float32 under bf16 autocast)
+    batch: int = 256  # global batch of one adaptation / alignment step (one device)
+    chunks: list[int] = field(default_factory=lambda: [16, 32])  # GradCache chunks measured
+    image_size: int = 448  # square images (448 px = 256 image tokens after the 2×2 merge)
+    caption_words: list[int] = field(default_factory=lambda: [8, 24])  # min, max words per caption
+    max_text_tokens: int = 64  # text-token cap per sequence
+    lora_rank: int = 8
+    lora_dropout: float = 0.05
+    vein_layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # paper: Qwen2-VL-2B
+    timed_steps: int = 2  # timed steps per configuration (median), after one warm-up step
+    align_chunk: int = 32  # GradCache chunk of the MAC alignment step
+    mac_shape: list[int] = field(default_factory=lambda: [512, 757, 64, 3072])  # B, N, T, d
+    mac_repeats: int = 2
+    encode_images: int = 256  # image items encoded (448 px JPEGs read from disk)
+    encode_texts: int = 1024  # text items encoded
+    encode_batch: int = 64
+    check_batch: int = 12  # rows of the GradCache-vs-full-batch check (float32, tiny model)
+    check_chunk: int = 5  # its GradCache chunk (uneven on purpose: 5, 5, 2)
+    check_mac_shape: list[int] = field(default_factory=lambda: [64, 757, 64, 3072])  # bf16 vs fp32
+    budget_s: int = 450  # the whole run; sections not started by then are skipped
+    section_timeout_s: dict[str, int] = field(default_factory=lambda: {
+        "environment": 60, "adapt": 180, "align": 90, "mac": 120, "encode": 90, "checks": 90})
+
+    @classmethod
+    def tiny(cls) -> "GpuBenchConfig":
+        """The same code at tiny size: seconds on a CPU (``fam bench gpu --tiny``)."""
+        return replace(cls(), model_size="xs", batch=8, chunks=[2, 4], image_size=56,
+                       caption_words=[3, 8], max_text_tokens=24, vein_layers=[-2, -1],
+                       timed_steps=1, align_chunk=4, mac_shape=[16, 48, 8, 64], mac_repeats=1,
+                       encode_images=8, encode_texts=16, encode_batch=8, check_batch=6,
+                       check_chunk=4, check_mac_shape=[16, 48, 8, 64], budget_s=240,
+                       section_timeout_s={"environment": 60, "adapt": 120, "align": 60,
+                                          "mac": 90, "encode": 60, "checks": 90})
+
+    def check(self, prefix: str) -> None:
+        choice(prefix + "model_size", self.model_size, ("2b", "xs", "s", "m"))
+        choice(prefix + "dtype", self.dtype, ("bfloat16", "float32"))
+        integers(self, prefix, batch=2, image_size=28, max_text_tokens=1, lora_rank=1,
+                 timed_steps=1, align_chunk=1, mac_repeats=1, encode_images=1, encode_texts=1,
+                 encode_batch=1, check_batch=2, check_chunk=1, budget_s=1)
+        number(prefix + "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        if not self.chunks or any(c < 1 or c > self.batch for c in self.chunks):
+            fail(prefix + "chunks", self.chunks, f"give GradCache chunks in [1, batch={self.batch}]")
+        if len(self.caption_words) != 2 or not 1 <= self.caption_words[0] <= self.caption_words[1]:
+            fail(prefix + "caption_words", self.caption_words, "give [min, max] words, 1 <= min <= max")
+        if not self.vein_layers:
+            fail(prefix + "vein_layers", self.vein_layers, "give at least one layer (e.g. [-1])")
+        for name in ("mac_shape", "check_mac_shape"):
+            shape = getattr(self, name)
+            if len(shape) != 4 or any(x < 2 for x in shape):
+                fail(prefix + name, shape, "give B, N, T, d (each >= 2)")
+        unknown = set(self.section_timeout_s) ^ set(GPU_BENCH_SECTIONS)
+        if unknown:
+            fail(prefix + "section_timeout_s", self.section_timeout_s,
+                 f"give one limit for each of {list(GPU_BENCH_SECTIONS)}")
+        for k, v in self.section_timeout_s.items():
+            if v < 1:
+                fail(f"{prefix}section_timeout_s.{k}", v, "must be >= 1 second")

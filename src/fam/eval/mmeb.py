@@ -94,6 +94,9 @@ class Encoder(Protocol):
     def encode(self, items: list[MMItem]) -> torch.Tensor:  # (n, d)
         ...
 
+    # Optional: ``encode_all(items, batch_size=, progress=, desc=) -> (n, d)`` embeds all of
+    # ``items`` in one call (its own batching and progress bar); used when present.
+
 
 def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
                    progress: bool, desc: str) -> torch.Tensor:
@@ -104,6 +107,12 @@ def _encode_unique(encoder: Encoder, items: Sequence[MMItem], batch_size: int,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encode_all = getattr(encoder, "encode_all", None)
+    if callable(encode_all):
+        # The encoder batches the whole list itself (EmbeddingModel: length-grouped batches,
+        # preprocessing overlapped with the forward).
+        emb = encode_all(list(items), batch_size=batch_size, progress=progress, desc=desc)
+        return F.normalize(emb.detach().float().cpu(), dim=-1)
     chunks: list[torch.Tensor] = []
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, leave=False)
     with torch.no_grad():

@@ -195,9 +195,8 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
         def load_model():
             if embedding_model is not None:
                 return embedding_model
-            from fam.backbones import load_backbone
-            from fam.model import EmbeddingModel
-            return EmbeddingModel(load_backbone(model))
+            from fam.model.encode import load_embedding_model
+            return load_embedding_model(model)  # no LM head in memory
 
         vecs = enc.run(load_model, batch_size, progress)
         normalized = embedding_model.normalize if embedding_model is not None else True

@@ -239,15 +239,14 @@ def load_query_model(index: Index, model: str | Path | None = None):
         ModelMismatchError: another model. ConfigError: no model given and the recorded one
             is not on this machine.
     """
-    from fam.backbones import load_backbone
     from fam.index.identity import model_identity
-    from fam.model import EmbeddingModel
+    from fam.model.encode import load_embedding_model
     path = model if model is not None else index.manifest.model_path
     if path is None or (model is None and not Path(path).exists()):
         raise ConfigError(f"the model recorded in {index.path} ({path}) is not on this machine; "
                           "pass --model with the model that built the index")
     index.check_model(model_identity(path), str(path))
-    return EmbeddingModel(load_backbone(path))
+    return load_embedding_model(path)
 
 
 def format_hits(hits: list[Hit]) -> str:

@@ -103,10 +103,11 @@ class EmbeddingModel(nn.Module):
             layers: hidden-state layers to return besides the embedding (may be negative).
             output_attentions: also return attention maps (needs eager attention).
         """
-        out = self.adapter.forward(batch, output_hidden_states=True,
+        # All layers' states only when some are asked for: the embedding needs the last one,
+        # and keeping num_layers + 1 (B, L, d) tensors alive costs memory for nothing.
+        out = self.adapter.forward(batch, output_hidden_states=bool(layers),
                                    output_attentions=output_attentions)
-        hs = out.hidden_states
-        last = hs[-1]
+        last = out.last_hidden_state
         idx = torch.arange(last.shape[0], device=last.device)
         emb = last[idx, batch.eos_index]
         if self.normalize:
@@ -115,31 +116,28 @@ class EmbeddingModel(nn.Module):
             if emb.dtype in (torch.float16, torch.bfloat16):
                 emb = emb.float()
             emb = F.normalize(emb, dim=-1)
-        wanted = {self.resolve_layer(l): hs[self.resolve_layer(l)] for l in layers}
+        wanted = {self.resolve_layer(l): out.hidden_states[self.resolve_layer(l)] for l in layers}
         return EmbeddingOutput(emb, wanted, batch.image_mask, batch.text_mask, batch.eos_index,
                                batch.has_image, out.attentions if output_attentions else None)
 
-    @torch.no_grad()
-    def encode(self, items: Sequence[MMItem], batch_size: int = 32) -> torch.Tensor:
+    def encode(self, items: Sequence[MMItem], batch_size: int = 32, *,
+               progress: bool = False) -> torch.Tensor:
         """Embed items for inference/evaluation (no grad, eval mode restored afterwards).
+
+        Runs :class:`fam.model.encode.EncodePipeline` (length-grouped batches, image loading
+        and preprocessing overlapped with the forward); results come back in input order.
 
         Returns:
             (n, d) float32 L2-normalised embeddings on the CPU.
         """
-        was_training = self.training
-        self.eval()
-        device = self.adapter.device
-        outs = []
-        try:
-            for i in range(0, len(items), batch_size):
-                batch = self.adapter.encode(items[i:i + batch_size]).to(device)
-                with autocast_for(device, self.adapter.dtype):
-                    outs.append(self(batch).embedding.float().cpu())
-        finally:
-            self.train(was_training)
-        if not outs:
-            return torch.zeros(0, self.adapter.hidden_size)
-        return torch.cat(outs)
+        return self.encode_all(items, batch_size=batch_size, progress=progress)
+
+    def encode_all(self, items: Sequence[MMItem], batch_size: int = 32, progress: bool = False,
+                   desc: str = "encode") -> torch.Tensor:
+        """:meth:`encode` with a progress-bar label (what :func:`fam.eval.evaluate` calls)."""
+        from fam.model.encode import EncodePipeline
+        return EncodePipeline(self, batch_size=batch_size, progress=progress,
+                              desc=desc).encode(items)
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):

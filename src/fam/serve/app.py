@@ -142,17 +142,16 @@ def load_service(model: str | Path, config: ServeConfig, index: str | Path | Non
     Raises:
         ConfigError: invalid settings, not an index folder, or an index of another model.
     """
-    from fam.backbones import load_backbone
     from fam.index.identity import model_identity
     from fam.index.index import Index
-    from fam.model import EmbeddingModel
+    from fam.model.encode import load_embedding_model
 
     config.validate()
     idx = None
     if index is not None:
         idx = Index.load(index, image_root=image_root)
         idx.check_model(model_identity(model), str(model))
-    return Service(EmbeddingModel(load_backbone(model)), config, idx, model_path=str(model))
+    return Service(load_embedding_model(model), config, idx, model_path=str(model))
 
 
 def _json_object(raw: bytes) -> dict:

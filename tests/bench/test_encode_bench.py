@@ -1,0 +1,26 @@
+"""`fam bench encode`: both variants run in fresh processes on the same items, equal results."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fam.bench.encode import build_default, format_report, run_bench
+
+
+@pytest.mark.slow
+def test_bench_encode_runs_and_results_are_equal(tmp_path):
+    model, items = build_default(tmp_path, "xs", n=24, layers=3, image_size=112)
+    assert len(items.read_text().splitlines()) == 24
+    rows = [json.loads(line) for line in items.read_text().splitlines()]
+    assert any("image" in r for r in rows) and any("image" not in r for r in rows)
+    res = run_bench(model, items, batch_size=8, repeats=1)
+    for v in ("sequential", "pipeline"):
+        assert res[v]["n"] == 24 and res[v]["items_per_s"] > 0 and res[v]["peak_bytes"] >= 0
+    # The pipeline holds no LM head.
+    assert res["pipeline"]["parameters"] < res["sequential"]["parameters"]
+    assert res["equality"]["min_cosine"] > 1 - 1e-6
+    assert res["ratios"]["items_per_s"] == pytest.approx(
+        res["pipeline"]["items_per_s"] / res["sequential"]["items_per_s"])
+    report = format_report(res, "test")
+    assert "ratios (pipeline / sequential)" in report.splitlines()[-1]
