@@ -46,7 +46,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     report = run_ablation(args.out, seeds=args.seeds, size=args.size, groups=args.only,
                           progress=not args.no_progress, plan=plan, threads=args.threads,
                           configs=args.configs, report_only=args.report_only,
-                          probes=not args.no_probes)
+                          probes=not args.no_probes, workers=args.workers)
     log.info("ablation written to %s\n%s", args.out, format_ablation(report))
     return 0
 
@@ -72,6 +72,9 @@ def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: fastest for tiny models on shared CPUs; "
                         "0 = torch's default)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes training runs at once, each with --threads threads "
+                        "(default 1; 2 on an otherwise idle 2-core machine)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing; rebuild ablation.json/.md from finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

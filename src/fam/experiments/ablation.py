@@ -45,13 +45,14 @@ Re-running with the same ``--out`` skips finished runs and resumes interrupted s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from fam.config import AdaptConfig, AlignConfig, DemoConfig
 from fam.data.types import IMAGE_PLACEHOLDER
@@ -340,7 +341,7 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
                  groups: Sequence[str] | None = None, progress: bool = False,
                  plan: DemoConfig | None = None, threads: int = 1,
                  configs: Sequence[str] | None = None, report_only: bool = False,
-                 probes: bool = True) -> dict[str, Any]:
+                 probes: bool = True, workers: int = 1) -> dict[str, Any]:
     """Run (or resume) the ablation; writes and returns ``ablation.json``'s content.
 
     Args:
@@ -357,79 +358,220 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
             and on a shared 2-core machine oversubscribed OpenMP threads made an adaptation
             step 10-40x slower (measured: 7-9 s vs 0.6 s per step).
         report_only: train nothing; rebuild ``ablation.json``/``.md`` from the finished
-            runs' result files (e.g. after running seeds in separate processes, one
-            ``--seeds`` each: two processes must never share a seed).
+            runs' result files.
         probes: run the mechanism checks (FAM probes, VEIN diagnostic) on every run.
+        workers: processes that train runs at once (each with ``threads`` threads). Every
+            stage-0 model, MAC stage and run is a task guarded by a file lock under
+            ``<out>/locks``, so workers (or separate ``fam ablate`` calls on the same
+            folder) never train the same thing twice, and a killed worker's locks are
+            released by the OS: re-running the same command resumes.
     """
     if not seeds:
         raise ConfigError("give at least one seed (--seeds 0 1 2)")
+    if workers < 1:
+        raise ConfigError(f"--workers must be ≥ 1, got {workers}")
     import torch
 
     before = torch.get_num_threads()
     try:
         plan, out = start_experiment(plan or plan_for_size(size), out, threads=threads)
-        return _run_ablation(out, seeds, size, list(groups or DEFAULT_GROUPS), progress, plan,
-                             configs, report_only, probes)
+        groups = list(groups or DEFAULT_GROUPS)
+        t_start = time.time()
+        if report_only:
+            return _report(out, seeds, size, groups, plan, configs, t_start, final=True)
+        # The benchmark is generated once, with seed 0, and shared by every seed: the seed
+        # varies the model's initialisation, stage 0 and the training order. It is built
+        # before any worker starts, so workers only read it.
+        prepare_scenes(out / "data", dataclasses.replace(plan.scenes, seed=0), progress=False)
+        if workers == 1:
+            _work(out, seeds, groups, plan, configs, progress, probes,
+                  on_run=lambda: _report(out, seeds, size, groups, plan, configs, t_start,
+                                         final=False))
+        else:
+            _run_workers(workers, out, seeds, groups, plan, configs, progress, probes)
+        return _report(out, seeds, size, groups, plan, configs, t_start, final=True)
     finally:
         torch.set_num_threads(before)  # the stages change it too; leave the caller's setting
 
 
-def _run_ablation(out: Path, seeds: Sequence[int], size: str, groups: list[str],
-                  progress: bool, plan: DemoConfig, configs: Sequence[str] | None,
-                  report_only: bool = False, probes: bool = True) -> dict[str, Any]:
-    t_start = time.time()
-    # The benchmark is generated once, with seed 0, and shared by every seed: the seed
-    # varies the model's initialisation, stage 0 and the training order.
-    data = out / "data" if report_only else prepare_scenes(
-        out / "data", dataclasses.replace(plan.scenes, seed=0), progress=False)
-    records: list[dict[str, Any]] = []
-    stage0_times: list[float] = []
-    expanded: dict[str, list[tuple[str, AblationRun]]] = {}
-    for seed in seeds:
-        root = out / f"seed{seed}"
-        t = time.time()
-        if report_only:
-            tiny = root / "models" / "tiny"
-            if not (tiny / "config.json").exists():
-                log.warning("ablate: seed %d has no model under %s; nothing to report", seed,
-                            tiny)
+@contextlib.contextmanager
+def _try_lock(path: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking ``flock`` on ``path``: yields whether it was taken.
+
+    The OS releases it when the holder exits, however it exits, so a killed ablation leaves
+    no stale lock behind.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _model_done(stage_dir: Path) -> bool:
+    return (stage_dir / "model" / "config.json").exists()
+
+
+def _seed_runs(root: Path, groups: Sequence[str], plan: DemoConfig,
+               configs: Sequence[str] | None
+               ) -> tuple[dict[str, list[tuple[str, AblationRun]]], dict[str, AblationRun]]:
+    """The groups expanded for a seed's model, and its distinct runs (baseline first)."""
+    # The preset's VEIN layers; unset means the paper's default for the backbone size,
+    # which for these tiny models (< 3B parameters) is the last three.
+    expanded = expand_groups(groups, num_layers(root / "models" / "tiny"),
+                             plan.vein.layers or (-3, -2, -1))
+    if configs:
+        expanded = {g: [(lab, r) for lab, r in cfgs if lab in configs or lab == "baseline"]
+                    for g, cfgs in expanded.items()}
+        expanded = {g: cfgs for g, cfgs in expanded.items() if cfgs}
+    # main's baseline is always needed: every Δ is taken against it.
+    runs = {AblationRun().key: AblationRun()}
+    for cfgs in expanded.values():
+        for _, r in cfgs:
+            runs.setdefault(r.key, r)
+    return expanded, runs
+
+
+def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConfig,
+          configs: Sequence[str] | None, progress: bool, probes: bool,
+          on_run: Callable[[], Any] | None = None, poll_s: float = 5.0) -> None:
+    """Train and evaluate every run of every seed that no other process is training.
+
+    Tasks are taken in seed order (stage 0 of a seed, then its runs), skipping those another
+    worker holds or whose stage-0/MAC checkpoint another worker is still training; returns
+    when every task is finished or held by another worker.
+    """
+    from fam.train.runner import run_stage
+
+    data = out / "data"
+    locks = out / "locks"
+    pending: list[tuple[int, str]] = [(s, "stage0") for s in seeds]
+    runs_of: dict[int, dict[str, AblationRun]] = {}
+    while pending:
+        did = waiting = False
+        for task in list(pending):
+            seed, key = task
+            root = out / f"seed{seed}"
+            if key == "stage0":
+                if _model_done(root / "stage0"):
+                    pending.remove(task)
+                    pending[:0] = [(seed, k) for k in
+                                   _seed_runs(root, groups, plan, configs)[1]
+                                   if (seed, k) not in pending]
+                    did = True
+                    break  # the seed's runs come first, in order
+                with _try_lock(locks / f"seed{seed}-stage0.lock") as got:
+                    if got:
+                        log.info("ablate seed %d: stage 0", seed)
+                        base_model(root, data, plan, seed, progress)
+                        did = True
+                    else:
+                        waiting = True
+                if did:
+                    break
                 continue
-            n_layers = num_layers(tiny)
-        else:
-            _, stage0 = base_model(root, data, plan, seed, progress)
-            stage0_times.append(time.time() - t)
-            n_layers = num_layers(stage0)
-        # The preset's VEIN layers; unset means the paper's default for the backbone size,
-        # which for these tiny models (< 3B parameters) is the last three.
-        expanded = expand_groups(groups, n_layers, plan.vein.layers or (-3, -2, -1))
-        if configs:
-            expanded = {g: [(lab, r) for lab, r in cfgs if lab in configs or lab == "baseline"]
-                        for g, cfgs in expanded.items()}
-            expanded = {g: cfgs for g, cfgs in expanded.items() if cfgs}
-        # main's baseline is always needed: every Δ is taken against it.
-        runs = {AblationRun().key: AblationRun()}
-        for cfgs in expanded.values():
-            for _, r in cfgs:
-                runs.setdefault(r.key, r)
-        for i, (key, run) in enumerate(runs.items(), 1):
-            rpath = root / "results" / f"{key}.json"
-            if rpath.exists():
-                rec = json.loads(rpath.read_text())
-                log.info("ablate seed %d: %s already evaluated; skipping", seed, key)
-            elif report_only:
-                log.info("ablate seed %d: %s not finished; left out of the report", seed, key)
+            if (root / "results" / f"{key}.json").exists():
+                pending.remove(task)
                 continue
-            else:
-                log.info("ablate seed %d: run %d/%d %s", seed, i, len(runs), key)
-                rec = _train_and_eval(run, root, stage0, data, seed, plan, progress, probes)
-                atomic_write_json(rpath, rec)
-                log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s", seed,
-                         key, rec["results"]["overall"], rec["results"]["IND"],
+            run = runs_of.setdefault(seed, _seed_runs(root, groups, plan, configs)[1])[key]
+            with _try_lock(locks / f"seed{seed}-{key}.lock") as got:
+                if not got:
+                    pending.remove(task)  # another worker trains it and reports it
+                    continue
+                align = (None if run.align_weights is None else
+                         "-".join(f"{w:g}" for w in run.align_weights))
+                if align is not None and not _model_done(root / "align" / align):
+                    with _try_lock(locks / f"seed{seed}-align-{align}.lock") as got_align:
+                        if not got_align:
+                            waiting = True  # another worker is training this MAC stage
+                            continue
+                        log.info("ablate seed %d: MAC stage %s", seed, align)
+                        run_stage(align_config(run.align_weights, root / "stage0" / "model",
+                                               data, root / "align" / align, seed, plan,
+                                               progress))
+                log.info("ablate seed %d: run %s", seed, key)
+                rec = _train_and_eval(run, root, root / "stage0" / "model", data, seed, plan,
+                                      progress, probes)
+                atomic_write_json(root / "results" / f"{key}.json", rec)
+                log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s",
+                         seed, key, rec["results"]["overall"], rec["results"]["IND"],
                          rec["results"]["OOD"], sum(rec["timings_s"].values()))
-            records.append(rec)
-            if not report_only:
+            pending.remove(task)
+            did = True
+            if on_run is not None:
                 # Rewrite the report after every run so a long ablation can be read while
                 # it runs (without the bootstrap and the plot, which the final one adds).
-                write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start,
-                             final=False)
-    return write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start)
+                on_run()
+            break  # back to the first pending task: earlier seeds first
+        if not did:
+            if not waiting:
+                return
+            time.sleep(poll_s)  # a checkpoint this worker needs is being trained elsewhere
+
+
+def _worker_main(out: str, seeds: list[int], groups: list[str], plan: DemoConfig,
+                 configs: list[str] | None, progress: bool, probes: bool, level: int) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter, no inherited torch)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s "
+                                             "%(name)s: %(message)s", datefmt="%H:%M:%S")
+    start_experiment(plan, out)  # the threads of the plan in this process
+    _work(Path(out), seeds, groups, plan, configs, progress, probes)
+
+
+def _run_workers(n: int, out: Path, seeds: Sequence[int], groups: Sequence[str],
+                 plan: DemoConfig, configs: Sequence[str] | None, progress: bool,
+                 probes: bool) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    level = logging.getLogger("fam").getEffectiveLevel()
+    procs = [ctx.Process(target=_worker_main, name=f"worker{i}",
+                         args=(str(out), list(seeds), list(groups), plan,
+                               list(configs) if configs else None, progress, probes, level))
+             for i in range(n)]
+    for i, p in enumerate(procs):
+        p.start()
+        if i == 0:
+            time.sleep(1.0)  # let the first worker take seed 0's stage 0
+    for p in procs:
+        p.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"ablation worker(s) {failed} failed (see the log above); "
+                           "re-run the same command to resume")
+
+
+def _report(out: Path, seeds: Sequence[int], size: str, groups: Sequence[str],
+            plan: DemoConfig, configs: Sequence[str] | None, t_start: float,
+            final: bool) -> dict[str, Any]:
+    """Collect the finished runs' result files and write the report."""
+    records: list[dict[str, Any]] = []
+    expanded: dict[str, list[tuple[str, AblationRun]]] = {}
+    stage0_times: list[float] = []
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        if not (root / "models" / "tiny" / "config.json").exists():
+            log.warning("ablate: seed %d has no model under %s; nothing to report", seed, root)
+            continue
+        expanded, runs = _seed_runs(root, groups, plan, configs)
+        metrics = root / "stage0" / "train_metrics.json"
+        if metrics.exists():
+            t = json.loads(metrics.read_text()).get("seconds")
+            if t:
+                stage0_times.append(float(t))
+        for key in runs:
+            rpath = root / "results" / f"{key}.json"
+            if rpath.exists():
+                records.append(json.loads(rpath.read_text()))
+            elif final:
+                log.info("ablate seed %d: %s not finished; left out of the report", seed, key)
+    return write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start,
+                        final=final)
