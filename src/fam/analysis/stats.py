@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["paired_bootstrap_ci", "paired_t_ci", "t_cdf", "t_quantile"]
+__all__ = ["paired_bootstrap_ci", "paired_t_ci", "seeds_for_half_width", "t_cdf", "t_quantile"]
 
 
 def _t_pdf(x: np.ndarray, df: float) -> np.ndarray:
@@ -93,6 +93,46 @@ def paired_t_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> 
     sd = float(d.std(ddof=1))
     half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
     return {"mean": m, "lo": m - half, "hi": m + half, "sd": sd, "n": n}
+
+
+def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95,
+                         max_n: int = 100_000) -> int | None:
+    """Fewest pairs ``n ≥ 2`` whose t interval is at most ``± half_width`` wide when the
+    differences have standard deviation ``sd``: the budget that tells a difference of
+    ``half_width`` from zero (the smallest ``n`` with ``t(level, n−1)·sd/√n ≤ half_width``).
+
+    Returns ``None`` when even ``max_n`` pairs are not enough (or ``sd`` is not finite).
+    """
+    if half_width <= 0:
+        raise ValueError(f"half_width={half_width} must be > 0")
+    if not math.isfinite(sd) or sd < 0:
+        return None
+
+    def ok(n: int) -> bool:
+        return t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) <= half_width
+
+    # The normal quantile is below t's for every n, so the normal-theory n is a lower bound;
+    # t's excess shrinks fast with n, so a few steps up from it reach the answer (each
+    # t quantile is a numeric integration: few calls matter).
+    z = 1.959963984540054 if level == 0.95 else t_quantile(0.5 + level / 2, 1e6)
+    n = max(2, math.ceil((z * sd / half_width) ** 2))
+    if n > max_n:
+        return None
+    step = 1
+    while not ok(n):
+        lo = n
+        n = min(max_n, n + step)
+        step *= 2
+        if n == max_n and not ok(n):
+            return None
+        if ok(n):
+            # bisect between the last failing and the first passing n
+            hi = n
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+            return hi
+    return n
 
 
 def paired_bootstrap_ci(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],

@@ -72,6 +72,11 @@ __all__ = ["AblationRun", "GROUPS", "DEFAULT_GROUPS", "SIZES", "plan_for_size", 
 
 MASK_RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.8)
 MAC_ALL: tuple[float, float, float] = (1.0, 1.0, 1.0)
+#: Order in which groups' runs are trained (every seed of a config before the next
+#: config): the paper's comparison, the inversion variant, the data control, the MAC
+#: terms, then the extra references and the sweeps.
+RUN_PRIORITY: tuple[str, ...] = ("main", "inversion", "control", "mac_terms", "vein_weight",
+                                 "mask_ratio", "vein_layers")
 #: Name of the caption subset the control adds to the task pairs.
 CAPTION_SUBSET = "Scenes-Captions"
 
@@ -434,8 +439,8 @@ def _seed_runs(root: Path, groups: Sequence[str], plan: DemoConfig,
         expanded = {g: cfgs for g, cfgs in expanded.items() if cfgs}
     # main's baseline is always needed: every Δ is taken against it.
     runs = {AblationRun().key: AblationRun()}
-    for cfgs in expanded.values():
-        for _, r in cfgs:
+    for g in sorted(expanded, key=RUN_PRIORITY.index):
+        for _, r in expanded[g]:
             runs.setdefault(r.key, r)
     return expanded, runs
 
@@ -445,15 +450,18 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
           on_run: Callable[[], Any] | None = None, poll_s: float = 5.0) -> None:
     """Train and evaluate every run of every seed that no other process is training.
 
-    Tasks are taken in seed order (stage 0 of a seed, then its runs), skipping those another
-    worker holds or whose stage-0/MAC checkpoint another worker is still training; returns
-    when every task is finished or held by another worker.
+    Tasks are taken config by config (every seed's stage 0 first, then each config for
+    every seed, configs in :data:`RUN_PRIORITY` order), so an ablation stopped early has the
+    decisive configs on every seed rather than every config on fewer seeds; tasks another
+    worker holds, or whose stage-0/MAC checkpoint another worker is still training, are
+    skipped. Returns when every task is finished or held by another worker.
     """
     from fam.train.runner import run_stage
 
     data = out / "data"
     locks = out / "locks"
     pending: list[tuple[int, str]] = [(s, "stage0") for s in seeds]
+    rank: dict[str, int] = {}  # run key -> priority (:data:`RUN_PRIORITY`)
     runs_of: dict[int, dict[str, AblationRun]] = {}
     while pending:
         did = waiting = False
@@ -463,11 +471,13 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
             if key == "stage0":
                 if _model_done(root / "stage0"):
                     pending.remove(task)
-                    pending[:0] = [(seed, k) for k in
-                                   _seed_runs(root, groups, plan, configs)[1]
-                                   if (seed, k) not in pending]
+                    runs = _seed_runs(root, groups, plan, configs)[1]
+                    rank.update({k: i for i, k in enumerate(runs)})
+                    pending += [(seed, k) for k in runs if (seed, k) not in pending]
+                    pending.sort(key=lambda t: (-1 if t[1] == "stage0" else rank[t[1]],
+                                                list(seeds).index(t[0])))
                     did = True
-                    break  # the seed's runs come first, in order
+                    break
                 with _try_lock(locks / f"seed{seed}-stage0.lock") as got:
                     if got:
                         log.info("ablate seed %d: stage 0", seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from fam.config import DemoConfig, to_dict
-from fam.analysis.stats import paired_bootstrap_ci, paired_t_ci
+from fam.analysis.stats import paired_bootstrap_ci, paired_t_ci, seeds_for_half_width
 from fam.utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -37,6 +37,10 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("fam", "mac_only"), ("fam_inversion", "mac_only"),
     ("vein_inversion", f"vein_only_w{INVERSION_WEIGHT:g}"),
     (f"vein_only_w{INVERSION_WEIGHT:g}", "vein_only"), ("mac_only", "control"))
+#: Half-widths (points overall) for which the report gives the seeds a t interval needs.
+HALF_WIDTHS: tuple[float, ...] = (1.0, 2.0)
+#: Beyond this many seeds the report says "more than" (the search is numeric).
+SEEDS_NEEDED_MAX = 1000
 #: Metrics aggregated over seeds (keys of :func:`fam.eval.mmeb.evaluate`'s summary).
 META_TASKS: tuple[str, ...] = ("classification", "vqa", "retrieval", "grounding")
 METRICS: tuple[str, ...] = META_TASKS + ("IND", "OOD", "overall")
@@ -108,7 +112,11 @@ def paired_differences(records: Sequence[Mapping[str, Any]],
 
     Returns:
         ``[{"config", "reference", "key", "reference_key", "seeds", "metrics": {metric:
-        {"mean", "sd", "n", "ci95": [lo, hi] | None, "bootstrap_ci95": [lo, hi] | None}}}]``.
+        {"mean", "sd", "n", "ci95": [lo, hi] | None, "bootstrap_ci95": [lo, hi] | None}},
+        "seeds_needed": {"1": n, "2": n} | None}]``: ``seeds_needed`` = seeds whose t
+        interval of the overall difference would be ± 1 / ± 2 points at the measured sd
+        (None: fewer than 2 seeds or no bootstrap requested; a value None: more than
+        :data:`SEEDS_NEEDED_MAX`).
     """
     by_key: dict[str, dict[int, Mapping[str, Any]]] = {}
     for r in records:
@@ -137,8 +145,14 @@ def paired_differences(records: Sequence[Mapping[str, Any]],
                                            resample_seeds=False)
                 if m in metrics:
                     metrics[m]["bootstrap_ci95"] = [100.0 * boot["lo"], 100.0 * boot["hi"]]
+        o = metrics["overall"]
+        # The budget that would tell a difference of the paper's size (1-2 points overall)
+        # from zero: seeds for a t interval of ± 1 / ± 2 points at this comparison's sd.
+        need = ({f"{w:g}": seeds_for_half_width(o["sd"], w, max_n=SEEDS_NEEDED_MAX)
+                 for w in HALF_WIDTHS} if n_boot > 0 and o.get("sd") is not None else None)
         out.append({"config": label, "reference": ref_label, "key": key,
-                    "reference_key": ref_key, "seeds": seeds, "metrics": metrics})
+                    "reference_key": ref_key, "seeds": seeds, "metrics": metrics,
+                    "seeds_needed": need})
     return out
 
 
@@ -222,8 +236,11 @@ def format_ablation(report: Mapping[str, Any]) -> str:
                   "Mean over seeds of `config − reference` (same seed = same stage-0 model); "
                   "t: 95 % Student-t interval over seeds; rows: 95 % bootstrap interval over "
                   "eval rows (evaluation noise alone).", "",
+                  "Seeds for ±1/±2: how many seeds the t interval of the overall difference "
+                  "would need to be ± 1 / ± 2 points wide at the measured sd (the budget to "
+                  "tell a difference of the paper's size, 1-2 points, from zero).", "",
                   "| comparison | seeds | Overall (t / rows) | IND | OOD | Class. | VQA | "
-                  "Retr. | Ground. |", "|---|---|---|---|---|---|---|---|---|"]
+                  "Retr. | Ground. | seeds for ±1/±2 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in paired:
             ms = p["metrics"]
             o = ms["overall"]
@@ -232,7 +249,7 @@ def format_ablation(report: Mapping[str, Any]) -> str:
             rest = [f"{ms[m]['mean']:+.1f} {_ci(ms[m]['ci95'])}" if ms[m]["mean"] is not None
                     else "-" for m in ("IND", "OOD") + META_TASKS]
             lines.append(f"| {p['config']} − {p['reference']} | {len(p['seeds'])} | {head} | "
-                         + " | ".join(rest) + " |")
+                         + " | ".join(rest) + f" | {_needed(p.get('seeds_needed'))} |")
         lines.append("")
     mech = report.get("mechanism") or {}
     if mech:
@@ -273,6 +290,12 @@ def format_ablation(report: Mapping[str, Any]) -> str:
             line += f"; total wall time {report['wall_s'] / 60:.1f} min"
         lines.append(line + ".")
     return "\n".join(lines) + "\n"
+
+
+def _needed(need: Mapping[str, int | None] | None) -> str:
+    if not need:
+        return "-"
+    return "/".join(str(n) if n is not None else f">{SEEDS_NEEDED_MAX}" for n in need.values())
 
 
 def _ignored(vein: Mapping[str, Any]) -> str:
