@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from fam.config import AdaptConfig, AlignConfig, DemoConfig
 from fam.data.types import IMAGE_PLACEHOLDER
-from fam.errors import ConfigError
+from fam.errors import ConfigError, FamError
 from fam.experiments.ablation_report import (DEFAULT_GROUPS, GROUPS, INVERSION_WEIGHT,
                                              write_report)
 from fam.experiments.pipeline import (base_model, num_layers, prepare_scenes, stage_run,
@@ -555,8 +555,9 @@ def _run_workers(n: int, out: Path, seeds: Sequence[int], groups: Sequence[str],
         p.join()
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"ablation worker(s) {failed} failed (see the log above); "
-                           "re-run the same command to resume")
+        # One line for the user (the worker's traceback is in the log above it).
+        raise FamError(f"ablation worker(s) {failed} failed (see the log above); finished "
+                       f"runs are kept: re-run the same command to resume")
 
 
 def _report(out: Path, seeds: Sequence[int], size: str, groups: Sequence[str],
