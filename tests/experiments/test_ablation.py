@@ -11,11 +11,12 @@ import pytest
 from fam.cli import main
 from fam.cli.experiments import add_ablate_subcommand
 from fam.experiments.ablation import (DEFAULT_GROUPS, GROUPS, MASK_RATIOS, RUN_PRIORITY,
-                                      AblationRun, _seed_runs, _try_lock, adapt_config,
+                                      AblationRun, _seed_runs, adapt_config,
                                       align_config, expand_groups, plan_for_size, run_ablation,
                                       vein_layer_sets)
 from fam.experiments.ablation_report import BASELINE_KEY, aggregate_runs, format_ablation
 from fam.experiments.demo import demo_config
+from fam.experiments.workers import try_lock as _try_lock
 from fam.errors import ConfigError
 
 

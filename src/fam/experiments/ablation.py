@@ -45,23 +45,23 @@ Re-running with the same ``--out`` skips finished runs and resumes interrupted s
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from fam.config import AdaptConfig, AlignConfig, DemoConfig
 from fam.data.types import IMAGE_PLACEHOLDER
-from fam.errors import ConfigError, FamError
+from fam.errors import ConfigError
 from fam.experiments.ablation_report import (DEFAULT_GROUPS, GROUPS, INVERSION_WEIGHT,
-                                             write_report)
+                                             mechanism_checks, write_report)
 from fam.experiments.pipeline import (base_model, num_layers, prepare_scenes, stage_run,
                                       start_experiment)
 from fam.experiments.presets import load_preset
+from fam.experiments.workers import run_workers, try_lock
 from fam.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -263,49 +263,6 @@ def caption_pairs_train_dir(data: str | Path, plan: DemoConfig) -> Path:
 
 # --------------------------------------------------------------------------- running
 
-def _probe_config(plan: DemoConfig):
-    from fam.config import ProbeConfig
-    n = min(48, max(2, plan.scenes.n_eval_images // 2))
-    return ProbeConfig(max_images=n, attention_images=min(16, n))
-
-
-def mechanism_checks(model_dir: str | Path, run_dir: str | Path, data: str | Path,
-                     plan: DemoConfig) -> dict[str, Any]:
-    """Why a config helps or not: the FAM probes on its checkpoint and, for VEIN runs, the
-    VEIN diagnostic of its training (the last logging window).
-
-    Returns:
-        ``{"global_local_gap", "object_caption_gap", "object_caption_win_rate",
-        "image_attention": [the EOS token's raw image mass per layer], "vision_centric":
-        [layers, negative], "vein": {rec_loss, rec_loss_shuffled, e_gap, grad_ratio} | None}``;
-        ``e_gap`` = (shuffled − own) / own; ``grad_ratio`` = ‖∇λL_rec‖ / ‖∇L_task‖, the
-        gradient norms into the backbone.
-    """
-    from fam.analysis.probes import (attention_probe, load_probe_images, load_probe_model,
-                                     similarity_probes)
-    cfg = _probe_config(plan)
-    images = load_probe_images(data, cfg.split, cfg.max_images)
-    model = load_probe_model(model_dir)
-    sim = similarity_probes(model, images, cfg)
-    att = attention_probe(model, images, cfg)
-    out: dict[str, Any] = {
-        "global_local_gap": sim["global_local"]["gap"],
-        "object_caption_gap": sim["object_caption"]["gap"],
-        "object_caption_win_rate": sim["object_caption"]["win_rate"],
-        "image_attention": att["image_mass"],
-        "vision_centric": att["vision_centric_layers_neg"],
-        "vein": None}
-    metrics = Path(run_dir) / "train_metrics.json"
-    final = json.loads(metrics.read_text()).get("final", {}) if metrics.exists() else {}
-    if "rec_loss" in final:
-        own, shuf = final["rec_loss"], final.get("rec_loss_shuffled")
-        task, vein = final.get("task_grad_norm"), final.get("vein_grad_norm")
-        out["vein"] = {"rec_loss": own, "rec_loss_shuffled": shuf,
-                       "e_gap": (shuf - own) / own if shuf is not None and own else None,
-                       "grad_ratio": vein / task if task and vein is not None else None}
-    return out
-
-
 def _train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed: int,
                     plan: DemoConfig, progress: bool, probes: bool = True) -> dict[str, Any]:
     """Train one run (reusing finished stages), evaluate it (keeping per-row credits for
@@ -365,11 +322,9 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
         report_only: train nothing; rebuild ``ablation.json``/``.md`` from the finished
             runs' result files.
         probes: run the mechanism checks (FAM probes, VEIN diagnostic) on every run.
-        workers: processes that train runs at once (each with ``threads`` threads). Every
-            stage-0 model, MAC stage and run is a task guarded by a file lock under
-            ``<out>/locks``, so workers (or separate ``fam ablate`` calls on the same
-            folder) never train the same thing twice, and a killed worker's locks are
-            released by the OS: re-running the same command resumes.
+        workers: processes that train runs at once (each with ``threads`` threads); every
+            stage-0 model, MAC stage and run is a task under a file lock in ``<out>/locks``
+            (:mod:`fam.experiments.workers`).
     """
     if not seeds:
         raise ConfigError("give at least one seed (--seeds 0 1 2)")
@@ -397,32 +352,6 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
         return _report(out, seeds, size, groups, plan, configs, t_start, final=True)
     finally:
         torch.set_num_threads(before)  # the stages change it too; leave the caller's setting
-
-
-@contextlib.contextmanager
-def _try_lock(path: Path) -> Iterator[bool]:
-    """An exclusive, non-blocking ``flock`` on ``path``: yields whether it was taken.
-
-    The OS releases it when the holder exits, however it exits, so a killed ablation leaves
-    no stale lock behind.
-    """
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _model_done(stage_dir: Path) -> bool:
-    return (stage_dir / "model" / "config.json").exists()
 
 
 def _seed_runs(root: Path, groups: Sequence[str], plan: DemoConfig,
@@ -469,7 +398,7 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
             seed, key = task
             root = out / f"seed{seed}"
             if key == "stage0":
-                if _model_done(root / "stage0"):
+                if (root / "stage0" / "model" / "config.json").exists():
                     pending.remove(task)
                     runs = _seed_runs(root, groups, plan, configs)[1]
                     rank.update({k: i for i, k in enumerate(runs)})
@@ -478,7 +407,7 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
                                                 list(seeds).index(t[0])))
                     did = True
                     break
-                with _try_lock(locks / f"seed{seed}-stage0.lock") as got:
+                with try_lock(locks / f"seed{seed}-stage0.lock") as got:
                     if got:
                         log.info("ablate seed %d: stage 0", seed)
                         base_model(root, data, plan, seed, progress)
@@ -492,14 +421,13 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
                 pending.remove(task)
                 continue
             run = runs_of.setdefault(seed, _seed_runs(root, groups, plan, configs)[1])[key]
-            with _try_lock(locks / f"seed{seed}-{key}.lock") as got:
+            with try_lock(locks / f"seed{seed}-{key}.lock") as got:
                 if not got:
                     pending.remove(task)  # another worker trains it and reports it
                     continue
-                align = (None if run.align_weights is None else
-                         "-".join(f"{w:g}" for w in run.align_weights))
-                if align is not None and not _model_done(root / "align" / align):
-                    with _try_lock(locks / f"seed{seed}-align-{align}.lock") as got_align:
+                align = run.align_weights and "-".join(f"{w:g}" for w in run.align_weights)
+                if align and not (root / "align" / align / "model" / "config.json").exists():
+                    with try_lock(locks / f"seed{seed}-align-{align}.lock") as got_align:
                         if not got_align:
                             waiting = True  # another worker is training this MAC stage
                             continue
@@ -539,25 +467,10 @@ def _worker_main(out: str, seeds: list[int], groups: list[str], plan: DemoConfig
 def _run_workers(n: int, out: Path, seeds: Sequence[int], groups: Sequence[str],
                  plan: DemoConfig, configs: Sequence[str] | None, progress: bool,
                  probes: bool) -> None:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     level = logging.getLogger("fam").getEffectiveLevel()
-    procs = [ctx.Process(target=_worker_main, name=f"worker{i}",
-                         args=(str(out), list(seeds), list(groups), plan,
-                               list(configs) if configs else None, progress, probes, level))
-             for i in range(n)]
-    for i, p in enumerate(procs):
-        p.start()
-        if i == 0:
-            time.sleep(1.0)  # let the first worker take seed 0's stage 0
-    for p in procs:
-        p.join()
-    failed = [p.name for p in procs if p.exitcode != 0]
-    if failed:
-        # One line for the user (the worker's traceback is in the log above it).
-        raise FamError(f"ablation worker(s) {failed} failed (see the log above); finished "
-                       f"runs are kept: re-run the same command to resume")
+    run_workers(n, _worker_main, (str(out), list(seeds), list(groups), plan,
+                                  list(configs) if configs else None, progress, probes, level),
+                what="ablation")
 
 
 def _report(out: Path, seeds: Sequence[int], size: str, groups: Sequence[str],
@@ -575,9 +488,7 @@ def _report(out: Path, seeds: Sequence[int], size: str, groups: Sequence[str],
         expanded, runs = _seed_runs(root, groups, plan, configs)
         metrics = root / "stage0" / "train_metrics.json"
         if metrics.exists():
-            t = json.loads(metrics.read_text()).get("seconds")
-            if t:
-                stage0_times.append(float(t))
+            stage0_times.append(float(json.loads(metrics.read_text()).get("seconds") or 0.0))
         for key in runs:
             rpath = root / "results" / f"{key}.json"
             if rpath.exists():

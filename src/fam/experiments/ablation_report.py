@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from fam.experiments.ablation import AblationRun
 
 __all__ = ["GROUPS", "DEFAULT_GROUPS", "METRICS", "COMPARISONS", "INVERSION_WEIGHT",
-           "aggregate_runs", "paired_differences", "mechanism_summary", "format_ablation",
+           "aggregate_runs", "paired_differences", "mechanism_checks", "mechanism_summary", "format_ablation",
            "write_report"]
 
 #: Ablation groups in report order.
@@ -338,6 +338,51 @@ def write_report(out: Path, records: list[dict[str, Any]],
     atomic_write_json(out / "ablation.json", report)
     atomic_write_text(out / "ablation.md", format_ablation(report))
     return report
+
+
+def _probe_config(plan: DemoConfig):
+    from fam.config import ProbeConfig
+    n = min(48, max(2, plan.scenes.n_eval_images // 2))
+    return ProbeConfig(max_images=n, attention_images=min(16, n))
+
+
+def mechanism_checks(model_dir: str | Path, run_dir: str | Path, data: str | Path,
+                     plan: DemoConfig) -> dict[str, Any]:
+    """Why a config helps or not: the FAM probes on its checkpoint and, for VEIN runs, the
+    VEIN diagnostic of its training (the last logging window).
+
+    Returns:
+        ``{"global_local_gap", "object_caption_gap", "object_caption_win_rate",
+        "image_attention": [the EOS token's raw image mass per layer], "vision_centric":
+        [layers, negative], "vein": {rec_loss, rec_loss_shuffled, e_gap, grad_ratio} | None}``;
+        ``e_gap`` = (shuffled − own) / own; ``grad_ratio`` = ‖∇λL_rec‖ / ‖∇L_task‖, the
+        gradient norms into the backbone.
+    """
+    import json
+
+    from fam.analysis.probes import (attention_probe, load_probe_images, load_probe_model,
+                                     similarity_probes)
+    cfg = _probe_config(plan)
+    images = load_probe_images(data, cfg.split, cfg.max_images)
+    model = load_probe_model(model_dir)
+    sim = similarity_probes(model, images, cfg)
+    att = attention_probe(model, images, cfg)
+    out: dict[str, Any] = {
+        "global_local_gap": sim["global_local"]["gap"],
+        "object_caption_gap": sim["object_caption"]["gap"],
+        "object_caption_win_rate": sim["object_caption"]["win_rate"],
+        "image_attention": att["image_mass"],
+        "vision_centric": att["vision_centric_layers_neg"],
+        "vein": None}
+    metrics = Path(run_dir) / "train_metrics.json"
+    final = json.loads(metrics.read_text()).get("final", {}) if metrics.exists() else {}
+    if "rec_loss" in final:
+        own, shuf = final["rec_loss"], final.get("rec_loss_shuffled")
+        task, vein = final.get("task_grad_norm"), final.get("vein_grad_norm")
+        out["vein"] = {"rec_loss": own, "rec_loss_shuffled": shuf,
+                       "e_gap": (shuf - own) / own if shuf is not None and own else None,
+                       "grad_ratio": vein / task if task and vein is not None else None}
+    return out
 
 
 def mechanism_summary(records: Sequence[Mapping[str, Any]],
