@@ -132,9 +132,15 @@ def test_library_files_are_short_or_say_why():
 def test_constants_shared_across_layers_agree():
     from fam.backbones import NATIVE_FAMILIES
     from fam.config.experiments import TINY_FAMILIES
-    from fam.config.stages import PATCH_POOLINGS
+    from fam.config.stages import PATCH_POOLINGS, VEIN_MASK_INITS, VEIN_MEMORIES
     from fam.losses.patch import POOLINGS
+    from fam.losses.vein import MASK_INITS, VEIN_MEMORY
     assert tuple(PATCH_POOLINGS) == tuple(POOLINGS)
+    assert tuple(VEIN_MEMORIES) == tuple(VEIN_MEMORY)
+    assert tuple(VEIN_MASK_INITS) == tuple(MASK_INITS)
+    from fam.experiments.ablation_report import VEIN_SAME_RTOL
+    from fam.losses.vein import SAME_RTOL
+    assert VEIN_SAME_RTOL == SAME_RTOL
     assert set(TINY_FAMILIES) == set(NATIVE_FAMILIES)
     from fam.config.training import CHECK_MODES
     from fam.data.images import CHECK_MODES as IMAGE_CHECKS

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fam import distributed as fdist
 from fam.losses.contrastive import info_nce
 from fam.losses.mac import mac_loss
+from fam.losses.vein import VeinHead, global_mean, vein_mask_positions
 
 WORLD = 2
 B = 8  # global batch; B // WORLD per rank
@@ -111,6 +112,46 @@ def _check_mac(rank: int) -> None:
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
 
 
+class _VeinModel(nn.Module):
+    """A tiny encoder whose token states and embedding feed a VEIN head (one module for DDP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = _TinyEncoder()
+        self.head = VeinHead(8, layers=[0], num_layers=1, detach_target=False)
+
+    def forward(self, x, valid, sample, masks):
+        emb, tokens = self.enc(x)
+        return self.head({0: tokens}, {0: emb}, valid, sample, masks={0: masks})
+
+
+def _check_vein_global_mean(rank: int) -> None:
+    """L_rec over the global batch: ranks with 3 and 1 eligible samples (and images of
+    different token counts) give exactly the one-process loss and gradient."""
+    torch.manual_seed(0)
+    model = _VeinModel().double()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, 6, 6, generator=g, dtype=torch.float64)
+    valid = torch.arange(6)[None] < torch.tensor([6, 4, 5, 2, 6, 3, 6, 6])[:, None]
+    sample = torch.tensor([True, True, True, False, False, True, False, False])
+    masks = vein_mask_positions(valid, 0.3, torch.Generator().manual_seed(4))[0]
+
+    want = ref(x, valid, sample, masks)
+    (0.7 * want["sum"] / want["count"]).backward()
+
+    b = B // WORLD
+    sl = slice(rank * b, (rank + 1) * b)
+    ddp = DDP(model)  # keep a reference: the reducer must outlive the backward
+    out = ddp(x[sl], valid[sl], sample[sl], masks[sl])
+    term, value, n = global_mean(out["sum"], out["count"], weight=0.7)
+    term.backward()
+    assert n == want["count"]
+    torch.testing.assert_close(value, (want["sum"] / want["count"]).detach())
+    for a, w in zip(_grads(model), _grads(ref)):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+
+
 def _check_unequal_sizes_raise(rank: int) -> None:
     x = torch.randn(3 + rank, 4)
     with pytest.raises(ValueError, match="equal local batch sizes"):
@@ -124,6 +165,7 @@ def _worker(rank: int, init_file: str) -> None:
         assert fdist.is_dist() and fdist.rank() == rank and fdist.world_size() == WORLD
         _check_info_nce(rank)
         _check_mac(rank)
+        _check_vein_global_mean(rank)
         _check_unequal_sizes_raise(rank)
         # Both ranks reach here before either tears down: a rank destroying its gloo group
         # while the peer still completes the last collective can abort the peer.

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from fam.analysis.stats import paired_bootstrap_ci, paired_t_ci, t_cdf, t_quantile
+from fam.analysis.stats import (paired_bootstrap_ci, paired_t_ci, seeds_for_half_width, t_cdf,
+                                t_quantile)
 
 
 @pytest.mark.parametrize("df,q", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764),
@@ -58,3 +59,51 @@ def test_paired_bootstrap_covers_the_truth_and_is_deterministic():
     assert r1["lo"] < 0.1 < r1["hi"]       # the true difference of the two rates
     with pytest.raises(ValueError, match="same non-empty items"):
         paired_bootstrap_ci([np.ones(3)], [np.ones(2)])
+
+
+def test_stratified_bootstrap_is_the_equal_weight_aggregate_of_the_evaluation_noise():
+    """Strata (MMEB datasets of different sizes): the statistic is the mean of the stratum
+    means; with the seeds fixed only the rows are resampled (the ablation's "rows" interval)."""
+    rng = np.random.default_rng(2)
+    sizes = {"A": 40, "B": 200, "C": 100}
+    labels = [k for k, n in sizes.items() for _ in range(n)]
+    a = [np.concatenate([rng.random(n) < 0.4 for n in sizes.values()]).astype(float)
+         for _ in range(3)]
+    b = [np.concatenate([rng.random(n) < p for n, p in zip(sizes.values(), (0.9, 0.5, 0.5))])
+         .astype(float) for _ in range(3)]
+    r = paired_bootstrap_ci(a, b, n_boot=400, strata=[labels] * 3, resample_seeds=False)
+    lab = np.array(labels)
+    want = np.mean([np.mean([(y - x)[lab == k].mean() for k in sizes]) for x, y in zip(a, b)])
+    assert r["mean"] == pytest.approx(want)  # equal weight per stratum, not per row
+    assert r["mean"] != pytest.approx(np.mean([(y - x).mean() for x, y in zip(a, b)]))
+    assert r["lo"] < r["mean"] < r["hi"] and r["lo"] > 0
+    # identical arms: every replicate's difference is exactly zero
+    z = paired_bootstrap_ci(a, a, n_boot=50, strata=[labels] * 3, resample_seeds=False)
+    assert z["lo"] == z["hi"] == 0.0
+    both = paired_bootstrap_ci(a, b, n_boot=400, strata=[labels] * 3, resample_seeds=True)
+    assert both["mean"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="stratum labels"):
+        paired_bootstrap_ci(a, b, strata=[labels[:-1]] * 3)
+    with pytest.raises(ValueError, match="strata"):
+        paired_bootstrap_ci(a, b, strata=[labels] * 2)
+
+
+@pytest.mark.parametrize("sd,half", [(2.3, 1.0), (2.3, 2.0), (1.0, 1.0), (0.1, 1.0), (5.0, 1.0),
+                                     (3.0, 0.5), (0.0, 1.0)])
+def test_seeds_for_half_width_is_the_smallest_sufficient_n(sd, half):
+    # n is enough and n − 1 is not (the half-width t(n−1)·sd/√n falls with n, so this is
+    # the first sufficient n).
+    n = seeds_for_half_width(sd, half)
+    assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= half
+    if n > 2:
+        assert t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1) > half
+
+
+def test_seeds_for_half_width_hand_values_and_limits():
+    # sd 2.3 (the issue's MAC-only overall spread): n = 23 gives t(22) = 2.0739,
+    # 2.0739 · 2.3 / √23 = 0.9946 ≤ 1, while n = 22 gives 2.0796 · 2.3 / √22 = 1.0198 > 1.
+    assert seeds_for_half_width(2.3, 1.0) == 23
+    assert seeds_for_half_width(50.0, 0.01, max_n=1000) is None
+    assert seeds_for_half_width(float("nan"), 1.0) is None
+    with pytest.raises(ValueError):
+        seeds_for_half_width(1.0, 0.0)

@@ -52,6 +52,12 @@ BAD = [
     (AdaptConfig, "vein.layers=[0]", "vein.layers[0]"),
     (AdaptConfig, "vein.layers=[-1,-1]", "vein.layers"),
     (AdaptConfig, "vein.num_heads=0", "vein.num_heads"),
+    (AdaptConfig, "vein.memory=tokens", "vein.memory"),
+    (AdaptConfig, "vein.mask_init=zeros", "vein.mask_init"),
+    (AdaptConfig, "vein.dropout=1", "vein.dropout"),
+    (AdaptConfig, "vein.visible_ratio=0.8", "vein.visible_ratio"),  # > 1 - mask_ratio
+    (AdaptConfig, "vein.visible_ratio=0.1", "vein.visible_ratio"),  # memory=unmasked
+    (AdaptConfig, "vein.layers=[-1,x]", "vein.layers"),
     (Stage0Config, "captions=", "captions"),
     (Stage0Config, "optim.steps=0", "optim.steps"),
     (AlignConfig, "temperature=-0.02", "temperature"),
@@ -180,3 +186,14 @@ def test_every_stage_selects_the_backbones_inputs():
             load_config(AdaptConfig, None, [bad])
     with pytest.raises(ConfigError, match=r"backbone\.min_pixels"):
         load_config(AdaptConfig, None, ["backbone.min_pixels=5000", "backbone.max_pixels=100"])
+
+
+def test_vein_variants_and_the_paper_default_layers_load():
+    c = load_config(AdaptConfig, None, ["vein.memory=embedding", "vein.visible_ratio=0.1",
+                                        "vein.mask_init=mae", "vein.target_pos=false",
+                                        "vein.layers=null"])
+    assert (c.vein.memory, c.vein.visible_ratio, c.vein.mask_init, c.vein.target_pos) == \
+        ("embedding", 0.1, "mae", False)
+    assert c.vein.layers is None  # unset: the paper's default for the backbone's size
+    assert load_config(AdaptConfig, None, []).vein.layers is None
+    assert load_config(AdaptConfig, None, ["vein.layers=[-1]"]).vein.layers == [-1]

@@ -8,11 +8,15 @@ import json
 
 import pytest
 
+from fam.cli import main
 from fam.cli.experiments import add_ablate_subcommand
-from fam.experiments.ablation import (GROUPS, MASK_RATIOS, AblationRun, adapt_config, align_config,
-                                      expand_groups, plan_for_size, run_ablation, vein_layer_sets)
+from fam.experiments.ablation import (DEFAULT_GROUPS, GROUPS, MASK_RATIOS, RUN_PRIORITY,
+                                      AblationRun, _seed_runs, adapt_config,
+                                      align_config, expand_groups, plan_for_size, run_ablation,
+                                      vein_layer_sets)
 from fam.experiments.ablation_report import BASELINE_KEY, aggregate_runs, format_ablation
 from fam.experiments.demo import demo_config
+from fam.experiments.workers import try_lock as _try_lock
 from fam.errors import ConfigError
 
 
@@ -150,3 +154,82 @@ def test_tiny_end_to_end(tmp_path):
 
 def test_baseline_key_of_the_report_is_the_baseline_run():
     assert BASELINE_KEY == AblationRun().key
+
+
+@pytest.mark.slow
+def test_quick_ablation_reports_paired_intervals_and_mechanisms(tmp_path):
+    """``fam ablate --size quick --seeds 0 1 --workers 2``: every default group, trained by
+    two worker processes, paired differences with mean and 95 % bounds (t over seeds,
+    bootstrap over rows), mechanism checks, the plot."""
+    out = tmp_path / "abl"
+    assert main(["ablate", "--out", str(out), "--seeds", "0", "1", "--size", "quick",
+                 "--workers", "2", "--no-progress"]) == 0
+    rep = json.loads((out / "ablation.json").read_text())
+    assert list(rep["groups"]) == list(DEFAULT_GROUPS)
+    labels = [lab for cfgs in rep["groups"].values() for lab, _ in cfgs]
+    for want in ("baseline", "mac_only", "vein_only", "fam", "vein_inversion", "fam_inversion",
+                 "vein_only_w32", "coarse", "coarse+c2f", "coarse+c2f+fine", "control"):
+        assert want in labels
+    pairs = {(p["config"], p["reference"]): p for p in rep["paired"]}
+    assert ("fam", "baseline") in pairs and ("mac_only", "control") in pairs
+    assert ("vein_inversion", "vein_only_w32") in pairs
+    for p in rep["paired"]:
+        assert p["seeds"] == [0, 1]
+        need = p["seeds_needed"]
+        assert set(need) == {"1", "2"} and need["1"] >= need["2"] >= 2
+        for m, d in p["metrics"].items():
+            lo, hi = d["ci95"]
+            assert lo <= d["mean"] <= hi
+            blo, bhi = d["bootstrap_ci95"]
+            assert blo <= bhi
+    # The control trains on the task pairs plus MAC's caption pairs, for align + adapt steps.
+    plan = plan_for_size("quick")
+    ctrl = json.loads((out / "seed0" / "runs" / AblationRun(captions=True).key /
+                       "train_metrics.json").read_text())
+    assert ctrl["steps"] == plan.adapt.optim.steps + plan.align.optim.steps
+    assert (out / "data" / "train_captions" / "Scenes-Captions.jsonl").exists()
+    mech = rep["mechanism"]
+    assert set(mech) >= {"baseline", "fam", "vein_inversion"}
+    assert mech["baseline"]["vein"] is None
+    for lab in ("vein_only", "fam", "vein_inversion", "fam_inversion", "vein_only_w32"):
+        v = mech[lab]["vein"]
+        assert v["rec_loss"] > 0 and v["rec_loss_shuffled"] > 0 and v["grad_ratio"] > 0
+    assert -1 <= mech["fam"]["object_caption_gap"] <= 1
+    assert (out / "ablation.png").stat().st_size > 1000 and rep["plot"] == str(out / "ablation.png")
+    md = (out / "ablation.md").read_text()
+    assert "## Paired differences" in md and "## Mechanism checks" in md
+    assert "| fam − mac_only | 2 |" in md and "seeds for ±1/±2" in md
+    # Every run trained once, by one of the workers; the locks are free again.
+    results = sorted(p.name for p in (out / "seed1" / "results").iterdir())
+    assert len(results) == len({r["key"] for r in rep["runs"]}) == 10
+    for lock in (out / "locks").iterdir():
+        with _try_lock(lock) as got:
+            assert got
+
+
+def test_task_lock_is_exclusive_and_released(tmp_path):
+    lock = tmp_path / "locks" / "seed0-x.lock"
+    with _try_lock(lock) as first:
+        assert first
+        with _try_lock(lock) as second:  # another open file description: refused
+            assert not second
+    with _try_lock(lock) as again:
+        assert again
+
+
+def test_runs_are_ordered_by_priority(tmp_path):
+    """The baseline, then the paper's comparison, the inversion variant, the data control,
+    the MAC terms and the extra λ reference: the order workers take configs in."""
+    tiny = tmp_path / "models" / "tiny"
+    tiny.mkdir(parents=True)
+    (tiny / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 4}}))
+    plan = plan_for_size("quick")
+    _, runs = _seed_runs(tmp_path, DEFAULT_GROUPS, plan, None)
+    keys = list(runs)
+    exp = expand_groups(DEFAULT_GROUPS, 4, plan.vein.layers or (-3, -2, -1))
+    key = {lab: r.key for cfgs in exp.values() for lab, r in cfgs}
+    assert keys[0] == BASELINE_KEY and len(keys) == 10
+    order = ["mac_only", "vein_only", "fam", "vein_inversion", "fam_inversion", "control",
+             "coarse", "coarse+c2f", "vein_only_w32"]
+    assert keys[1:] == [key[lab] for lab in order]
+    assert set(RUN_PRIORITY) == set(GROUPS)

@@ -34,6 +34,22 @@ def test_demo_results_hold_every_model_and_aggregate(demo_out):
     assert "FAM vs the VLM2Vec baseline" in (demo_out / "results.md").read_text()
 
 
+def test_demo_writes_the_plot_and_the_gallery(demo_out):
+    res = json.loads((demo_out / "results.json").read_text())
+    for name in ("results", "gallery"):
+        assert (demo_out / f"{name}.png").stat().st_size > 1000
+        assert res["figures"][name] == str(demo_out / f"{name}.png")
+    gal = json.loads((demo_out / "gallery.json").read_text())
+    assert gal["models"] == ["VLM2Vec", "FAM"] and gal["k"] == 3
+    for d in ("t2i", "i2t"):
+        assert gal[d]["dataset"].startswith("Scenes-") and len(gal[d]["rows"]) == 3
+        for row in gal[d]["rows"]:
+            for label in gal["models"]:
+                idx = [i for i, _ in row["top"][label]]
+                assert len(idx) == 3 and len(set(idx)) == 3  # three distinct candidates
+                assert all(0 <= i < len(row["candidates"]) for i in idx)
+
+
 def test_demo_rerun_resumes_without_retraining(demo_out, capsys):
     before = (demo_out / "fam" / "model" / "model.safetensors").stat().st_mtime
     assert main(["demo", "--quick", "--out", str(demo_out), "--no-progress"]) == 0

@@ -15,6 +15,7 @@ and machine-independent.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 
@@ -67,9 +68,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def position_masks(valid, gamma, generator=None):
+    """VEIN's masking rule with positions that depend on the token index only, so that a
+    row's mask is the same whichever batch (rank, chunk) it is in."""
+    b, n = valid.shape
+    n_valid = valid.sum(1)
+    k = torch.minimum((n_valid.double() * gamma + 1e-9).floor().long().clamp(min=1), n_valid - 1)
+    noise = ((torch.arange(n) * 7 % n).double() / n)[None].expand(b, n)
+    order = noise.masked_fill(~valid, 2.0).argsort(dim=1, stable=True)
+    idx = order[:, :int(k.max())]
+    slot = torch.arange(idx.shape[1])[None] < k[:, None]
+    masked = torch.zeros(b, n, dtype=torch.bool).scatter_(1, idx, slot)
+    return masked, idx, k
+
+
 def _train(out, pairs, batch_size: int, chunk: int, strategy: str = "ddp",
-           steps: int = STEPS) -> dict[str, torch.Tensor]:
-    module, loss = make_module("task", dtype=DTYPE)
+           steps: int = STEPS, vein: bool = False) -> dict[str, torch.Tensor]:
+    module, loss = make_module("task", dtype=DTYPE, vein=vein)
+    if vein:
+        # VEIN with its diagnostic: the shuffled-e pass every step and, every step here,
+        # the gradient norms (extra autograd.grad calls before DDP's backward).
+        module.vein_diagnose = True
+        loss.grad_norm_every = 1
     opt = OptimConfig(lr=5e-3, batch_size=batch_size, steps=steps, warmup_ratio=0.0)
     # save_every=1: checkpoint writes (rank 0 only, with barriers) happen mid-run too.
     run = RunConfig(out_dir=str(out), save_every=1, progress=False, log_every=1, device="cpu",
@@ -93,6 +113,25 @@ def _worker(rank: int, port: int, out: str, pairs, chunks) -> None:
             if rank == 0:
                 torch.save(params, os.path.join(out, f"ddp-c{chunk}.pt"))
         dist.barrier()  # no rank tears the group down while the other still communicates
+        _exit_cleanly()
+    finally:
+        dist.destroy_process_group()
+
+
+def _vein_worker(rank: int, port: int, out: str, pairs, runs) -> None:
+    import fam.losses.vein as vein_mod
+    vein_mod.vein_mask_positions = position_masks
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for strategy, chunk in runs:
+            name = f"vein-{strategy}-c{chunk}"
+            params = _train(os.path.join(out, name), pairs, GLOBAL_BATCH // WORLD, chunk,
+                            strategy, vein=True)
+            if rank == 0:
+                torch.save(params, os.path.join(out, f"{name}.pt"))
+        dist.barrier()
         _exit_cleanly()
     finally:
         dist.destroy_process_group()
@@ -198,3 +237,28 @@ def test_ranks_disagreeing_on_hard_negatives_equal_one_process(strategy, chunk, 
     assert got.keys() == ref.keys()
     bad = _differing(got, ref)
     assert not bad, f"{len(bad)} of {len(ref)} tensors differ: {bad}"
+
+
+@pytest.mark.slow
+def test_two_rank_vein_with_diagnostics_equals_one_process(scene_images, tmp_path, monkeypatch):
+    """L_rec is the mean over the global batch's masked tokens (ranks hold different numbers
+    of image sides, some a single one): 2 DDP ranks (plain and GradCache) and 2 FSDP ranks,
+    with the diagnostic on, give the single-process weights (LoRA and VEIN decoders) after
+    2 steps. (Under FSDP every rank runs each decoder equally often, and the gradient-norm
+    probe is off.)"""
+    import fam.losses.vein as vein_mod
+    torch.set_num_threads(1)
+    pairs = make_pairs(scene_images, 16)
+    runs = (("ddp", 0), ("ddp", 2), ("fsdp", 0))
+    mp.spawn(_vein_worker, args=(_free_port(), str(tmp_path), pairs, runs), nprocs=WORLD,
+             join=True)
+    monkeypatch.setattr(vein_mod, "vein_mask_positions", position_masks)
+    ref = _train(tmp_path / "single", pairs, GLOBAL_BATCH, 0, vein=True)
+    assert any("decoders" in n for n in ref)
+    m = json.loads((tmp_path / "single" / "train_metrics.json").read_text())["final"]
+    assert {"rec_loss", "rec_loss_shuffled", "vein_grad_norm", "task_grad_norm"} <= set(m)
+    for strategy, chunk in runs:
+        got = torch.load(tmp_path / f"vein-{strategy}-c{chunk}.pt", weights_only=True)
+        assert got.keys() == ref.keys()
+        bad = _differing(got, ref)
+        assert not bad, f"{strategy}, chunk {chunk}: {len(bad)} of {len(ref)} differ: {bad}"

@@ -78,6 +78,32 @@ def test_adapt_with_vein_exports_a_clean_model(bench, tmp_path):
     assert run_adapt(cfg) == path
 
 
+@pytest.mark.parametrize("memory", ["unmasked", "embedding"])
+def test_vein_diagnostic_in_log_tensorboard_and_summary(bench, tmp_path, memory, caplog):
+    """Both variants report rec_loss_shuffled (every step) and the gradient norms VEIN and
+    the task send into the backbone (at log steps), in train_metrics.json and tensorboard;
+    when the two losses are equal the log and the summary say VEIN teaches nothing."""
+    from fam.train.adapt import run_adapt
+    cfg = _adapt_cfg(bench, tmp_path, vein=VeinConfig(enabled=True, layers=[-1], memory=memory))
+    with caplog.at_level("WARNING", logger="fam.train.trainer"):
+        run_adapt(cfg)
+    m = json.loads((tmp_path / "train_metrics.json").read_text())
+    f = m["final"]
+    assert f["rec_loss"] > 0 and f["rec_loss_shuffled"] > 0
+    assert f["task_grad_norm"] > 0 and f["vein_grad_norm"] > 0
+    from fam.losses.vein import vein_verdict
+    said = vein_verdict(f["rec_loss"], f["rec_loss_shuffled"], memory=memory)
+    assert m.get("notes", []) == ([said] if said else [])
+    if said:
+        assert "VEIN teaches the model nothing" in caplog.text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tmp_path / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"adapt+vein/rec_loss", "adapt+vein/rec_loss_shuffled",
+            "adapt+vein/vein_grad_norm", "adapt+vein/task_grad_norm"} <= tags
+
+
 def test_align_merges_lora_and_improves_the_mac_loss(bench, tmp_path):
     from fam.train.align import AlignCollator, AlignConfig, MACLoss, MACModule, run_align
     from fam.model import EmbeddingModel

@@ -1,4 +1,5 @@
-"""Figures for the alignment analysis (method.md §5): heatmaps, entropy bars, MP energy curves.
+"""Figures: the alignment analysis (method.md §5: heatmaps, entropy bars, MP energy curves),
+precision@1 per model with CI whiskers, and the retrieval gallery.
 
 matplotlib is imported lazily with the non-interactive Agg backend, so ``import fam`` and
 headless training never need a display (or matplotlib at all).
@@ -243,3 +244,111 @@ def atoms_table(atoms: Any, decode: Callable[[int], str], row_labels: Sequence[s
     if a.shape[0] > n:
         lines.append(f"\n({a.shape[0] - n} more rows not shown)")
     return "\n".join(lines)
+
+
+def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str, float | None],
+                   path: str | Path, title: str = "precision@1 (%)") -> Path:
+    """Grouped bars of precision@1 per meta-task, IND, OOD and overall, one bar per model.
+
+    Args:
+        models: label → ``{metric: value}`` or ``{metric: {"mean": v, "ci95": [lo, hi]}}``
+            (a CI draws a whisker; ``None`` values are skipped), in display order.
+        chance: metric → chance level (a dashed line over that metric's bars).
+        path: output file.
+        title: y-axis label.
+    """
+    plt = _plt()
+    metrics = [m for m in ("classification", "vqa", "retrieval", "grounding", "IND", "OOD",
+                           "overall")
+               if any(_value(v.get(m))[0] is not None for v in models.values())]
+    labels = list(models)
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) * max(1, len(labels)) ** 0.5), 3.6))
+    cmap = plt.get_cmap("tab10")
+    for i, label in enumerate(labels):
+        xs, ys, err = [], [], [[], []]
+        for j, m in enumerate(metrics):
+            mean, ci = _value(models[label].get(m))
+            if mean is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            ys.append(mean)
+            lo, hi = ci if ci is not None else (mean, mean)
+            err[0].append(max(0.0, mean - lo))
+            err[1].append(max(0.0, hi - mean))
+        has_ci = any(e > 0 for e in err[0] + err[1])
+        ax.bar(xs, ys, width, label=label, color=cmap(i % 10),
+               yerr=np.array(err) if has_ci else None, capsize=2, error_kw={"lw": 0.8})
+    for j, m in enumerate(metrics):
+        c = chance.get(m)
+        if c is not None:
+            ax.hlines(c, j - 0.45, j + 0.45, colors="k", linestyles="dashed", lw=0.9,
+                      label="chance" if j == 0 else None)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics, fontsize=8)
+    ax.set_ylabel(title)
+    ax.legend(fontsize=7, ncol=min(4, len(labels) + 1), loc="upper left",
+              bbox_to_anchor=(0.0, -0.12), frameon=False)
+    return _save(fig, path)
+
+
+def _value(v: Any) -> tuple[float | None, tuple[float, float] | None]:
+    if v is None:
+        return None, None
+    if isinstance(v, Mapping):
+        ci = v.get("ci95")
+        return v.get("mean"), (tuple(ci) if ci else None)
+    return float(v), None
+
+
+def plot_gallery(gallery: Mapping[str, Any], path: str | Path) -> Path:
+    """Draw :func:`fam.experiments.gallery.retrieval_gallery`'s result: one row per query,
+    the query first, then each model's top-k (images for text→image, captions for image→text), the correct one in
+    green, wrong ones in red."""
+    import textwrap
+
+    from PIL import Image as PILImage
+    plt = _plt()
+    models, k = list(gallery["models"]), int(gallery["k"])
+    blocks = [(d, gallery[d]) for d in ("t2i", "i2t") if d in gallery]
+    n_rows = sum(len(b["rows"]) for _, b in blocks)
+    n_cols = 1 + len(models) * k
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, 1.9 * n_rows), squeeze=False)
+    r = 0
+    for direction, block in blocks:
+        for row in block["rows"]:
+            ax = axes[r][0]
+            q = row["query"]
+            if direction == "i2t":
+                ax.imshow(PILImage.open(q["image"]).convert("RGB"))
+                ax.set_title(f"{block['dataset']}\nquery image", fontsize=7)
+            else:
+                ax.text(0.0, 0.5, textwrap.fill(q["text"], 24), fontsize=6, va="center",
+                        transform=ax.transAxes)
+                ax.set_title(f"{block['dataset']}\nquery text", fontsize=7)
+            for m, label in enumerate(models):
+                for j, (idx, cos) in enumerate(row["top"][label]):
+                    a = axes[r][1 + m * k + j]
+                    ok = idx == 0
+                    colour = "#1a7f37" if ok else "#cf222e"
+                    cand = row["candidates"][idx]
+                    if direction == "t2i":
+                        a.imshow(PILImage.open(cand["image"]).convert("RGB"))
+                    else:
+                        a.text(0.02, 0.5, textwrap.fill(cand["text"], 22), fontsize=5.5,
+                               va="center", color=colour, transform=a.transAxes)
+                    for s in a.spines.values():
+                        s.set_visible(True)
+                        s.set_edgecolor(colour)
+                        s.set_linewidth(3 if ok else 1.5)
+                    head = f"{label}\n" if r == 0 and j == 0 else ""
+                    a.set_title(f"{head}#{j + 1} {'✓' if ok else '✗'} {cos:.2f}", fontsize=7,
+                                color=colour)
+            r += 1
+    for row_axes in axes:
+        for a in row_axes:
+            a.set_xticks([])
+            a.set_yticks([])
+    axes[0][0].figure.suptitle("top-3 retrievals, first rows of each dataset (green = correct)",
+                               fontsize=8)
+    return _save(fig, path)

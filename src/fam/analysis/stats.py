@@ -9,7 +9,9 @@ intervals for ``mean(B) − mean(A)``:
 * :func:`paired_bootstrap_ci` — hierarchical percentile bootstrap: resample seeds, then
   items within each seed, both arms with the same draws, so both the seed spread and the
   finite evaluation set count (the right interval for accuracies over a few hundred
-  questions).
+  questions). With ``strata`` (e.g. MMEB datasets) items are resampled within their
+  stratum and the statistic is the equal-weight mean over strata; with
+  ``resample_seeds=False`` it isolates the evaluation noise (the ablation's "rows" interval).
 
 The t quantile is computed here (no SciPy): bisection on the t CDF, integrated with
 Simpson's rule on a substitution that keeps the tails finite.
@@ -24,10 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["paired_bootstrap_ci", "paired_t_ci", "t_cdf", "t_quantile"]
+__all__ = ["paired_bootstrap_ci", "paired_t_ci", "seeds_for_half_width", "t_cdf", "t_quantile"]
 
 
 def _t_pdf(x: np.ndarray, df: float) -> np.ndarray:
@@ -92,9 +95,50 @@ def paired_t_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> 
     return {"mean": m, "lo": m - half, "hi": m + half, "sd": sd, "n": n}
 
 
+def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95,
+                         max_n: int = 100_000) -> int | None:
+    """Fewest pairs ``n ≥ 2`` whose t interval is at most ``± half_width`` wide when the
+    differences have standard deviation ``sd``: the budget that tells a difference of
+    ``half_width`` from zero (the smallest ``n`` with ``t(level, n−1)·sd/√n ≤ half_width``).
+
+    Returns ``None`` when even ``max_n`` pairs are not enough (or ``sd`` is not finite).
+    """
+    if half_width <= 0:
+        raise ValueError(f"half_width={half_width} must be > 0")
+    if not math.isfinite(sd) or sd < 0:
+        return None
+
+    def ok(n: int) -> bool:
+        return t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) <= half_width
+
+    # The normal quantile is below t's for every n, so the normal-theory n is a lower bound;
+    # t's excess shrinks fast with n, so a few steps up from it reach the answer (each
+    # t quantile is a numeric integration: few calls matter).
+    z = 1.959963984540054 if level == 0.95 else t_quantile(0.5 + level / 2, 1e6)
+    n = max(2, math.ceil((z * sd / half_width) ** 2))
+    if n > max_n:
+        return None
+    step = 1
+    while not ok(n):
+        lo = n
+        n = min(max_n, n + step)
+        step *= 2
+        if n == max_n and not ok(n):
+            return None
+        if ok(n):
+            # bisect between the last failing and the first passing n
+            hi = n
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+            return hi
+    return n
+
+
 def paired_bootstrap_ci(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
-                        level: float = 0.95, n_boot: int = 2000, seed: int = 0,
-                        ) -> dict[str, float]:
+                        level: float = 0.95, n_boot: int = 2000, seed: int = 0, *,
+                        strata: Sequence[Sequence[Any]] | None = None,
+                        resample_seeds: bool = True) -> dict[str, float]:
     """Hierarchical paired bootstrap of ``mean(b) − mean(a)`` (seeds, then items).
 
     Args:
@@ -103,6 +147,12 @@ def paired_bootstrap_ci(a: Sequence[Sequence[float]], b: Sequence[Sequence[float
         level: interval coverage.
         n_boot: bootstrap replicates.
         seed: resampling seed (the interval is deterministic given it).
+        strata: per seed, a label per item (e.g. its evaluation dataset). Items are then
+            resampled within their stratum and a seed's statistic is the mean over strata
+            of the stratum means — MMEB's equal-weight aggregate over datasets.
+        resample_seeds: also resample the seeds (both noise sources). False keeps every
+            seed once: the interval of the evaluation noise alone (which rows the
+            benchmark happens to contain), the models held fixed.
 
     Returns:
         ``mean`` (observed difference of the grand means), ``lo``, ``hi``, ``n_seeds``,
@@ -116,16 +166,38 @@ def paired_bootstrap_ci(a: Sequence[Sequence[float]], b: Sequence[Sequence[float
         if x.shape != y.shape or x.ndim != 1 or x.size == 0:
             raise ValueError(f"seed {i}: arms must have the same non-empty items, got "
                              f"{x.shape} and {y.shape}")
+    if strata is not None and len(strata) != len(da):
+        raise ValueError(f"strata: {len(strata)} seeds for {len(da)}")
     diffs = [y - x for x, y in zip(da, db)]
-    observed = float(np.mean([d.mean() for d in diffs]))
     rng = np.random.default_rng(seed)
-    s = len(diffs)
-    reps = np.empty(n_boot)
-    for r in range(n_boot):
-        picks = rng.integers(0, s, s)
-        reps[r] = np.mean([diffs[i][rng.integers(0, diffs[i].size, diffs[i].size)].mean()
-                           for i in picks])
     alpha = (1 - level) / 2
+    s = len(diffs)
+    if strata is None and resample_seeds:
+        observed = float(np.mean([d.mean() for d in diffs]))
+        reps = np.empty(n_boot)
+        for r in range(n_boot):
+            picks = rng.integers(0, s, s)
+            reps[r] = np.mean([diffs[i][rng.integers(0, diffs[i].size, diffs[i].size)].mean()
+                               for i in picks])
+    else:
+        # Per seed: its statistic (mean over strata of stratum means) and n_boot resampled
+        # values of it, items drawn within strata (vectorised: one draw per stratum).
+        observed_s, reps_s = [], []
+        for i, d in enumerate(diffs):
+            labels = np.asarray(strata[i]) if strata is not None else np.zeros(d.size, int)
+            if labels.shape != d.shape:
+                raise ValueError(f"seed {i}: {labels.size} stratum labels for {d.size} items")
+            groups = [d[labels == k] for k in dict.fromkeys(labels.tolist())]
+            observed_s.append(np.mean([g.mean() for g in groups]))
+            reps_s.append(np.mean([g[rng.integers(0, g.size, (n_boot, g.size))].mean(axis=1)
+                                   for g in groups], axis=0))
+        per_seed = np.stack(reps_s)  # (S, n_boot)
+        observed = float(np.mean(observed_s))
+        if resample_seeds:
+            picks = rng.integers(0, s, (n_boot, s))
+            reps = per_seed[picks, np.arange(n_boot)[:, None]].mean(axis=1)
+        else:
+            reps = per_seed.mean(axis=0)
     return {"mean": observed, "lo": float(np.quantile(reps, alpha)),
             "hi": float(np.quantile(reps, 1 - alpha)), "n_seeds": s,
             "n_items": int(sum(d.size for d in diffs))}

@@ -47,7 +47,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     plan = load_preset(DemoConfig, args.preset) if args.preset else None
     report = run_ablation(args.out, seeds=args.seeds, size=args.size, groups=args.only,
                           progress=not args.no_progress, plan=plan, threads=args.threads,
-                          configs=args.configs, report_only=args.report_only)
+                          configs=args.configs, report_only=args.report_only,
+                          probes=not args.no_probes, workers=args.workers)
     log.info("ablation written to %s\n%s", args.out, format_ablation(report))
     return 0
 
@@ -55,25 +56,32 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
     """Register ``fam ablate`` (returns the sub-parser)."""
     from fam.experiments.ablation import SIZES
-    from fam.experiments.ablation_report import GROUPS
+    from fam.experiments.ablation_report import DEFAULT_GROUPS, GROUPS
     p = sub.add_parser(
-        "ablate", help="FAM ablations on Scenes over seeds (MAC/VEIN, MAC terms, γ, layers)")
+        "ablate", help="FAM ablations on Scenes over seeds (MAC/VEIN and its inversion variant, "
+                       "MAC terms, the data control, γ, layers) with paired confidence intervals")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], help="training seeds")
     p.add_argument("--size", choices=list(SIZES), default="small",
                    help="budget preset (" + ", ".join(f"{k}: {v}" for k, v in SIZES.items()) + ")")
     p.add_argument("--preset", default=None, help="budgets from another preset or YAML file")
     p.add_argument("--only", nargs="+", choices=GROUPS, default=None, metavar="GROUP",
-                   help=f"run only these groups ({', '.join(GROUPS)})")
+                   help=f"run only these groups ({', '.join(GROUPS)}; default: "
+                        f"{' '.join(DEFAULT_GROUPS)})")
     p.add_argument("--configs", nargs="+", default=None, metavar="LABEL",
                    help="run only these configs of the groups (e.g. fam gamma=0.5 last); "
                         "the baseline always runs")
     p.add_argument("--threads", type=nonneg_int, default=1,
                    help="torch threads (default 1: fastest for tiny models on shared CPUs; "
                         "0 = torch's default)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes training runs at once, each with --threads threads "
+                        "(default 1; 2 on an otherwise idle 2-core machine)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing; rebuild ablation.json/.md from finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-probes", action="store_true",
+                   help="skip the mechanism checks (FAM probes) on the checkpoints")
     p.set_defaults(func=cmd_ablate)
     return p
 

@@ -97,6 +97,13 @@ def _check_type(key: str, value: Any, tp: Any) -> None:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if isinstance(value, Validated):
         return  # validated by its own validate()
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        if value is None and type(None) in args:
+            return  # an optional field left unset
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            _check_type(key, value, inner[0])
+        return
     if tp is bool:
         if not isinstance(value, bool):
             fail(key, value, "must be true or false")

@@ -40,7 +40,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, a, key)
             except (ConfigError, ValueError, TypeError):
                 continue
-        raise ConfigError(f"{key}: cannot convert {value!r} to {tp}")
+        raise ConfigError(f"{key}: cannot convert {value!r} to {tp}", key=key)
     if origin in (list, tuple):
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip().startswith("[") else \

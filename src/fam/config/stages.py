@@ -13,12 +13,16 @@ from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConf
 from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
-           "TowerConfig", "SftConfig", "CAbstractorConfig", "PROJECTOR_TYPES", "BETA_SCHEDULES", "PATCH_POOLINGS",
-           "C2F_REDUCTIONS", "TOWER_LOSSES"]
+           "TowerConfig", "SftConfig", "CAbstractorConfig", "PROJECTOR_TYPES", "BETA_SCHEDULES",
+           "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES", "VEIN_MEMORIES", "VEIN_MASK_INITS"]
 
 PROJECTOR_TYPES = ("mlp", "linear", "cabstractor")
 #: How β reaches beta_max: a linear ramp (method.md §4) or from the first step.
 BETA_SCHEDULES = ("ramped", "constant")
+#: ``vein.memory`` and ``vein.mask_init`` values (fam.losses.vein.VEIN_MEMORY / MASK_INITS
+#: say what each tests; a test keeps the two equal).
+VEIN_MEMORIES = ("unmasked", "embedding")
+VEIN_MASK_INITS = ("official", "mae")
 #: Region poolings of the patch-alignment loss (fam.losses.patch.POOLINGS; a test keeps
 #: the two equal).
 PATCH_POOLINGS = ("mean", "coverage", "token")
@@ -102,24 +106,46 @@ class AlignConfig(Validated):
 
 @dataclass
 class VeinConfig(Validated):
+    """VEIN (method.md §3: the official code fact by fact, every difference, the variants)."""
+
     enabled: bool = False  # add the VEIN reconstruction loss (method.md §3)
-    weight: float = 1.0  # λ in L_adapt = L_task + λ L_rec (paper: 1)
+    weight: float = 1.0  # λ in L_adapt = L_task + λ L_rec (paper: 1), over the global batch
     mask_ratio: float = 0.3  # γ, fraction of image tokens masked (paper best: 0.3)
-    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # LM layers (paper 2B: last three)
+    # LM layers; null (unset) = the paper's default: the last three up to 3B parameters
+    # (its 2B model), the last one for larger backbones
+    layers: list[int] | None = None
+    # "unmasked": the paper's VEIN (decoder memory = the unmasked image tokens); "embedding":
+    # inversion (memory = e alone, plus visible_ratio of the tokens): L_rec must use e.
+    memory: str = "unmasked"
+    visible_ratio: float = 0.0  # memory="embedding": fraction of image tokens also visible
+    target_pos: bool = True  # reconstruct V + PE (official code) instead of V
+    mask_init: str = "official"  # mask token init: "official" N(0,1) | "mae" N(0,0.02²)
     detach_target: bool = True  # official code detaches the image-token states (targets)
     num_heads: int = 8  # decoder attention heads (official: 8; reduced to a divisor of d)
+    dropout: float = 0.0  # decoder dropout (official: 0.1; 0 keeps L_rec deterministic given masks)
+    diagnose: bool = True  # log rec_loss_shuffled (e shuffled) and the gradient norms
     eligible_override: dict[str, bool] = field(default_factory=dict)  # dataset -> force on/off
 
     def check(self, prefix: str) -> None:
         number(prefix + "weight", self.weight, 0.0)
         number(prefix + "mask_ratio", self.mask_ratio, 0.0, 1.0, low_open=True, high_open=True)
-        if not self.layers:
-            fail(prefix + "layers", self.layers, "give at least one layer, e.g. [-1]")
-        for i, layer in enumerate(self.layers):
-            _layer(f"{prefix}layers[{i}]", layer)
-        if len(set(self.layers)) != len(self.layers):
-            fail(prefix + "layers", self.layers, "a layer is listed twice")
+        if self.layers is not None:
+            if not self.layers:
+                fail(prefix + "layers", self.layers, "give at least one layer, e.g. [-1], or "
+                     "leave it unset (null) for the paper's default")
+            for i, layer in enumerate(self.layers):
+                _layer(f"{prefix}layers[{i}]", layer)
+            if len(set(self.layers)) != len(self.layers):
+                fail(prefix + "layers", self.layers, "a layer is listed twice")
         integer(prefix + "num_heads", self.num_heads, 1)
+        choice(prefix + "memory", self.memory, VEIN_MEMORIES)
+        choice(prefix + "mask_init", self.mask_init, VEIN_MASK_INITS)
+        number(prefix + "dropout", self.dropout, 0.0, 1.0, high_open=True)
+        number(prefix + "visible_ratio", self.visible_ratio, 0.0, 1.0 - self.mask_ratio)
+        if self.visible_ratio > 0 and self.memory != "embedding":
+            fail(prefix + "visible_ratio", self.visible_ratio,
+                 f"only the inversion variant reads visible tokens besides e; set "
+                 f"{prefix}memory=embedding or {prefix}visible_ratio=0")
 
 
 @dataclass

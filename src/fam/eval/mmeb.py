@@ -21,7 +21,8 @@ and chance level is a percentage in [0, 100]::
           "n_encoded": 2000,              # distinct items encoded (after deduplication)
           "meta_task": "classification",  # classification | vqa | retrieval | grounding
           "split": "IND",                 # IND | OOD
-          "chance": 0.1                   # expected precision@1 of a random ranking
+          "chance": 0.1,                  # expected precision@1 of a random ranking
+          "credits": [1.0, 0.0, 0.5, ...] # per-row credits, only with keep_credits=True
         }, ...
       },
       "meta_task": {"classification": 55.1, "vqa": null, ...},  # null: no dataset evaluated

@@ -9,9 +9,11 @@ tiny size (``demo_quick``).
 
 Everything lands under ``--out``: ``data/`` (the benchmark), ``models/tiny`` (the random
 initialisation), ``stage0/``, ``baseline/``, ``fam_align/``, ``fam/`` (each with ``model/``,
-checkpoints and tensorboard logs), ``results.json`` and ``results.md``. Re-running with the
-same ``--out`` resumes: finished stages are skipped, interrupted ones continue from their
-last checkpoint.
+checkpoints and tensorboard logs), ``results.json`` and ``results.md``, ``results.png``
+(precision@1 per meta-task, IND, OOD and overall for each model, the chance line) and
+``gallery.png``/``gallery.json`` (the baseline's and FAM's top-3 retrievals for a few text
+and image queries). Re-running with the same ``--out`` resumes: finished stages are
+skipped, interrupted ones continue from their last checkpoint.
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     results: dict[str, Any] = {"models": {}, "paths": {k: str(v) for k, v in models.items()}}
     held_out = load_captions(data / "captions_eval.json", data)
     results["caption_nll"] = {}
+    gallery_models: dict[str, EmbeddingModel] = {}
     with timed("eval"):
         for name, path in models.items():
             adapter = load_backbone(path)
@@ -98,6 +101,11 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
             results["models"][name] = res
             if name in ("untrained", "stage0"):
                 results["caption_nll"][name] = generative_eval_loss(adapter, held_out)
+            if name in ("vlm2vec", "fam"):
+                gallery_models[{"vlm2vec": "VLM2Vec", "fam": "FAM"}[name]] = \
+                    EmbeddingModel(adapter)
+    with timed("figures"):
+        results["figures"] = _figures(out, results, gallery_models, data)
     results["timings_s"] = timed.finish()
     results["peak_rss_mb"] = _peak_rss_mb()
     results["config"] = to_dict(exp)
@@ -106,6 +114,37 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", format_report(results))
     return results
+
+
+def _figures(out: Path, results: dict[str, Any], gallery_models: dict[str, Any],
+             data: Path) -> dict[str, str]:
+    """``results.png`` (precision@1 per meta-task, IND, OOD, overall per model, chance line)
+    and ``gallery.png``/``gallery.json`` (top-3 retrievals of the baseline and FAM for the
+    first text→image and image→text rows). Needs matplotlib (the ``plots`` extra); without
+    it the demo still writes its tables."""
+    from fam.experiments.gallery import retrieval_gallery
+    from fam.eval.metrics import META_TASKS
+    figures: dict[str, str] = {}
+    if gallery_models:
+        gal = retrieval_gallery(gallery_models, data / "eval", data, n=3, k=3)
+        atomic_write_json(out / "gallery.json", gal)
+        figures["gallery_json"] = str(out / "gallery.json")
+    try:
+        from fam.analysis.plots import plot_gallery, plot_precision
+    except ImportError:  # pragma: no cover - optional extra
+        log.warning("matplotlib not installed: no figures (pip install fam[plots])")
+        return figures
+    ms = results["models"]
+    first = next(iter(ms.values()))
+    ch = first.get("chance", {})
+    chance = {m: ch.get("meta_task", {}).get(m) for m in META_TASKS}
+    chance.update({m: ch.get(m) for m in ("IND", "OOD", "overall")})
+    scores = {name: {**{m: r["meta_task"].get(m) for m in META_TASKS},
+                     **{m: r.get(m) for m in ("IND", "OOD", "overall")}} for name, r in ms.items()}
+    figures["results"] = str(plot_precision(scores, chance, out / "results.png"))
+    if gallery_models:
+        figures["gallery"] = str(plot_gallery(gal, out / "gallery.png"))
+    return figures
 
 
 def format_report(results: dict[str, Any]) -> str:

@@ -3,10 +3,17 @@
 ``L_adapt = L_task + λ L_rec`` (method.md §3): ``L_task`` is InfoNCE of query against target
 embeddings with in-batch negatives and the data's hard negatives (method.md §1); ``L_rec`` is
 the VEIN reconstruction loss, added when ``vein.enabled``. Without VEIN this is the VLM2Vec
-recipe. :class:`ContrastiveModule` outputs the embeddings (and VEIN's per-sample sum),
-:class:`ContrastiveLoss` is the loss over them. The VEIN decoders live only in the training
-module: the exported model (a normal checkpoint directory, LoRA merged) holds no trace of
-them.
+recipe. :class:`ContrastiveModule` outputs the embeddings (and VEIN's sum over masked
+tokens), :class:`ContrastiveLoss` is the loss over them. The VEIN decoders live only in the
+training module: the exported model (a normal checkpoint directory, LoRA merged) holds no
+trace of them.
+
+VEIN's diagnostic (method.md §3.4): every step ``rec_loss_shuffled`` (L_rec with ``e``
+shuffled across the batch, no gradient) next to ``rec_loss``; every ``run.log_every``
+steps ``vein_grad_norm`` / ``task_grad_norm``, the norms of the gradients ``λ L_rec`` and
+``L_task`` alone send into the trained backbone weights (plain steps; GradCache never holds
+the whole graph). When the two losses are equal the log and ``train_metrics.json`` say
+that VEIN teaches the model nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from fam.config import AdaptConfig
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.data.types import MMItem
 from fam.losses.contrastive import info_nce
+from fam.losses.vein import default_vein_layers, global_sums, vein_verdict
 from fam.model import EmbeddingModel, merge_lora, save_lora, select_tokens
 from fam.train.embedder import prepare_embedder
 from fam.train.gradcache import chunk_bounds, split_encoded
@@ -146,20 +154,29 @@ class ContrastiveModule(nn.Module):
     """Embedding model + optional VEIN head; ``forward`` → named outputs.
 
     Outputs: ``q``, ``t`` (B, d) query and target embeddings; ``n`` (n_neg, d) the hard
-    negatives' (rows ``batch.neg_rows``); with VEIN, ``rec_sum`` (the sum of the per-sample
-    reconstruction losses over the batch's eligible samples, both sides) and ``rec_n`` (their
-    count) — a sum, so GradCache can add it up over chunks (:mod:`fam.train.gradcache`);
-    under DDP/FSDP with hard negatives on and none in this batch, ``placeholder`` (below).
+    negatives' (rows ``batch.neg_rows``); with VEIN, ``rec_sum`` (the sum of the
+    reconstruction terms over the masked image tokens of the batch's eligible samples, both
+    sides) and ``rec_n`` (their count) — a sum, so GradCache can add it up over chunks
+    (:mod:`fam.train.gradcache`) — and with the diagnostic ``rec_shuffled_sum`` (the same
+    sum with ``e`` shuffled across the batch, detached); under DDP/FSDP with hard negatives
+    on and none in this batch, ``placeholder`` (below).
 
     Args:
         embedder: the embedding model.
         vein: a :class:`fam.losses.vein.VeinHead` or None.
+        vein_diagnose: also output ``rec_shuffled_sum``.
     """
 
-    def __init__(self, embedder: EmbeddingModel, vein: nn.Module | None = None):
+    def __init__(self, embedder: EmbeddingModel, vein: nn.Module | None = None,
+                 vein_diagnose: bool = False):
         super().__init__()
         self.embedder = embedder
         self.vein = vein
+        self.vein_diagnose = vein_diagnose and vein is not None
+
+    def grad_norm_params(self) -> list[nn.Parameter]:
+        """The backbone's trained weights: where the diagnostic measures gradient norms."""
+        return [p for p in self.embedder.parameters() if p.requires_grad]
 
     def _vein_layers(self) -> list[int]:
         return list(self.vein.layers) if self.vein is not None else []
@@ -173,7 +190,7 @@ class ContrastiveModule(nn.Module):
             hidden[l], valid = select_tokens(out.hidden_states[l], out.image_mask)
         emb = {l: out.eos_state(l) for l in layers}
         sample = eligible & out.has_image & (valid.sum(1) >= 2)
-        return self.vein(hidden, emb, valid, sample)
+        return self.vein(hidden, emb, valid, sample, shuffle_check=self.vein_diagnose)
 
     def forward(self, batch: PairBatch, step: int = 0) -> dict[str, Any]:
         layers = self._vein_layers()
@@ -190,9 +207,10 @@ class ContrastiveModule(nn.Module):
         if self.vein is not None:
             rq = self._vein_loss(q, batch.vein_query)
             rt = self._vein_loss(t, batch.vein_target)
-            nq, nt = int(rq["n_samples"]), int(rt["n_samples"])
-            # Sum over eligible samples (each side's loss is a mean over its samples).
-            out["rec_sum"], out["rec_n"] = rq["loss"] * nq + rt["loss"] * nt, nq + nt
+            # Sum over the masked tokens of both sides and their count: L_rec is their mean.
+            out["rec_sum"], out["rec_n"] = rq["sum"] + rt["sum"], rq["count"] + rt["count"]
+            if self.vein_diagnose:
+                out["rec_shuffled_sum"] = rq["sum_shuffled"] + rt["sum_shuffled"]
         return out
 
 
@@ -200,19 +218,31 @@ class ContrastiveModule(nn.Module):
 class ContrastiveLoss:
     """``L_adapt = L_task + λ L_rec`` (method.md §1, §3) over :class:`ContrastiveModule`'s outputs.
 
+    ``L_rec`` is the mean over the masked tokens of the **global** batch: under DDP one
+    all-reduce gives the global count ``N`` and sums, and each rank back-propagates
+    ``λ · W · rec_sum / N`` (DDP averages the ranks' gradients;
+    :func:`fam.losses.vein.global_mean`), so any number of ranks equals one process on the
+    concatenated batch.
+
     Args:
         temperature: τ of InfoNCE.
         vein_weight: λ.
         mask_duplicates: identical targets/negatives of other rows are not negatives
             (see :func:`fam.losses.contrastive.info_nce`'s ``target_ids``).
+        vein_memory: the VEIN variant (for the diagnostic's advice).
+        grad_norm_every: every this many steps also return ``grad_terms`` (``task`` and
+            ``vein``, with graph) for the trainer to measure the gradient each sends into
+            the backbone (0: never).
     """
 
     temperature: float = 0.02
     vein_weight: float = 1.0
     mask_duplicates: bool = True
+    vein_memory: str = "unmasked"
+    grad_norm_every: int = 0
 
-    def __call__(self, q, t, n, rec_sum=None, rec_n: int = 0, placeholder=None, *,
-                 batch: PairBatch, step: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(self, q, t, n, rec_sum=None, rec_n: int = 0, rec_shuffled_sum=None,
+                 placeholder=None, *, batch: PairBatch, step: int = 0) -> dict[str, Any]:
         negs = mask = None
         if batch.neg_rows.numel() or batch.hard_negatives:
             # Row i's negative in slot i; rows without one are masked out (-inf scores).
@@ -228,12 +258,28 @@ class ContrastiveLoss:
         loss = task["loss"]
         if placeholder is not None:  # FSDP placeholder forward: in the graph, weight 0
             loss = loss + 0.0 * placeholder.sum()
-        terms = {"loss": loss, "task_loss": task["loss"].detach(), "accuracy": task["accuracy"]}
+        terms: dict[str, Any] = {"loss": loss, "task_loss": task["loss"].detach(),
+                                 "accuracy": task["accuracy"]}
         if rec_sum is not None:
-            # L_rec = Σ_samples rec / N (a per-sample mean, method.md §3), times λ.
-            terms["loss"] = terms["loss"] + (self.vein_weight / max(rec_n, 1)) * rec_sum
-            terms["rec_loss"] = (rec_sum / max(rec_n, 1)).detach()
+            # λ L_rec = λ Σ_tokens rec / N over the global batch (method.md §3); W / N per
+            # rank because DDP averages the ranks' gradients. One all-reduce per step.
+            sums = {"rec_loss": rec_sum.detach()}
+            if rec_shuffled_sum is not None:
+                sums["rec_loss_shuffled"] = rec_shuffled_sum.detach()
+            total, sums = global_sums(int(rec_n), sums)
+            rec = (self.vein_weight * dist_utils.world_size() / max(total, 1)) * rec_sum
+            if self.grad_norm_every and (step + 1) % self.grad_norm_every == 0:
+                terms["grad_terms"] = {"task": loss, "vein": rec}
+            terms["loss"] = loss + rec
+            for k, v in sums.items():
+                terms[k] = torch.tensor(v / max(total, 1), dtype=torch.float64)
         return terms
+
+    def log_notes(self, metrics: dict[str, float]) -> list[str]:
+        """Warnings about logged metrics: whether VEIN's loss depends on ``e`` at all."""
+        note = vein_verdict(metrics.get("rec_loss"), metrics.get("rec_loss_shuffled"),
+                            memory=self.vein_memory)
+        return [note] if note else []
 
 
 def vein_meta_tasks(pairs: Sequence[TrainPair], data_dir: str | Path) -> dict[str, str]:
@@ -273,11 +319,17 @@ class AdaptRecipe(Recipe):
         vein = None
         if cfg.vein.enabled:
             v = cfg.vein
+            layers = list(v.layers) if v.layers is not None else default_vein_layers(
+                sum(p.numel() for p in emb.adapter.model.parameters()), emb.num_layers)
+            log.info("VEIN on layers %s (memory=%s, γ=%g, λ=%g, target %s)", layers, v.memory,
+                     v.mask_ratio, v.weight, "V + PE" if v.target_pos else "V")
             # The head resolves the layers (fam.utils.layers) against hidden_states' length.
-            vein = VeinHead(emb.adapter.hidden_size, v.layers, num_layers=emb.num_layers + 1,
+            vein = VeinHead(emb.adapter.hidden_size, layers, num_layers=emb.num_layers + 1,
                             gamma=v.mask_ratio, num_heads=v.num_heads,
-                            detach_target=v.detach_target)
-        return ContrastiveModule(emb, vein)
+                            detach_target=v.detach_target, dropout=v.dropout,
+                            memory=v.memory, target_pos=v.target_pos, mask_init=v.mask_init,
+                            visible_ratio=v.visible_ratio)
+        return ContrastiveModule(emb, vein, vein_diagnose=cfg.vein.diagnose)
 
     def build(self) -> StageParts:
         cfg = self.cfg
@@ -287,7 +339,10 @@ class AdaptRecipe(Recipe):
         meta = vein_meta_tasks(pairs, cfg.train_dir) if cfg.vein.enabled else {}
         collate = PairCollator(module.embedder.adapter, cfg.hard_negatives, meta,
                                dict(cfg.vein.eligible_override))
-        loss = ContrastiveLoss(cfg.temperature, cfg.vein.weight, cfg.mask_duplicates)
+        v = cfg.vein
+        loss = ContrastiveLoss(cfg.temperature, v.weight, cfg.mask_duplicates, v.memory,
+                               grad_norm_every=cfg.run.log_every if v.enabled and v.diagnose
+                               else 0)
         return StageParts(module, loss, pairs, collate, gradcache_chunk=cfg.gradcache_chunk)
 
     def export(self, module: ContrastiveModule, final: Path, result: TrainResult) -> None:

@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from numbers import Number
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ from fam.backbones.base import EncodedBatch
 log = logging.getLogger(__name__)
 
 __all__ = ["train_step", "gradcache_step", "combine", "split_encoded", "chunk_bounds",
-           "RngState", "Loss"]
+           "RngState", "Loss", "grad_norms"]
 
 #: ``loss(**outputs, batch=..., step=...) -> {"loss": scalar, **named terms}``
 Loss = Callable[..., dict[str, torch.Tensor]]
@@ -145,6 +146,34 @@ def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def grad_norms(terms: Mapping[str, torch.Tensor], params: Iterable[torch.Tensor]
+               ) -> dict[str, float]:
+    """The L2 norm of the gradient each loss term alone sends into ``params``.
+
+    Used to compare what VEIN and the task loss teach the backbone (e.g. ``{"task": L_task,
+    "rec": λ·L_rec}`` over the LoRA weights). Keeps the graph (``retain_graph``) so the
+    caller's backward still runs; costs one extra backward per term, so call it at logging
+    steps only. Under DDP the norms are this rank's (no all-reduce).
+
+    Args:
+        terms: name → scalar loss with graph.
+        params: the parameters (those without ``requires_grad`` are skipped).
+
+    Returns:
+        name → gradient norm (0.0 when the term does not reach the parameters).
+    """
+    ps = [p for p in params if p.requires_grad]
+    out = {}
+    for name, t in terms.items():
+        if not ps or not torch.is_tensor(t) or t.grad_fn is None:
+            out[name] = 0.0
+            continue
+        gs = torch.autograd.grad(t, ps, retain_graph=True, allow_unused=True)
+        sq = sum(float(g.detach().double().pow(2).sum()) for g in gs if g is not None)
+        out[name] = math.sqrt(sq)
+    return out
+
+
 def _device_of(module: nn.Module) -> torch.device:
     try:
         return next(module.parameters()).device
@@ -164,7 +193,10 @@ def train_step(module: nn.Module, loss: Loss | None, batch: Any, step: int,
     Args:
         module: the stage's module (unwrapped).
         loss: the stage's loss over the module's named outputs; ``None`` when the module
-            returns the loss terms itself.
+            returns the loss terms itself. A loss may add ``"grad_terms": {name: scalar with
+            graph}``: the plain step then also reports ``<name>_grad_norm``, the norm of the
+            gradient each sends into the module's ``grad_norm_params()`` (GradCache and
+            FSDP-sharded parameters: not reported).
         batch: what the collator returned, on the device.
         step: the optimizer step (passed to the module and the loss).
         gradcache_chunk: rows per GradCache chunk; 0 = the plain step.
@@ -187,6 +219,16 @@ def train_step(module: nn.Module, loss: Loss | None, batch: Any, step: int,
     fwd = ddp_module if ddp_module is not None else module
     out = fwd(batch, step)
     terms = out if loss is None else loss(**out, batch=batch, step=step)
+    probe = terms.pop("grad_terms", None)
+    params = (module.grad_norm_params() if hasattr(module, "grad_norm_params") else
+              [p for p in module.parameters() if p.requires_grad]) if probe else []
+    # (Not under FSDP: its backward hooks would fire inside autograd.grad and reduce the
+    # probe's gradients into the sharded .grad.)
+    if probe and not any(hasattr(p, "device_mesh") for p in params):
+        # A diagnostic the loss asks for (e.g. VEIN's): the gradient norm each named part
+        # of the loss alone sends into the module's ``grad_norm_params()`` (or all of them).
+        for name, value in grad_norms(probe, params).items():
+            terms[f"{name}_grad_norm"] = torch.tensor(value)
     (terms["loss"] / micro_batches).backward()
     return _detached(terms)
 
@@ -217,6 +259,8 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
     leaves = [{k: (v.detach().requires_grad_(True) if torch.is_tensor(v) and
                    v.is_floating_point() else v) for k, v in o.items()} for o in outs]
     terms = loss(**combine(leaves), batch=batch, step=step)
+    # Gradient-norm diagnostics need the whole graph, which GradCache never holds.
+    terms.pop("grad_terms", None)
     flat = [(ci, k, v) for ci, o in enumerate(leaves) for k, v in o.items()
             if torch.is_tensor(v) and v.requires_grad]
     grads = torch.autograd.grad(terms["loss"], [v for _, _, v in flat], allow_unused=True)

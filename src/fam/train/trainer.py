@@ -67,7 +67,9 @@ class Trainer:
         to_device: moves a collated batch to the device.
         config_dump: the stage's config, stored in each checkpoint's state.json.
         loss: the stage's loss over the module's outputs; ``None`` when the module returns
-            the loss terms (``{"loss": ..., **terms}``) itself.
+            the loss terms (``{"loss": ..., **terms}``) itself. A loss with a
+            ``log_notes(metrics) -> [sentence]`` method has its warnings logged (once per
+            kind) and written to ``train_metrics.json``'s ``notes``.
         gradcache_chunk: GradCache chunk size in rows (0: plain steps).
     """
 
@@ -276,7 +278,8 @@ class Trainer:
             return TrainResult(self.step, {}, 0.0, self.out_dir)
         wrapped = self._wrapped()
         loader = self._loader()
-        logger = _MetricLog(self.name, self.out_dir, opt.steps, self.step, run.progress)
+        logger = _MetricLog(self.name, self.out_dir, opt.steps, self.step, run.progress,
+                            getattr(self.loss, "log_notes", None))
         self.module.train()
         try:
             for chunks in loader:
@@ -290,9 +293,14 @@ class Trainer:
         self.save_checkpoint()
         seconds = time.time() - t0
         if dist_utils.rank() == 0:
-            atomic_write_json(self.out_dir / "train_metrics.json",
-                              {"stage": self.name, "steps": self.step, "seconds": seconds,
-                               "final": logger.last})
+            summary = {"stage": self.name, "steps": self.step, "seconds": seconds,
+                       "final": logger.last}
+            notes = logger.summary_notes()
+            if notes:
+                summary["notes"] = notes
+                for note in notes:
+                    log.warning("%s summary: %s", self.name, note)
+            atomic_write_json(self.out_dir / "train_metrics.json", summary)
         return TrainResult(self.step, logger.last, seconds, self.out_dir)
 
     def _grad_norm(self, clip: float) -> float:
@@ -318,11 +326,14 @@ class Trainer:
 class _MetricLog:
     """Averages the step terms between log lines; tensorboard (rank 0), tqdm, log lines."""
 
-    def __init__(self, name: str, out_dir: Path, total: int, start: int, progress: bool):
+    def __init__(self, name: str, out_dir: Path, total: int, start: int, progress: bool,
+                 notes: Callable[[dict[str, float]], list[str]] | None = None):
         self.name, self.total = name, total
         self.last: dict[str, float] = {}
         self.agg: dict[str, float] = {}
-        self.n = 0
+        self.n: dict[str, int] = {}  # per term: some are only measured at some steps
+        self.notes = notes
+        self.said: set[str] = set()
         main = dist_utils.rank() == 0
         self.writer = None
         if main:
@@ -339,21 +350,30 @@ class _MetricLog:
     def add(self, terms: dict[str, float]) -> None:
         for k, v in terms.items():
             self.agg[k] = self.agg.get(k, 0.0) + v
-        self.n += 1
+            self.n[k] = self.n.get(k, 0) + 1
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{terms['loss']:.4f}")
 
     def flush(self, step: int, lr: float) -> None:
-        self.last = dist_utils.mean_over_ranks({k: v / self.n for k, v in self.agg.items()})
+        self.last = dist_utils.mean_over_ranks({k: v / self.n[k] for k, v in self.agg.items()})
         self.last["lr"] = lr
-        self.agg, self.n = {}, 0
+        self.agg, self.n = {}, {}
         if self.writer is not None:
             for k, v in self.last.items():
                 self.writer.add_scalar(f"{self.name}/{k}", v, step)
         if dist_utils.rank() == 0:
             log.info("%s step %d/%d %s", self.name, step, self.total,
                      " ".join(f"{k}={v:.4g}" for k, v in self.last.items()))
+            for note in self.summary_notes():
+                kind = note.split(":")[0]  # each kind once here, again in the summary
+                if kind not in self.said:
+                    self.said.add(kind)
+                    log.warning("%s step %d: %s", self.name, step, note)
+
+    def summary_notes(self) -> list[str]:
+        """The stage's warnings about the last logged metrics (e.g. VEIN's verdict)."""
+        return self.notes(self.last) if self.notes is not None and self.last else []
 
     def close(self) -> None:
         if self.bar is not None:
