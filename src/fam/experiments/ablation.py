@@ -335,8 +335,7 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
 
     before = torch.get_num_threads()
     try:
-        plan, out = start_experiment(plan or plan_for_size(size), out, "ablate",
-                                     threads=threads)
+        plan, out = start_experiment(plan or plan_for_size(size), out, "ablate", threads=threads)
         groups = list(groups or DEFAULT_GROUPS)
         t_start = time.time()
         if report_only:
@@ -462,8 +461,7 @@ def _worker_main(out: str, seeds: list[int], groups: list[str], plan: DemoConfig
     """Entry point of a worker process (spawned: a fresh interpreter, no inherited torch)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s "
                                              "%(name)s: %(message)s", datefmt="%H:%M:%S")
-    use_threads(plan.threads)  # the threads of the plan in this process (its settings were
-    # checked and recorded by the parent)
+    use_threads(plan.threads)  # settings were checked and recorded by the parent
     _work(Path(out), seeds, groups, plan, configs, progress, probes)
 
 
