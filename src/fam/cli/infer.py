@@ -181,6 +181,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(f"eval_results-{src.replace('/', '--')}.json")  # a hub id: in this folder
     out = output_file(args.out or default, "--out")  # before the work, not after it
     model = _load_model(args)
+    from fam.eval.mmeb_v2 import is_v2_benchmark
+    if is_v2_benchmark(args.data):
+        return _eval_v2(args, model, out)
     res = evaluate(model, args.data, args.image_root, datasets=args.datasets or None,
                    batch_size=args.batch_size, max_rows=args.max_rows,
                    progress=not args.no_progress, ties=args.ties, split=args.split)
@@ -190,6 +193,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table([(Path(args.model).name, res)], per_dataset=True))
     print(f"ties={args.ties}: {TIE_RULES[args.ties]}")
     print(f"results written to {out} (and {{Dataset}}_score.json beside it)")
+    return 0
+
+
+def _eval_v2(args: argparse.Namespace, model: Any, out: Path) -> int:
+    """``fam eval`` on an MMEB-V2 folder (video rows, clip folders, BEIR visual documents)."""
+    from fam.eval.mmeb import save_results
+    from fam.eval.mmeb_v2 import evaluate_v2, format_v2_table, save_v2_score_files
+    res = evaluate_v2(model, args.data, args.image_root, datasets=args.datasets or None,
+                      batch_size=args.batch_size, max_rows=args.max_rows,
+                      progress=not args.no_progress)
+    res["settings"].update(model=str(args.model), adapter=args.adapter)
+    save_results(res, out)
+    save_v2_score_files(res, out.parent)
+    print(format_v2_table(res))
+    print(f"results written to {out} (and {{Dataset}}_score.json beside it, VLM2Vec's keys)")
     return 0
 
 
