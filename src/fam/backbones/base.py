@@ -42,13 +42,13 @@ Every image passes :meth:`BackboneAdapter.prepare_image` first (optional pre-res
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
 
+from fam.backbones.batch import EncodedBatch
 from fam.backbones.checks import check_tokenizer
 from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
@@ -60,40 +60,6 @@ from fam.data.types import MMItem
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class EncodedBatch:
-    """A tokenised, padded batch ready for the backbone.
-
-    Attributes:
-        inputs: keyword arguments for the model's forward (``input_ids`` (B, L),
-            ``attention_mask`` (B, L), and the family's pixel inputs).
-        image_mask: (B, L) bool, image-token positions.
-        text_mask: (B, L) bool, text-content positions.
-        eos_index: (B,) long, position of the last real token (the pooled token).
-        has_image: (B,) bool, whether the item carries an image.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    image_mask: torch.Tensor
-    text_mask: torch.Tensor
-    eos_index: torch.Tensor
-    has_image: torch.Tensor
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EncodedBatch":
-        """Move every tensor to ``device``; floating pixel inputs also to ``dtype`` if given."""
-        def mv(t: torch.Tensor) -> torch.Tensor:
-            if dtype is not None and t.is_floating_point():
-                return t.to(device=device, dtype=dtype)
-            return t.to(device)
-        return EncodedBatch({k: mv(v) for k, v in self.inputs.items()}, self.image_mask.to(device),
-                            self.text_mask.to(device), self.eos_index.to(device),
-                            self.has_image.to(device))
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.eos_index.shape[0])
-
 
 class BackboneAdapter(PromptLayout, torch.nn.Module):
     """Base class of the per-family adapters.
@@ -459,9 +425,9 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
             eos[b] = start + n - 1
         inputs = {"input_ids": input_ids, "attention_mask": attn, **pix}
         inputs.update(self.extra_inputs(input_ids, img_mask, attn))
-        has_image = torch.tensor([len(ims) > 0 or slot is not None
-                                  for ims, slot in zip(per_item, slots)], dtype=torch.bool)
-        return EncodedBatch(inputs, img_mask, txt_mask, eos, has_image)
+        counts_t = torch.tensor([[len(ims), int(slot is not None)]
+                                 for ims, slot in zip(per_item, slots)], dtype=torch.long)
+        return EncodedBatch(inputs, img_mask, txt_mask, eos, counts_t.sum(1) > 0, counts_t)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: EncodedBatch, *, output_hidden_states: bool = True,

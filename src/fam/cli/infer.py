@@ -221,8 +221,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from fam.utils.io import atomic_path, output_file
     out = output_file(args.out, "--out")
     items = read_items(args.input, args.image_root or Path(args.input).parent)
-    check_images(ImageRef(it.image, it.source, it.line, it.field) for it in items
-                 if it.image is not None)
+    check_images(ImageRef(p, it.source, it.line, it.field) for it in items
+                 for p in it.all_images + list(it.video))
     model = _load_model(args)
     emb = model.encode(items, batch_size=args.batch_size, progress=True)
     bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten().tolist()

@@ -33,8 +33,9 @@ class _ItemFactory:
         self._sources: dict[Path, str] = {}
 
     def __call__(self, text: str, rel: str, source: Path, line: int, text_field: str,
-                 image_field: str) -> MMItem:
-        key = (text, rel)
+                 image_field: str, images: tuple[Path, ...] = (),
+                 video: tuple[Path, ...] = ()) -> MMItem:
+        key = (text, rel, images, video)
         item = self._items.get(key)
         if item is not None:
             return item
@@ -45,15 +46,15 @@ class _ItemFactory:
                 image = resolve_under(self.image_root, rel, source=source, line=line,
                                       field=image_field)
                 self._paths[rel] = image
-        elif IMAGE_PLACEHOLDER in text:
+        elif IMAGE_PLACEHOLDER in text and not images:
             raise DataError(f"the text contains {IMAGE_PLACEHOLDER} but '{image_field}' is "
                             "empty; give the image path or remove the placeholder",
                             source, line, text_field)
-        if not text and image is None:
+        if not text and image is None and not images and not video:
             raise DataError(f"empty item: both '{text_field}' and '{image_field}' are empty",
                             source, line, text_field)
         src = self._sources.setdefault(source, str(source))  # one string per file, shared
-        item = MMItem(text=text, image=image, source=src, line=line,
+        item = MMItem(text=text, image=image, images=images, video=video, source=src, line=line,
                       field=image_field if image is not None else text_field)
         self._items[key] = item
         return item
@@ -83,6 +84,39 @@ def _image_path(value: Any, source: Path, line: int, key: str) -> str:
     return value
 
 
+#: The keys of several images and of a video, per side of a row (the only place rows name them).
+VISUAL_KEYS: dict[str, tuple[str | None, str]] = {
+    "query": (None, "qry_video"), "pos": (None, "pos_video"), "neg": (None, "neg_video"),
+    "item": ("images", "video")}
+
+
+def _visuals(row: dict, side: str, root: Path, source: Path, line: int
+             ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """``(images, video frames)`` of one side of a row: ``images`` a list of paths, ``video``
+    a frame folder or a list of frame paths, all relative to ``root``."""
+    from fam.data.video import frame_paths
+    ikey, vkey = VISUAL_KEYS[side]
+
+    def paths(key: str) -> list[Path]:
+        value = row[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise DataError("expected a list of relative paths", source, line, key)
+        return [resolve_under(root, v, source=source, line=line, field=key) for v in value]
+
+    images = tuple(paths(ikey)) if ikey and row.get(ikey) is not None else ()
+    video: tuple[Path, ...] = ()
+    value = row.get(vkey)
+    if isinstance(value, str) and value:
+        folder = resolve_under(root, value, source=source, line=line, field=vkey)
+        video = tuple(frame_paths(folder, source=str(source), line=line, field=vkey))
+    elif value:
+        video = tuple(paths(vkey))
+    if images and video:
+        raise DataError(f"an item takes several images or a video, not both ('{ikey}', "
+                        f"'{vkey}')", source, line, vkey)
+    return images, video
+
+
 def _parse_train_row(row: dict, source: Path, line: int, dataset: str,
                      make: _ItemFactory) -> TrainPair:
     for key in TRAIN_REQUIRED:
@@ -93,10 +127,11 @@ def _parse_train_row(row: dict, source: Path, line: int, dataset: str,
         optional = side == "neg"
         text = _text(row, tkey, source, line, required=not optional)
         rel = _image_path(row.get(ikey), source, line, ikey)
-        if optional and not text and not rel:
+        _, video = _visuals(row, side, make.image_root, source, line)
+        if optional and not text and not rel and not video:
             sides[side] = None
             continue
-        sides[side] = make(text, rel, source, line, tkey, ikey)
+        sides[side] = make(text, rel, source, line, tkey, ikey, video=video)
     assert sides["query"] is not None and sides["pos"] is not None
     return TrainPair(query=sides["query"], pos=sides["pos"], neg=sides["neg"],
                      dataset=dataset, source=str(source), line=line)
@@ -244,7 +279,8 @@ def load_eval(dir_or_file: str | Path, image_root: str | Path,
 
 
 def read_items(path: str | Path, image_root: str | Path) -> list[MMItem]:
-    """Validated items of an inference JSONL: one ``{"text", "image"}`` object per line.
+    """Validated items of an inference JSONL: one ``{"text", "image"}`` object per line
+    (also ``images``: a list of paths, or ``video``: a frame folder or a list of frames).
 
     ``text`` (a string, may hold the image placeholder) and ``image`` (a path relative to
     ``image_root``) are both optional, but an item needs at least one of them, and a
@@ -259,12 +295,13 @@ def read_items(path: str | Path, image_root: str | Path) -> list[MMItem]:
     make = _ItemFactory(Path(image_root))
     items = []
     for line, row in read_jsonl(path):
-        if "text" not in row and "image" not in row:
-            raise DataError(f"an item needs 'text' and/or 'image' (found keys {sorted(row)})",
-                            path, line, "text")
+        if not any(k in row for k in ("text", "image", "images", "video")):
+            raise DataError("an item needs 'text', 'image', 'images' and/or 'video' (found "
+                            f"keys {sorted(row)})", path, line, "text")
         text = _text(row, "text", path, line, required=False)
         rel = _image_path(row.get("image"), path, line, "image")
-        items.append(make(text, rel, path, line, "text", "image"))
+        images, video = _visuals(row, "item", make.image_root, path, line)
+        items.append(make(text, rel, path, line, "text", "image", images, video))
     if not items:
         raise DataError("no items: expected one JSON object {\"text\", \"image\"} per line",
                         path)
