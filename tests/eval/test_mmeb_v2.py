@@ -166,3 +166,23 @@ def test_bad_qrels_get_one_clear_error(bench, tiny_dirs, tmp_path, caplog):
     err = caplog.text
     assert code == 2 and "qrels.parquet" in err and "corpus-id" in err and "77" in err
     assert "Traceback" not in err
+
+
+def test_vlm2vec_format_reproduces_v2_prompts(bench, tiny_dirs):
+    """The loaders' items under prompt_format="vlm2vec" tokenise as VLM2Vec-V2 writes them:
+    "<|image_pad|>"*N + " " + instruction for a page, the same with <|video_pad|> for a
+    video, the instruction and the query for a text query."""
+    a = load_backbone(tiny_dirs["qwen2_vl"], prompt_format="vlm2vec")
+    found = discover_v2(bench)
+    doc = read_task("ViDoRe_arxivqa", *found["ViDoRe_arxivqa"], bench)
+    ret = read_task("MSR-VTT", *found["MSR-VTT"], bench)
+    tok = a.tokenizer
+    for item, pad in ((doc.corpus["0"], "<|image_pad|>"), (ret.corpus["v0"], "<|video_pad|>")):
+        b = a.encode([item])
+        n = int(b.image_mask.sum())
+        inst = ("Understand the content of the provided document image." if pad.startswith(
+            "<|image") else "Understand the content of the provided video.")
+        assert b.inputs["input_ids"][0].tolist() == tok(pad * n + " " + inst)["input_ids"]
+    q = doc.queries[0].item
+    assert a.encode([q]).inputs["input_ids"][0].tolist() == tok(
+        "Find a document image that matches the given query: question 0")["input_ids"]
