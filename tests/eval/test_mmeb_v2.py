@@ -152,6 +152,10 @@ def test_fam_eval_end_to_end(bench, tiny_dirs, tmp_path, capsys):
     assert score["ndcg_linear@5"] == pytest.approx(
         ndcg_score(grades, (qe @ pe.T).numpy(), k=5), abs=1e-6)
     assert "visdoc" in capsys.readouterr().out
+    # --compare reads V2 results: the nine groups and the modalities, with differences
+    assert main(["eval", "--compare", str(out), str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "video/moment_retrieval" in table and "+0.0" in table and "visdoc" in table
 
 
 def test_bad_qrels_get_one_clear_error(bench, tiny_dirs, tmp_path, caplog):

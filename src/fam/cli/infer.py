@@ -155,6 +155,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     names = [_run_label(a), _run_label(b)]
     if names[0] == names[1]:
         names = [f"A:{names[0]}", f"B:{names[1]}"]
+    if all("groups" in r for r in runs):  # MMEB-V2 results (fam.eval.mmeb_v2)
+        from fam.eval.mmeb_v2 import format_v2_table
+        print(format_v2_table(list(zip(names, runs)), digits=args.digits))
+        return 0
     print(format_table(list(zip(names, runs)), per_dataset=True, digits=args.digits))
     rules = {r.get("ties") for r in runs}
     if len(rules) == 1 and (rule := rules.pop()) in TIE_RULES:

@@ -260,11 +260,32 @@ def save_v2_score_files(results: dict[str, Any], out_dir: str | Path) -> list[Pa
             for name, d in results.get("datasets", {}).items()]
 
 
-def format_v2_table(results: dict[str, Any], digits: int = 1) -> str:
-    """A text table: every dataset's score, the nine groups, the modalities and overall."""
-    rows = [(f"  {n} ({d['metric']})", d["score"]) for n, d in results["datasets"].items()]
-    rows += [(g, v) for g, v in results["groups"].items()]
-    rows += [(m, results[m]) for m in (*V2_GROUPS, "overall")]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{label.ljust(width)}  {'-' if v is None else f'{v:.{digits}f}'}"
-                     for label, v in rows)
+def format_v2_table(results: Any, digits: int = 1) -> str:
+    """A text table: every dataset's score, the nine groups, the modalities and overall.
+
+    ``results``: one results dict, or a list of ``(name, results)`` (one column each, and
+    their difference, second minus first, for two).
+    """
+    runs = [("score", results)] if isinstance(results, dict) else list(results)
+    names = list(dict.fromkeys(n for _, r in runs for n in r["datasets"]))
+    metric = {n: r["datasets"][n]["metric"] for _, r in runs for n in r["datasets"]}
+    rows: list[tuple[str, list[float | None]]] = [
+        (f"  {n} ({metric[n]})", [r["datasets"].get(n, {}).get("score") for _, r in runs])
+        for n in names]
+    rows += [(g, [r["groups"].get(g) for _, r in runs]) for g in runs[0][1]["groups"]]
+    rows += [(m, [r.get(m) for _, r in runs]) for m in (*V2_GROUPS, "overall")]
+
+    def fmt(v: float | None, signed: bool = False) -> str:
+        return "-" if v is None else f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+    header = [""] + [n for n, _ in runs] + (["diff"] if len(runs) == 2 else [])
+    body = []
+    for label, vals in rows:
+        cells = [label] + [fmt(v) for v in vals]
+        if len(runs) == 2:
+            cells.append(fmt(None if None in vals else vals[1] - vals[0], signed=True))
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in
+                                                        zip(r[1:], widths[1:])]).rstrip()
+                     for r in [header] + body)
