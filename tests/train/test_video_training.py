@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -73,3 +74,31 @@ def test_train_adapt_on_video_rows(tiny_dirs, tmp_path):
     assert main(["train", "adapt", f"model={tiny_dirs['qwen2_vl']}",
                  f"train_dir={data / 'train'}", f"image_root={data}", "optim.steps=1",
                  f"run.out_dir={tmp_path / 'bad'}"]) == 2
+
+
+def test_train_align_on_video_captions(tiny_dirs, tmp_path):
+    """MAC on (video, caption) pairs: the video's tokens are the fine-grained tokens."""
+    from fam.data.captions import load_captions
+    from fam.errors import DataError
+    from fam.train.align import AlignCollator
+    data = tmp_path / "data"
+    recs = []
+    for v in range(4):
+        _video(data / "frames" / f"v{v}", v + 1)
+        recs.append({"video": f"frames/v{v}", "caption": f"a clip number {v}"})
+    recs.append({"image": "frames/v0/f0.png", "caption": "one still frame"})
+    (data / "caps.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError, match="only fam train align"):
+        load_captions(data / "caps.json", data)
+    samples = load_captions(data / "caps.json", data, allow_video=True)
+    assert len(samples[0].video) == 5 and samples[0].image is None and samples[4].image
+    a = load_backbone(tiny_dirs["qwen2_vl"])
+    batch = AlignCollator(a, "Represent the given image.", "")(samples)
+    assert batch.images.visual_counts.tolist() == [[0, 1]] * 4 + [[1, 0]]
+    assert int((batch.images.inputs["input_ids"] == a.video_token_id).sum()) == \
+        int(batch.images.image_mask[:4].sum())
+    assert main(["train", "align", f"model={tiny_dirs['qwen2_vl']}",
+                 f"captions={data / 'caps.json'}", f"image_root={data}", "optim.steps=2",
+                 "optim.batch_size=4", "gradcache_chunk=2", "run.progress=false",
+                 f"run.out_dir={tmp_path / 'al'}"]) == 0
+    assert json.loads((tmp_path / "al" / "train_metrics.json").read_text())["steps"] == 2

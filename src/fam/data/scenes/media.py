@@ -14,6 +14,8 @@ Layout under ``out`` (a contract; the loaders of :mod:`fam.data.mmeb.v2` and
   ``SceneVideoRet/`` (BEIR, caption → video over the pool, every clip with the same
   caption relevant), ``SceneDocRet[-OOD]/`` (BEIR parquet, graded qrels) and
   ``datasets.json`` (``{name: {modality, meta_task, split}}``);
+* ``captions_media.json``: ``[{video, caption}]`` of the training clips (``fam train align``:
+  MAC with a video's tokens as its fine-grained tokens);
 * ``media.json``: the summary, written last.
 
 Deterministic in ``cfg.seed``: each part draws from ``default_rng([seed, 0x5EED, stream])``.
@@ -93,6 +95,8 @@ def _video_train(cfg: ScenesMediaConfig, out: Path) -> dict[str, list[dict]]:
         ret.append({"qry": f"{VIDEO_QRY} {caption(c)}", "qry_image_path": "",
                     "pos_text": f"{VIDEO_PLACEHOLDER} {VIDEO_TGT}", "pos_image_path": "",
                     "pos_video": rel + c.id})
+    atomic_write_json(out / "captions_media.json",
+                      [{"video": rel + c.id, "caption": caption(c)} for c in clips])
     return {"SceneVideoCls": cls, "SceneVideoRet": ret}
 
 
@@ -205,6 +209,7 @@ def generate_media(cfg: ScenesMediaConfig, out_dir: str | Path) -> dict[str, Any
     for sub in ("media", "train_media", "eval_media"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "media.json").unlink(missing_ok=True)
+    (out / "captions_media.json").unlink(missing_ok=True)
     ev = out / "eval_media"
     train = _video_train(cfg, out)
     tdocs = _docs(cfg, cfg.n_train_docs, 5, "td", "plain")
