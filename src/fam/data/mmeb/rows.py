@@ -296,7 +296,7 @@ def read_items(path: str | Path, image_root: str | Path) -> list[MMItem]:
     items = []
     for line, row in read_jsonl(path):
         if not any(k in row for k in ("text", "image", "images", "video")):
-            raise DataError("an item needs 'text', 'image', 'images' and/or 'video' (found "
+            raise DataError("an item needs 'text' and/or 'image' (or 'images', 'video'; found "
                             f"keys {sorted(row)})", path, line, "text")
         text = _text(row, "text", path, line, required=False)
         rel = _image_path(row.get("image"), path, line, "image")
