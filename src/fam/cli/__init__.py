@@ -46,12 +46,16 @@ def _setup_logging(verbose: bool) -> None:
                         datefmt="%H:%M:%S")
     # Offline by default: nothing in the embedded pipeline may reach a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
+    # transformers: errors only, no progress bars. Through its environment variables while
+    # it is not imported yet (importing it costs seconds: only the commands that load a
+    # model pay for it), through its functions once it is.
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:

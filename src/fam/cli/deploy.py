@@ -74,7 +74,9 @@ def _add_index_subcommands(subparsers: Any) -> None:
     s.add_argument("--image-root", default=None,
                    help="where the index's images are now (default: where they were at build)")
     s.add_argument("--query-prompt", default=None,
-                   help="override the index's query prompt for this search")
+                   help="prompt for this query ('{text}' is replaced, otherwise a prefix; '' "
+                        "for none). Default: the index's query prompt for a text query; an "
+                        "image-only query is embedded as the index's images were")
     s.set_defaults(func=cmd_search)
 
 
@@ -104,7 +106,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise ConfigError(f"--image {args.image}: file not found")
     index = Index.load(args.index, image_root=args.image_root)
     model = load_query_model(index, args.model)
-    q = embed(model, [index.query_item(args.text or "", image, args.query_prompt)])
+    text = args.text or ""
+    print(index.describe_query(text, image is not None, args.query_prompt), file=sys.stderr)
+    q = embed(model, [index.query_item(text, image, args.query_prompt)])
     hits = index.search(q, args.k)[0]
     if args.json:
         for h in hits:
