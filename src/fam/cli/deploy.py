@@ -94,7 +94,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from fam.index import Index, embed, format_hits, load_query_model
     if not args.text and not args.image:
         raise ConfigError("give a query: --text T and/or --image PATH")
     if args.k < 1:
@@ -104,6 +103,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         image = Path(args.image).resolve()
         if not image.is_file():
             raise ConfigError(f"--image {args.image}: file not found")
+    from fam.index import Index, embed, format_hits, load_query_model  # torch: after the checks
     index = Index.load(args.index, image_root=args.image_root)
     model = load_query_model(index, args.model)
     text = args.text or ""
