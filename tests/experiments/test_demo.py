@@ -106,9 +106,12 @@ def test_demo_items_index_and_search_at_once(demo_out, tmp_path, capsys):
                  str(items), "--out", str(index), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["search", "--index", str(index), "--image", str(demo_out / rows[3]["image"]),
-                 "-k", "1", "--json"]) == 0
-    hit = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert hit["id"] == rows[3]["id"] and hit["score"] == pytest.approx(1.0, abs=1e-5)
+                 "-k", "5", "--json"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # The query embeds exactly as its row did (cosine 1); the quick model's embeddings are
+    # nearly collapsed, so other items may tie with it within float32 rounding (1e-5).
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[3]["id"] in [h["id"] for h in hits if h["score"] >= hits[0]["score"] - 1e-5]
 
 
 def test_compare_the_demo_results_with_fam_eval_results(demo_out, tmp_path, capsys):
