@@ -137,9 +137,10 @@ def test_fam_format_video_block_and_rope_types(tiny_dirs, tmp_path, family):
     assert not torch.allclose(emb[0], emb_rev[0], atol=1e-4)
 
 
-def test_multi_image_families_take_frames_as_images(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("family", ["llava_next", "idefics3"])
+def test_multi_image_families_take_frames_as_images(tiny_dirs, tmp_path, family):
     folder = _write_video(tmp_path / "vid", 12, size=(56, 56))
-    a = load_backbone(tiny_dirs["llava_next"])
+    a = load_backbone(tiny_dirs[family])
     frames = [Image.open(folder / f"frame_{i + 1}.png").convert("RGB")
               for i in sample_indices(12)]
     b = a.encode([MMItem("clip: <|video_1|> done", video=folder)])
@@ -147,6 +148,8 @@ def test_multi_image_families_take_frames_as_images(tiny_dirs, tmp_path):
                     images=[frames])
     assert b.inputs["input_ids"].tolist() == want.inputs["input_ids"].tolist()
     torch.testing.assert_close(b.inputs["pixel_values"], want.inputs["pixel_values"])
+    with torch.no_grad():
+        assert torch.isfinite(EmbeddingModel(a).eval()(b).embedding).all()
 
 
 def test_a_family_without_video_gets_one_clear_error(tiny_dirs, tmp_path):
