@@ -190,3 +190,39 @@ def test_vlm2vec_format_reproduces_v2_prompts(bench, tiny_dirs):
     q = doc.queries[0].item
     assert a.encode([q]).inputs["input_ids"][0].tolist() == tok(
         "Find a document image that matches the given query: question 0")["input_ids"]
+
+
+@pytest.mark.parametrize("case", ["no_positive", "lengths", "dup_corpus", "score", "missing_query",
+                                  "frames"])
+def test_bad_v2_rows_name_file_line_and_field(bench, tmp_path, case):
+    import shutil
+
+    from fam.errors import DataError
+    root = tmp_path / "b"
+    shutil.copytree(bench, root)
+    if case == "no_positive":
+        shutil.rmtree(root / "clips" / "q1" / "positive_1")
+        shutil.rmtree(root / "clips" / "q1" / "positive_2")
+        name, field, line = "MomentSeeker", "clip_dir", 2
+    elif case == "lengths":
+        _write(root / "K700.jsonl", [{"qry_text": "x", "tgt_text": ["a", "b"],
+                                      "tgt_video": ["frames/vid0"] * 3}])
+        name, field, line = "K700", "tgt_text", 1
+    elif case == "dup_corpus":
+        _write(root / "MSR-VTT" / "corpus.jsonl", [{"corpus-id": "v0", "video": "frames/vid0"}] * 2)
+        name, field, line = "MSR-VTT", "corpus-id", 2
+    elif case == "score":
+        _write(root / "MSR-VTT" / "qrels.jsonl", [{"query-id": "c0", "corpus-id": "v0",
+                                                   "score": "high"}])
+        name, field, line = "MSR-VTT", "score", 1
+    elif case == "missing_query":
+        _write(root / "MSR-VTT" / "queries.jsonl", [{"query-id": "c0"}])
+        name, field, line = "MSR-VTT", "query", 1
+    else:
+        _write(root / "K700.jsonl", [{"qry_text": "x", "qry_video": "frames/none",
+                                      "tgt_text": ["a", "b"]}])
+        name, field, line = "K700", "qry_video", 1
+    found = discover_v2(root)
+    with pytest.raises(DataError) as e:
+        read_task(name, *found[name], root)
+    assert e.value.field == field and e.value.line == line, str(e.value)
