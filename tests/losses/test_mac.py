@@ -158,15 +158,34 @@ def test_bf16_close_to_fp32():
     torch.testing.assert_close(low, ref, rtol=2e-2, atol=2e-2)
 
 
-def test_bench_naive_matches_exact():
-    from fam.bench.mac import mac_loss_naive
+@pytest.mark.parametrize("form", ["mac_loss_official_form", "mac_loss_naive"])
+def test_bench_references_match_exact_in_float64(form):
+    """Both of ``fam bench mac``'s references compute the same loss and gradients as the
+    exact form, so its ratios compare equal work (float64, padding in both masks)."""
+    import fam.bench.mac as bench
 
     xs, im, tm = _inputs()
-    ours = mac_loss(*xs, im, tm)
-    naive = mac_loss_naive(*xs, im, tm)
-    torch.testing.assert_close(naive["loss"], ours["loss"])
-    for a, b in zip(_grads(naive["loss"], xs), _grads(ours["loss"], xs)):
-        torch.testing.assert_close(a, b)
+    ours = mac_loss(*xs, im, tm, weights=(0.7, 1.3, 2.0), c2f_reduction="sum")
+    ref = getattr(bench, form)(*xs, im, tm, weights=(0.7, 1.3, 2.0), c2f_reduction="sum")
+    for key in ("loss", "coarse_loss", "c2f_loss", "fine_loss"):
+        # float64: the forms differ only in summation order (eps 2^-53 ≈ 1.1e-16 per op).
+        torch.testing.assert_close(ref[key], ours[key], rtol=1e-10, atol=1e-12)
+    for a, b in zip(_grads(ref["loss"], xs), _grads(ours["loss"], xs)):
+        # float64 summation-order differences, as above.
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_official_form_zeroes_padding_features_before_the_matmul():
+    """The official form ignores padded token states (they are zeroed, not just unweighted):
+    garbage in the padding changes neither its loss nor the other tokens' gradients."""
+    from fam.bench.mac import mac_loss_official_form
+
+    xs, im, tm = _inputs()
+    txt2 = torch.where(tm.bool()[..., None], xs[3], 1e3 * torch.randn_like(xs[3]))
+    a = mac_loss_official_form(*xs, im, tm)["loss"]
+    b = mac_loss_official_form(xs[0], xs[1], xs[2], txt2, im, tm)["loss"]
+    # float64, same operations on the real tokens; the padded terms are exact zeros.
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 def test_pooling_gradcheck_including_tiny_norms():

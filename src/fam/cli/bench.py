@@ -13,12 +13,33 @@ from fam.cli.args import nonneg_int, positive_int
 __all__ = ["add_bench_subcommands"]
 
 
+def _verdict(problems: list[str]) -> int:
+    """Print what failed (a missed target, outputs that differ); 1 if anything did."""
+    for p in problems:
+        print(f"FAILED: {p}")
+    return 1 if problems else 0
+
+
 def cmd_bench_mac(args: argparse.Namespace) -> int:
-    from fam.bench.mac import format_report, run_bench
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    print(format_report(run_bench(shapes, device=args.device, repeats=args.repeats,
-                                  dtype=args.dtype), args.device))
-    return 0
+    from fam.bench.mac import check, format_report, run_bench
+    from fam.errors import ConfigError
+    shapes = []
+    for s in args.shapes:
+        try:
+            shape = tuple(int(x) for x in s.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4 or min(shape) < 1:
+            raise ConfigError(f"fam bench mac --shapes: {s!r} is not B,N,T,d (four positive "
+                              "integers, e.g. 64,256,32,256)")
+        shapes.append(shape)
+    rows = run_bench(shapes, device=args.device, repeats=args.repeats, dtype=args.dtype)
+    print(format_report(rows, args.device))
+    if args.json:
+        from fam.utils.io import atomic_write_json
+        atomic_write_json(args.json, {"command": "fam bench mac", "device": args.device,
+                                      "rows": rows})
+    return _verdict(check(rows, args.min_memory_ratio, args.min_speed_ratio))
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
@@ -103,14 +124,21 @@ def add_bench_subcommands(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks (exact vs reference, printed ratios)")
     which = bench.add_subparsers(dest="which", required=True)
-    mac = which.add_parser("mac", help="exact MAC vs the naive (B·N)×(B·T) form: time and "
-                                       "peak memory, each variant in a fresh process")
+    mac = which.add_parser("mac", help="exact MAC vs the official FAM code's (B·N)×(B·T) form "
+                                       "and the fully masked one: time, peak memory, same loss; "
+                                       "each variant in a fresh process; exit 1 on a missed "
+                                       "target or differing losses")
     mac.add_argument("--shapes", nargs="+",
                      default=[",".join(map(str, s)) for s in DEFAULT_SHAPES],
                      help="B,N,T,d tuples (default: %(default)s)")
     mac.add_argument("--device", default="cpu")
     mac.add_argument("--repeats", type=positive_int, default=3)
     mac.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    mac.add_argument("--min-memory-ratio", type=float, default=1.0,
+                     help="target: official-form / exact peak memory (default %(default)s)")
+    mac.add_argument("--min-speed-ratio", type=float, default=1.0,
+                     help="target: official-form / exact time (default %(default)s)")
+    mac.add_argument("--json", default=None, help="also write the rows to this JSON file")
     mac.set_defaults(func=cmd_bench_mac)
 
     gpu = which.add_parser("gpu", help="the GPU check: Qwen2-VL-2B-shaped adaptation and MAC "
