@@ -109,6 +109,7 @@ def test_aggregate_pairs_deltas_by_seed():
     assert agg[fam]["overall"]["mean"] == pytest.approx(17.5)
     assert agg[fam]["overall"]["std"] == pytest.approx(7.7782, abs=1e-3)  # ddof=1
     assert agg[fam]["delta"]["overall"]["mean"] == pytest.approx(2.5)
+    # hand value √2/2 written to 4 decimals
     assert agg[fam]["delta"]["overall"]["std"] == pytest.approx(0.7071, abs=1e-3)
     assert agg[base]["delta"]["overall"]["mean"] == 0.0
     md = format_ablation({"aggregates": agg, "groups": {"main": [("baseline", base),
