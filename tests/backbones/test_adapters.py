@@ -119,15 +119,20 @@ def test_lora_wraps_language_model_only_and_merge_is_exact(family, tiny_dirs, sc
     assert all(LM_NAME.get(family, "language_model") in n for n in trainable)
     lm_params = {id(p) for p in a.language_model().parameters()}
     assert all(id(p) in lm_params for p in m.parameters() if p.requires_grad)
+    m.eval()
+    items = _items(scene_images)
+    with torch.no_grad():
+        e_base = m(a.encode(items)).embedding  # lora_B starts at zero: the base model's output
     # make LoRA non-trivial, then compare adapter model vs merged model
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    m.eval()
-    items = _items(scene_images)
     with torch.no_grad():
         e_lora = m(a.encode(items)).embedding
+    # Negative control: the adapter really changes the outputs, by far more than the merge
+    # tolerance below, so "merged == adapter" cannot pass by both equalling the base model.
+    assert (e_lora - e_base).abs().max() > 100 * 1e-5
     merge_lora(m)
     assert not any("lora_" in n for n, _ in m.named_parameters())
     with torch.no_grad():
@@ -410,14 +415,16 @@ def test_dora_wraps_and_merges_exactly(tiny_dirs, scene_images):
     apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, use_dora=True))
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in n for n in names)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
     m.eval()
     items = _items(scene_images)
     with torch.no_grad():
+        e_base = m(a.encode(items)).embedding  # lora_B starts at zero: the base model's output
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
         before = m(a.encode(items)).embedding
+    # Negative control: the adapter changes the outputs by far more than the tolerance below.
+    assert (before - e_base).abs().max() > 100 * 1e-5
     merge_lora(m)
     with torch.no_grad():
         after = m(a.encode(items)).embedding
