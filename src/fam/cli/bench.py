@@ -74,7 +74,8 @@ def cmd_bench_encode(args: argparse.Namespace) -> int:
     if args.json:
         from fam.utils.io import atomic_write_json
         atomic_write_json(args.json, res)
-    return 0
+    from fam.bench.encode import check
+    return _verdict(check(res, args.min_speedup, args.max_memory_ratio))
 
 
 def cmd_bench_search(args: argparse.Namespace) -> int:
@@ -165,8 +166,10 @@ def add_bench_subcommands(sub: Any) -> None:
     gc.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
     gc.set_defaults(func=cmd_bench_gradcache)
 
-    en = which.add_parser("encode", help="the encode pipeline vs the sequential loop: items/s, "
-                                         "CPU time, peak memory, equal results")
+    en = which.add_parser("encode", help="the encode pipeline vs the sequential loop and a "
+                                         "plain length-sorted last-layer loop: items/s, CPU "
+                                         "time, peak memory, equal results; exit 1 on a "
+                                         "missed target or differing results")
     en.add_argument("--model", default=None, help="checkpoint (default: a tiny random Qwen2-VL)")
     en.add_argument("--items", default=None,
                     help="JSONL of {text, image} as `fam encode` reads (default: Scenes items)")
@@ -183,6 +186,10 @@ def add_bench_subcommands(sub: Any) -> None:
                     help="alternating rounds (default 3)")
     en.add_argument("--prefetch", type=nonneg_int, default=2, help="batches prepared ahead")
     en.add_argument("--workers", type=positive_int, default=1, help="image-decoding threads")
+    en.add_argument("--min-speedup", type=float, default=1.0,
+                    help="target: pipeline / sequential items/s (default %(default)s)")
+    en.add_argument("--max-memory-ratio", type=float, default=1.0,
+                    help="target: pipeline / sequential peak memory (default %(default)s)")
     en.add_argument("--json", default=None, help="also write the figures to this JSON file")
     en.set_defaults(func=cmd_bench_encode)
 
