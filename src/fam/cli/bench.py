@@ -91,15 +91,13 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from fam.bench.serve import format_report, run_bench
+    from fam.bench.serve import check, format_report, run_bench
     r = run_bench(args.model, args.work, args.clients, args.requests, args.inputs,
-                  args.max_batch, args.timeout, args.threads)
+                  args.max_batch, args.timeout, args.threads, args.repeats)
     print(format_report(r))
     if args.json:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
-    clean = all(m["errors"] == 0 and m["graceful_shutdown"]
-                for m in (r["batched"], r["one_at_a_time"]))
-    return 0 if clean else 1
+    return _verdict(check(r, args.min_speedup))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -209,7 +207,9 @@ def add_bench_subcommands(sub: Any) -> None:
     se.set_defaults(func=cmd_bench_search)
 
     sv = which.add_parser("serve", help="bounded load test of fam serve on 127.0.0.1: dynamic "
-                                        "batching vs one request at a time, same model")
+                                        "batching vs one request at a time, same model, "
+                                        "alternated over rounds; exit 1 on errors or a "
+                                        "missed target")
     sv.add_argument("--model", type=Path, default=None,
                     help="embedding model (default: a tiny random Qwen2-VL built in --work)")
     sv.add_argument("--work", type=Path, default=Path("runs/bench_serve"))
@@ -219,6 +219,11 @@ def add_bench_subcommands(sub: Any) -> None:
     sv.add_argument("--max-batch", type=positive_int, default=32)
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per mode, at most")
     sv.add_argument("--threads", type=nonneg_int, default=None, help="the server's torch threads")
+    sv.add_argument("--repeats", type=positive_int, default=2,
+                    help="rounds; the modes alternate ABBA (default %(default)s)")
+    sv.add_argument("--min-speedup", type=float, default=1.0,
+                    help="target: batching / one-at-a-time throughput, median over rounds "
+                         "(default %(default)s)")
     sv.add_argument("--json", type=Path, default=None, help="also write the figures here")
     sv.set_defaults(func=cmd_bench_serve)
 
