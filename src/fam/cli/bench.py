@@ -54,11 +54,15 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gradcache(args: argparse.Namespace) -> int:
-    from fam.bench.gradcache import format_report, run_bench
+    from fam.bench.gradcache import check, format_report, run_bench
     res = run_bench(args.batch, args.chunk, args.size, args.image_size, args.text_words,
-                    args.device, args.threads, with_full=not args.no_full)
-    print(format_report(res, args.size, args.batch, args.chunk, args.device))
-    return 0
+                    args.device, args.threads, with_full=not args.no_full,
+                    dropout=args.lora_dropout)
+    print(format_report(res, args.size, args.batch, args.chunk, args.device, args.max_ratio))
+    if args.json:
+        from fam.utils.io import atomic_write_json
+        atomic_write_json(args.json, res)
+    return _verdict(check(res, args.max_ratio))
 
 
 def cmd_bench_encode(args: argparse.Namespace) -> int:
@@ -152,7 +156,8 @@ def add_bench_subcommands(sub: Any) -> None:
     gpu.set_defaults(func=cmd_bench_gpu)
 
     gc = which.add_parser("gradcache", help="peak memory of GradCache (batch 256, chunk 16) "
-                                            "vs a plain batch of 16")
+                                            "vs a plain batch of 16 (the reference); exit 1 "
+                                            "on a missed target or differing losses")
     gc.add_argument("--batch", type=positive_int, default=256, help="large batch (default: 256)")
     gc.add_argument("--chunk", type=positive_int, default=16, help="GradCache chunk (default: 16)")
     gc.add_argument("--size", default="s", choices=["xs", "s", "m"], help="tiny Qwen2-VL size")
@@ -162,6 +167,12 @@ def add_bench_subcommands(sub: Any) -> None:
     gc.add_argument("--device", default="cpu")
     gc.add_argument("--threads", type=nonneg_int, default=2)
     gc.add_argument("--no-full", action="store_true", help="skip the batch without GradCache")
+    gc.add_argument("--lora-dropout", type=float, default=0.05,
+                    help="LoRA dropout (default %(default)s, as training; 0 also checks that "
+                         "GradCache's loss equals the full batch's)")
+    gc.add_argument("--max-ratio", type=float, default=1.5,
+                    help="target: GradCache peak / peak at B=chunk (default %(default)s)")
+    gc.add_argument("--json", default=None, help="also write the figures to this JSON file")
     gc.set_defaults(func=cmd_bench_gradcache)
 
     en = which.add_parser("encode", help="the encode pipeline vs the sequential loop and a "
