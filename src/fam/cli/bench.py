@@ -13,6 +13,15 @@ from fam.cli.args import nonneg_int, positive_int
 __all__ = ["add_bench_subcommands"]
 
 
+def _load_avg() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (recorded beside timings), None off Unix."""
+    import os
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _verdict(problems: list[str]) -> int:
     """Print what failed (a missed target, outputs that differ); 1 if anything did."""
     for p in problems:
@@ -33,12 +42,14 @@ def cmd_bench_mac(args: argparse.Namespace) -> int:
             raise ConfigError(f"fam bench mac --shapes: {s!r} is not B,N,T,d (four positive "
                               "integers, e.g. 64,256,32,256)")
         shapes.append(shape)
+    load_before = _load_avg()
     rows = run_bench(shapes, device=args.device, repeats=args.repeats, dtype=args.dtype)
     print(format_report(rows, args.device))
     if args.json:
         from fam.utils.io import atomic_write_json
         atomic_write_json(args.json, {"command": "fam bench mac", "device": args.device,
-                                      "rows": rows})
+                                      "load_avg_before": load_before,
+                                      "load_avg_after": _load_avg(), "rows": rows})
     return _verdict(check(rows, args.min_memory_ratio, args.min_speed_ratio))
 
 
@@ -71,9 +82,11 @@ def cmd_bench_encode(args: argparse.Namespace) -> int:
     if (args.model is None) != (args.items is None):
         raise ConfigError("fam bench encode: give both --model and --items, or neither (a tiny "
                           "model and Scenes items)")
+    load_before = _load_avg()
     res, label = run_default_or_given(args.model, args.items, args.image_root, args.n,
                                       args.size, args.layers, args.batch_size, args.threads,
                                       args.repeats, args.prefetch, args.workers)
+    res.update(label=label, load_avg_before=load_before, load_avg_after=_load_avg())
     print(format_report(res, label))
     if args.json:
         from fam.utils.io import atomic_write_json
@@ -96,8 +109,10 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from fam.bench.serve import check, format_report, run_bench
+    load_before = _load_avg()
     r = run_bench(args.model, args.work, args.clients, args.requests, args.inputs,
                   args.max_batch, args.timeout, args.threads, args.repeats)
+    r.update(load_avg_before=load_before, load_avg_after=_load_avg())
     print(format_report(r))
     if args.json:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
