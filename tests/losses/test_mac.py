@@ -10,10 +10,12 @@ from fam.losses.mac import mac_loss, mac_loss_from_pooled, mac_pool
 
 def _mac_loss_reference(img_emb, txt_emb, img_tokens, txt_tokens, img_mask, txt_mask,
                         temperature=0.02, weights=(1.0, 1.0, 1.0), c2f_reduction="mean"):
-    """Naive MAC as the official code computes it: materialise every token-token cosine.
+    """Naive MAC: materialise every token-token cosine, then mask and average.
 
-    Builds the full (B·N)×(B·T) cosine matrix, masks padding and averages; no algebraic
-    shortcut is used anywhere, so it is an independent check of the exact form.
+    Builds the full (B·N)×(B·T) cosine matrix, multiplies in the padding mask and averages
+    (the fully masked form; the official code zeroes padding features before the matmul,
+    ``fam.bench.mac.mac_loss_official_form``); no algebraic shortcut is used anywhere, so it
+    is an independent check of the exact form.
     """
     b, n, d = img_tokens.shape
     t_len = txt_tokens.shape[1]
