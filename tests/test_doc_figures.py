@@ -97,13 +97,22 @@ def test_serve_row_and_write_up_quote_the_same_runs():
     row = _table_row("| `fam bench serve`")
     assert f"**{_range(text_mixed, 'x')}**" in row and f"{_range(image, 'x')} for image-only" in row
     assert f"**{_range(text_mixed, 'x')}**" in body
+    # the alternated run (fam bench serve --repeats 2, its own JSON)
+    alt = _load("serve_alternated.json")
+    assert [r["speedup"] for r in alt["rounds"]] and alt["inputs"] == "mixed"
+    assert (f"{alt['speedup']:.1f}x (rounds {alt['speedup_min']:.1f}–{alt['speedup_max']:.1f}x)"
+            in row and f"load {alt['load_avg_before'][0]:.1f}" in row)
+    alt_body = _text_with("docs/results/serve_alternated.json")
+    assert (f"{alt['speedup']:.2f}x one request at a time, median (rounds: "
+            f"{alt['speedup_min']:.2f}x–{alt['speedup_max']:.2f}x)") in alt_body
 
 
-@pytest.mark.parametrize("name", ["mac.json", "serve.json", "encode_history.json", "encode.json"])
+@pytest.mark.parametrize("name", ["mac.json", "serve.json", "encode_history.json", "encode.json",
+                                  "serve_alternated.json"])
 def test_results_json_say_where_they_came_from(name):
     res = _load(name)
     assert res.get("command") or res.get("label")
     for run in res.get("runs", [res]) if name != "serve.json" else []:
-        if "load_avg_before" in run or name in ("mac.json", "encode.json"):
+        if "load_avg_before" in run or name != "encode_history.json":
             # timings: the machine's load beside them
             assert run["load_avg_before"] and run["load_avg_after"]
