@@ -66,13 +66,15 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
 def cmd_bench_gradcache(args: argparse.Namespace) -> int:
     from fam.bench.gradcache import check, format_report, run_bench
+    load_before = _load_avg()
     res = run_bench(args.batch, args.chunk, args.size, args.image_size, args.text_words,
                     args.device, args.threads, with_full=not args.no_full,
                     dropout=args.lora_dropout)
     print(format_report(res, args.size, args.batch, args.chunk, args.device, args.max_ratio))
     if args.json:
         from fam.utils.io import atomic_write_json
-        atomic_write_json(args.json, res)
+        atomic_write_json(args.json, {**res, "load_avg_before": load_before,
+                                      "load_avg_after": _load_avg()})
     return _verdict(check(res, args.max_ratio))
 
 
