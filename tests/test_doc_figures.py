@@ -107,7 +107,18 @@ def test_serve_row_and_write_up_quote_the_same_runs():
             f"{alt['speedup_min']:.2f}x–{alt['speedup_max']:.2f}x)") in alt_body
 
 
-@pytest.mark.parametrize("name", ["mac.json", "serve.json", "encode_history.json", "encode.json",
+def test_gradcache_row_quotes_gradcache_json():
+    res = _load("gradcache.json")
+    g, small, full = res["gradcache"], res["small"], res["full"]
+    row = _table_row("| `fam bench gradcache`")
+    mib = lambda x: f"{x / 2 ** 20:.1f}"  # noqa: E731
+    for want in (f"**{g['peak_bytes'] / small['peak_bytes']:.2f}×**",
+                 f"({mib(g['peak_bytes'])} vs {mib(small['peak_bytes'])} MiB",
+                 f"{mib(full['peak_bytes'])} MiB", f"load {res['load_avg_before'][0]:.1f}"):
+        assert want in row, (want, row)
+
+
+@pytest.mark.parametrize("name", ["mac.json", "gradcache.json", "serve.json", "encode_history.json", "encode.json",
                                   "serve_alternated.json"])
 def test_results_json_say_where_they_came_from(name):
     res = _load(name)
