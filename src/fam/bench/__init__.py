@@ -14,6 +14,7 @@ its variants compute the same result, and exits 1 when they differ or a target i
   float32 FAISS flat search.
 * ``fam bench serve`` (:mod:`.serve`): the same server answering one request at a time,
   modes alternated over rounds.
+* ``fam bench startup`` (:mod:`.startup`): fixed wall-clock targets, no reference.
 """
 
 from __future__ import annotations

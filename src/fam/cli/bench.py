@@ -30,9 +30,8 @@ def _verdict(problems: list[str]) -> int:
 
 
 def cmd_bench_mac(args: argparse.Namespace) -> int:
-    from fam.bench.mac import check, format_report, run_bench
     from fam.errors import ConfigError
-    shapes = []
+    shapes = []  # checked before torch is imported: a bad argument answers at once
     for s in args.shapes:
         try:
             shape = tuple(int(x) for x in s.split(","))
@@ -42,6 +41,7 @@ def cmd_bench_mac(args: argparse.Namespace) -> int:
             raise ConfigError(f"fam bench mac --shapes: {s!r} is not B,N,T,d (four positive "
                               "integers, e.g. 64,256,32,256)")
         shapes.append(shape)
+    from fam.bench.mac import check, format_report, run_bench
     load_before = _load_avg()
     rows = run_bench(shapes, device=args.device, repeats=args.repeats, dtype=args.dtype)
     print(format_report(rows, args.device))
