@@ -31,7 +31,7 @@ from fam.errors import ConfigError
 from fam.model.embedding import EmbeddingOutput
 from fam.utils.io import atomic_write_json
 
-__all__ = ["MultiVectorHead", "TOKEN_SETS", "load_multivector", "save_multivector",
+__all__ = ["MultiVectorHead", "TwoReadings", "TOKEN_SETS", "load_multivector", "save_multivector",
            "compact_tokens", "HEAD_CONFIG", "HEAD_WEIGHTS"]
 
 #: ``tokens`` values (config/stages.py: MultiVectorConfig keeps the same tuple; a test checks).
@@ -133,3 +133,34 @@ def load_multivector(model_dir: str | Path | None, hidden_size: int, *, tokens: 
             raise ConfigError(f"{w} is missing: {cfg_path} says the head projects to {dim} dims")
         head.proj.weight.data.copy_(load_file(str(w))["proj.weight"])
     return head.eval()
+
+
+class TwoReadings:
+    """An encoder giving both readings of one forward (what ``fam eval --scoring`` and the
+    multi-vector index use).
+
+    Args:
+        model: the embedding model.
+        head: its :class:`MultiVectorHead` (:func:`load_multivector`).
+    """
+
+    def __init__(self, model, head: MultiVectorHead):
+        self.model, self.head = model, head
+        self.adapter = model.adapter  # evaluate() records the adapter's input settings
+
+    @property
+    def similarity(self) -> str:
+        return self.head.similarity
+
+    def encode_all(self, items, batch_size: int = 32, progress: bool = False,
+                   desc: str = "encode") -> torch.Tensor:
+        """Pooled vectors only (as :meth:`fam.model.EmbeddingModel.encode_all`)."""
+        return self.model.encode_all(items, batch_size=batch_size, progress=progress, desc=desc)
+
+    def encode_multi_all(self, items, batch_size: int = 32, progress: bool = False,
+                         desc: str = "encode", images=None
+                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(pooled (n, d), [token vectors (n_i, D), ...])`` from one forward per batch."""
+        from fam.model.encode import EncodePipeline
+        return EncodePipeline(self.model, batch_size=batch_size, progress=progress, desc=desc,
+                              multivector=self.head).encode_multi(items, images)
