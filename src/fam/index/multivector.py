@@ -119,6 +119,7 @@ class MultiVectorSearch:
             raise ConfigError("candidate_tokens must be >= 1")
         self.store, self.similarity, self.candidate_tokens = store, similarity, candidate_tokens
         self.vectors = VectorIndex(store.tokens, kind, hnsw)
+        self._blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _rerank(self, q: torch.Tensor, cand: list[int], k: int) -> tuple[list[float], list[int]]:
         if not cand:
@@ -145,14 +146,16 @@ class MultiVectorSearch:
     def exact(self, queries: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference: MaxSim of every query against every item, top-k."""
         n = len(self.store)
+        if self._blocks is None:  # padded once, kept for later calls (the store never changes)
+            self._blocks = [self.store.padded(list(range(s, min(s + _EXACT_BLOCK, n))))
+                            for s in range(0, n, _EXACT_BLOCK)]
+        blocks = self._blocks
         out = []
         for q in queries:
             q = q.float()
-            parts = []
-            for s in range(0, n, _EXACT_BLOCK):
-                d, dm = self.store.padded(list(range(s, min(s + _EXACT_BLOCK, n))))
-                parts.append(maxsim(q[None], torch.ones(1, len(q), dtype=torch.bool), d, dm,
-                                    similarity=self.similarity)[0])
+            ones = torch.ones(1, len(q), dtype=torch.bool)
+            parts = [maxsim(q[None], ones, d, dm, similarity=self.similarity)[0]
+                     for d, dm in blocks]
             scores = torch.cat(parts) if parts else torch.zeros(0)
             order = torch.argsort(scores, descending=True, stable=True)[:k]
             out.append((scores[order].tolist(), order.tolist()))
