@@ -135,7 +135,7 @@ class MultiVectorSearch:
         """Items owning one of the query tokens' nearest document tokens, ascending."""
         if len(q) == 0 or len(self.store.tokens) == 0:
             return []
-        _, idx = self.vectors.search(q.float(), self.candidate_tokens)
+        _, idx = self.vectors.candidates(q.float(), self.candidate_tokens)
         idx = idx[idx >= 0]
         return torch.unique(self.store.owner[idx]).tolist()
 
