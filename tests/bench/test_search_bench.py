@@ -34,9 +34,11 @@ def test_bench_search_multivector_small(tiny_dirs, tmp_path, capsys):
                  "--json", str(out), "--no-progress"]) == 0
     r = json.loads(out.read_text())
     assert r["items"] >= 12 and r["build_s"] > 0 and r["exact_ms_per_query"] > 0
-    rows = {(x["max_tokens"], x["candidate_tokens"]): x for x in r["rows"]}
-    assert rows[(0, 100000)]["recall_at_k"] == 1.0
-    assert rows[(4, 2)]["tokens_per_item"] <= 4 < rows[(0, 2)]["tokens_per_item"]
-    assert rows[(4, 2)]["token_bytes_per_item"] < rows[(0, 2)]["token_bytes_per_item"]
+    rows = {(x["max_tokens"], x["pooling"], x["candidate_tokens"]): x for x in r["rows"]}
+    assert rows[(0, "-", 100000)]["recall_at_k"] == 1.0
+    for pooling in ("cluster", "runs"):
+        capped, full = rows[(4, pooling, 2)], rows[(0, "-", 2)]
+        assert capped["tokens_per_item"] <= 4 < full["tokens_per_item"]
+        assert capped["token_bytes_per_item"] < full["token_bytes_per_item"]
     assert all(0 <= x["recall_at_k"] <= 1 and x["ms_per_query"] > 0 for x in r["rows"])
     assert "recall@5" in capsys.readouterr().out

@@ -26,10 +26,41 @@ def _store(n=20, d=8, seed=0):
     return TokenStore.from_list(toks, d), toks
 
 
+def _cluster_loop(t, m):
+    """Plain reference: recompute every pair's centroid cosine before each merge."""
+    groups = [[i] for i in range(len(t))]
+    while len(groups) > m:
+        cents = [F.normalize(t[g].double().sum(0), dim=0) for g in groups]
+        best, pair = -2.0, None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                s = float(cents[a] @ cents[b])
+                if s > best:
+                    best, pair = s, (a, b)
+        a, b = pair
+        groups[a] = groups[a] + groups[b]
+        del groups[b]
+    return torch.stack([F.normalize(t[g].double().sum(0), dim=0) for g in groups]).float()
+
+
+def test_cluster_pooling_merges_the_most_similar_tokens_first():
+    g = torch.Generator().manual_seed(4)
+    t = F.normalize(torch.randn(15, 6, generator=g), dim=-1)
+    for m in (1, 4, 9, 14):
+        torch.testing.assert_close(reduce_tokens(t, m), _cluster_loop(t, m), rtol=0, atol=1e-6)
+    base = torch.eye(3)
+    pairs = F.normalize(torch.stack([base[0], base[0] + 0.05, base[1], base[2], base[2] + 0.1]),
+                        dim=-1)
+    r = reduce_tokens(pairs, 3)  # the near-duplicates merge; order of first tokens kept
+    assert torch.allclose(r[1], base[1]) and r[0] @ base[0] > 0.99 and r[2] @ base[2] > 0.99
+    with pytest.raises(ConfigError, match="pooling"):
+        reduce_tokens(t, 3, "kmeans")
+
+
 def test_reduce_tokens_caps_with_means_of_runs():
     t = F.normalize(torch.randn(10, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
     assert reduce_tokens(t, 0) is t and reduce_tokens(t, 12) is t
-    r = reduce_tokens(t, 3)  # runs of 4, 3, 3 tokens
+    r = reduce_tokens(t, 3, "runs")  # runs of 4, 3, 3 tokens
     assert r.shape == (3, 4)
     torch.testing.assert_close(r[1], F.normalize(t[4:7].mean(0), dim=0))
     torch.testing.assert_close(r.norm(dim=-1), torch.ones(3))
@@ -62,11 +93,12 @@ def test_build_search_and_cli(tmp_path, small_collection, tiny_dirs):
     model = tiny_dirs["qwen2_vl"]
     out = tmp_path / "idx"
     assert main(["index", "build", "--model", str(model), "--items", str(items), "--image-root",
-                 str(root), "--out", str(out), "--multivector", "--max-tokens", "6",
+                 str(root), "--out", str(out), "--multivector", "--max-tokens", "6", "--token-pooling", "runs",
                  "--candidate-tokens", "4", "--query-prompt", "Find: ", "--no-progress",
                  "--shard-size", "5"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["multivector"]["max_tokens"] == 6 and m["multivector"]["tokens"] == "content"
+    assert m["multivector"]["pooling"] == "runs"
     idx = Index.load(out)
     counts = idx.late.store.offsets.diff()
     assert len(idx.late.store) == 13 and int(counts.max()) <= 6 and int(counts.min()) >= 1
@@ -76,7 +108,7 @@ def test_build_search_and_cli(tmp_path, small_collection, tiny_dirs):
     from fam.index.items import read_items
     recs = read_items(items, root)
     _, toks = enc.encode_multi_all([r.item for r in recs])
-    want = torch.cat([reduce_tokens(t, 6) for t in toks])
+    want = torch.cat([reduce_tokens(t, 6, "runs") for t in toks])
     assert (idx.late.store.tokens - want).abs().max() < 1e-5  # other batch shapes: fp32 sums
     # search: the CLI's hits are the index's late-interaction hits
     q = idx.query_item("a red circle")

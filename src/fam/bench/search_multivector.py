@@ -5,7 +5,7 @@ One run on the Scenes eval images (the items and caption queries of ``fam bench 
 the index is built once with ``fam index build --multivector`` (all token vectors, timed:
 encoding + storing + the FAISS token index); the reference ranks every item by exact MaxSim
 with those uncapped vectors. Then, for each per-item cap (``--max-tokens``, applied to the
-same vectors) and each candidate depth (``--candidate-tokens``), the index's search (FAISS
+same vectors, by clustering and by contiguous runs) and each candidate depth (``--candidate-tokens``), the index's search (FAISS
 token candidates, exact MaxSim rerank) is measured:
 
 * **bytes per item**: stored token vectors and offsets (float32), and the pooled vector
@@ -79,8 +79,9 @@ def run_multivector_bench(work: Path, scenes: Path | None = None, model: Path | 
                                                repeats),
            "rows": []}
     per_item = [store.tokens[int(a):int(b)] for a, b in zip(store.offsets[:-1], store.offsets[1:])]
-    for cap in caps:
-        capped = TokenStore.from_list([reduce_tokens(t, cap) for t in per_item], store.dim)
+    for cap, pooling in [(c, p) for c in caps for p in (("cluster", "runs") if c else ("-",))]:
+        capped = TokenStore.from_list([reduce_tokens(t, cap, pooling) for t in per_item]
+                                      if cap else per_item, store.dim)
         for depth in candidate_tokens:
             t0 = time.perf_counter()
             search = MultiVectorSearch(capped, index.late.similarity, depth, "flat")
@@ -89,7 +90,7 @@ def run_multivector_bench(work: Path, scenes: Path | None = None, model: Path | 
             recall = sum(len(set(got[r].tolist()) & set(ref_i[r].tolist()))
                          for r in range(len(queries))) / (len(queries) * k)
             res["rows"].append({
-                "max_tokens": cap, "candidate_tokens": depth,
+                "max_tokens": cap, "pooling": pooling, "candidate_tokens": depth,
                 "tokens_per_item": capped.offsets.diff().float().mean().item(),
                 "token_bytes_per_item": capped.nbytes_per_item(),
                 "faiss_build_s": round(faiss_s, 3), "recall_at_k": recall,
@@ -106,10 +107,11 @@ def format_multivector_report(r: dict) -> str:
              f"index build (encode pooled + token vectors, store, FAISS token index): "
              f"{r['build_s']} s; pooled vector {r['pooled_bytes_per_item']} B/item; exact MaxSim "
              f"over all items {r['exact_ms_per_query']:.2f} ms/query",
-             f"{'max tokens':>10} {'cand. tokens':>12} {'tokens/item':>11} {'bytes/item':>11} "
+             f"{'max tokens':>10} {'pooling':>8} {'cand. tokens':>12} {'tokens/item':>11} {'bytes/item':>11} "
              f"{'FAISS build s':>13} {'recall@' + str(r['k']):>10} {'ms/query':>9}"]
     for row in r["rows"]:
-        lines.append(f"{row['max_tokens'] or 'all':>10} {row['candidate_tokens']:>12} "
+        lines.append(f"{row['max_tokens'] or 'all':>10} {row['pooling']:>8} "
+                     f"{row['candidate_tokens']:>12} "
                      f"{row['tokens_per_item']:>11.1f} {row['token_bytes_per_item']:>11.0f} "
                      f"{row['faiss_build_s']:>13.3f} {row['recall_at_k']:>10.4f} "
                      f"{row['ms_per_query']:>9.2f}")

@@ -64,7 +64,10 @@ def _add_index_subcommands(subparsers: Any) -> None:
                    help="also store token vectors (late interaction: FAISS token candidates, "
                         "exact MaxSim rerank); fam search then uses them")
     b.add_argument("--max-tokens", type=nonneg_int, default=0,
-                   help="--multivector: most token vectors per item (runs mean-pooled; 0 = all)")
+                   help="--multivector: most token vectors per item (0 = all)")
+    b.add_argument("--token-pooling", choices=["cluster", "runs"], default="cluster",
+                   help="--multivector: how --max-tokens reduces an item: merge the most "
+                        "similar tokens (cluster) or mean contiguous runs (runs)")
     b.add_argument("--candidate-tokens", type=positive_int, default=32,
                    help="--multivector: nearest document tokens per query token (32)")
     b.add_argument("--mv-tokens", choices=["content", "image", "text", "all"], default=None,
@@ -95,7 +98,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     mv = None
     if args.multivector:
         from fam.config import MultiVectorIndexConfig
-        mv = MultiVectorIndexConfig(args.max_tokens, args.candidate_tokens, args.mv_tokens)
+        mv = MultiVectorIndexConfig(args.max_tokens, args.token_pooling, args.candidate_tokens,
+                                    args.mv_tokens)
     out = build_index(args.out, args.items, model=args.model, embeddings=args.embeddings,
                       image_root=args.image_root, kind=args.kind,
                       hnsw=HnswConfig(args.hnsw_m, args.ef_construction, args.ef_search),

@@ -24,13 +24,15 @@ class HnswConfig(Validated):
 class MultiVectorIndexConfig(Validated):
     """The multi-vector index (``fam index build --multivector``, fam.index.multivector)."""
 
-    max_tokens: int = 0  # most token vectors per item (contiguous runs mean-pooled); 0 = all
+    max_tokens: int = 0  # most token vectors per item; 0 = all
+    pooling: str = "cluster"  # how max_tokens reduces: cluster (merge similar) | runs (contiguous)
     candidate_tokens: int = 32  # nearest document tokens fetched per query token
     tokens: str | None = None  # token set (content|image|text|all); None = the model's head's
     similarity: str | None = None  # maxsim | meanmaxsim; None = the model's head's
 
     def check(self, prefix: str) -> None:
         integers(self, prefix, max_tokens=0, candidate_tokens=1)
+        choice(prefix + "pooling", self.pooling, ("cluster", "runs"))
         if self.tokens is not None:
             choice(prefix + "tokens", self.tokens, ("content", "image", "text", "all"))
         if self.similarity is not None:

@@ -108,8 +108,8 @@ class _ShardedEncoder:
     def todo(self) -> list[int]:
         return [s for s in range(self.n_shards) if not self.shard_path(s).is_file()]
 
-    def run(self, load_model, batch_size: int, progress: bool, head=None, max_tokens: int = 0
-            ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def run(self, load_model, batch_size: int, progress: bool, head=None, max_tokens: int = 0,
+            pooling: str = "cluster") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Pooled vectors (n, d) and, with a multi-vector ``head``, each item's token vectors
         (at most ``max_tokens``, :func:`fam.index.multivector.reduce_tokens`)."""
         from tqdm.auto import tqdm
@@ -138,7 +138,7 @@ class _ShardedEncoder:
                             pooled, t = TwoReadings(model, head).encode_multi_all(
                                 items, batch_size=batch_size)
                             parts.append(pooled)
-                            toks += [reduce_tokens(x, max_tokens) for x in t]
+                            toks += [reduce_tokens(x, max_tokens, pooling) for x in t]
                         bar.update(len(items))
                     shard = {"embeddings": torch.cat(parts).contiguous()}
                     if head is not None:
@@ -244,7 +244,8 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
             return load_embedding_model(model)  # no LM head in memory
 
         vecs, per_item = enc.run(load_model, batch_size, progress, head,
-                                 multivector.max_tokens if multivector is not None else 0)
+                                 multivector.max_tokens if multivector is not None else 0,
+                                 multivector.pooling if multivector is not None else "cluster")
         normalized = embedding_model.normalize if embedding_model is not None else True
     vectors = VectorIndex(vecs, kind, hnsw)
     manifest = Manifest(model_identity=ident, model_path=mpath, dim=int(vecs.shape[1]),

@@ -17,8 +17,10 @@ per-item cap, the candidate depth). Search (ColBERT-style, PLAID without the cen
 
 :meth:`MultiVectorSearch.exact` scores every item (the reference ``fam bench search
 --multivector`` measures recall against). Items with more than ``max_tokens`` vectors are
-reduced to ``max_tokens`` by mean-pooling contiguous runs of tokens (re-normalised), which
-bounds the index size per item (0: no cap).
+reduced to ``max_tokens`` unit vectors, which
+bounds the index size per item (0: no cap): ``pooling="cluster"`` (default) merges the most
+similar tokens first (greedy centroid-linkage clustering, as ColBERT's token pooling groups
+similar tokens), ``"runs"`` means contiguous runs of tokens.
 """
 from __future__ import annotations
 
@@ -32,17 +34,53 @@ from fam.errors import ConfigError
 from fam.index.store import VectorIndex
 from fam.losses.maxsim import maxsim
 
-__all__ = ["TOKENS_FILE", "reduce_tokens", "TokenStore", "MultiVectorSearch", "query_encoder"]
+__all__ = ["TOKENS_FILE", "TOKEN_POOLINGS", "reduce_tokens", "TokenStore", "MultiVectorSearch", "query_encoder"]
 
 TOKENS_FILE = "tokens.safetensors"
 #: Items whose padded tokens are scored at once by the exact reference.
 _EXACT_BLOCK = 256
 
 
-def reduce_tokens(tokens: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """At most ``max_tokens`` unit vectors: means of contiguous runs, re-normalised (0: all)."""
+#: How ``max_tokens`` reduces an item's vectors.
+TOKEN_POOLINGS = ("cluster", "runs")
+
+
+def _cluster(tokens: torch.Tensor, m: int) -> torch.Tensor:
+    """Greedy agglomerative clustering to ``m`` clusters: merge the two clusters whose mean
+    directions are the most similar (centroid linkage), one merge at a time; the clusters'
+    unit means, in the order of their first token."""
+    n = len(tokens)
+    sums = tokens.double().clone()
+    counts = torch.ones(n, dtype=torch.float64)
+    alive = torch.ones(n, dtype=torch.bool)
+    cent = F.normalize(sums, dim=-1)
+    sim = cent @ cent.T
+    sim.fill_diagonal_(float("-inf"))
+    for _ in range(n - m):
+        flat = int(torch.argmax(sim))
+        i, j = sorted(divmod(flat, n))
+        sums[i] += sums[j]
+        counts[i] += counts[j]
+        alive[j] = False
+        cent[i] = F.normalize(sums[i], dim=0)
+        row = cent @ cent[i]
+        row[~alive] = float("-inf")
+        row[i] = float("-inf")
+        sim[i], sim[:, i] = row, row
+        sim[j], sim[:, j] = float("-inf"), float("-inf")
+    return F.normalize(sums[alive], dim=-1).to(tokens.dtype)
+
+
+def reduce_tokens(tokens: torch.Tensor, max_tokens: int, pooling: str = "cluster"
+                  ) -> torch.Tensor:
+    """At most ``max_tokens`` unit vectors (0: all): ``cluster`` merges the most similar
+    tokens (ColBERT-style token pooling), ``runs`` means contiguous runs; re-normalised."""
     if not max_tokens or len(tokens) <= max_tokens:
         return tokens
+    if pooling == "cluster":
+        return _cluster(tokens, max_tokens)
+    if pooling != "runs":
+        raise ConfigError(f"token pooling {pooling!r}: choose one of {TOKEN_POOLINGS}")
     runs = torch.tensor_split(tokens, max_tokens)
     return F.normalize(torch.stack([r.mean(0) for r in runs]), dim=-1)
 
