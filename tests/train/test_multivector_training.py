@@ -86,25 +86,28 @@ def test_config_choices_equal_the_library():
     assert MULTIVECTOR_TOKENS == TOKEN_SETS and MULTIVECTOR_SIMILARITIES == SIMILARITIES
 
 
-def _train(out, pairs, batch_size, chunk):
+def _train(out, pairs, batch_size, chunk, strategy="ddp"):
     module, loss = make_mv_module()
     opt = OptimConfig(lr=5e-3, batch_size=batch_size, steps=STEPS, warmup_ratio=0.0)
     run = RunConfig(out_dir=str(out), save_every=0, progress=False, log_every=1, device="cpu",
-                    strategy="ddp")
-    Trainer(module, pairs, PairCollator(module.embedder.adapter, True), opt, run, "ddp",
-            loss=loss, gradcache_chunk=chunk).train()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+                    strategy=strategy)
+    trainer = Trainer(module, pairs, PairCollator(module.embedder.adapter, True), opt, run,
+                      strategy, loss=loss, gradcache_chunk=chunk)
+    trainer.train()
+    full = trainer.full_state_dict()  # collective under FSDP: full tensors on every rank
+    return {n: full[n].detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, port, out, pairs, chunks):
+def _worker(rank, port, out, pairs, runs):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        for chunk in chunks:
-            params = _train(os.path.join(out, f"mv-c{chunk}"), pairs, GLOBAL_BATCH // WORLD, chunk)
+        for strategy, chunk in runs:
+            name = f"mv-{strategy}-c{chunk}"
+            params = _train(os.path.join(out, name), pairs, GLOBAL_BATCH // WORLD, chunk, strategy)
             if rank == 0:
-                torch.save(params, os.path.join(out, f"mv-c{chunk}.pt"))
+                torch.save(params, os.path.join(out, f"{name}.pt"))
         dist.barrier()
         _exit_cleanly()
     finally:
@@ -113,16 +116,16 @@ def _worker(rank, port, out, pairs, chunks):
 
 @pytest.mark.slow
 def test_two_rank_multivector_training_equals_one_process(scene_images, tmp_path):
-    """2 gloo ranks (plain and GradCache), token tensors padded to a common length and gathered
-    with gradient: after 2 steps the LoRA and projection weights equal one process's."""
+    """2 gloo ranks (DDP plain and GradCache, FSDP), token tensors padded to a common length and
+    gathered with gradient: after 2 steps the LoRA and projection weights equal one process's."""
     torch.set_num_threads(1)
     pairs = make_pairs(scene_images, 16)
-    chunks = (0, 2)
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), pairs, chunks), nprocs=WORLD, join=True)
+    runs = (("ddp", 0), ("ddp", 2), ("fsdp", 0))
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), pairs, runs), nprocs=WORLD, join=True)
     ref = _train(tmp_path / "single", pairs, GLOBAL_BATCH, 0)
     assert any(k.startswith("multivector.") for k in ref)
-    for chunk in chunks:
-        got = torch.load(tmp_path / f"mv-c{chunk}.pt", weights_only=True)
+    for strategy, chunk in runs:
+        got = torch.load(tmp_path / f"mv-{strategy}-c{chunk}.pt", weights_only=True)
         assert got.keys() == ref.keys()
         bad = _differing(got, ref)
-        assert not bad, f"chunk {chunk}: {len(bad)} of {len(ref)} tensors differ: {bad}"
+        assert not bad, f"{strategy} chunk {chunk}: {len(bad)} of {len(ref)} tensors differ: {bad}"
