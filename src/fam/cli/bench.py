@@ -98,6 +98,16 @@ def cmd_bench_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_search(args: argparse.Namespace) -> int:
+    if args.multivector:
+        from fam.bench.search_multivector import (format_multivector_report,
+                                                  run_multivector_bench)
+        r = run_multivector_bench(args.work, args.scenes, args.model, args.k,
+                                  args.n_eval_images, args.repeats, tuple(args.max_tokens),
+                                  tuple(args.candidate_tokens), progress=not args.no_progress)
+        print(format_multivector_report(r))
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=2) + "\n")
+        return 0
     from fam.bench.search import format_report, run_bench
     r = run_bench(args.work, args.scenes, args.model, args.k, args.n_eval_images, args.repeats,
                   not args.no_progress)
@@ -241,6 +251,13 @@ def add_bench_subcommands(sub: Any) -> None:
     se.add_argument("--repeats", type=positive_int, default=3)
     se.add_argument("--json", type=Path, default=None, help="also write the figures here")
     se.add_argument("--no-progress", action="store_true")
+    se.add_argument("--multivector", action="store_true",
+                    help="the multi-vector index instead: bytes/item, build time, latency and "
+                         "recall@k against exact MaxSim over all items")
+    se.add_argument("--max-tokens", type=nonneg_int, nargs="+", default=[0, 32, 8],
+                    help="--multivector: per-item token caps to compare (0 = all)")
+    se.add_argument("--candidate-tokens", type=positive_int, nargs="+", default=[4, 16, 64],
+                    help="--multivector: nearest document tokens per query token to compare")
     se.set_defaults(func=cmd_bench_search)
 
     sv = which.add_parser("serve", help="bounded load test of fam serve on 127.0.0.1: dynamic "
