@@ -56,7 +56,7 @@ def test_gradcache_with_multivector_equals_full_batch(scene_images, tokens, simi
     # float64, only the summation order differs between chunked and full forwards
     torch.testing.assert_close(terms["loss"], full["loss"].detach(), rtol=1e-9, atol=0)
     torch.testing.assert_close(terms["mv_loss"], full["mv_loss"], rtol=1e-9, atol=0)  # float64, as above
-    _assert_same(got, want, rtol=1e-7, atol=1e-12)  # float64 gradients; chunked re-runs change the summation order only (rtol as the GradCache parity tests)
+    _assert_same(got, want, rtol=1e-7, atol=1e-12)  # float64 gradients; chunked re-runs change the summation order only
 
 
 def test_late_loss_moves_the_total(scene_images):
