@@ -21,7 +21,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -191,6 +191,20 @@ class ContrastiveModule(nn.Module):
         emb = {l: out.eos_state(l) for l in layers}
         sample = eligible & out.has_image & (valid.sum(1) >= 2)
         return self.vein(hidden, emb, valid, sample, shuffle_check=self.vein_diagnose)
+
+    def forward_parts(self, batch: PairBatch, step: int = 0) -> Iterator[dict[str, Any]]:
+        """:meth:`forward`'s outputs in parts, computed in the same order: the queries', the
+        targets', the negatives' embeddings. GradCache back-propagates each part before the
+        next is computed, so one side's graph is alive at a time instead of all three. With
+        VEIN or the placeholder forward, the whole forward is one part."""
+        if self.vein is not None or (batch.neg is None and batch.hard_negatives
+                                     and dist_utils.is_dist()):
+            yield self.forward(batch, step)
+            return
+        yield {"q": self.embedder(batch.query).embedding}
+        yield {"t": self.embedder(batch.target).embedding}
+        if batch.neg is not None:
+            yield {"n": self.embedder(batch.neg).embedding}
 
     def forward(self, batch: PairBatch, step: int = 0) -> dict[str, Any]:
         layers = self._vein_layers()
