@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.backbones.fastpath import pooled_rows_only
 from fam.data.types import MMItem
 from fam.utils.layers import resolve_layer
 
@@ -105,8 +106,12 @@ class EmbeddingModel(nn.Module):
         """
         # All layers' states only when some are asked for: the embedding needs the last one,
         # and keeping num_layers + 1 (B, L, d) tensors alive costs memory for nothing.
-        out = self.adapter.forward(batch, output_hidden_states=bool(layers),
-                                   output_attentions=output_attentions)
+        # Only the EOS row of the last layer is pooled: without other layers or attention
+        # maps asked for, its token-wise modules run on that row alone (exact, less work).
+        mods = [] if layers or output_attentions else self.adapter.pooled_token_modules()
+        with pooled_rows_only(mods, batch.eos_index):
+            out = self.adapter.forward(batch, output_hidden_states=bool(layers),
+                                       output_attentions=output_attentions)
         last = out.last_hidden_state
         idx = torch.arange(last.shape[0], device=last.device)
         emb = last[idx, batch.eos_index]
