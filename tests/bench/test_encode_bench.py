@@ -22,5 +22,8 @@ def test_bench_encode_runs_and_results_are_equal(tmp_path):
     assert res["equality"]["min_cosine"] > 1 - 1e-6
     assert res["ratios"]["items_per_s"] == pytest.approx(
         res["pipeline"]["items_per_s"] / res["sequential"]["items_per_s"])
+    # The forward alone on the same batches: the limit the pipeline is measured against.
+    assert res["pipeline"]["forward_only_seconds"] > 0
     report = format_report(res, "test")
+    assert "forward only" in report
     assert "ratios (pipeline / sequential)" in report.splitlines()[-1]
