@@ -24,7 +24,8 @@ used as it is), which fam loads too (``fam_backbone.json`` records its input set
   optimizer state, activations, GradCache's cached outputs).
 
 Method: every measurement is a **fresh subprocess**; the sides alternate (fam, st, st, fam,
-...) for ``--repeats`` rounds so that load from other jobs falls on both; medians are
+...: who goes first changes with every task and round) for ``--repeats`` rounds so that load
+from other jobs falls on both; medians are
 reported with the machine's load average. Results must agree before a ratio is printed:
 the embeddings' max |Δ| (row by row, input order) at most :data:`EMBEDDING_TOLERANCE` and the
 first step's losses within :data:`LOSS_TOLERANCE`; otherwise the report refuses the ratios.
@@ -311,9 +312,9 @@ def run_bench(model: Path, data: Path, *, n: int = 256, batch_size: int = 32, pa
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="fam-bench-peer-") as tmp:
         for r in range(repeats):
-            order = SIDES if r % 2 == 0 else SIDES[::-1]
-            for task in tasks:
-                for side in order:
+            for ti, task in enumerate(tasks):
+                # Who goes first alternates between tasks and rounds.
+                for side in (SIDES if (r + ti) % 2 == 0 else SIDES[::-1]):
                     spec = {"side": side, "task": "train" if task == "train" else "encode",
                             "model": str(model), "root": str(data), "threads": threads,
                             "device": device, "batch_size": batch_size, "chunk": chunk,
