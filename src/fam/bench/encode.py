@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,20 +118,6 @@ def _preimport(model: str) -> None:
     Image.init()
 
 
-def _run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    src_root = str(Path(__file__).resolve().parents[2])  # .../src, so `fam` imports as here
-    env = dict(os.environ)
-    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
-    proc = subprocess.run([sys.executable, "-m", "fam.bench.encode", "--_worker",
-                           json.dumps(spec)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker ({spec['variant']}) failed (exit "
-                           f"{proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def build_default(work: Path, size: str, n: int, layers: int = 0, image_size: int = 224,
                   seed: int = 0) -> tuple[Path, Path]:
     """A tiny Qwen2-VL (``layers`` language-model layers if > 0) and ``n`` Scenes evaluation
@@ -182,6 +166,8 @@ def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_si
     """Measure both variants ``repeats`` times (alternating); medians and result equality."""
     from safetensors.torch import load_file
 
+    from fam.bench import run_worker
+
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="fam-bench-encode-") as tmp:
         for r in range(repeats):
@@ -190,7 +176,7 @@ def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_si
                         "image_root": str(image_root) if image_root else None,
                         "batch_size": batch_size, "threads": threads, "prefetch": prefetch,
                         "workers": workers, "out": str(Path(tmp) / f"{v}.safetensors")}
-                res = _run_in_subprocess(spec)
+                res = run_worker("fam.bench.encode", spec, spec["variant"])
                 logger.info("encode bench round %d %s: %s", r, v, res)
                 runs[v].append(res)
         a = load_file(str(Path(tmp) / "sequential.safetensors"))["embeddings"]

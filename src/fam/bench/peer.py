@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -273,20 +272,6 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- driver
-def _run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    src_root = str(Path(__file__).resolve().parents[2])  # .../src, so `fam` imports as here
-    env = dict(os.environ)
-    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
-    proc = subprocess.run([sys.executable, "-m", "fam.bench.peer", "--_worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker ({spec['side']} {spec['task']}) failed (exit "
-                           f"{proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -300,6 +285,8 @@ def run_bench(model: Path, data: Path, *, n: int = 256, batch_size: int = 32, pa
               ) -> dict[str, Any]:
     """Measure both sides ``repeats`` times, alternating; medians, agreement and ratios."""
     from safetensors.torch import load_file
+
+    from fam.bench import run_worker
 
     files = write_items(data, max(n, pairs))
     pair_file = data / "peer_pairs_used.jsonl"
@@ -321,7 +308,7 @@ def run_bench(model: Path, data: Path, *, n: int = 256, batch_size: int = 32, pa
                             "steps": steps, "scale": 50.0, "lr": 1e-4,
                             "items": str(pair_file if task == "train" else item_files[task]),
                             "out": str(Path(tmp) / f"{side}_{task}.safetensors")}
-                    res = _run_in_subprocess(spec)
+                    res = run_worker("fam.bench.peer", spec, f"{side} {task}")
                     logger.info("peer bench round %d %s %s: %s", r, side, task, res)
                     runs.setdefault((side, task), []).append(res)
         emb = {(s, m): load_file(str(Path(tmp) / f"{s}_{m}.safetensors"))["embeddings"]
