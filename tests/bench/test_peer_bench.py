@@ -14,8 +14,9 @@ def _runs(fam_ips=20.0, st_ips=10.0, fam_t=1.0, st_t=2.0, fam_m=90, st_m=100, lo
     runs = {}
     for side, ips, t, m, l, p in (("fam", fam_ips, fam_t, fam_m, loss[0], params[0]),
                                   ("st", st_ips, st_t, st_m, loss[1], params[1])):
-        runs[(side, "text")] = [{"items_per_s": ips}]
-        runs[(side, "train")] = [{"step_time": t, "peak_bytes": m, "losses": [l, l - 1],
+        runs[(side, "text")] = [{"items_per_s": ips, "cpu_seconds": 256 / ips, "n": 256}]
+        runs[(side, "train")] = [{"step_time": t, "step_cpu_time": t, "peak_bytes": m,
+                                  "losses": [l, l - 1],
                                   "trainable_parameters": p, "memory_method": "cpu"}]
     return runs
 
@@ -32,7 +33,8 @@ def test_ratios_and_targets_when_results_agree():
     assert res["ratios"] == pytest.approx({"encode_text": 2.0, "train_step_time": 0.5,
                                            "train_peak_memory": 0.9})
     assert res["met"] and not res["refused"]
-    assert "all targets met" in format_report(res, "test")
+    report = format_report(res, "test")
+    assert "all targets met" in report and "text 0.50x, train step 0.50x" in report
     slow = _summarise(_runs(fam_ips=12.0), {("fam", "text"): e, ("st", "text"): e},
                       ("text", "train"), _settings())
     assert not slow["met"] and not slow["targets"]["encode_text"]["met"]
