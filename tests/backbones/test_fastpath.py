@@ -26,15 +26,19 @@ def test_pooled_rows_only_gives_the_full_forward_embeddings_and_gradients(tiny_d
     batch.inputs["pixel_values"] = batch.inputs["pixel_values"].double()
     w = mods[1].down_proj.weight
     w.requires_grad_(True)
-    fast = model(batch).embedding  # the fast path is on by default
+    seen = []
+    mods[1].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape)))
+    fast = model(batch, pooled_only=True).embedding
+    assert seen[-1][1] == 1  # the MLP ran on one row per sequence
     (g_fast,) = torch.autograd.grad(fast.sum(), w)
-    model.adapter.pooled_token_modules = lambda: []
-    plain = model(batch).embedding
+    plain = model(batch).embedding  # every row, as the multi-vector head reads them
+    assert seen[-1][1] == batch.image_mask.shape[1]
     (g_plain,) = torch.autograd.grad(plain.sum(), w)
     # float64: the EOS rows see the same operations in the same order.
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+    # Gradients: the same sums, the EOS rows' in another order (float64 rounding, ~1e-16).
     torch.testing.assert_close(g_fast, g_plain, rtol=1e-10, atol=1e-12)
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in mods)  # removed after
+    assert not mods[0]._forward_pre_hooks and not mods[1]._forward_pre_hooks  # removed after
 
 
 def test_pooled_rows_only_leaves_other_threads_alone():

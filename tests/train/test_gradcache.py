@@ -320,6 +320,7 @@ def test_split_encoded_drops_padding_columns_of_the_chunk(scene_images):
     with torch.no_grad():
         full = module64.embedder(b64.query).embedding[i]
         alone = module64.embedder(gc.split_encoded(b64.query, i, i + 1)).embedding[0]
+    # float64: shorter padded length changes only the summation order (~1e-16 per op).
     torch.testing.assert_close(alone, full, rtol=0, atol=1e-12)
 
 

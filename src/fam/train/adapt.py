@@ -203,21 +203,24 @@ class ContrastiveModule(nn.Module):
         """:meth:`forward`'s outputs in parts, computed in the same order: the queries', the
         targets', the negatives' embeddings. GradCache back-propagates each part before the
         next is computed, so one side's graph is alive at a time instead of all three. With
-        VEIN or the placeholder forward, the whole forward is one part."""
-        if self.vein is not None or (batch.neg is None and batch.hard_negatives
-                                     and dist_utils.is_dist()):
+        VEIN, a multi-vector head or the placeholder forward, the whole forward is one part."""
+        if self.vein is not None or self.multivector is not None or (
+                batch.neg is None and batch.hard_negatives and dist_utils.is_dist()):
             yield self.forward(batch, step)
             return
-        yield {"q": self.embedder(batch.query).embedding}
-        yield {"t": self.embedder(batch.target).embedding}
+        yield {"q": self.embedder(batch.query, pooled_only=True).embedding}
+        yield {"t": self.embedder(batch.target, pooled_only=True).embedding}
         if batch.neg is not None:
-            yield {"n": self.embedder(batch.neg).embedding}
+            yield {"n": self.embedder(batch.neg, pooled_only=True).embedding}
 
     def forward(self, batch: PairBatch, step: int = 0) -> dict[str, Any]:
         layers = self._vein_layers()
-        q = self.embedder(batch.query, layers)
-        t = self.embedder(batch.target, layers)
-        n_out = self.embedder(batch.neg) if batch.neg is not None else None
+        # Pooled vectors only unless the multi-vector head reads the token states (VEIN's
+        # layers turn the shortcut off by themselves); forward_parts does the same.
+        po = self.multivector is None
+        q = self.embedder(batch.query, layers, pooled_only=po)
+        t = self.embedder(batch.target, layers, pooled_only=po)
+        n_out = self.embedder(batch.neg, pooled_only=po) if batch.neg is not None else None
         n = n_out.embedding if n_out is not None else \
             t.embedding.new_zeros((0, t.embedding.shape[1]))
         out: dict[str, Any] = {"q": q.embedding, "t": t.embedding, "n": n}
