@@ -136,7 +136,8 @@ class RngState:
 def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The outputs of a batch from those of its chunks (see the module docstring).
 
-    Tensors with rows are concatenated (chunks without the key contribute nothing), scalars
+    Tensors with rows are concatenated (chunks without the key contribute nothing; per-token
+    ``(rows, L, ...)`` outputs are zero-padded to the longest chunk's L), scalars
     (0-dim tensors, numbers) are summed; a key whose values are all ``None`` stays ``None``.
     """
     keys = list(dict.fromkeys(k for p in parts for k in p))
@@ -145,6 +146,14 @@ def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         vals = [p[k] for p in parts if p.get(k) is not None]
         if not vals:
             out[k] = None
+        elif torch.is_tensor(vals[0]) and vals[0].dim() > 1 and len(
+                {v.shape[1] for v in vals}) > 1:
+            # Per-token outputs of chunks with different padded lengths (split_encoded drops
+            # a chunk's padding columns): padded again with zeros (False for masks).
+            n = max(v.shape[1] for v in vals)
+            out[k] = torch.cat([torch.cat([v, v.new_zeros((v.shape[0], n - v.shape[1],
+                                                           *v.shape[2:]))], 1)
+                                if v.shape[1] < n else v for v in vals])
         elif torch.is_tensor(vals[0]) and vals[0].dim() > 0:
             out[k] = torch.cat(vals)
         elif torch.is_tensor(vals[0]):
