@@ -112,11 +112,11 @@ def _forward_only(pipe, items) -> float:
     from fam.model.encode import length_order
     order = length_order(items)
     bs = pipe.batch_size
-    batches = [pipe._prepare([items[i] for i in order[k:k + bs]], None, None)
-               for k in range(0, len(items), bs)]
+    idx = [order[k:k + bs] for k in range(0, len(items), bs)]
+    batches = [pipe._prepare([items[i] for i in ix], None, None) for ix in idx]
     t0 = time.perf_counter()
-    for b in batches:
-        pipe._forward(b)
+    for b, ix in zip(batches, idx):
+        pipe._run(b, ix)
     return time.perf_counter() - t0
 
 
