@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from fam.backbones.base import BackboneAdapter
+from fam.backbones.fastpath import patch_embed_as_matmul
 from fam.backbones.tokenizer import train_bpe_tokenizer
 from fam.backbones.video import qwen_video_patches
 from fam.errors import ConfigError
@@ -76,6 +77,8 @@ class Qwen2VLAdapter(BackboneAdapter):
         self.vision_end_id = int(cfg.vision_end_token_id)
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
         self.video_token_id = int(cfg.video_token_id)
+        # The patch embedding's Conv3d (kernel = stride) as the equal matrix product.
+        patch_embed_as_matmul(self.model)
 
     @classmethod
     def _model_class(cls):
