@@ -53,8 +53,9 @@ from fam.backbones.checks import check_tokenizer
 from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
-                                   parse_image_resolution, pre_resize)
-from fam.data.images import load_image, to_rgb
+                                   parse_image_resolution, pre_resize, target_size)
+from fam.data.images import ImageRules, load_image, to_rgb
+from fam.data.items import InputRules
 from fam.data.types import MMItem
 from fam.errors import ConfigError
 
@@ -126,6 +127,11 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
     has_pixel_budget: ClassVar[bool] = False
     #: Family-specific keyword options of ``from_pretrained`` (beside the common ones).
     extra_load_options: ClassVar[tuple[str, ...]] = ()
+    #: Largest long side / short side ratio the family's processor accepts (``None``: any),
+    #: and its smallest side, on the size after the pre-resize. The input contract checks
+    #: them up front (:attr:`input_rules`), so no run dies on an image mid-way.
+    max_aspect: ClassVar[float | None] = None
+    min_side: ClassVar[int] = 1
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, *,
                  max_text_tokens: int | None | str = "auto", padding_side: str = "right",
@@ -371,12 +377,40 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
         image = pre_resize(image, self.image_resolution)
         return to_rgb(image, "drop" if self.prompt_format == "vlm2vec" else "composite")
 
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's special (control) tokens, as strings."""
+        tok = self.tokenizer
+        names = set(getattr(tok, "all_special_tokens", []))
+        names.update(t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
+                     if getattr(t, "special", False))
+        return tuple(sorted(n for n in names if n))
+
+    @property
+    def input_rules(self) -> InputRules:
+        """What this model accepts, for the input contract (:mod:`fam.data.items`).
+
+        The image limits of the family (:attr:`max_aspect`, :attr:`min_side`) on the size
+        after the pre-resize; the control tokens text may not contain: none in fam's format
+        (the layout splits them into plain text), every special token in the ``vlm2vec``
+        format (the whole string is tokenised at once, so they could not be told apart).
+        """
+        spec = self.image_resolution
+
+        def resize(size: tuple[int, int]) -> tuple[int, int]:
+            return target_size(spec, size) or size
+
+        images = ImageRules(max_aspect=self.max_aspect, min_side=self.min_side,
+                            resize=resize if spec is not None else None, family=self.family)
+        reserved = self.special_tokens() if self.prompt_format == "vlm2vec" else ()
+        return InputRules(images=images, reserved_tokens=reserved)
+
     def load_item_image(self, item: MMItem) -> Image.Image | None:
-        """The item's image as stored on disk (its own mode; :meth:`prepare_image` converts)."""
+        """The item's image as stored on disk (normalised mode; :meth:`prepare_image` converts),
+        checked against this model's :attr:`input_rules`."""
         if item.image is None:
             return None
         return load_image(item.image, source=item.source, line=item.line, field=item.field,
-                          rgb=False)
+                          rgb=False, rules=self.input_rules.images)
 
     def encode(self, items: Sequence[MMItem],
                images: Sequence[Image.Image | Sequence[Image.Image] | None] | None = None,

@@ -198,14 +198,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from fam.data.images import ImageRef, check_images
-    from fam.data.mmeb import read_items
+    from fam.data.items import check_items, read_items
     from fam.errors import DataError
     from fam.utils.io import atomic_path, output_file
     out = output_file(args.out, "--out")
-    items = read_items(args.input, args.image_root or Path(args.input).parent)
-    check_images(ImageRef(it.image, it.source, it.line, it.field) for it in items
-                 if it.image is not None)
+    # The input contract: every row before the model loads, then what depends on the model.
+    items = [r.item for r in read_items(args.input, args.image_root or Path(args.input).parent)]
+    check_images((ImageRef(it.image, it.source, it.line, it.field) for it in items
+                  if it.image is not None), "exists")
     model = _load_model(args)
+    check_items(items, model.adapter.input_rules)
     emb = model.encode(items, batch_size=args.batch_size, progress=True)
     bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten().tolist()
     if bad:
