@@ -124,6 +124,51 @@ def test_search_page_in_headless_chromium(server, small_collection):
             browser.close()
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install "
+                                              "chromium; .ci/run installs it)")
+def test_case7_page_choose_clear_choose_again_then_search(server, small_collection):
+    """Issue 23 case 7: choosing an image or pressing "Clear image" removed the hidden file
+    input, and the next click on the drop box threw ``Cannot read properties of null``."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is "
+                                                                 "not installed")
+    url, _, _ = server
+    _, root = small_collection
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760}, bypass_csp=True)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('info').textContent"
+                                   ".includes('13 items')", timeout=20_000)
+
+            def choose(path):  # the real path: a click on the drop box opens the file chooser
+                with page.expect_file_chooser(timeout=10_000) as fc:
+                    page.click("#drop")
+                fc.value.set_files(str(path))
+                page.wait_for_selector("#drop img", timeout=10_000)
+
+            choose(root / "img" / "2.png")
+            page.click("#clear")
+            assert page.query_selector("#drop img") is None
+            assert page.query_selector("#file") is not None  # the input survives clearing
+            choose(root / "img" / "2.png")  # the same file again, after clearing
+            page.click("#clear")
+            choose(root / "img" / "4.png")
+            page.click("#go")
+            png = (root / "img" / "4.png").read_bytes()
+            uri = "data:image/png;base64," + base64.b64encode(png).decode()
+            api = httpx.post(url + "/v1/search", json={"query": {"image": uri}, "k": 10}).json()
+            want = [h["id"] for h in api["data"]]
+            page.wait_for_function(
+                "ids => JSON.stringify(Array.from(document.querySelectorAll('.card'))"
+                ".map(c => c.dataset.id)) === JSON.stringify(ids)", arg=want, timeout=20_000)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
 def test_graceful_shutdown_finishes_and_stops_the_worker(server):
     url, proc, log = server
     assert httpx.post(url + "/v1/embeddings", json={"input": "last one"}).status_code == 200

@@ -180,6 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default = src / "eval_results.json" if isinstance(src, Path) else \
         Path(f"eval_results-{src.replace('/', '--')}.json")  # a hub id: in this folder
     out = output_file(args.out or default, "--out")  # before the work, not after it
+    if not args.overwrite:
+        _refuse_overwrite(out, args)
     model = _load_model(args)
     res = evaluate(model, args.data, args.image_root, datasets=args.datasets or None,
                    batch_size=args.batch_size, max_rows=args.max_rows,
@@ -191,6 +193,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"ties={args.ties}: {TIE_RULES[args.ties]}")
     print(f"results written to {out} (and {{Dataset}}_score.json beside it)")
     return 0
+
+
+def _refuse_overwrite(out: Path, args: argparse.Namespace) -> None:
+    """Refuse, before any work, to replace the results of an earlier eval without --overwrite.
+
+    ``fam eval`` writes ``--out`` and a VLM2Vec ``{Dataset}_score.json`` per dataset beside
+    it; a second eval into the same folder would silently replace the first one's.
+    """
+    from fam.data.mmeb import discover_datasets
+    from fam.errors import ConfigError
+    try:
+        names = list(discover_datasets(args.data, "eval", args.split))
+    except Exception:  # noqa: BLE001 - the evaluation itself reports a bad --data
+        names = []
+    if args.datasets:
+        names = [n for n in names if n in args.datasets]
+    taken = ([out] if out.exists() else []) + [
+        p for p in (out.parent / f"{n}_score.json" for n in names) if p.exists()]
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise ConfigError(f"--out {out}: {taken[0]}{more} already hold(s) the results of an "
+                          "earlier eval; pass --overwrite to replace them, or give --out a "
+                          "new folder", key="--out")
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -246,6 +271,9 @@ def add_infer_subcommands(sub: Any) -> None:
     ev.add_argument("--out", default=None,
                     help="results JSON (default: <model>/eval_results.json; for a hub id "
                          "eval_results-<org>--<name>.json here)")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace the results (--out and the {Dataset}_score.json files beside "
+                         "it) of an earlier eval; without it fam eval refuses to overwrite them")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                     help="print two runs side by side with differences (results JSON, a folder "

@@ -49,6 +49,10 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 #: ``ServeConfig.max_image_pixels`` defaults to the same number.
 MAX_IMAGE_PIXELS = 64_000_000
 
+#: The reason given for a file whose structure or pixel data is incomplete or damaged
+#: (one reason, whichever check finds it, so every path refuses it alike).
+TRUNCATED = "corrupt or truncated image"
+
 # What PIL raises for a file it cannot read; DecompressionBombError is none of these.
 _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
                IndexError, KeyError, TypeError, ZeroDivisionError, struct.error)
@@ -159,10 +163,6 @@ def normalise_mode(image: Image.Image) -> Image.Image:
         elif mode == "I" and a.size and a.max() > 255:
             a = a / 256.0 if a.max() < 65536 else a / 16777216.0
         return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    if mode == "LAB":
-        from PIL import ImageCms
-        return ImageCms.applyTransform(image, ImageCms.buildTransformFromOpenProfiles(
-            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"))
     return image.convert("RGB")
 
 
@@ -208,8 +208,20 @@ def _decode(im: Image.Image) -> Image.Image:
             im.load()
             out = ImageOps.exif_transpose(im)
             return normalise_mode(out if out is not None else im)
-    except (Image.DecompressionBombError, *_UNREADABLE) as e:
-        raise InputError(f"corrupt or truncated image ({type(e).__name__})") from None
+    except (Image.DecompressionBombError, *_UNREADABLE):
+        raise InputError(TRUNCATED) from None
+
+
+def _verify(src: Path | bytes) -> None:
+    """The file's structure (PNG chunks and CRCs; no decoding)."""
+    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp, formats=IMAGE_FORMATS) as im:  # verify() needs a fresh open
+                im.verify()
+    except (Image.DecompressionBombError, *_UNREADABLE):
+        raise InputError(TRUNCATED) from None
 
 
 def open_image(src: Path | bytes, rules: ImageRules = DEFAULT_RULES) -> Image.Image:
@@ -223,6 +235,8 @@ def open_image(src: Path | bytes, rules: ImageRules = DEFAULT_RULES) -> Image.Im
         InputError: unknown format, too large, outside the backbone's limits, corrupt or
             truncated (the reason only; callers add where the image came from).
     """
+    _open(src, rules).close()  # format, size and the backbone's limits, from the header
+    _verify(src)
     im = _open(src, rules)
     try:
         out = _decode(im)
@@ -282,15 +296,9 @@ def check_image(ref: ImageRef, mode: Literal["exists", "verify", "decode"] = "ve
         return
     try:
         _open(ref.path, rules).close()  # format, size and the backbone's limits
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(ref.path, formats=IMAGE_FORMATS) as im:  # verify() opens afresh
-                im.verify()
+        _verify(ref.path)
     except InputError as e:
         raise _locate(e, ref.path, ref.source, ref.line, ref.field) from None
-    except (Image.DecompressionBombError, *_UNREADABLE) as e:
-        raise _locate(InputError(f"corrupt or truncated image ({type(e).__name__})"),
-                      ref.path, ref.source, ref.line, ref.field) from None
 
 
 def check_images(refs: Iterable[ImageRef], mode: str = "verify", progress: bool = False,

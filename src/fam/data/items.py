@@ -219,15 +219,20 @@ def check_items(items: Sequence[MMItem], rules: InputRules = DEFAULT_INPUT_RULES
     """
     for it in items:
         check_item(it.text, int(it.image is not None), rules, path=it.source, line=it.line,
-                   text_field="text" if it.field in (None, "image") else _text_field(it.field))
+                   text_field=text_field(it.field))
     return check_images((ImageRef(it.image, it.source, it.line, it.field) for it in items
                          if it.image is not None), image_check, progress, desc, rules.images)
 
 
-def _text_field(image_field: str) -> str:
-    # MMEB rows: the text field beside an image field (qry_img_path -> qry_text).
-    return {"qry_img_path": "qry_text", "pos_img_path": "pos_text",
-            "neg_img_path": "neg_text"}.get(image_field, image_field)
+def text_field(field: str | None) -> str:
+    """The text field beside an item's image field (MMEB rows, items JSONL)."""
+    known = {"qry_image_path": "qry", "pos_image_path": "pos_text",
+             "neg_image_path": "neg_text", "qry_img_path": "qry_text", "image": "text"}
+    if field is None:
+        return "text"
+    if field.startswith("tgt_img_path"):
+        return "tgt_text" + field[len("tgt_img_path"):]
+    return known.get(field, field)
 
 
 @dataclass

@@ -313,7 +313,10 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         if not rows:
             raise DataError("dataset has no rows", found[name][0])
         if check_images:
-            validate_images(rows, mode="verify", progress=progress)
+            # The backbone's image limits too (the input contract), so no dataset dies mid-way.
+            rules = getattr(getattr(encoder, "adapter", None), "input_rules", None)
+            validate_images(rows, mode="verify", progress=progress,
+                            rules=rules.images if rules is not None else None)
         credits, n_encoded = evaluate_rows(encoder, rows, batch_size, ties, progress, name)
         counts = [len(r.candidates) for r in rows]
         info = meta[name]

@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fam.backbones.base import EncodedBatch
-from fam.data.items import InputRules, check_item
+from fam.data.items import InputRules, check_item, check_text
 from fam.data.types import MMItem
 from fam.errors import InputError
 from fam.model import EmbeddingModel, autocast_for
@@ -139,6 +139,8 @@ def check_encode_items(items: Sequence[MMItem], images: Sequence[ImageArg] | Non
         else:
             ims = list(given) if isinstance(given, (list, tuple)) else [given]
             n = len(ims)
+        check_text(it.text, rules, path=it.source, line=it.line,
+                   field="text" if it.source else f"items[{i}].text")
         check_item(it.text, n, rules, path=it.source, line=it.line,
                    item_field=None if it.source else f"items[{i}]",
                    text_field="text" if it.source else f"items[{i}].text")

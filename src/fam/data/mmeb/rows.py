@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 from fam.data.mmeb.layout import discover_datasets, guess_image_root, iter_rows
 from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, TRAIN_OPTIONAL, TRAIN_REQUIRED,
                                    EvalRow, TrainPair)
+from fam.data.items import check_item
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import DataError
 from fam.utils.io import read_jsonl, resolve_under
@@ -52,6 +53,8 @@ class _ItemFactory:
         if not text and image is None:
             raise DataError(f"empty item: both '{text_field}' and '{image_field}' are empty",
                             source, line, text_field)
+        # The input contract's placeholder rules (<|image_2|> with one image, twice the same).
+        check_item(text, int(image is not None), path=source, line=line, text_field=text_field)
         src = self._sources.setdefault(source, str(source))  # one string per file, shared
         item = MMItem(text=text, image=image, source=src, line=line,
                       field=image_field if image is not None else text_field)
