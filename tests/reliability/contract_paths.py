@@ -112,8 +112,12 @@ class ThreePaths:
         if text is not None:
             obj["text"] = text
         if image is not None:
-            obj["image"] = base64.b64encode(image).decode("ascii")
-        r = self.client.post("/v1/embeddings", json={"input": obj})
+            obj["image"] = "data:application/octet-stream;base64," + \
+                base64.b64encode(image).decode("ascii")
+        # Serialised here with ASCII escapes: a lone surrogate in a text is valid JSON
+        # (a client library's UTF-8 encoder would choke on it first).
+        r = self.client.post("/v1/embeddings", content=json.dumps({"input": obj}),
+                             headers={"Content-Type": "application/json"})
         if r.status_code == 200:
             return Outcome("serve", vector=torch.tensor(r.json()["data"][0]["embedding"]))
         try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, NamedTuple
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fam.errors import InputError
 
@@ -166,14 +166,27 @@ def normalise_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+#: EXIF orientation → the transpose that makes the image upright (as ImageOps.exif_transpose).
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation, read from the header before decoding (PIL forgets it for some
+    formats, e.g. TIFF, once the pixels are loaded)."""
+    try:
+        value = im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the image as stored
+        return None
+    return value if value in _ORIENT else None
+
+
 def _displayed_size(im: Image.Image) -> tuple[int, int]:
     """The size after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
-    try:
-        orientation = im.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - a malformed EXIF block: the size as stored
-        orientation = None
     w, h = im.size
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
 def _open(src: Path | bytes, rules: ImageRules) -> Image.Image:
@@ -202,12 +215,18 @@ def _open(src: Path | bytes, rules: ImageRules) -> Image.Image:
 
 def _decode(im: Image.Image) -> Image.Image:
     """Decode every pixel, apply the EXIF orientation and normalise the mode."""
+    orientation = _orientation(im)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            size = im.size
             im.load()
-            out = ImageOps.exif_transpose(im)
-            return normalise_mode(out if out is not None else im)
+            # PIL applies a TIFF's orientation itself while loading (and drops the tag): then
+            # the size changed or the tag is gone, and it is not applied twice.
+            done = im.size != size or _orientation(im) is None
+            out = im.transpose(_ORIENT[orientation]) \
+                if orientation is not None and not done else im
+            return normalise_mode(out)
     except (Image.DecompressionBombError, *_UNREADABLE):
         raise InputError(TRUNCATED) from None
 
@@ -235,6 +254,10 @@ def open_image(src: Path | bytes, rules: ImageRules = DEFAULT_RULES) -> Image.Im
         InputError: unknown format, too large, outside the backbone's limits, corrupt or
             truncated (the reason only; callers add where the image came from).
     """
+    if not isinstance(src, (bytes, bytearray)):
+        # A file is read into memory and decoded as the bytes of a request are: one code
+        # path (PIL treats a file and a buffer differently in places, e.g. TIFF orientation).
+        src = Path(src).read_bytes()
     _open(src, rules).close()  # format, size and the backbone's limits, from the header
     _verify(src)
     im = _open(src, rules)

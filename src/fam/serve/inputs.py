@@ -101,8 +101,9 @@ def _decode_base64(s: str, where: str, cfg: ServeConfig) -> bytes:
 def image_source(value: Any, where: str, cfg: ServeConfig) -> bytes | str:
     """Bytes of an image given as a data URI / base64, or the URL to fetch (if allowed)."""
     if not isinstance(value, str) or not value:
+        got = "an empty string" if value == "" else _type_name(value)
         raise RequestError(400, f"{where}: expected an image as a data URI or base64 string, "
-                                f"got {_type_name(value)}", where)
+                                f"got {got}", where)
     if value[:8].lower().startswith(("http://", "https://")):
         if not cfg.allow_image_urls:
             raise RequestError(400, f"{where}: image URLs are not fetched by this server (start "
