@@ -16,7 +16,7 @@ import pytest
 import torch
 from contract_paths import agree
 from PIL import Image
-from reliability_helpers import adapt_args, copy
+from reliability_helpers import adapt_args, append_row, copy
 
 from fam.data.types import MMItem
 from fam.errors import InputError
@@ -72,22 +72,12 @@ def test_case02_aspect_ratio_over_200_is_refused_alike_everywhere(three_paths):
     assert agree(ok) is None and ok[0].vector is not None
 
 
-def _append_row(data: Path, subset: str, image: str) -> int:
-    path = data / "train" / f"{subset}.jsonl"
-    rows = path.read_text().splitlines()
-    rows.append(json.dumps({"qry": "<|image_1|> Represent the given image.",
-                            "qry_image_path": image, "pos_text": "a red circle",
-                            "pos_image_path": "", "neg_text": "", "neg_image_path": ""}))
-    path.write_text("\n".join(rows) + "\n")
-    return len(rows)
-
-
 def test_case02_train_adapt_refuses_the_500x1_image_before_training(tiny, scenes, tmp_path,
                                                                     cli):
     """Was: "10 images checked", then a crash when the image's batch came up."""
     data = copy(scenes, tmp_path / "data")
     Image.new("RGB", (500, 1), "red").save(data / "images" / "train" / "thin.png")
-    line = _append_row(data, "Scenes-T2I", "images/train/thin.png")
+    line = append_row(data, "Scenes-T2I", "images/train/thin.png")
     rc, _, _ = cli(*adapt_args(tiny, data, tmp_path / "run"))
     assert rc == 2 and "aspect ratio" in cli.error and "thin.png" in cli.error
     assert f"Scenes-T2I.jsonl, line {line}, field 'qry_image_path'" in cli.error
@@ -281,3 +271,14 @@ def test_index_items_refuse_a_misspelt_key(tmp_path):
     p.write_text(json.dumps({"txt": "a"}) + "\n")
     with pytest.raises(DataError, match=r"unknown key 'txt' \(did you mean 'text'\?\)"):
         read_items(p)
+
+
+def test_server_limits_default_to_the_contracts():
+    """The server applies the contract's limits unless its operator changes them, so the
+    differential test's defaults are the ones users get."""
+    from fam.config import ServeConfig
+    from fam.data.images import MAX_IMAGE_PIXELS
+    from fam.data.items import MAX_IMAGES, MAX_TEXT_CHARS
+    cfg = ServeConfig()
+    assert (cfg.max_text_chars, cfg.max_image_pixels, cfg.max_images_per_input) == \
+        (MAX_TEXT_CHARS, MAX_IMAGE_PIXELS, MAX_IMAGES)

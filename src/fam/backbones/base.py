@@ -387,20 +387,12 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
 
     @property
     def input_rules(self) -> InputRules:
-        """What this model accepts, for the input contract (:mod:`fam.data.items`).
-
-        The image limits of the family (:attr:`max_aspect`, :attr:`min_side`) on the size
-        after the pre-resize; the control tokens text may not contain: none in fam's format
-        (the layout splits them into plain text), every special token in the ``vlm2vec``
-        format (the whole string is tokenised at once, so they could not be told apart).
-        """
+        """What this model accepts (:mod:`fam.data.items`): the family's image limits on the
+        size after the pre-resize; the special tokens text may not hold in the ``vlm2vec``
+        format (fam's layout splits them into plain text instead)."""
         spec = self.image_resolution
-
-        def resize(size: tuple[int, int]) -> tuple[int, int]:
-            return target_size(spec, size) or size
-
-        images = ImageRules(max_aspect=self.max_aspect, min_side=self.min_side,
-                            resize=resize if spec is not None else None, family=self.family)
+        images = ImageRules(max_aspect=self.max_aspect, min_side=self.min_side, family=self.family,
+                            resize=(lambda s: target_size(spec, s) or s) if spec else None)
         reserved = self.special_tokens() if self.prompt_format == "vlm2vec" else ()
         return InputRules(images=images, reserved_tokens=reserved)
 
