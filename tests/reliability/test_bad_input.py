@@ -120,7 +120,7 @@ def test_eval_reports_a_non_mmeb_dataset_apart(tiny, scenes, tmp_path, cli):
     ({}, "line 2, field 'text': empty item"),
     ({"text": "<|image_1|> a photo"}, "line 2, field 'text': the text names <|image_1|> but "
                                       "the item has no image"),
-    ({"text": 3}, "line 2, field 'text': expected a string, got int"),
+    ({"text": 3}, "line 2, field 'text': expected a string, got a number"),
     ({"text": "x", "image": ["a.png"]}, "line 2, field 'image': expected an image path"),
     ({"text": "", "image": ""}, "line 2, field 'text': empty item"),
 ])
