@@ -282,3 +282,17 @@ def test_server_limits_default_to_the_contracts():
     cfg = ServeConfig()
     assert (cfg.max_text_chars, cfg.max_image_pixels, cfg.max_images_per_input) == \
         (MAX_TEXT_CHARS, MAX_IMAGE_PIXELS, MAX_IMAGES)
+
+
+def test_index_build_checks_every_item_with_the_models_rules_first(tiny, tmp_path):
+    """fam index build applies the backbone's limits to every item before encoding."""
+    from fam.errors import DataError
+    from fam.index import build_index
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "ok.png")
+    Image.new("RGB", (500, 1), "red").save(tmp_path / "thin.png")
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"text": "a", "image": "ok.png"}, {"text": "b"}, {"text": "c", "image": "thin.png"})))
+    with pytest.raises(DataError, match=r"items.jsonl, line 3, field 'image'.*aspect ratio"):
+        build_index(tmp_path / "idx", items, model=tiny, progress=False, shard_size=1)
+    assert not list((tmp_path / ".idx.build").glob("shard-*"))  # nothing encoded
