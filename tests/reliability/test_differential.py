@@ -134,6 +134,7 @@ def images(draw) -> tuple[bytes, str] | None:
     return data, fmt
 
 
+@pytest.mark.slow
 def test_differential_library_encode_serve_agree_on_generated_items(three_paths):
     """Zero disagreements over ``N_ITEMS`` generated items (issue 23 acceptance)."""
     seen: list[str] = []
