@@ -50,12 +50,12 @@ import torch
 from PIL import Image
 
 from fam.backbones.checks import check_tokenizer
+from fam.backbones.inputs import InputLimits
 from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
-                                   parse_image_resolution, pre_resize, target_size)
-from fam.data.images import ImageRules, load_image, to_rgb
-from fam.data.items import InputRules
+                                   parse_image_resolution, pre_resize)
+from fam.data.images import load_image, to_rgb
 from fam.data.types import MMItem
 from fam.errors import ConfigError
 
@@ -95,7 +95,7 @@ class EncodedBatch:
         return int(self.eos_index.shape[0])
 
 
-class BackboneAdapter(PromptLayout, torch.nn.Module):
+class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
     """Base class of the per-family adapters.
 
     The adapter is a module whose only child is the transformers model (``self.model``),
@@ -127,11 +127,6 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
     has_pixel_budget: ClassVar[bool] = False
     #: Family-specific keyword options of ``from_pretrained`` (beside the common ones).
     extra_load_options: ClassVar[tuple[str, ...]] = ()
-    #: Largest long side / short side ratio the family's processor accepts (``None``: any),
-    #: and its smallest side, on the size after the pre-resize. The input contract checks
-    #: them up front (:attr:`input_rules`), so no run dies on an image mid-way.
-    max_aspect: ClassVar[float | None] = None
-    min_side: ClassVar[int] = 1
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, *,
                  max_text_tokens: int | None | str = "auto", padding_side: str = "right",
@@ -395,25 +390,6 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
         """
         image = pre_resize(image, self.image_resolution)
         return to_rgb(image, "drop" if self.prompt_format == "vlm2vec" else "composite")
-
-    def special_tokens(self) -> tuple[str, ...]:
-        """The tokenizer's special (control) tokens, as strings."""
-        tok = self.tokenizer
-        names = set(getattr(tok, "all_special_tokens", []))
-        names.update(t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
-                     if getattr(t, "special", False))
-        return tuple(sorted(n for n in names if n))
-
-    @property
-    def input_rules(self) -> InputRules:
-        """What this model accepts (:mod:`fam.data.items`): the family's image limits on the
-        size after the pre-resize; the special tokens text may not hold in the ``vlm2vec``
-        format (fam's layout splits them into plain text instead)."""
-        spec = self.image_resolution
-        images = ImageRules(max_aspect=self.max_aspect, min_side=self.min_side, family=self.family,
-                            resize=(lambda s: target_size(spec, s) or s) if spec else None)
-        reserved = self.special_tokens() if self.prompt_format == "vlm2vec" else ()
-        return InputRules(images=images, reserved_tokens=reserved)
 
     def load_item_image(self, item: MMItem) -> Image.Image | None:
         """The item's image as stored on disk (normalised mode; :meth:`prepare_image` converts),
