@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 
 from fam.backbones.checks import check_tokenizer
+from fam.backbones.inputs import InputLimits
 from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
@@ -94,7 +95,7 @@ class EncodedBatch:
         return int(self.eos_index.shape[0])
 
 
-class BackboneAdapter(PromptLayout, torch.nn.Module):
+class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
     """Base class of the per-family adapters.
 
     The adapter is a module whose only child is the transformers model (``self.model``),
@@ -391,11 +392,12 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
         return to_rgb(image, "drop" if self.prompt_format == "vlm2vec" else "composite")
 
     def load_item_image(self, item: MMItem) -> Image.Image | None:
-        """The item's image as stored on disk (its own mode; :meth:`prepare_image` converts)."""
+        """The item's image as stored on disk (normalised mode; :meth:`prepare_image` converts),
+        checked against this model's :attr:`input_rules`."""
         if item.image is None:
             return None
         return load_image(item.image, source=item.source, line=item.line, field=item.field,
-                          rgb=False)
+                          rgb=False, rules=self.input_rules.images)
 
     def encode(self, items: Sequence[MMItem],
                images: Sequence[Image.Image | Sequence[Image.Image] | None] | None = None,

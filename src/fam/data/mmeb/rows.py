@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 from fam.data.mmeb.layout import discover_datasets, guess_image_root, iter_rows
 from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, TRAIN_OPTIONAL, TRAIN_REQUIRED,
                                    EvalRow, TrainPair)
+from fam.data.items import check_item
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import DataError
 from fam.utils.io import read_jsonl, resolve_under
@@ -52,6 +53,8 @@ class _ItemFactory:
         if not text and image is None:
             raise DataError(f"empty item: both '{text_field}' and '{image_field}' are empty",
                             source, line, text_field)
+        # The input contract's placeholder rules (<|image_2|> with one image, twice the same).
+        check_item(text, int(image is not None), path=source, line=line, text_field=text_field)
         src = self._sources.setdefault(source, str(source))  # one string per file, shared
         item = MMItem(text=text, image=image, source=src, line=line,
                       field=image_field if image is not None else text_field)
@@ -244,31 +247,13 @@ def load_eval(dir_or_file: str | Path, image_root: str | Path,
 
 
 def read_items(path: str | Path, image_root: str | Path) -> list[MMItem]:
-    """Validated items of an inference JSONL: one ``{"text", "image"}`` object per line.
-
-    ``text`` (a string, may hold the image placeholder) and ``image`` (a path relative to
-    ``image_root``) are both optional, but an item needs at least one of them, and a
-    placeholder needs an image; other keys (ids) are ignored.
+    """Checked items of an inference JSONL (``fam encode``): :func:`fam.data.items.read_items`.
 
     Raises:
-        DataError: naming the file, line and field of the first bad row (not an object,
-            a non-string field, an empty item, a placeholder without an image, an image
-            path escaping the root), or an empty file.
+        DataError: naming the file, line and field of the first bad row.
     """
-    path = Path(path)
-    make = _ItemFactory(Path(image_root))
-    items = []
-    for line, row in read_jsonl(path):
-        if "text" not in row and "image" not in row:
-            raise DataError(f"an item needs 'text' and/or 'image' (found keys {sorted(row)})",
-                            path, line, "text")
-        text = _text(row, "text", path, line, required=False)
-        rel = _image_path(row.get("image"), path, line, "image")
-        items.append(make(text, rel, path, line, "text", "image"))
-    if not items:
-        raise DataError("no items: expected one JSON object {\"text\", \"image\"} per line",
-                        path)
-    return items
+    from fam.data.items import read_items as read_item_rows
+    return [r.item for r in read_item_rows(path, image_root)]
 
 
 def _select(found: dict[str, list[Path]], wanted: Iterable[str] | None, what: str,
