@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AblationRun", "GROUPS", "DEFAULT_GROUPS", "SIZES", "plan_for_size", "expand_groups",
            "vein_layer_sets", "align_config", "adapt_config", "caption_pairs_train_dir",
-           "mechanism_checks", "run_ablation", "CAPTION_SUBSET"]
+           "mechanism_checks", "run_ablation", "train_and_eval", "CAPTION_SUBSET"]
 
 MASK_RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.8)
 MAC_ALL: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -264,7 +264,7 @@ def caption_pairs_train_dir(data: str | Path, plan: DemoConfig) -> Path:
 
 # --------------------------------------------------------------------------- running
 
-def _train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed: int,
+def train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed: int,
                     plan: DemoConfig, progress: bool, probes: bool = True) -> dict[str, Any]:
     """Train one run (reusing finished stages), evaluate it (keeping per-row credits for
     the bootstrap) and run the mechanism checks; returns its result record."""
@@ -437,7 +437,7 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
                                                data, root / "align" / align, seed, plan,
                                                progress))
                 log.info("ablate seed %d: run %s", seed, key)
-                rec = _train_and_eval(run, root, root / "stage0" / "model", data, seed, plan,
+                rec = train_and_eval(run, root, root / "stage0" / "model", data, seed, plan,
                                       progress, probes)
                 atomic_write_json(root / "results" / f"{key}.json", rec)
                 log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s",

@@ -31,7 +31,7 @@ from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import AdaptConfig
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.data.types import MMItem
-from fam.losses.contrastive import info_nce
+from fam.losses.contrastive import embedding_geometry, info_nce
 from fam.losses.vein import default_vein_layers, global_sums, vein_verdict
 from fam.model import EmbeddingModel, merge_lora, save_lora, select_tokens
 from fam.train.embedder import prepare_embedder
@@ -259,7 +259,7 @@ class ContrastiveLoss:
         if placeholder is not None:  # FSDP placeholder forward: in the graph, weight 0
             loss = loss + 0.0 * placeholder.sum()
         terms: dict[str, Any] = {"loss": loss, "task_loss": task["loss"].detach(),
-                                 "accuracy": task["accuracy"]}
+                                 "accuracy": task["accuracy"], **embedding_geometry(q, t)}
         if rec_sum is not None:
             # λ L_rec = λ Σ_tokens rec / N over the global batch (method.md §3); W / N per
             # rank because DDP averages the ranks' gradients. One all-reduce per step.
