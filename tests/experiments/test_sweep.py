@@ -22,14 +22,14 @@ def _write(tmp_path, text: str):
 
 def test_shipped_sweep_presets_load():
     names = sorted(p.stem.removeprefix("sweep_") for p in PRESETS_DIR.glob("sweep_*.yaml"))
-    assert {"recipe", "mac"} <= set(names)
+    assert {"recipe", "mac", "order"} <= set(names)
     rec = load_sweep("recipe")
     assert rec.configs == ("baseline",)  # chosen on the baseline alone
     base = rec.points[0]
     assert base.overrides == ()
     by = {p.label: p for p in rec.points}
     assert by["lr=2e-4"].plan.adapt.optim.lr == 2e-4
-    assert by["batch=128 (GradCache 32)"].plan.adapt.gradcache_chunk == 32
+    assert by["batch=64 (GradCache 32)"].plan.adapt.gradcache_chunk == 32
     # Only the stage-0 point changes stage 0: the other points share the base's models.
     assert {p.stage0_key for p in rec.points if p.label != "stage0=800"} == {base.stage0_key}
     assert by["stage0=800"].stage0_key != base.stage0_key
@@ -121,3 +121,18 @@ def test_quick_sweep_end_to_end(tmp_path):
     mtime = {p: p.stat().st_mtime for p in (out / "points").glob("*/seed0/results/*.json")}
     assert main(args) == 0  # resumes: nothing retrained
     assert {p: p.stat().st_mtime for p in mtime} == mtime
+
+
+def test_adapt_seed_offset_moves_only_the_adaptation_seed(tmp_path):
+    import dataclasses
+
+    from fam.experiments.ablation import AblationRun, adapt_config, align_config, plan_for_size
+    plan = dataclasses.replace(plan_for_size("quick"), adapt_seed_offset=3)
+    a = adapt_config(AblationRun(), tmp_path / "s0", tmp_path / "d", tmp_path / "o", 5, plan)
+    m = align_config((1.0, 1.0, 1.0), tmp_path / "s0", tmp_path / "d", tmp_path / "o", 5, plan)
+    assert a.run.seed == 8 and m.run.seed == 5
+    by = {p.label: p for p in load_sweep("order").points}
+    assert by["order+1"].plan.adapt_seed_offset == 1
+    assert by["order+1"].stage0_key == by["demo"].stage0_key  # same initialisation, stage 0
+    with pytest.raises(ConfigError, match="adapt_seed_offset"):
+        load_sweep(_write(tmp_path, "sweep:\n  points: {a: [adapt_seed_offset=-1]}\n"))

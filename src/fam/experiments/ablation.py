@@ -212,19 +212,19 @@ def align_config(weights: Sequence[float], stage0: str | Path, data: str | Path,
 
 def adapt_config(run: AblationRun, start: str | Path, data: str | Path, out: str | Path,
                  seed: int, plan: DemoConfig, progress: bool = False) -> AdaptConfig:
-    """The adaptation of a run: the preset's settings, VEIN as the run says; the control
-    trains on ``train_captions`` for align + adapt steps."""
-    data = Path(data)
+    """The adaptation of a run, seeded ``seed + adapt_seed_offset`` (the control: below)."""
     vein = dataclasses.replace(plan.vein, enabled=True, mask_ratio=run.mask_ratio,
                                layers=list(run.vein_layers), memory=run.vein_memory,
                                weight=run.vein_weight) if run.vein else plan.adapt.vein
     optim = plan.adapt.optim
-    if run.captions:
+    if run.captions:  # task pairs + MAC's caption pairs, for align + adapt steps
         optim = dataclasses.replace(optim, steps=optim.steps + plan.align.optim.steps)
+    data = Path(data)
     return dataclasses.replace(plan.adapt, model=str(start), image_root=str(data), vein=vein,
                                train_dir=str(data / ("train_captions" if run.captions else
                                                      "train")), optim=optim,
-                               run=stage_run(plan.adapt.run, Path(out), seed, plan, progress))
+                               run=stage_run(plan.adapt.run, Path(out),
+                                             seed + plan.adapt_seed_offset, plan, progress))
 
 
 def caption_pairs_train_dir(data: str | Path, plan: DemoConfig) -> Path:

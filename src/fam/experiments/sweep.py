@@ -76,14 +76,13 @@ class SweepPoint:
     @property
     def key(self) -> str:
         """Identity of the whole recipe (equal recipes share their runs)."""
-        return _digest(to_dict(self.plan))
+        return _digest(_changed(to_dict(self.plan)))
 
     @property
     def stage0_key(self) -> str:
         """Identity of what stage 0 depends on (equal ones share the stage-0 models)."""
-        p = self.plan
-        return _digest({"scenes": to_dict(p.scenes), "model": to_dict(p.model), "qa": p.qa,
-                        "stage0": to_dict(p.stage0)})
+        d = to_dict(self.plan)
+        return _digest(_changed({k: d[k] for k in ("scenes", "model", "qa", "stage0")}))
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,23 @@ class Sweep:
     base: str
     configs: tuple[str, ...]
     points: tuple[SweepPoint, ...]
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _changed(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a (part of a) :class:`DemoConfig` dict that differ from the class
+    defaults: a field added later with its default leaves every key unchanged."""
+    default = _flat(to_dict(DemoConfig()))
+    return {k: v for k, v in _flat(d).items() if k not in default or default[k] != v}
 
 
 def _digest(d: Mapping[str, Any]) -> str:
@@ -260,7 +276,7 @@ def run_sweep(out: str | Path, name: str, seeds: Sequence[int] = (0, 1, 2),
                            progress=False)
             for p in sweep.points:
                 f = out / "points" / p.key / "point.json"
-                labels = json.loads(f.read_text())["labels"] if f.exists() else []
+                labels = json.loads(f.read_text()).get("labels", []) if f.exists() else []
                 atomic_write_json(f, {"labels": sorted({*labels, f"{sweep.name}:{p.label}"}),
                                       "overrides": list(p.overrides), "base": sweep.base,
                                       "config": to_dict(p.plan)})
@@ -387,6 +403,7 @@ def write_sweep_report(out: Path, sweep: Sweep, seeds: Sequence[int],
     atomic_write_json(out / f"sweep_{sweep.name}.json", report)
     atomic_write_text(out / f"sweep_{sweep.name}.md", format_sweep(report))
     write_curves(out, f"curves_{sweep.name}",
-                 {(p.label, rec["config"], int(rec["seed"])): Path(rec["model"]).parent
+                 {(p.label, rec["config"], int(rec["seed"])):
+                  _point_root(out, p, int(rec["seed"])) / "runs" / rec["key"]
                   for p in sweep.points for rec in records[p.label] if "config" in rec})
     return report
