@@ -88,12 +88,18 @@ def plot_curves(curves: Mapping[tuple[str, str, int], Sequence[Mapping[str, floa
     seeds = sorted({k[2] for k in runs})
     gauges = [g for g in GAUGES if any(g in p for k in runs for p in curves[k])]
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(len(gauges), len(points), squeeze=False,
-                             figsize=(3.2 * len(points) + 1, 1.9 * len(gauges)), sharex="col")
+    # One point: its gauges in two columns; several: one column of gauges per point.
+    wrap = 2 if len(points) == 1 else 1
+    rows = -(-len(gauges) // wrap)
+    fig, axes = plt.subplots(rows, len(points) * wrap, squeeze=False,
+                             figsize=(3.2 * len(points) * wrap + 1, 1.9 * rows), sharex="col")
     cmap = plt.get_cmap("tab10")
+    for a in axes.flat[len(gauges):] if wrap > 1 else []:
+        a.set_visible(False)
     for j, pt in enumerate(points):
-        for i, g in enumerate(gauges):
-            ax = axes[i][j]
+        for n, g in enumerate(gauges):
+            i, col = (n // wrap, n % wrap) if wrap > 1 else (n, j)
+            ax = axes[i][col]
             for k in runs:
                 if k[0] != pt:
                     continue
@@ -102,14 +108,14 @@ def plot_curves(curves: Mapping[tuple[str, str, int], Sequence[Mapping[str, floa
                         styles[configs.index(k[1]) % len(styles)],
                         color=cmap(seeds.index(k[2]) % 10), lw=1,
                         label=f"{k[1]} s{k[2]}")
-            if j == 0:
-                ax.set_ylabel(g, fontsize=8)
+            ax.set_ylabel(g, fontsize=8)
             if i == 0:
                 ax.set_title(pt, fontsize=9)
             if g == "grad_norm":
                 ax.set_yscale("log")
             ax.tick_params(labelsize=7)
-        axes[-1][j].set_xlabel("step", fontsize=8)
+            if i == rows - 1 or n + wrap >= len(gauges):
+                ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
