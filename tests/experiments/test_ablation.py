@@ -150,6 +150,11 @@ def test_tiny_end_to_end(tmp_path):
     rep2 = run_ablation(out, seeds=[0], groups=["main"], plan=plan, size="test",
                         report_only=True)
     assert len(rep2["runs"]) == 2 and "| fam | (not run)" in (out / "ablation.md").read_text()
+    # fam eval --compare reads the ablation's files: ablation.json (every run) and a run record.
+    assert main(["eval", "--compare", str(out / "ablation.json")]) == 0
+    rec = out / "seed0" / "results" / f"{AblationRun().key}.json"
+    assert main(["eval", "--compare", str(rec),
+                 f"{out / 'ablation.json'}:{AblationRun().key}"]) == 0
 
 
 def test_baseline_key_of_the_report_is_the_baseline_run():

@@ -86,3 +86,46 @@ def test_cli_reports_bad_input_without_traceback(demo_out, tmp_path, capsys):
     rc = main(["encode", "--model", str(demo_out / "fam" / "model"), "--input", str(items),
                "--image-root", str(demo_out / "data"), "--out", str(tmp_path / "e.st")])
     assert rc == 2
+
+
+def test_demo_items_index_and_search_at_once(demo_out, tmp_path, capsys):
+    """The demo's items.jsonl feeds fam index build; an indexed image finds itself first;
+    the demo's last lines say where the items are and what to run."""
+    from fam.cli.experiments import next_steps
+    res = json.loads((demo_out / "results.json").read_text())
+    items = demo_out / "items.jsonl"
+    assert res["items"] == str(items)
+    rows = [json.loads(line) for line in items.read_text().splitlines()]
+    assert len(rows) == len(json.loads((demo_out / "data" / "captions_eval.json").read_text()))
+    assert all((demo_out / r["image"]).is_file() and set(r) == {"id", "image", "text"}
+               for r in rows)
+    steps = next_steps(res)
+    assert str(items) in steps and "fam index build" in steps and "fam search" in steps
+    index = tmp_path / "index"
+    assert main(["index", "build", "--model", str(demo_out / "fam" / "model"), "--items",
+                 str(items), "--out", str(index), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), "--image", str(demo_out / rows[3]["image"]),
+                 "-k", "5", "--json"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # The query embeds exactly as its row did (cosine 1); the quick model's embeddings are
+    # nearly collapsed, so other items may tie with it within float32 rounding (1e-5).
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[3]["id"] in [h["id"] for h in hits if h["score"] >= hits[0]["score"] - 1e-5]
+
+
+def test_compare_the_demo_results_with_fam_eval_results(demo_out, tmp_path, capsys):
+    out = tmp_path / "mine" / "model" / "eval_results.json"
+    assert main(["eval", "--model", str(demo_out / "fam" / "model"), "--data",
+                 str(demo_out / "data" / "eval"), "--image-root", str(demo_out / "data"),
+                 "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(demo_out / "results.json")]) == 0  # its 4 models
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[2:6] == [f"{demo_out.name}:{m}" for m in
+                           ("untrained", "stage0", "vlm2vec", "fam")]
+    assert main(["eval", "--compare", f"{demo_out / 'results.json'}:fam", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2:] == [f"{demo_out.name}:fam", "mine", "chance", "diff"]
+    overall = next(ln.split() for ln in lines if ln.startswith("Overall"))
+    assert overall[-1] == "+0.0"  # the same model, evaluated again: the same numbers

@@ -76,3 +76,38 @@ def test_precision_plot(tmp_path):
                                 "overall": {"mean": 27.0, "ci95": None}}},
                        {"retrieval": 12.5, "overall": 12.5}, tmp_path / "p.png")
     assert p.exists() and p.stat().st_size > 1000
+
+
+def test_gallery_scores_show_the_digits_that_tell_them_apart():
+    from fam.analysis.plots import _tie_digits
+    assert _tie_digits([0.91, 0.52]) == 2
+    assert _tie_digits([0.998326, 0.998320, 0.998318]) == 6  # the demo's near-ties
+    assert _tie_digits([0.99787, 0.99755, 0.99755]) == 4  # a real tie stays a tie
+    assert _tie_digits([0.5, 0.5]) == 2
+
+
+def test_plots_carry_a_title_values_and_headers(monkeypatch, tmp_path):
+    """results.png: a title and each value on its bar; gallery.png: every cell names its
+    model, scores in as many digits as tell them apart (text read back from the figure)."""
+    import matplotlib.figure
+    from fam.analysis import plots
+    texts = []
+    real = plots._save
+
+    def keep(fig, path):
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        return real(fig, path)
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_precision({"a": {"overall": 25.04}, "b": {"overall": 31.25}}, {"overall": 12.5},
+                         tmp_path / "p.png", heading="my heading")
+    assert {"my heading", "25.0", "31.2"} <= set(texts)
+    texts.clear()
+    img = tmp_path / "q.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(img)
+    row = {"query": {"text": "find red"}, "candidates": [{"image": str(img)}] * 2,
+           "top": {"A": [[0, 0.998326], [1, 0.998320]], "B": [[1, 0.5], [0, 0.25]]}}
+    g = {"models": ["A", "B"], "k": 2, "t2i": {"dataset": "D", "rows": [row, row]}}
+    assert isinstance(plots.plot_gallery(g, tmp_path / "g.png"), type(tmp_path))
+    titles = [t for t in texts if "#" in t]
+    assert len(titles) == 2 * 4 and sum(t.startswith("A #") for t in titles) == 4
+    assert "A #1 ✓\n0.99833" in titles and "B #2 ✓\n0.25000" in titles  # 5 digits tell them

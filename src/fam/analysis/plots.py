@@ -247,8 +247,11 @@ def atoms_table(atoms: Any, decode: Callable[[int], str], row_labels: Sequence[s
 
 
 def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str, float | None],
-                   path: str | Path, title: str = "precision@1 (%)") -> Path:
-    """Grouped bars of precision@1 per meta-task, IND, OOD and overall, one bar per model.
+                   path: str | Path, title: str = "precision@1 (%)",
+                   heading: str = "precision@1 per meta-task, IND, OOD and overall "
+                                  "(dashed: chance)") -> Path:
+    """Grouped bars of precision@1 per meta-task, IND, OOD and overall, one bar per model,
+    each bar without a CI whisker labelled with its value.
 
     Args:
         models: label → ``{metric: value}`` or ``{metric: {"mean": v, "ci95": [lo, hi]}}``
@@ -256,6 +259,7 @@ def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str,
         chance: metric → chance level (a dashed line over that metric's bars).
         path: output file.
         title: y-axis label.
+        heading: the figure's title.
     """
     plt = _plt()
     metrics = [m for m in ("classification", "vqa", "retrieval", "grounding", "IND", "OOD",
@@ -277,8 +281,12 @@ def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str,
             err[0].append(max(0.0, mean - lo))
             err[1].append(max(0.0, hi - mean))
         has_ci = any(e > 0 for e in err[0] + err[1])
-        ax.bar(xs, ys, width, label=label, color=cmap(i % 10),
-               yerr=np.array(err) if has_ci else None, capsize=2, error_kw={"lw": 0.8})
+        bars = ax.bar(xs, ys, width, label=label, color=cmap(i % 10),
+                      yerr=np.array(err) if has_ci else None, capsize=2, error_kw={"lw": 0.8})
+        if not has_ci:  # values on the bars (whiskers would cross them)
+            ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], padding=1,
+                         fontsize=6 if len(labels) < 5 else 5,
+                         rotation=0 if len(labels) < 5 else 90)
     for j, m in enumerate(metrics):
         c = chance.get(m)
         if c is not None:
@@ -287,6 +295,8 @@ def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str,
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels(metrics, fontsize=8)
     ax.set_ylabel(title)
+    ax.set_title(heading, fontsize=9)
+    ax.margins(y=0.08)
     ax.legend(fontsize=7, ncol=min(4, len(labels) + 1), loc="upper left",
               bbox_to_anchor=(0.0, -0.12), frameon=False)
     return _save(fig, path)
@@ -313,10 +323,14 @@ def plot_gallery(gallery: Mapping[str, Any], path: str | Path) -> Path:
     blocks = [(d, gallery[d]) for d in ("t2i", "i2t") if d in gallery]
     n_rows = sum(len(b["rows"]) for _, b in blocks)
     n_cols = 1 + len(models) * k
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, 1.9 * n_rows), squeeze=False)
+    height = 1.9 * n_rows + 0.4
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, height), squeeze=False)
+    # The title's band is 0.4 in, whatever the number of rows (no empty band under it).
+    fig.subplots_adjust(top=1 - 0.55 / height, bottom=0.02, hspace=0.5)
     r = 0
     for direction, block in blocks:
         for row in block["rows"]:
+            digits = _tie_digits([cos for label in models for _, cos in row["top"][label]])
             ax = axes[r][0]
             q = row["query"]
             if direction == "i2t":
@@ -341,14 +355,23 @@ def plot_gallery(gallery: Mapping[str, Any], path: str | Path) -> Path:
                         s.set_visible(True)
                         s.set_edgecolor(colour)
                         s.set_linewidth(3 if ok else 1.5)
-                    head = f"{label}\n" if r == 0 and j == 0 else ""
-                    a.set_title(f"{head}#{j + 1} {'✓' if ok else '✗'} {cos:.2f}", fontsize=7,
-                                color=colour)
+                    a.set_title(f"{label} #{j + 1} {'✓' if ok else '✗'}\n{cos:.{digits}f}",
+                                fontsize=7, color=colour)
             r += 1
     for row_axes in axes:
         for a in row_axes:
             a.set_xticks([])
             a.set_yticks([])
-    axes[0][0].figure.suptitle("top-3 retrievals, first rows of each dataset (green = correct)",
-                               fontsize=8)
+    fig.suptitle(f"top-{k} retrievals (cosine), first rows of each dataset (green = correct)",
+                 fontsize=8, y=1 - 0.12 / height, va="top")
     return _save(fig, path)
+
+
+def _tie_digits(values: Sequence[float], least: int = 2, most: int = 6) -> int:
+    """Decimals that show different values differently (``least`` to ``most``), so two
+    scores print alike only when they are tied (or differ below 10^-most)."""
+    distinct = len(set(values))
+    for d in range(least, most + 1):
+        if len({round(v, d) for v in values}) == distinct:
+            return d
+    return most

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fam.config.tools import MAC_BENCH_SHAPES
 from fam.losses.mac import mac_loss
 from fam.bench import PeakMemory
 
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["mac_loss_naive", "run_bench", "paper_scale_estimate", "format_report", "DEFAULT_SHAPES",
            "DTYPES", "make_inputs"]
 
-DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((64, 256, 32, 256), (128, 256, 32, 256))
+DEFAULT_SHAPES = MAC_BENCH_SHAPES  # defined with the CLI's defaults (fam.config.tools)
 # The official FAM run (method.md §2): batch 512, Phi-3.5-V image tokens 757, caption 64, d 3072.
 PAPER_SCALE = {"B": 512, "N": 757, "T": 64, "d": 3072, "bytes_per_element": 2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

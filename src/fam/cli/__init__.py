@@ -13,7 +13,7 @@
     fam search --index IDX --text T [--image P] top-k search of an index
     fam serve --model DIR [--index IDX]         HTTP server: /v1/embeddings, /v1/search, page
     fam export --model DIR --out DIR2           a sentence-transformers / vLLM folder
-    fam bench mac|gradcache|encode|search|serve|gpu  benchmarks against a reference; GPU check
+    fam bench mac|gradcache|encode|search|serve|gpu|startup  benchmarks; GPU check; start-up
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 
@@ -46,12 +46,16 @@ def _setup_logging(verbose: bool) -> None:
                         datefmt="%H:%M:%S")
     # Offline by default: nothing in the embedded pipeline may reach a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
+    # transformers: errors only, no progress bars. Through its environment variables while
+    # it is not imported yet (importing it costs seconds: only the commands that load a
+    # model pay for it), through its functions once it is.
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:

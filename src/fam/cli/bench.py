@@ -1,4 +1,4 @@
-"""``fam bench mac|gradcache|encode|search|serve|gpu`` (measured against a reference in the
+"""``fam bench mac|gradcache|encode|search|serve|gpu|startup`` (measured against a reference in the
 same run) and ``fam plan``."""
 from __future__ import annotations
 
@@ -80,6 +80,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if clean else 1
 
 
+def cmd_bench_startup(args: argparse.Namespace) -> int:
+    from fam.bench.startup import format_report, run_bench
+    r = run_bench(args.work, args.repeats)
+    print(format_report(r))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    return 0 if r["all_ok"] else 1
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from fam.bench.plan import estimate, format_plan, resolve_shape
     from fam.config import PlanConfig
@@ -96,8 +105,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_bench_subcommands(sub: Any) -> None:
-    """``fam bench mac|gradcache|encode|search|serve|gpu`` and ``fam plan``."""
-    from fam.bench.mac import DEFAULT_SHAPES
+    """``fam bench mac|gradcache|encode|search|serve|gpu|startup`` and ``fam plan``."""
+    from fam.config.tools import MAC_BENCH_SHAPES as DEFAULT_SHAPES
     from fam.bench.plan import KNOWN_SHAPES
     from fam.config import PlanConfig
 
@@ -186,6 +195,15 @@ def add_bench_subcommands(sub: Any) -> None:
     sv.add_argument("--threads", type=nonneg_int, default=None, help="the server's torch threads")
     sv.add_argument("--json", type=Path, default=None, help="also write the figures here")
     sv.set_defaults(func=cmd_bench_serve)
+
+    st = which.add_parser("startup", help="fam --help, a bad argument and fam search on a "
+                                          "built index, each in fresh processes: median wall "
+                                          "seconds against the targets (exit 1 if missed)")
+    st.add_argument("--repeats", type=positive_int, default=5, help="rounds (default 5)")
+    st.add_argument("--work", type=Path, default=None,
+                    help="folder for the tiny model and index (default: a temporary one)")
+    st.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    st.set_defaults(func=cmd_bench_startup)
 
     p = sub.add_parser("plan", help="estimate the peak memory of a training configuration")
     p.add_argument("--model", required=True,

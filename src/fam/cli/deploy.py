@@ -74,7 +74,9 @@ def _add_index_subcommands(subparsers: Any) -> None:
     s.add_argument("--image-root", default=None,
                    help="where the index's images are now (default: where they were at build)")
     s.add_argument("--query-prompt", default=None,
-                   help="override the index's query prompt for this search")
+                   help="prompt for this query ('{text}' is replaced, otherwise a prefix; '' "
+                        "for none). Default: the index's query prompt for a text query; an "
+                        "image-only query is embedded as the index's images were")
     s.set_defaults(func=cmd_search)
 
 
@@ -92,7 +94,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from fam.index import Index, embed, format_hits, load_query_model
     if not args.text and not args.image:
         raise ConfigError("give a query: --text T and/or --image PATH")
     if args.k < 1:
@@ -102,9 +103,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         image = Path(args.image).resolve()
         if not image.is_file():
             raise ConfigError(f"--image {args.image}: file not found")
+    from fam.index import Index, embed, format_hits, load_query_model  # torch: after the checks
     index = Index.load(args.index, image_root=args.image_root)
     model = load_query_model(index, args.model)
-    q = embed(model, [index.query_item(args.text or "", image, args.query_prompt)])
+    text = args.text or ""
+    print(index.describe_query(text, image is not None, args.query_prompt), file=sys.stderr)
+    q = embed(model, [index.query_item(text, image, args.query_prompt)])
     hits = index.search(q, args.k)[0]
     if args.json:
         for h in hits:

@@ -22,7 +22,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    plan=plan, threads=args.threads)
     print(format_report(res))
     print(f"artefacts in {Path(args.out).resolve()} (results.json, results.md, */model)")
+    print(next_steps(res))
     return 0
+
+
+def next_steps(res: dict[str, Any]) -> str:
+    """Where the demo's items are and the commands that index and search them."""
+    from fam.experiments.demo import ITEMS_QUERY_PROMPT
+    items = Path(res["items"])
+    model = Path(res["paths"].get("fam", res["paths"]["vlm2vec"]))
+    index = items.parent / "index"
+    return (f"items of the eval images (for fam encode / fam index build): {items}\n"
+            f"  fam index build --model {model} --items {items} --out {index} "
+            f"--query-prompt '{ITEMS_QUERY_PROMPT}'\n"
+            f"  fam search --index {index} --text 'a large red triangle'\n"
+            f"  fam serve --model {model} --index {index}   (then open http://127.0.0.1:8000)")
 
 
 def add_demo_subcommand(sub: Any) -> argparse.ArgumentParser:
@@ -63,8 +77,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
     """Register ``fam ablate`` (returns the sub-parser)."""
-    from fam.experiments.ablation import SIZES
-    from fam.experiments.ablation_report import DEFAULT_GROUPS, GROUPS
+    from fam.config.experiments import ABLATION_DEFAULT_GROUPS as DEFAULT_GROUPS
+    from fam.config.experiments import ABLATION_GROUPS as GROUPS
+    from fam.config.experiments import ABLATION_SIZES as SIZES
     p = sub.add_parser(
         "ablate", help="FAM ablations on Scenes over seeds (MAC/VEIN and its inversion variant, "
                        "MAC terms, the data control, γ, layers) with paired confidence intervals")

@@ -17,7 +17,7 @@ from fam.cli.args import nonneg_int, positive_int
 
 log = logging.getLogger("fam")
 
-__all__ = ["add_infer_subcommands", "load_run"]
+__all__ = ["add_infer_subcommands"]
 
 #: ``--dtype`` choices (the model's weights; ``auto`` keeps what transformers loads).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -86,83 +86,28 @@ def _load_model(args: argparse.Namespace) -> Any:
     return EmbeddingModel(adapter).eval()
 
 
-def _run_label(path: Path) -> str:
-    """A column name for a run: its folder's name unless the file name says more."""
-    if path.is_file() and path.stem not in ("results", "eval_results"):
-        return path.stem
-    return (path.parent if path.is_file() else path).name or str(path)
-
-
-def load_run(path: str | Path) -> dict[str, Any]:
-    """A run's results for ``--compare``: fam's results JSON, a folder holding one
-    (``results.json``/``eval_results.json``), or a folder of VLM2Vec ``{Dataset}_score.json``
-    files (scored by argmax: ties ``optimistic``).
-
-    Raises:
-        DataError: nothing readable there (names the path and what was expected).
-    """
-    from fam.data.mmeb import dataset_info, load_dataset_infos
-    from fam.data.mmeb.datasets import MMEB_EVAL_EXTRAS
-    from fam.errors import DataError
-    from fam.eval.metrics import aggregate
-    from fam.eval.mmeb import PRIMARY_METRIC, load_results
-    p = Path(path)
-    if p.is_dir():
-        for name in ("results.json", "eval_results.json"):
-            if (p / name).is_file():
-                return load_run(p / name)
-        scores = sorted(p.glob("*_score.json"))
-        if not scores:
-            raise DataError("no results.json, eval_results.json or {Dataset}_score.json files "
-                            "here", p)
-        infos = load_dataset_infos(p)
-        per: dict[str, float] = {}
-        datasets: dict[str, dict[str, Any]] = {}
-        for f in scores:
-            name = f.name[:-len("_score.json")]
-            if name in MMEB_EVAL_EXTRAS and name not in infos:
-                log.warning("%s: %s is not one of the 36 MMEB datasets; left out", f, name)
-                continue
-            try:
-                d = json.loads(f.read_text(encoding="utf-8"))
-                acc, n = float(d["acc"]), int(d["num_pred"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise DataError(f"not a VLM2Vec score file ({e}); expected {{acc, num_correct, "
-                                "num_pred}", f) from None
-            info = dataset_info(name, p, infos=infos)
-            per[name] = 100.0 * acc
-            datasets[name] = {PRIMARY_METRIC: 100.0 * acc, "n": n, "meta_task": info.meta_task,
-                              "split": info.split, "chance": None}
-        res: dict[str, Any] = {"metric": PRIMARY_METRIC, "ties": "optimistic",
-                               "datasets": datasets}
-        res.update(aggregate(per, infos))
-        return res
-    if not p.is_file():
-        raise DataError("no such results file or folder", p)
-    try:
-        res = load_results(p)
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg})", p, e.lineno) from None
-    if not isinstance(res, dict) or "datasets" not in res:
-        raise DataError("not a fam results file (no 'datasets')", p)
-    return res
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
+    from fam.errors import ConfigError
+    from fam.eval.compare import load_runs, run_labels
     from fam.eval.metrics import TIE_RULES, format_table
-    a, b = (Path(x) for x in args.compare)
-    runs = [load_run(a), load_run(b)]
-    names = [_run_label(a), _run_label(b)]
-    if names[0] == names[1]:
-        names = [f"A:{names[0]}", f"B:{names[1]}"]
-    print(format_table(list(zip(names, runs)), per_dataset=True, digits=args.digits))
-    rules = {r.get("ties") for r in runs}
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for label, path in zip(run_labels(args.compare), args.compare):
+        held = load_runs(path)
+        runs += [(f"{label}:{name}" if name else label, res) for name, res in held]
+    if len(runs) < 2:
+        raise ConfigError(f"--compare {args.compare[0]}: one run; give two or more results "
+                          "paths (or a demo results.json, which holds several)")
+    print(format_table(runs, per_dataset=True, digits=args.digits))
+    rules = {r.get("ties") for _, r in runs}
     if len(rules) == 1 and (rule := rules.pop()) in TIE_RULES:
         print(f"ties={rule}: {TIE_RULES[rule]}")
-    for name, r in zip(names, runs):
+    for name, r in runs:
         bb = r.get("settings", {}).get("backbone")
         if bb:
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in bb.items()))
+    if len(runs) > 2:
+        print("no diff column: more than two runs (PATH:NAME picks one model of a demo "
+              "results.json)")
     return 0
 
 
@@ -245,9 +190,12 @@ def add_infer_subcommands(sub: Any) -> None:
                     help="results JSON (default: <model>/eval_results.json; for a hub id "
                          "eval_results-<org>--<name>.json here)")
     ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                    help="print two runs side by side with differences (results JSON, a folder "
-                         "holding one, or a folder of VLM2Vec {Dataset}_score.json files)")
+    ev.add_argument("--compare", nargs="+", metavar="RESULTS", default=None,
+                    help="print runs side by side, named by their run folders, with the "
+                         "difference of two: any results file fam writes (fam eval's "
+                         "eval_results.json, the demo's results.json, with :NAME for one of "
+                         "its models, an ablation run record), a folder holding one, or a "
+                         "folder of VLM2Vec {Dataset}_score.json files")
     ev.add_argument("--digits", type=nonneg_int, default=1, help="decimals in --compare's table")
     _add_backbone_options(ev)
     ev.set_defaults(func=cmd_eval)

@@ -16,7 +16,8 @@ from fam.config.stages import (BETA_SCHEDULES, PROJECTOR_TYPES, AdaptConfig, Ali
                                ProjectorConfig, SftConfig, Stage0Config, TowerConfig, VeinConfig)
 
 __all__ = ["TinyModelConfig", "SceneModelConfig", "DemoConfig", "CompareConfig", "TINY_SIZES",
-           "TINY_FAMILIES", "TINY_LLMS", "SCENES_POOLS"]
+           "TINY_FAMILIES", "TINY_LLMS", "SCENES_POOLS", "ABLATION_SIZES", "ABLATION_GROUPS",
+           "ABLATION_DEFAULT_GROUPS"]
 
 TINY_SIZES = ("xs", "s", "m")
 #: Families a tiny model can be built for offline (fam.backbones.NATIVE_FAMILIES; a test
@@ -27,6 +28,16 @@ TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "s
 TINY_LLMS = ("llama", "qwen2")
 #: Scenes pools (fam.data.scenes.sampling.POOL_PREFIX without "train").
 SCENES_POOLS = ("eval", "novel", "crowded", "striped")
+#: ``fam ablate --size``: the sizes and their presets (fam.experiments.ablation.SIZES).
+ABLATION_SIZES: dict[str, str] = {"quick": "ablation_quick", "small": "ablation_small",
+                                  "demo": "demo"}
+#: Ablation groups in report order (fam.experiments.ablation_report.GROUPS).
+ABLATION_GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms", "control",
+                                    "mask_ratio", "vein_layers")
+#: Groups run when none is named: the decisive comparison (the γ and layer sweeps are
+#: opt-in with ``--only``).
+ABLATION_DEFAULT_GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms",
+                                            "control")
 
 
 @dataclass

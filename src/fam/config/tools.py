@@ -5,10 +5,14 @@ from dataclasses import dataclass, field, replace
 
 from fam.config.checks import Validated, choice, fail, integers, number, text
 
-__all__ = ["ProbeConfig", "PlanConfig", "PLAN_PRECISIONS", "GpuBenchConfig", "GPU_BENCH_SECTIONS"]
+__all__ = ["ProbeConfig", "PlanConfig", "PLAN_PRECISIONS", "GpuBenchConfig", "GPU_BENCH_SECTIONS",
+           "MAC_BENCH_SHAPES"]
 
 #: Bytes per element of the precisions the planner models.
 PLAN_PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: ``fam bench mac``'s default (B, N, T, d) shapes (fam.bench.mac.DEFAULT_SHAPES).
+MAC_BENCH_SHAPES: tuple[tuple[int, int, int, int], ...] = ((64, 256, 32, 256),
+                                                           (128, 256, 32, 256))
 
 
 @dataclass

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fam.config import AdaptConfig, AlignConfig, DemoConfig
+from fam.config.experiments import ABLATION_SIZES
 from fam.data.types import IMAGE_PLACEHOLDER
 from fam.errors import ConfigError
 from fam.experiments.ablation_report import (DEFAULT_GROUPS, GROUPS, INVERSION_WEIGHT,
@@ -133,8 +134,7 @@ def plan_for_size(size: str) -> DemoConfig:
     return load_preset(DemoConfig, SIZES[size])
 
 
-#: Ablation sizes and their presets.
-SIZES: dict[str, str] = {"quick": "ablation_quick", "small": "ablation_small", "demo": "demo"}
+SIZES = ABLATION_SIZES  #: ablation sizes and their presets (fam.config.experiments)
 
 
 def vein_layer_sets(num_layers: int) -> dict[str, tuple[int, ...]]:

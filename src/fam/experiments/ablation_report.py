@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from fam.config import DemoConfig, to_dict
+from fam.config.experiments import ABLATION_DEFAULT_GROUPS, ABLATION_GROUPS
 from fam.analysis.stats import paired_bootstrap_ci, paired_t_ci, seeds_for_half_width
 from fam.utils.io import atomic_write_json, atomic_write_text
 
@@ -20,12 +21,9 @@ __all__ = ["GROUPS", "DEFAULT_GROUPS", "METRICS", "COMPARISONS", "INVERSION_WEIG
            "aggregate_runs", "paired_differences", "mechanism_checks", "mechanism_summary", "format_ablation",
            "write_report"]
 
-#: Ablation groups in report order.
-GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms", "control",
-                           "mask_ratio", "vein_layers")
-#: Groups run when none is named: the decisive comparison (the γ and layer sweeps are
-#: opt-in with ``--only``).
-DEFAULT_GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms", "control")
+#: Ablation groups in report order, and those run when none is named (defined with the
+#: other CLI choices in fam.config.experiments, so ``fam --help`` needs no numpy).
+GROUPS, DEFAULT_GROUPS = ABLATION_GROUPS, ABLATION_DEFAULT_GROUPS
 #: λ of the inversion variant and of the paper's VEIN in ``vein_weight``: the official
 #: fine-tuning ran on 32 GPUs (its run.sh), where its L_rec weighs 32 × λ (method.md §3.1).
 INVERSION_WEIGHT: float = 32.0

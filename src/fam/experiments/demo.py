@@ -18,7 +18,9 @@ skipped, interrupted ones continue from their last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
                     EmbeddingModel(adapter)
     with timed("figures"):
         results["figures"] = _figures(out, results, gallery_models, data)
+    results["items"] = str(write_items(out / "items.jsonl", data, out))
     results["timings_s"] = timed.finish()
     results["peak_rss_mb"] = _peak_rss_mb()
     results["config"] = to_dict(exp)
@@ -115,6 +118,24 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", format_report(results))
     return results
+
+
+#: The demo's items: one row per eval image, its text the prompt Scenes' image targets
+#: carry; text queries take :data:`ITEMS_QUERY_PROMPT` (Scenes' text→image instruction).
+ITEMS_DOCUMENT_TEXT = "<|image_1|>\nRepresent the given image."
+ITEMS_QUERY_PROMPT = "Find me an everyday image that matches the given caption: "
+
+
+def write_items(path: Path, data: Path, root: Path) -> Path:
+    """``items.jsonl``: the benchmark's eval images as items ``fam encode`` and ``fam index
+    build`` read (``id``, ``image`` relative to ``root``, the folder beside the file, and
+    the document ``text``), so encode/index/search/serve have a collection at once."""
+    from fam.data.captions import iter_captions
+    rows = [{"id": Path(r.image).stem,
+             "image": Path(os.path.relpath(data / r.image, root)).as_posix(),
+             "text": ITEMS_DOCUMENT_TEXT} for r in iter_captions(data / "captions_eval.json")]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def _figures(out: Path, results: dict[str, Any], gallery_models: dict[str, Any],
@@ -142,7 +163,10 @@ def _figures(out: Path, results: dict[str, Any], gallery_models: dict[str, Any],
     chance.update({m: ch.get(m) for m in ("IND", "OOD", "overall")})
     scores = {name: {**{m: r["meta_task"].get(m) for m in META_TASKS},
                      **{m: r.get(m) for m in ("IND", "OOD", "overall")}} for name, r in ms.items()}
-    figures["results"] = str(plot_precision(scores, chance, out / "results.png"))
+    figures["results"] = str(plot_precision(
+        scores, chance, out / "results.png",
+        heading="fam demo on Scenes: precision@1 of each model per meta-task, IND, OOD and "
+                "overall (dashed: chance)"))
     if gallery_models:
         figures["gallery"] = str(plot_gallery(gal, out / "gallery.png"))
     return figures

@@ -98,8 +98,11 @@ def prepare_tiny(root: Path, data: Path, exp: SceneModelConfig, seed: int) -> Pa
         qa = data / "qa.json"
         if exp.qa and qa.exists():
             corpus += [q["question"] + " " + q["answer"] for q in read_json_list(qa)]
+        # Saved with stage 0's text cap, the first training it gets (and what the later
+        # stages record), so loading it for stage 0 or evaluation warns of no difference.
         build_tiny(exp.model.family, tiny, size=exp.model.size,
-                   image_size=exp.scenes.image_size, corpus=corpus, seed=seed)
+                   image_size=exp.scenes.image_size, corpus=corpus, seed=seed,
+                   max_text_tokens=exp.stage0.max_text_tokens)
     return tiny
 
 

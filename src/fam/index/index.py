@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from fam.utils.io import read_jsonl, resolve_under
 log = logging.getLogger(__name__)
 
 FORMAT = "fam-index"
+_PLACEHOLDERS = re.compile(r"<\|image_\d+\|>")
 VERSION = 1
 
 
@@ -193,9 +196,41 @@ class Index:
     # ------------------------------------------------------------------ queries
     def query_item(self, text: str = "", image: Path | None = None,
                    prompt: str | None = None) -> MMItem:
-        """The item to embed for a query (the manifest's query prompt applied to the text)."""
-        p = self.manifest.query_prompt if prompt is None else prompt
-        return MMItem(apply_prompt(p, text) if text or not image else text, image)
+        """The item to embed for a query: its text from :meth:`query_text`."""
+        return MMItem(self.query_text(text, image is not None, prompt), image)
+
+    def query_text(self, text: str, has_image: bool, prompt: str | None = None) -> str:
+        """The text a query is embedded with (``fam search`` and ``/v1/search`` alike).
+
+        An explicit ``prompt`` is applied to the text (even an empty one); a query with text
+        gets the manifest's query prompt; an image-only query (no text beyond image
+        placeholders) is embedded as the index's images were (:meth:`image_document_text`),
+        so an image that is in the index finds itself first.
+        """
+        if prompt is not None:
+            return apply_prompt(prompt, text)
+        if has_image and not _PLACEHOLDERS.sub("", text).strip():
+            return self.image_document_text()
+        return apply_prompt(self.manifest.query_prompt, text)
+
+    def image_document_text(self) -> str:
+        """The text the index's images were embedded with: the document prompt applied to
+        the text most of its image items share (empty when they share none)."""
+        texts = Counter(str(r.get("text") or "") for r in self.rows if r.get("image"))
+        common, n = texts.most_common(1)[0] if texts else ("", 0)
+        return apply_prompt(self.manifest.document_prompt,
+                            common if 2 * n > sum(texts.values()) else "")
+
+    def describe_query(self, text: str, has_image: bool, prompt: str | None = None) -> str:
+        """One line saying which prompt a query got and how to choose another."""
+        used = self.query_text(text, has_image, prompt)
+        if prompt is not None:
+            return f"query embedded as {used!r} (--query-prompt)"
+        if has_image and not _PLACEHOLDERS.sub("", text).strip():
+            return (f"image-only query embedded as the index's images were: {used!r}; "
+                    "--query-prompt P embeds it with P instead ('' for the image alone)")
+        return (f"query embedded as {used!r} (the index's query prompt "
+                f"{self.manifest.query_prompt!r}); --query-prompt P to use another")
 
     def search(self, queries: torch.Tensor, k: int = 10) -> list[list[Hit]]:
         """Top-k hits for each query embedding (q, d), best first."""

@@ -32,7 +32,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fam.index.items import apply_prompt
 from fam.serve.batching import BatchEncoder, QueueFull
 from fam.config import ServeConfig
 from fam.serve.inputs import ParsedInput, RequestError, load_images, parse_input, parse_messages
@@ -310,9 +309,8 @@ def create_app(service: Service) -> FastAPI:
             inp = parse_input(body["query"], cfg, "query")[0]
         else:
             inp = parse_messages(body["messages"], cfg)
-        # The index's query prompt, as fam search applies it.
-        if inp.text:
-            inp.text = apply_prompt(index.manifest.query_prompt, inp.text)
+        # The query's text as fam search makes it (query prompt; image-only: as the documents).
+        inp.text = index.query_text(inp.text, bool(inp.images))
         emb = await service.embed([inp])
         hits = index.search(emb, k)[0]
         data = []

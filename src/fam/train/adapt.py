@@ -37,7 +37,7 @@ from fam.model import EmbeddingModel, merge_lora, save_lora, select_tokens
 from fam.train.embedder import prepare_embedder
 from fam.train.gradcache import chunk_bounds, split_encoded
 from fam.train.runner import Recipe, StageParts, run_stage
-from fam.train.trainer import TrainResult
+from fam.train.trainer import InfoNote, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,10 @@ class ContrastiveLoss:
         """Warnings about logged metrics: whether VEIN's loss depends on ``e`` at all."""
         note = vein_verdict(metrics.get("rec_loss"), metrics.get("rec_loss_shuffled"),
                             memory=self.vein_memory)
-        return [note] if note else []
+        if note is None:
+            return []
+        # The paper's VEIN ignoring e is what the ablation found: a diagnostic, not a warning.
+        return [InfoNote(note) if self.vein_memory == "unmasked" else note]
 
 
 def vein_meta_tasks(pairs: Sequence[TrainPair], data_dir: str | Path) -> dict[str, str]:

@@ -74,7 +74,8 @@ class Trainer:
         loss: the stage's loss over the module's outputs; ``None`` when the module returns
             the loss terms (``{"loss": ..., **terms}``) itself. A loss with a
             ``log_notes(metrics) -> [sentence]`` method has its warnings logged (once per
-            kind) and written to ``train_metrics.json``'s ``notes``.
+            kind; an :class:`InfoNote` as information) and written to
+            ``train_metrics.json``'s ``notes``.
         gradcache_chunk: GradCache chunk size in rows (0: plain steps).
     """
 
@@ -306,7 +307,7 @@ class Trainer:
             if notes:
                 summary["notes"] = notes
                 for note in notes:
-                    log.warning("%s summary: %s", self.name, note)
+                    _log_note(note, "%s summary: %s", self.name, note)
             atomic_write_json(self.out_dir / "train_metrics.json", summary)
         return TrainResult(self.step, logger.last, seconds, self.out_dir)
 
@@ -328,6 +329,14 @@ class Trainer:
         k = max(1, self.optim_cfg.grad_accum)
         size = len(examples) // k
         return [self.collate(examples[i * size:(i + 1) * size]) for i in range(k)]
+
+
+class InfoNote(str):
+    """A ``log_notes`` sentence that is a diagnostic, logged as information (not a warning)."""
+
+
+def _log_note(note: str, fmt: str, *args: Any) -> None:
+    log.log(logging.INFO if isinstance(note, InfoNote) else logging.WARNING, fmt, *args)
 
 
 class _MetricLog:
@@ -392,7 +401,7 @@ class _MetricLog:
                 kind = note.split(":")[0]  # each kind once here, again in the summary
                 if kind not in self.said:
                     self.said.add(kind)
-                    log.warning("%s step %d: %s", self.name, step, note)
+                    _log_note(note, "%s step %d: %s", self.name, step, note)
 
     def summary_notes(self) -> list[str]:
         """The stage's warnings about the last logged metrics (e.g. VEIN's verdict)."""
