@@ -121,6 +121,13 @@ def test_quick_sweep_end_to_end(tmp_path):
     mtime = {p: p.stat().st_mtime for p in (out / "points").glob("*/seed0/results/*.json")}
     assert main(args) == 0  # resumes: nothing retrained
     assert {p: p.stat().st_mtime for p in mtime} == mtime
+    # Results without models (docs/results copied into a fresh folder): no stage 0 retrains.
+    import shutil
+    for d in (out / "stage0").iterdir():
+        shutil.rmtree(d)
+    assert main(args) == 0
+    assert not any((out / "stage0").iterdir())
+    assert {p: p.stat().st_mtime for p in mtime} == mtime
 
 
 def test_adapt_seed_offset_moves_only_the_adaptation_seed(tmp_path):

@@ -188,10 +188,18 @@ def _work(out: Path, sweep: Sweep, seeds: Sequence[int], progress: bool,
         did = waiting = False
         for task in list(tasks):
             seed, p, label = task
+            if label is not None and label in _finished(out, p, seed):
+                tasks.remove(task)
+                continue
             s0 = _stage0_root(out, p, seed)
             s0_done = (s0 / "stage0" / "model" / "config.json").exists()
             if label is None:
-                if not s0_done:
+                # Stage 0 only where a run still needs it (results copied from elsewhere,
+                # e.g. docs/results, need no model).
+                needed = any(t[0] == seed and t[2] is not None and
+                             t[1].stage0_key == p.stage0_key and
+                             t[2] not in _finished(out, t[1], seed) for t in tasks)
+                if needed and not s0_done:
                     with try_lock(locks / f"stage0-{p.stage0_key}-seed{seed}.lock") as got:
                         if not got:
                             waiting = True
@@ -236,6 +244,13 @@ def _work(out: Path, sweep: Sweep, seeds: Sequence[int], progress: bool,
             if not waiting:
                 return
             time.sleep(poll_s)
+
+
+def _finished(out: Path, p: SweepPoint, seed: int) -> set[str]:
+    """Config labels of the point's finished runs on ``seed`` (from their result files)."""
+    res = _point_root(out, p, seed) / "results"
+    return {json.loads(f.read_text()).get("config") for f in res.glob("*.json")} \
+        if res.is_dir() else set()
 
 
 def _worker_main(out: str, sweep: Sweep, seeds: list[int], progress: bool, level: int,
