@@ -121,13 +121,17 @@ def test_quick_sweep_end_to_end(tmp_path):
     mtime = {p: p.stat().st_mtime for p in (out / "points").glob("*/seed0/results/*.json")}
     assert main(args) == 0  # resumes: nothing retrained
     assert {p: p.stat().st_mtime for p in mtime} == mtime
-    # Results without models (docs/results copied into a fresh folder): no stage 0 retrains.
-    import shutil
-    for d in (out / "stage0").iterdir():
-        shutil.rmtree(d)
-    assert main(args) == 0
-    assert not any((out / "stage0").iterdir())
-    assert {p: p.stat().st_mtime for p in mtime} == mtime
+    # The exported results (no models) copied into a fresh folder resume without retraining.
+    exp = tmp_path / "exported"
+    assert main(args + ["--report-only", "--export", str(exp)]) == 0
+    assert not list(exp.rglob("*.safetensors")) and not list(exp.rglob("checkpoints"))
+    assert len(list(exp.glob("points/*/seed0/results/*.json"))) == 2
+    assert (exp / "sweep_t.md").exists() and (exp / "curves_t.png").exists()
+    args2 = ["ablate", "--sweep", spec, "--seeds", "0", "--out", str(exp), "--no-progress"]
+    before = {p: p.stat().st_mtime for p in exp.glob("points/*/seed0/results/*.json")}
+    assert main(args2) == 0
+    assert not list(exp.glob("stage0/*/seed0/models"))  # no stage 0 retrained
+    assert {p: p.stat().st_mtime for p in before} == before
 
 
 def test_adapt_seed_offset_moves_only_the_adaptation_seed(tmp_path):

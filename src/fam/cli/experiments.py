@@ -63,7 +63,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         report = run_sweep(args.out, args.sweep, seeds=args.seeds,
                            progress=not args.no_progress, threads=args.threads,
                            workers=args.workers, report_only=args.report_only,
-                           base=args.preset)
+                           base=args.preset, export=args.export)
         log.info("sweep written to %s\n%s", args.out, format_sweep(report))
         return 0
     plan = load_preset(DemoConfig, args.preset) if args.preset else None
@@ -108,6 +108,9 @@ def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
                         "YAML file) lists its points; every point over --seeds, resumable, "
                         "--workers; --preset replaces the sweep's base; writes "
                         "sweep_NAME.json/.md and the training curves")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="with --sweep: also copy the results, curves and reports (no "
+                        "checkpoints) to DIR, e.g. docs/results/sweep")
     p.add_argument("--no-probes", action="store_true",
                    help="skip the mechanism checks (FAM probes) on the checkpoints")
     p.set_defaults(func=cmd_ablate)

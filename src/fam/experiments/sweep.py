@@ -59,7 +59,8 @@ from fam.utils.threads import use_threads
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepPoint", "Sweep", "load_sweep", "run_sweep", "sweep_table", "format_sweep"]
+__all__ = ["SweepPoint", "Sweep", "load_sweep", "run_sweep", "sweep_table", "format_sweep",
+           "export_results"]
 
 #: Half-width (points of overall precision@1) the issue's decisive comparison aims at.
 TARGET_HALF_WIDTH = 1.5
@@ -263,7 +264,8 @@ def _worker_main(out: str, sweep: Sweep, seeds: list[int], progress: bool, level
 
 def run_sweep(out: str | Path, name: str, seeds: Sequence[int] = (0, 1, 2),
               progress: bool = False, threads: int = 1, workers: int = 1,
-              report_only: bool = False, base: str | None = None) -> dict[str, Any]:
+              report_only: bool = False, base: str | None = None,
+              export: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep; writes and returns ``sweep_<name>.json``'s content.
 
     Args:
@@ -273,6 +275,7 @@ def run_sweep(out: str | Path, name: str, seeds: Sequence[int] = (0, 1, 2),
         threads: torch threads per process; workers: processes (file locks share tasks).
         report_only: train nothing; rebuild the table and curves from finished runs.
         base: override the preset's base preset.
+        export: also copy the results (no checkpoints) there (:func:`export_results`).
     """
     if not seeds:
         raise ConfigError("give at least one seed (--seeds 0 1 2)")
@@ -302,7 +305,10 @@ def run_sweep(out: str | Path, name: str, seeds: Sequence[int] = (0, 1, 2),
                 run_workers(workers, _worker_main,
                             (str(out), sweep, list(seeds), progress, level, base_plan.threads),
                             what="sweep")
-        return write_sweep_report(out, sweep, seeds, time.time() - t_start)
+        report = write_sweep_report(out, sweep, seeds, time.time() - t_start)
+        if export:
+            report["exported"] = export_results(out, sweep, Path(export))
+        return report
     finally:
         torch.set_num_threads(before)
 
@@ -422,3 +428,28 @@ def write_sweep_report(out: Path, sweep: Sweep, seeds: Sequence[int],
                   _point_root(out, p, int(rec["seed"])) / "runs" / rec["key"]
                   for p in sweep.points for rec in records[p.label] if "config" in rec})
     return report
+
+
+def export_results(out: Path, sweep: Sweep, dst: Path) -> int:
+    """Copy what a sweep folder says (reports, curves, every run's result and
+    ``train_metrics.json``, the point records; no checkpoints, models or data) to ``dst``,
+    e.g. ``docs/results/sweep``; returns the number of files. Copied back into an empty
+    folder it resumes the sweep without retraining the finished runs."""
+    import shutil
+    files = [out / "experiment.json"] + [f for pat in (f"sweep_{sweep.name}.*",
+                                                       f"curves_{sweep.name}.*")
+                                         for f in out.glob(pat)]
+    for p in sweep.points:
+        pt = out / "points" / p.key
+        files += [pt / "point.json"] + list(pt.glob("seed*/results/*.json"))
+        files += list(pt.glob("seed*/runs/*/train_metrics.json"))
+        files += list(pt.glob("seed*/align/*/train_metrics.json"))
+        files += list((out / "stage0" / p.stage0_key).glob("seed*/stage0/train_metrics.json"))
+    n = 0
+    for f in dict.fromkeys(files):
+        if f.is_file():
+            target = dst / f.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+            n += 1
+    return n
