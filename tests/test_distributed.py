@@ -79,6 +79,7 @@ def _check_info_nce(rank: int) -> None:
     torch.testing.assert_close(got["loss"], want["loss"].detach())
     torch.testing.assert_close(got["accuracy"], want["accuracy"])
     for a, w in zip(_grads(model), _grads(ref)):
+        # float64 (eps 1.1e-16): DDP's all-reduce only reorders gradient sums
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
 
 
@@ -109,6 +110,7 @@ def _check_mac(rank: int) -> None:
     for key in ("loss", "coarse_loss", "c2f_loss", "fine_loss"):
         torch.testing.assert_close(got[key], want[key].detach())
     for a, w in zip(_grads(img_model) + _grads(txt_model), _grads(ref_img) + _grads(ref_txt)):
+        # float64 (eps 1.1e-16): DDP's all-reduce only reorders gradient sums
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
 
 
@@ -149,6 +151,7 @@ def _check_vein_global_mean(rank: int) -> None:
     assert n == want["count"]
     torch.testing.assert_close(value, (want["sum"] / want["count"]).detach())
     for a, w in zip(_grads(model), _grads(ref)):
+        # float64 (eps 1.1e-16): DDP's all-reduce only reorders gradient sums
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
 
 

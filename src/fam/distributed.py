@@ -50,6 +50,7 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["is_dist", "rank", "world_size", "gather_with_grad", "gather_no_grad",
+           "gather_tokens_with_grad",
            "init_from_env", "resolve_device", "barrier", "run_on_main_rank", "wrap_ddp",
            "shard_fsdp", "full_trainable_state", "load_full_trainable_state", "full_state_dict",
            "mean_over_ranks", "all_ranks_true"]
@@ -144,6 +145,24 @@ def gather_with_grad(x: Tensor, always: bool = False) -> Tensor:
     parts = _all_gather(x, "gather_with_grad")
     parts[rank()] = _ScaleGrad.apply(x, float(ws))
     return torch.cat(parts, dim=0)
+
+
+def gather_tokens_with_grad(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather per-row token tensors whose token count differs between ranks.
+
+    Each rank pads ``x`` ``(b, n, d)`` and ``mask`` ``(b, n)`` with masked-out zero tokens to
+    the largest ``n`` of any rank (one small all-reduce), then gathers as
+    :func:`gather_with_grad` / :func:`gather_no_grad`. Not distributed: the inputs unchanged.
+    """
+    if world_size() == 1:
+        return x, mask
+    n = torch.tensor([x.shape[1]], dtype=torch.long, device=x.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    extra = int(n) - x.shape[1]
+    if extra:
+        x = torch.cat([x, x.new_zeros((x.shape[0], extra, *x.shape[2:]))], dim=1)
+        mask = torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], dim=1)
+    return gather_with_grad(x), gather_no_grad(mask)
 
 
 def gather_no_grad(x: Tensor, always: bool = False) -> Tensor:

@@ -36,6 +36,8 @@ def test_recovers_sparse_combination_of_random_high_dim_atoms():
     v = torch.einsum("mk,mkd->md", coefs, dn[support])
     res = matching_pursuit(v, dictionary, k_max=3)
     assert res.atoms.tolist() == support.tolist()
+    # random atoms in d=4096 have cross-cosines ~1/64; with coefficients summing to 6 a greedy
+    # coefficient picks up a few hundredths from the others
     torch.testing.assert_close(res.coefs, coefs, atol=0.1, rtol=0)
     assert (res.explained_energy[:, -1] > 0.99).all()
 

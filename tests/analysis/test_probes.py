@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -129,3 +130,87 @@ def test_eager_attention_matches_manual_row(tiny_dirs, scenes_dir):
     for a in out.attentions:
         row = a[0, :, eos]  # (H, L)
         torch.testing.assert_close(row.sum(-1), torch.ones(row.shape[0]), atol=1e-5, rtol=0)
+
+
+def _hand_made_embeddings(images, odd_one_out: int):
+    """Unit embeddings whose probe values are known by construction (d = 16, orthonormal
+    basis e_*): global image i = 0.8 e_i + 0.6 e_S (S: "a Scenes image"); crop j of image
+    o(j) = 0.6 e_o(j) + 0.48 u_j + 0.64 e_S (u_j: the crop's own direction); expression j =
+    u_j, except crop ``odd_one_out``'s expression, which is a direction w nothing else has.
+
+    So cos(crop, own global) = 0.6·0.8 + 0.64·0.6 = 0.864, cos(crop, another global) = 0.384;
+    cos(crop, own expression) = 0.48 (0 for the odd one out), cos(crop, any other) = 0."""
+    eye = torch.eye(16, dtype=torch.float64)
+    e_s, w = eye[3], eye[15]
+    crops = [(i, k) for i, im in enumerate(images) for k in range(len(im.regions))]
+    u = {ik: eye[4 + j] for j, ik in enumerate(crops)}
+    by_expr = {images[i].regions[k].expression: (i, k) for i, k in crops}
+    odd = crops[odd_one_out]
+
+    def fake(model, items, pils, batch_size=16):
+        out = []
+        for it in items:
+            if it.image is None:  # an expression after the retrieval instruction
+                ik = by_expr[it.text[it.content[0]:it.content[1]]]
+                out.append(w if ik == odd else u[ik])
+            elif "#crop" in str(it.image):
+                i = [p.path for p in images].index(Path(str(it.image).split("#crop")[0]))
+                out.append(0.6 * eye[i] + 0.48 * u[(i, int(str(it.image).split("#crop")[1]))]
+                           + 0.64 * e_s)
+            else:
+                i = [p.path for p in images].index(Path(it.image))
+                out.append(0.8 * eye[i] + 0.6 * e_s)
+        return torch.stack(out).float()
+    return fake
+
+
+def test_similarity_probes_on_hand_made_embeddings(scenes_dir, monkeypatch):
+    """Known matched/mismatched means, gaps and win rates; fails if the matched and
+    mismatched pairs were swapped anywhere in the probe (gaps and win rates would flip)."""
+    import fam.analysis.probes as probes
+
+    ims = load_probe_images(scenes_dir, max_images=3)
+    monkeypatch.setattr(probes, "embed_items", _hand_made_embeddings(ims, odd_one_out=2))
+    sim = similarity_probes(None, ims, ProbeConfig(max_images=3))
+    gl, oc = sim["global_local"], sim["object_caption"]
+    assert gl["n_crops"] == oc["n_crops"] == 5 and sim["n_images"] == 3
+    # The embeddings are float32 sums of 3 exact-ish terms: rounding at 6e-8 relative.
+    tol = dict(abs=1e-6)
+    assert gl["matched"]["mean"] == pytest.approx(0.864, **tol)
+    assert gl["mismatched"]["mean"] == pytest.approx(0.384, **tol)
+    assert gl["gap"] == pytest.approx(0.48, **tol) and gl["win_rate"] == 1.0
+    assert gl["matched"]["std"] == pytest.approx(0.0, **tol)
+    # Object-caption: four crops score 0.48 with their own expression, the odd one out 0;
+    # every mismatched expression is orthogonal (0), and a tie is not a win.
+    assert oc["matched"]["mean"] == pytest.approx(4 * 0.48 / 5, **tol)
+    assert oc["matched"]["std"] == pytest.approx(0.192, **tol)  # sqrt(4/5·0.48² − 0.384²)
+    assert oc["mismatched"]["mean"] == pytest.approx(0.0, **tol)
+    assert oc["gap"] == pytest.approx(0.384, **tol)
+    assert oc["win_rate"] == pytest.approx(0.8)
+
+
+def test_object_caption_mismatch_is_from_another_image(scenes_dir, monkeypatch):
+    """Each crop's mismatched expression comes from another image: with crop and expression
+    embeddings that encode their image, the mismatched cosine shows which, for 5 seeds."""
+    import fam.analysis.probes as probes
+
+    ims = load_probe_images(scenes_dir, max_images=3)
+    eye = torch.eye(16)
+    owner = {r.expression: i for i, im in enumerate(ims) for r in im.regions}
+
+    def fake(model, items, pils, batch_size=16):
+        out = []
+        for it in items:
+            if it.image is None:  # expression of image i: direction e_i
+                out.append(eye[owner[it.text[it.content[0]:it.content[1]]]])
+            elif "#crop" in str(it.image):  # crop of image i: e_i too
+                out.append(eye[[p.path for p in ims].index(Path(str(it.image).split("#crop")[0]))])
+            else:
+                out.append(eye[15])
+        return torch.stack(out)
+    monkeypatch.setattr(probes, "embed_items", fake)
+    for seed in range(5):
+        oc = similarity_probes(None, ims, ProbeConfig(max_images=3, seed=seed))["object_caption"]
+        # own image: cosine 1; another image: 0 — never a same-image "mismatch"
+        assert oc["matched"]["mean"] == 1.0 and oc["mismatched"]["mean"] == 0.0
+        assert oc["win_rate"] == 1.0

@@ -84,10 +84,12 @@ def test_left_and_right_padding_give_the_same_embeddings(family, tiny_dirs, scen
         a.padding_side = side
         with torch.no_grad():
             outs[side] = m(a.encode(items)).embedding
+    # float32 model: padding changes attention sum lengths and matmul blocking; 1e-4 ≈ 1700 ulps
     torch.testing.assert_close(outs["left"], outs["right"], rtol=1e-4, atol=1e-5)
     # and equal to encoding each item alone (no cross-talk through padding)
     with torch.no_grad():
         single = torch.cat([m(a.encode([it])).embedding for it in items])
+    # float32 model: batch size changes matmul blocking; 1e-4 ≈ 1700 ulps
     torch.testing.assert_close(single, outs["right"], rtol=1e-4, atol=1e-5)
     assert torch.allclose(outs["right"].norm(dim=-1), torch.ones(4))
 
@@ -117,19 +119,25 @@ def test_lora_wraps_language_model_only_and_merge_is_exact(family, tiny_dirs, sc
     assert all(LM_NAME.get(family, "language_model") in n for n in trainable)
     lm_params = {id(p) for p in a.language_model().parameters()}
     assert all(id(p) in lm_params for p in m.parameters() if p.requires_grad)
+    m.eval()
+    items = _items(scene_images)
+    with torch.no_grad():
+        e_base = m(a.encode(items)).embedding  # lora_B starts at zero: the base model's output
     # make LoRA non-trivial, then compare adapter model vs merged model
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    m.eval()
-    items = _items(scene_images)
     with torch.no_grad():
         e_lora = m(a.encode(items)).embedding
+    # Negative control: the adapter really changes the outputs, by far more than the merge
+    # tolerance below, so "merged == adapter" cannot pass by both equalling the base model.
+    assert (e_lora - e_base).abs().max() > 100 * 1e-5
     merge_lora(m)
     assert not any("lora_" in n for n, _ in m.named_parameters())
     with torch.no_grad():
         e_merged = m(a.encode(items)).embedding
+    # float32: W + BA folded into one weight rounds differently from Wx + B(Ax)
     torch.testing.assert_close(e_merged, e_lora, rtol=1e-5, atol=1e-5)
 
 
@@ -246,8 +254,11 @@ def test_several_images_per_item(family, tiny_dirs, scene_images):
         b_x_a = m(a.encode([in_order], images=[ims[::-1]])).embedding
         a_x_b = m(a.encode([in_order], images=[ims])).embedding
         a_x_b2 = m(a.encode(items[:1], images=[ims[::-1]])).embedding
+    # float32 model, different batch/padding: summation order only
     torch.testing.assert_close(b_x_a, outs["left"][:1], rtol=1e-4, atol=1e-5)
+    # float32 model, different batch/padding: summation order only
     torch.testing.assert_close(a_x_b2, a_x_b, rtol=1e-4, atol=1e-5)
+    # must differ by more than the float32 padding noise allowed above
     assert not torch.allclose(a_x_b, b_x_a, atol=1e-4)
 
 
@@ -366,7 +377,9 @@ def test_phi3v_layout_negative_ids_and_masks(phi3v, scene_images):
         a.padding_side = "left"
         e_l = m(a.encode(items, images=[ims[0], ims[1:], None])).embedding
         single = m(a.encode(items[:1], images=[ims[0]])).embedding
+    # float32 model: padding side changes summation order only
     torch.testing.assert_close(e_l, e_r, rtol=1e-4, atol=1e-5)
+    # float32 model: batch size changes summation order only
     torch.testing.assert_close(single[0], e_r[0], rtol=1e-4, atol=1e-5)
 
 
@@ -402,17 +415,20 @@ def test_dora_wraps_and_merges_exactly(tiny_dirs, scene_images):
     apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, use_dora=True))
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in n for n in names)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
     m.eval()
     items = _items(scene_images)
     with torch.no_grad():
+        e_base = m(a.encode(items)).embedding  # lora_B starts at zero: the base model's output
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
         before = m(a.encode(items)).embedding
+    # Negative control: the adapter changes the outputs by far more than the tolerance below.
+    assert (before - e_base).abs().max() > 100 * 1e-5
     merge_lora(m)
     with torch.no_grad():
         after = m(a.encode(items)).embedding
+    # float32: DoRA's merged weight (magnitude × normalised W + BA) rounds differently
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 

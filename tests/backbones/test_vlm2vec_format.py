@@ -283,4 +283,5 @@ def test_llava_next_inputs_are_the_processors(tiny_dirs):
             h = a.hf_model.model(input_ids=out["input_ids"], attention_mask=out["attention_mask"],
                                  use_cache=False, **kw).last_hidden_state
         ref = F.normalize(h[0, -1].float(), dim=-1)
+        # float32 unit vectors, batched vs single forward: summation order only
         assert torch.allclose(got[row], ref, atol=1e-4), (name, (got[row] - ref).abs().max())

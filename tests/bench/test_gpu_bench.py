@@ -113,6 +113,7 @@ def test_the_2b_shape_is_the_published_one():
     assert (v.depth, v.embed_dim, v.mlp_ratio, v.num_heads) == (s.vision_depth, s.vision_embed,
                                                                s.vision_mlp_ratio, 16)
     params = sum(p.numel() for p in adapter.model.parameters())
+    # the published count is '2.21B' (3 significant digits): rounding of the published figure
     assert params == pytest.approx(2.21e9, rel=0.01)
     assert next(adapter.model.parameters()).dtype == torch.bfloat16
 

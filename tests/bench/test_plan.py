@@ -7,7 +7,9 @@ from fam.bench.plan import KNOWN_SHAPES, PlanConfig, estimate, largest_chunk, re
 
 
 def test_known_shapes_give_the_published_parameter_counts():
+    # the planner's analytic count vs the published 3-significant-digit figure
     assert estimate(KNOWN_SHAPES["Qwen2-VL-2B"], PlanConfig())["params"] == pytest.approx(2.21e9, rel=0.02)
+    # the planner's analytic count vs the published 3-significant-digit figure
     assert estimate(KNOWN_SHAPES["Qwen2-VL-7B"], PlanConfig())["params"] == pytest.approx(8.29e9, rel=0.02)
     assert resolve_shape("qwen2-vl-2b") is KNOWN_SHAPES["Qwen2-VL-2B"]
 

@@ -178,6 +178,7 @@ def test_adapter_and_input_options_through_eval_and_encode(layouts, tiny_dirs, t
                      str(layouts / "jsonl_images"), "--out", str(out)]) == 0
         outs[name] = load_file(str(out))["embeddings"]
     assert torch.equal(outs["adapter"], outs["merged"])
+    # must differ by more than float32 forward noise (~1e-6) to show the option took effect
     assert not torch.allclose(outs["resized"], outs["merged"], atol=1e-4)
     # bad option values are one clear line, exit 2
     assert main(["encode", "--model", str(base), "--input", str(items), "--out",

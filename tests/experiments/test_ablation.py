@@ -109,6 +109,7 @@ def test_aggregate_pairs_deltas_by_seed():
     assert agg[fam]["overall"]["mean"] == pytest.approx(17.5)
     assert agg[fam]["overall"]["std"] == pytest.approx(7.7782, abs=1e-3)  # ddof=1
     assert agg[fam]["delta"]["overall"]["mean"] == pytest.approx(2.5)
+    # hand value √2/2 written to 4 decimals
     assert agg[fam]["delta"]["overall"]["std"] == pytest.approx(0.7071, abs=1e-3)
     assert agg[base]["delta"]["overall"]["mean"] == 0.0
     md = format_ablation({"aggregates": agg, "groups": {"main": [("baseline", base),
@@ -238,3 +239,35 @@ def test_runs_are_ordered_by_priority(tmp_path):
              "coarse", "coarse+c2f", "vein_only_w32"]
     assert keys[1:] == [key[lab] for lab in order]
     assert set(RUN_PRIORITY) == set(GROUPS)
+
+
+def test_mechanism_checks_and_summary_carry_the_probe_values(tmp_path, monkeypatch):
+    """The mechanism table's numbers are the probes' values, each under its own name, and
+    their mean over seeds (a swap of the gaps, or of own/shuffled VEIN losses, fails)."""
+    import fam.analysis.probes as probes
+    from fam.experiments.ablation_report import mechanism_checks, mechanism_summary
+
+    sim = {"global_local": {"gap": 0.25, "win_rate": 0.9},
+           "object_caption": {"gap": 0.125, "win_rate": 0.75}}
+    att = {"image_mass": [0.5, 0.375], "vision_centric_layers_neg": [-1]}
+    monkeypatch.setattr(probes, "load_probe_images", lambda *a, **k: ["im"])
+    monkeypatch.setattr(probes, "load_probe_model", lambda *a, **k: "model")
+    monkeypatch.setattr(probes, "similarity_probes", lambda *a, **k: sim)
+    monkeypatch.setattr(probes, "attention_probe", lambda *a, **k: att)
+    (tmp_path / "train_metrics.json").write_text(json.dumps({"final": {
+        "rec_loss": 2.0, "rec_loss_shuffled": 3.0, "task_grad_norm": 4.0,
+        "vein_grad_norm": 1.0}}))
+    m = mechanism_checks("model", tmp_path, "data", plan_for_size("quick"))
+    assert (m["global_local_gap"], m["object_caption_gap"], m["object_caption_win_rate"]) == \
+        (0.25, 0.125, 0.75)
+    assert m["image_attention"] == [0.5, 0.375] and m["vision_centric"] == [-1]
+    assert m["vein"] == {"rec_loss": 2.0, "rec_loss_shuffled": 3.0, "e_gap": 0.5,
+                         "grad_ratio": 0.25}
+    run = AblationRun(vein=True)
+    other = dict(m, global_local_gap=0.75, vein=dict(m["vein"], rec_loss=4.0))
+    recs = [{"key": run.key, "seed": 0, "mechanism": m},
+            {"key": run.key, "seed": 1, "mechanism": other}]
+    got = mechanism_summary(recs, {"g": [("vein_only", run)]})["vein_only"]
+    assert got["global_local_gap"] == 0.5 and got["object_caption_gap"] == 0.125
+    assert got["image_attention_last"] == 0.375 and got["n_seeds"] == 2
+    assert got["vein"]["rec_loss"] == 3.0 and got["vein"]["rec_loss_shuffled"] == 3.0

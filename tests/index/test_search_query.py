@@ -97,4 +97,6 @@ def test_http_search_with_an_image_alone_finds_it_first(built, small_collection,
             r = client.post("/v1/search", json=body)
             assert r.status_code == 200, r.text
             top = r.json()["data"][0]
+            # the image embeds as its indexed copy: cosine 1 up to float32 rounding of the
+            # forward (different batch) and the JSON round trip
             assert top["id"] == "scene-7" and top["score"] == pytest.approx(1.0, abs=1e-5)

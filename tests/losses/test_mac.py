@@ -10,10 +10,12 @@ from fam.losses.mac import mac_loss, mac_loss_from_pooled, mac_pool
 
 def _mac_loss_reference(img_emb, txt_emb, img_tokens, txt_tokens, img_mask, txt_mask,
                         temperature=0.02, weights=(1.0, 1.0, 1.0), c2f_reduction="mean"):
-    """Naive MAC as the official code computes it: materialise every token-token cosine.
+    """Naive MAC: materialise every token-token cosine, then mask and average.
 
-    Builds the full (B·N)×(B·T) cosine matrix, masks padding and averages; no algebraic
-    shortcut is used anywhere, so it is an independent check of the exact form.
+    Builds the full (B·N)×(B·T) cosine matrix, multiplies in the padding mask and averages
+    (the fully masked form; the official code zeroes padding features before the matmul,
+    ``fam.bench.mac.mac_loss_official_form``); no algebraic shortcut is used anywhere, so it
+    is an independent check of the exact form.
     """
     b, n, d = img_tokens.shape
     t_len = txt_tokens.shape[1]
@@ -64,6 +66,8 @@ def _grads(out, xs):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs)]
 
 
+# float64: the exact form only reorders sums (eps 2^-53 ≈ 1.1e-16; 1e-10 leaves 10^6 ulps of
+# accumulated rounding); float32: eps 2^-24 ≈ 6e-8, sums over N·T products, 1e-5 ≈ 170 ulps.
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-5, 1e-6)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_exact_matches_naive_value_and_grad(dtype, rtol, atol, reduction):
@@ -72,9 +76,9 @@ def test_exact_matches_naive_value_and_grad(dtype, rtol, atol, reduction):
     ours = mac_loss(*xs, im, tm, temperature=0.05, weights=weights, c2f_reduction=reduction)
     ref = _mac_loss_reference(*xs, im, tm, temperature=0.05, weights=weights, c2f_reduction=reduction)
     for key in ("loss", "coarse_loss", "c2f_loss", "fine_loss"):
-        torch.testing.assert_close(ours[key], ref[key], rtol=rtol, atol=atol)
+        torch.testing.assert_close(ours[key], ref[key], rtol=rtol, atol=atol)  # see parametrize
     for g_ours, g_ref in zip(_grads(ours["loss"], xs), _grads(ref["loss"], xs)):
-        torch.testing.assert_close(g_ours, g_ref, rtol=rtol, atol=atol)
+        torch.testing.assert_close(g_ours, g_ref, rtol=rtol, atol=atol)  # see parametrize
 
 
 def test_c2f_sum_is_sum_of_both_directions():
@@ -150,23 +154,63 @@ def test_bad_config_raises():
         mac_loss(*xs, im, tm, weights=(1.0, 1.0))
 
 
-def test_bf16_close_to_fp32():
-    xs, im, tm = _inputs(dtype=torch.float32)
+# bfloat16 keeps 8 significant bits: machine epsilon 2^-8 (= 3.9e-3), so rounding a float32
+# input to bf16 moves it by at most 2^-9 relative.
+BF16_EPS = 2.0 ** -8
+# The loss: scores are computed in float32 from the rounded states, so the loss moves by a
+# fraction of one ε (measured 3e-5 to 6e-4 relative over 5 seeds): allow one ε.
+BF16_LOSS_RTOL = BF16_EPS
+# The gradients come back in bf16 (each element rounded at 2^-9) after a backward whose
+# bmm products of bf16 states round again, and the 1/τ = 50 temperature scales a score's
+# rounding before the softmax: a few ε norm-wise (measured ≤ 1.4 ε over 5 seeds). 8 ε leaves
+# ~5× headroom; a wrong formula gives an O(1) error.
+BF16_GRAD_RTOL = 8 * BF16_EPS
+
+
+def _norm_rel_err(got, want):
+    return float((got.float() - want).norm() / want.norm())
+
+
+def test_bf16_forward_and_gradients_close_to_fp32():
+    xs, im, tm = _inputs(b=8, n=16, t=8, d=64, dtype=torch.float32)
     ref = mac_loss(*xs, im, tm)["loss"]
-    low = mac_loss(*(x.detach().bfloat16() for x in xs), im, tm)["loss"]
+    low_xs = [x.detach().bfloat16().requires_grad_() for x in xs]
+    low = mac_loss(*low_xs, im, tm)["loss"]
     assert low.dtype == torch.float32
-    torch.testing.assert_close(low, ref, rtol=2e-2, atol=2e-2)
+    assert abs(float(low.detach()) - float(ref.detach())) <= BF16_LOSS_RTOL * abs(float(ref.detach()))
+    for g_low, g_ref in zip(torch.autograd.grad(low, low_xs), torch.autograd.grad(ref, xs)):
+        assert g_low.dtype == torch.bfloat16
+        assert _norm_rel_err(g_low, g_ref) <= BF16_GRAD_RTOL
 
 
-def test_bench_naive_matches_exact():
-    from fam.bench.mac import mac_loss_naive
+@pytest.mark.parametrize("form", ["mac_loss_official_form", "mac_loss_naive"])
+def test_bench_references_match_exact_in_float64(form):
+    """Both of ``fam bench mac``'s references compute the same loss and gradients as the
+    exact form, so its ratios compare equal work (float64, padding in both masks)."""
+    import fam.bench.mac as bench
 
     xs, im, tm = _inputs()
-    ours = mac_loss(*xs, im, tm)
-    naive = mac_loss_naive(*xs, im, tm)
-    torch.testing.assert_close(naive["loss"], ours["loss"])
-    for a, b in zip(_grads(naive["loss"], xs), _grads(ours["loss"], xs)):
-        torch.testing.assert_close(a, b)
+    ours = mac_loss(*xs, im, tm, weights=(0.7, 1.3, 2.0), c2f_reduction="sum")
+    ref = getattr(bench, form)(*xs, im, tm, weights=(0.7, 1.3, 2.0), c2f_reduction="sum")
+    for key in ("loss", "coarse_loss", "c2f_loss", "fine_loss"):
+        # float64: the forms differ only in summation order (eps 2^-53 ≈ 1.1e-16 per op).
+        torch.testing.assert_close(ref[key], ours[key], rtol=1e-10, atol=1e-12)
+    for a, b in zip(_grads(ref["loss"], xs), _grads(ours["loss"], xs)):
+        # float64 summation-order differences, as above.
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_official_form_zeroes_padding_features_before_the_matmul():
+    """The official form ignores padded token states (they are zeroed, not just unweighted):
+    garbage in the padding changes neither its loss nor the other tokens' gradients."""
+    from fam.bench.mac import mac_loss_official_form
+
+    xs, im, tm = _inputs()
+    txt2 = torch.where(tm.bool()[..., None], xs[3], 1e3 * torch.randn_like(xs[3]))
+    a = mac_loss_official_form(*xs, im, tm)["loss"]
+    b = mac_loss_official_form(xs[0], xs[1], xs[2], txt2, im, tm)["loss"]
+    # float64, same operations on the real tokens; the padded terms are exact zeros.
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 def test_pooling_gradcheck_including_tiny_norms():

@@ -36,6 +36,7 @@ def test_depth_zero_is_pooling_then_readout_exactly():
     ref = torch.stack([g[:, r * 2:(r + 1) * 2, c * 2:(c + 1) * 2].mean(dim=(1, 2))
                        for r in range(2) for c in range(2)], dim=1)  # (B, 4, C)
     ref = p.readout(ref)
+    # float64 (eps 1.1e-16): pooling by avg_pool vs slicing only reorders 4-term sums
     torch.testing.assert_close(p(x), ref, rtol=0, atol=1e-12)
 
 
@@ -65,6 +66,7 @@ def test_blocks():
     ln = LayerNorm2d(6).double()
     y = ln(x)
     torch.testing.assert_close(y.mean(1), torch.zeros(2, 5, 5, dtype=torch.float64),
+                               # float64: a per-pixel channel mean of LayerNorm output is 0 up to rounding
                                rtol=0, atol=1e-12)
     b = ResBlock2d(6, 10).double()
     assert b(x).shape == (2, 10, 5, 5)
@@ -93,4 +95,5 @@ def test_pool_coverage_of_block_constant_maps_returns_the_block_values():
     grid, pooled = (6, 6), (3, 3)
     cov = np.kron(np.random.default_rng(0).random((3, 3)), np.ones((2, 2)))[None]
     pc = pool_coverage(cov.reshape(1, -1), grid, pooled)[0]
+    # pool_coverage works in float32: block means of equal values round at 6e-8
     np.testing.assert_allclose(pc.reshape(3, 3), cov[0, ::2, ::2], rtol=1e-6)

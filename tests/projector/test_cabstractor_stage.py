@@ -95,6 +95,7 @@ def test_regions_are_the_patch_coverage_pooled_then_thresholded(scenes):
     masks = np.stack([rle_decode(r.mask) for r in rec.regions])
     cov8 = mask_to_patch_coverage(masks, tf, level="token").reshape(len(masks), 64)
     ref = pool_coverage(cov8, (8, 8), (4, 4))
+    # float32 coverage fractions pooled by two code paths: rounding only
     np.testing.assert_allclose(tgt.coverage, ref, rtol=0, atol=1e-6)
     assert np.array_equal(tgt.patch_sets, select_patches(ref, 0.5, flat=True))
 

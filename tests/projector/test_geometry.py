@@ -51,6 +51,7 @@ def test_clip_center_crop_matches_processor(size, rect):
     assert tr.final_size == (336, 336) and tr.crop_box is not None
     cov = mask_to_patch_coverage(mask, tr)
     assert cov.shape == (24, 24)
+    # the processor resizes with bicubic PIL filtering (ringing at mask edges); our coverage is the exact area
     np.testing.assert_allclose(cov, ref, atol=0.01)
     # the crop really cut something: a naive "resize whole image to 336²" is far off
     naive = ImageTransform(orig_size=size, resized_size=(336, 336), patch_size=14)
@@ -70,6 +71,7 @@ def test_llava_pad_to_square_matches_processor(size, rect):
     ref = _pool(px.mean(0), 14)
     tr = clip_transform(size, size=336, pad_to_square=True)
     assert tr.pre_pad is not None and tr.crop_box is None
+    # the processor resizes with bicubic PIL filtering (ringing at mask edges); our coverage is the exact area
     np.testing.assert_allclose(mask_to_patch_coverage(mask, tr), ref, atol=0.01)
 
 
@@ -92,6 +94,7 @@ def test_qwen2_vl_smart_resize_matches_processor(size, rect):
     assert tr.resized_size[0] != tr.resized_size[1]
     np.testing.assert_allclose(mask_to_patch_coverage(mask, tr, level="patch"), ref_patch,
                                atol=0.01)
+    # the processor resizes with bicubic PIL filtering (ringing at mask edges); our coverage is the exact area
     np.testing.assert_allclose(mask_to_patch_coverage(mask, tr), ref_token, atol=0.01)
     assert mask_to_patch_coverage(mask, tr).shape == (gh // 2, gw // 2)
 

@@ -167,6 +167,7 @@ def test_linear_projector_is_one_linear_map_and_round_trips(scenes, tmp_path):
     with torch.no_grad():
         proj.linear_1.weight.add_(0.1)  # as if trained
         y = proj(x)
+    # float32 linear layer vs the same matmul written out: summation order only
     assert torch.allclose(y, x @ proj.linear_1.weight.T + proj.linear_1.bias, atol=1e-6)
     adapter.save_pretrained(tmp_path / "lin")
     back = load_backbone(tmp_path / "lin")

@@ -114,6 +114,7 @@ def test_messages_form_equals_input_object_form_and_text_only(client, small_coll
     many = client.post("/v1/embeddings", json={"input": ["a red circle"]}).json()
     assert len(one["data"]) == 1
     e1, e2 = np.array(one["data"][0]["embedding"]), np.array(many["data"][0]["embedding"])
+    # float32 unit vector sent as JSON decimals: its norm is 1 up to float32 rounding
     assert np.allclose(np.linalg.norm(e1), 1.0, atol=1e-5) and np.array_equal(e1, e2)
 
 

@@ -188,6 +188,7 @@ def test_adapt_also_saves_the_lora_adapter_which_reloads_exactly(bench, tmp_path
     with torch.no_grad():
         e1 = merged(merged.adapter.encode(items)).embedding
         e2 = base(base.adapter.encode(items)).embedding
+    # float32: merged weights vs base + LoRA adapter round differently (as the merge tests)
     torch.testing.assert_close(e2, e1, rtol=1e-4, atol=1e-5)
 
 
@@ -272,3 +273,22 @@ def test_text_only_stage0_trains_the_language_model_on_words_alone(bench, tmp_pa
     # (Qwen2-VL: the vision tower and its merger, the projector, are under "visual.")
     assert changed and not any("visual" in k for k in changed)
     assert any("lm_head" in k for k in changed) and any("layers.0." in k for k in changed)
+
+
+def test_cli_adapt_with_multivector_trains_and_exports_its_head(bench, tmp_path):
+    """`fam train adapt ... multivector.enabled=true`: both losses logged, the head saved
+    beside the model and read back."""
+    from fam.cli import main
+    from fam.model.multivector import load_multivector
+    data = bench / "data"
+    rc = main(["train", "adapt", f"model={bench / 'tiny'}", f"train_dir={data / 'train'}",
+               f"image_root={data}", "optim.batch_size=8", "optim.steps=4", "optim.lr=2e-3",
+               "lora.r=4", "lora.alpha=8", f"run.out_dir={tmp_path}", "run.log_every=1",
+               "run.save_every=0", "run.progress=false", "multivector.enabled=true",
+               "multivector.dim=16", "multivector.tokens=all"])
+    assert rc == 0
+    m = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert m["stage"] == "adapt+multivector" and {"mv_loss", "mv_accuracy", "task_loss"} <= set(m["final"])
+    head = load_multivector(tmp_path / "model", load_backbone(tmp_path / "model").hidden_size)
+    assert head.dim == 16 and head.tokens == "all" and head.proj is not None
+    assert not any("multivector" in k for k in _weights(tmp_path / "model"))  # not in the LM

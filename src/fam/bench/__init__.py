@@ -1,6 +1,21 @@
-"""Benchmarks that back the efficiency claims (``fam bench mac|gradcache``, ratios against a
-reference measured in the same run), the shared peak-memory meter, and the memory planner
-(:mod:`fam.bench.plan`, ``fam plan``)."""
+"""Benchmarks that back the efficiency claims (ratios against a reference measured in the same
+run), the shared peak-memory meter, and the memory planner (:mod:`fam.bench.plan`, ``fam plan``).
+
+Each benchmark measures against the strongest thing a user would otherwise run, checks that
+its variants compute the same result, and exits 1 when they differ or a target is missed:
+
+* ``fam bench mac`` (:mod:`.mac`): the official FAM code's form (padding features zeroed
+  before one (B·N)×(B·T) matmul); the fully masked form as a second row.
+* ``fam bench gradcache`` (:mod:`.gradcache`): a plain batch of ``chunk`` rows, the largest
+  batch the same memory holds without GradCache.
+* ``fam bench encode`` (:mod:`.encode`): a plain loop over length-sorted batches that keeps
+  the last layer only (the control), besides the old sequential loop.
+* ``fam bench search`` (:mod:`.search`): a float64 brute force (the exact answer) and raw
+  float32 FAISS flat search.
+* ``fam bench serve`` (:mod:`.serve`): the same server answering one request at a time,
+  modes alternated over rounds.
+* ``fam bench startup`` (:mod:`.startup`): fixed wall-clock targets, no reference.
+"""
 
 from __future__ import annotations
 

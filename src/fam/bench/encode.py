@@ -1,11 +1,18 @@
-"""Benchmark: the inference pipeline vs the sequential encode loop, same model and items.
+"""Benchmark: the inference pipeline vs the loops a user would otherwise run, same model and items.
 
-Run ``fam bench encode [--model DIR --items F.jsonl] [--n 512] [--batch-size 32]``.
+Run ``fam bench encode [--model DIR --items F.jsonl] [--n 512] [--batch-size 32] [--json F]``.
 
 * **sequential**: :func:`fam.model.encode.encode_sequential` on a model loaded with
   :func:`fam.load_backbone` (LM head loaded), batches in input order, each batch read and
   processed then run, every layer's hidden states returned (the loop ``EmbeddingModel.encode``
   ran before the pipeline).
+* **control** (the strongest plain loop, and the reference the headline ratio is against):
+  a plain loop — no background thread — over length-sorted batches that asks for the last
+  hidden state only, on the same no-LM-head model as the pipeline
+  (:class:`fam.model.encode.EncodePipeline` with ``prefetch=0``). It is what a careful user
+  writes by hand with transformers; sequential → control shows what sorting by length and
+  dropping the per-layer states (and the LM head) buy, control → pipeline what overlapping
+  preprocessing with the forward adds.
 * **pipeline**: :class:`fam.model.encode.EncodePipeline` on :func:`fam.model.encode.load_embedding_model`
   (no LM head): length-grouped batches, images decoded and processed in a background thread
   while the model runs, only the last hidden state.
@@ -20,7 +27,9 @@ which needs a free core. Peak memory is the growth of the
 process's resident-set high-water mark from just before the model is loaded to the end of
 the encode (model weights + activations + prefetched batches), reset through
 ``/proc/self/clear_refs`` (Linux). Equality of results: the maximum absolute difference and
-the minimum cosine between the two variants' embeddings, row by row in input order.
+the minimum cosine between each variant's embeddings and the sequential loop's, row by row in
+input order; ``fam bench encode`` exits 1 when they differ (cosine below
+:data:`MIN_COSINE`) or the pipeline misses a target ratio.
 
 Without ``--model``/``--items`` it builds a tiny Qwen2-VL (``--size``, ``--layers`` language
 layers, 224-px input, random weights) and the Scenes benchmark's evaluation items (queries and
@@ -44,9 +53,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_default", "format_report", "run_bench", "run_default_or_given"]
+__all__ = ["build_default", "check", "format_report", "run_bench", "run_default_or_given",
+           "MIN_COSINE", "VARIANTS"]
 
-VARIANTS = ("sequential", "pipeline")
+VARIANTS = ("sequential", "control", "pipeline")
+# Results must agree row by row: float32 forwards of the same model whose batches differ in
+# composition and padding (summation order); measured max |diff| ≈ 1e-7 on unit vectors,
+# so a cosine below 1 − 1e-6 (~10 float32 ulps) means a real difference.
+MIN_COSINE = 1 - 1e-6
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +86,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             return encode_sequential(model, xs, bs)
     else:
         model = load_embedding_model(spec["model"])
-        pipe = EncodePipeline(model, batch_size=bs, prefetch=spec["prefetch"],
-                              workers=spec["workers"])
+        # control: the same pipeline code as a plain loop (no background thread, one worker)
+        pipe = EncodePipeline(model, batch_size=bs,
+                              prefetch=0 if variant == "control" else spec["prefetch"],
+                              workers=1 if variant == "control" else spec["workers"])
 
         def run(xs):
             return pipe.encode(xs)
@@ -164,7 +180,7 @@ def build_default(work: Path, size: str, n: int, layers: int = 0, image_size: in
 def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_size: int = 32,
               threads: int = 1, repeats: int = 3, prefetch: int = 2, workers: int = 1,
               ) -> dict[str, Any]:
-    """Measure both variants ``repeats`` times (alternating); medians and result equality."""
+    """Measure the three variants ``repeats`` times (alternating); medians and result equality."""
     from safetensors.torch import load_file
 
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -178,9 +194,9 @@ def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_si
                 res = _run_in_subprocess(spec)
                 logger.info("encode bench round %d %s: %s", r, v, res)
                 runs[v].append(res)
-        a = load_file(str(Path(tmp) / "sequential.safetensors"))["embeddings"]
-        b = load_file(str(Path(tmp) / "pipeline.safetensors"))["embeddings"]
-    summary = {}
+        embs = {v: load_file(str(Path(tmp) / f"{v}.safetensors"))["embeddings"]
+                for v in VARIANTS}
+    summary: dict[str, Any] = {}
     for v, rs in runs.items():
         summary[v] = {"items_per_s": statistics.median(x["items_per_s"] for x in rs),
                       "cpu_ms_per_item": statistics.median(1000 * x["cpu_seconds"] / x["n"]
@@ -191,13 +207,23 @@ def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_si
                       "memory_method": rs[0]["memory_method"], "threads": rs[0]["threads"],
                       "rounds": [{"items_per_s": x["items_per_s"], "peak_bytes": x["peak_bytes"],
                                   "cpu_seconds": x["cpu_seconds"]} for x in rs]}
-    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-    summary["equality"] = {"max_abs_diff": float((a - b).abs().max()),
-                           "min_cosine": float(cos.min())}
-    s, p = summary["sequential"], summary["pipeline"]
-    summary["ratios"] = {"items_per_s": p["items_per_s"] / s["items_per_s"],
-                         "cpu_per_item": p["cpu_ms_per_item"] / s["cpu_ms_per_item"],
-                         "peak_memory": p["peak_bytes"] / max(s["peak_bytes"], 1)}
+    a = embs["sequential"]
+    summary["equality"] = {}
+    for v in VARIANTS[1:]:
+        cos = torch.nn.functional.cosine_similarity(a.double(), embs[v].double(), dim=-1)
+        summary["equality"][v] = {"max_abs_diff": float((a - embs[v]).abs().max()),
+                                  "min_cosine": float(cos.min())}
+    # The figures of the pipeline vs the sequential loop (kept under their old names).
+    summary["equality"].update(summary["equality"]["pipeline"])
+    s, c, p = summary["sequential"], summary["control"], summary["pipeline"]
+
+    def ratios(x: dict, ref: dict) -> dict[str, float]:
+        return {"items_per_s": x["items_per_s"] / ref["items_per_s"],
+                "cpu_per_item": x["cpu_ms_per_item"] / ref["cpu_ms_per_item"],
+                "peak_memory": x["peak_bytes"] / max(ref["peak_bytes"], 1)}
+    summary["ratios"] = ratios(p, s)  # pipeline / sequential
+    summary["ratios_vs_control"] = ratios(p, c)  # pipeline / control: the overlap's share
+    summary["control_vs_sequential"] = ratios(c, s)  # sorting + last layer only (+ no LM head)
     summary["settings"] = {"batch_size": batch_size, "threads": threads, "repeats": repeats,
                            "prefetch": prefetch, "workers": workers}
     return summary
@@ -208,22 +234,56 @@ def _mb(x: float) -> str:
 
 
 def format_report(res: dict[str, Any], label: str) -> str:
-    s, p, eq, r = res["sequential"], res["pipeline"], res["equality"], res["ratios"]
+    s, eq = res["sequential"], res["equality"]
+    names = [v for v in VARIANTS if v in res]
     lines = [f"encode bench: {label}; {s['n']} items, batch {res['settings']['batch_size']}, "
              f"{s['threads']} torch thread(s), median of {res['settings']['repeats']} "
              f"alternating rounds, peak memory = {s['memory_method']} growth over load + encode",
+             "control = plain loop, length-sorted, last layer only, no LM head (the strongest "
+             "loop without the pipeline's background thread)",
              f"{'variant':<12} | {'items/s':>9} | {'CPU ms/item':>11} | {'peak memory':>12} | "
              f"{'after load':>11} | {'parameters':>10}"]
-    for name, x in (("sequential", s), ("pipeline", p)):
+    for name in names:
+        x = res[name]
         lines.append(f"{name:<12} | {x['items_per_s']:>9.1f} | {x['cpu_ms_per_item']:>11.1f} | "
                      f"{_mb(x['peak_bytes']):>12} | {_mb(x['loaded_bytes']):>11} | "
                      f"{x['parameters']:>10,}")
-    lines.append(f"equal results: max |diff| {eq['max_abs_diff']:.2e}, min cosine "
-                 f"{eq['min_cosine']:.7f}")
-    lines.append(f"ratios (pipeline / sequential): items/s {r['items_per_s']:.2f}x, "
-                 f"CPU time per item {r['cpu_per_item']:.2f}x, peak memory "
-                 f"{r['peak_memory']:.2f}x")
+    for v in names[1:]:
+        e = eq.get(v, eq)
+        lines.append(f"equal results ({v} vs sequential): max |diff| {e['max_abs_diff']:.2e}, "
+                     f"min cosine {e['min_cosine']:.7f}")
+
+    def fmt(r: dict) -> str:
+        return (f"items/s {r['items_per_s']:.2f}x, CPU time per item {r['cpu_per_item']:.2f}x, "
+                f"peak memory {r['peak_memory']:.2f}x")
+    if "control_vs_sequential" in res:
+        lines.append(f"ratios (control / sequential: sorting + last layer only): "
+                     f"{fmt(res['control_vs_sequential'])}")
+        lines.append(f"ratios (pipeline / control: background preprocessing): "
+                     f"{fmt(res['ratios_vs_control'])}")
+    lines.append(f"ratios (pipeline / sequential): {fmt(res['ratios'])}")
     return "\n".join(lines)
+
+
+def check(res: dict[str, Any], min_speedup: float = 1.0, max_memory_ratio: float = 1.0
+          ) -> list[str]:
+    """What failed: a variant whose embeddings differ from the sequential loop's (cosine
+    below :data:`MIN_COSINE`), or the pipeline missing a target against the sequential loop
+    (items/s ratio below ``min_speedup``, peak memory ratio above ``max_memory_ratio``)."""
+    problems = []
+    for v in VARIANTS[1:]:
+        e = res["equality"].get(v)
+        if e is not None and not e["min_cosine"] >= MIN_COSINE:
+            problems.append(f"{v} embeddings differ from the sequential loop's: min cosine "
+                            f"{e['min_cosine']:.7f} < {MIN_COSINE}")
+    r = res["ratios"]
+    if r["items_per_s"] < min_speedup:
+        problems.append(f"target NOT met: pipeline / sequential items/s {r['items_per_s']:.2f}x "
+                        f"< {min_speedup:.2f}x")
+    if r["peak_memory"] > max_memory_ratio:
+        problems.append(f"target NOT met: pipeline / sequential peak memory "
+                        f"{r['peak_memory']:.2f}x > {max_memory_ratio:.2f}x")
+    return problems
 
 
 def run_default_or_given(model: str | None, items: str | None, image_root: str | None = None,

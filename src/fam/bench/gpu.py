@@ -12,8 +12,8 @@ leaves its results, and ``DIR/worker.log``. Sections (:data:`fam.config.GPU_BENC
   and MFU (:mod:`fam.bench.gpu_steps`); flash-attention-2 too when installed;
 * ``align`` — the same for a MAC alignment step;
 * ``mac`` — ``fam bench mac`` (:mod:`fam.bench.mac`, fresh processes) at the paper's scale in
-  bf16: the naive form's measured peak memory and time vs the exact form's, or the memory
-  at which it ran out;
+  bf16: the official-form and fully masked references' measured peak memory and time vs
+  the exact form's, or the memory at which each ran out;
 * ``encode`` — image and text items/s and the preprocessing share;
 * ``checks`` — correctness on the device (:mod:`fam.bench.gpu_checks`).
 
@@ -326,10 +326,14 @@ def format_markdown(res: dict[str, Any]) -> str:
                 return (f"OOM at {_gb(mac[f'{v}_oom_allocated_bytes'])} "
                         f"(tried to allocate {mac.get(f'{v}_oom_tried_to_allocate')})")
             return f"{mac[f'{v}_time_s'] * 1e3:.1f} ms, peak {_gb(mac[f'{v}_peak_bytes'])}"
-        ratio = "" if mac.get("memory_ratio") is None else \
-            f"; naive/exact: {mac['memory_ratio']:.0f}× memory, {mac['speed_ratio']:.1f}× time"
+        ratio = "".join(
+            f"; {r}/exact: {mac[f'{r}_memory_ratio']:.0f}× memory, "
+            f"{mac[f'{r}_speed_ratio']:.1f}× time" for r in ("official", "naive")
+            if mac.get(f"{r}_memory_ratio") is not None)
+        forms = "".join(f"; {r} {cell(r)}" for r in ("official", "naive")
+                        if f"{r}_peak_bytes" in mac)
         lines += ["", f"MAC fwd+bwd, bf16, (B, N, T, d) = ({mac['B']}, {mac['N']}, {mac['T']}, "
-                      f"{mac['d']}): exact {cell('exact')}; naive {cell('naive')}{ratio} "
+                      f"{mac['d']}): exact {cell('exact')}{forms}{ratio} "
                       f"(the naive similarity tensor alone, computed: "
                       f"{_gb(mac['naive_similarity_tensor_bytes_computed'])})."]
     enc = (secs.get("encode") or {}).get("result") or {}

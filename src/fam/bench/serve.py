@@ -1,15 +1,23 @@
 """Benchmark: a bounded load test of ``fam serve`` on 127.0.0.1, dynamic batching vs none.
 
-Run ``fam bench serve [--model DIR] [--clients 32] [--requests 384] [--inputs mixed]``.
+Run ``fam bench serve [--model DIR] [--clients 32] [--requests 384] [--inputs mixed]
+[--repeats 2]``.
 
-The same model is served twice by a real ``fam serve`` process on a free loopback port: with
-dynamic batching (``--max-batch 32``) and serving one request at a time (``--max-batch 1``).
+The same model is served by a real ``fam serve`` process on a free loopback port: with
+dynamic batching (``--max-batch 32``) and serving one request at a time (``--max-batch 1``),
+the reference: the same server, model and clients without batching, which is what serving
+an embedding model per request (one forward per request) gives a user. The modes alternate
+over ``--repeats`` rounds in ABBA order (batched first in even rounds, one-at-a-time first in
+odd ones), so drift in the machine's load hits both alike; the report gives each round's
+ratio, their median and spread (min–max).
 Each time, ``--clients`` concurrent clients (httpx, asyncio) send ``--requests``
 ``POST /v1/embeddings`` requests in all (one input each: a caption, or a Scenes-like image with
 the image instruction as a data URI, or alternately both), after a warm-up. The test is bounded
 in count and in time (``--timeout``) and stops by itself; the server is then stopped with
 SIGTERM and must exit cleanly (graceful shutdown). Reported per mode: errors, throughput
 (requests/s), latency p50/p99, the server's mean batch size; and the throughput ratio.
+``fam bench serve`` exits 1 on any error, an unclean shutdown, or a median ratio below
+``--min-speedup``.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_load", "run_bench", "format_report", "free_port"]
+__all__ = ["run_load", "run_bench", "check", "format_report", "free_port"]
 
 
 def free_port() -> int:
@@ -176,32 +184,73 @@ def run_load(model: Path, max_batch: int, clients: int, requests: int, inputs: s
 
 def run_bench(model: Path | None, work: Path, clients: int = 32, requests: int = 384,
               inputs: str = "mixed", max_batch: int = 32, timeout: float = 300.0,
-              threads: int | None = None) -> dict:
-    """Both modes on the same model, side by side."""
+              threads: int | None = None, repeats: int = 2) -> dict:
+    """Both modes on the same model, alternated over ``repeats`` rounds (ABBA order).
+
+    Returns:
+        ``{model, clients, inputs, repeats, rounds: [{batched, one_at_a_time, speedup}],
+        batched, one_at_a_time (the round with the median ratio), speedup (median of the
+        rounds' ratios), speedup_min, speedup_max}``.
+    """
+    import statistics
     if model is None:
         model = work / "model"
         if not (model / "config.json").is_file():
             from fam.backbones import build_tiny
             build_tiny("qwen2_vl", model, size="s", seed=0)
-    batched = run_load(model, max_batch, clients, requests, inputs, timeout, threads)
-    single = run_load(model, 1, clients, requests, inputs, timeout, threads)
-    return {"model": str(model), "clients": clients, "inputs": inputs, "batched": batched,
-            "one_at_a_time": single,
-            "speedup": batched["throughput_rps"] / max(single["throughput_rps"], 1e-9)}
+    rounds = []
+    for r in range(repeats):
+        order = (max_batch, 1) if r % 2 == 0 else (1, max_batch)
+        got = {mb: run_load(model, mb, clients, requests, inputs, timeout, threads)
+               for mb in order}
+        b, s = got[max_batch], got[1]
+        rounds.append({"batched": b, "one_at_a_time": s,
+                       "speedup": b["throughput_rps"] / max(s["throughput_rps"], 1e-9)})
+    ratios = [x["speedup"] for x in rounds]
+    mid = sorted(range(len(rounds)), key=lambda i: ratios[i])[(len(rounds) - 1) // 2]
+    return {"model": str(model), "clients": clients, "inputs": inputs, "repeats": repeats,
+            "rounds": rounds, "batched": rounds[mid]["batched"],
+            "one_at_a_time": rounds[mid]["one_at_a_time"],
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios),
+            "speedup_max": max(ratios)}
+
+
+def check(r: dict, min_speedup: float = 1.0) -> list[str]:
+    """What failed: errors or an unclean shutdown in any run, or a median ratio below
+    ``min_speedup``."""
+    problems = []
+    for i, rd in enumerate(r.get("rounds") or [r]):
+        for mode in ("batched", "one_at_a_time"):
+            m = rd[mode]
+            if m["errors"] or not m["graceful_shutdown"]:
+                problems.append(f"round {i + 1}, {mode}: {m['errors']} error(s), graceful "
+                                f"shutdown {m['graceful_shutdown']}")
+    if r["speedup"] < min_speedup:
+        problems.append(f"target NOT met: batching / one at a time {r['speedup']:.2f}x "
+                        f"< {min_speedup:.2f}x")
+    return problems
 
 
 def format_report(r: dict) -> str:
     lines = [f"fam serve load test on 127.0.0.1: {r['clients']} concurrent clients, "
-             f"{r['batched']['requests']} requests per mode, one {r['inputs']} input each, "
-             f"model {r['model']}",
-             f"{'mode':<22} {'ok':>5} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-             f"{'mean batch':>10} {'graceful stop':>13}"]
-    for name, m in (("dynamic batching (%d)" % r["batched"]["max_batch"], r["batched"]),
-                    ("one at a time (1)", r["one_at_a_time"])):
-        lines.append(f"{name:<22} {m['ok']:>5} {m['errors']:>6} {m['throughput_rps']:>8.1f} "
-                     f"{m['p50_ms']:>8.1f} {m['p99_ms']:>8.1f} {m['mean_batch']:>10.1f} "
-                     f"{'yes' if m['graceful_shutdown'] else 'NO':>13}")
-        for e in m["error_examples"]:
-            lines.append(f"  error: {e}")
-    lines.append(f"dynamic batching throughput = {r['speedup']:.2f}x one request at a time")
+             f"{r['batched']['requests']} requests per mode and round, one {r['inputs']} input "
+             f"each, model {r['model']}; reference: the same server serving one request at a "
+             f"time; {r.get('repeats', 1)} round(s), modes alternated ABBA",
+             f"{'round':<5} {'mode':<22} {'ok':>5} {'errors':>6} {'req/s':>8} {'p50 ms':>8} "
+             f"{'p99 ms':>8} {'mean batch':>10} {'graceful stop':>13}"]
+    for i, rd in enumerate(r.get("rounds") or [r]):
+        for name, m in (("dynamic batching (%d)" % rd["batched"]["max_batch"], rd["batched"]),
+                        ("one at a time (1)", rd["one_at_a_time"])):
+            lines.append(f"{i + 1:<5} {name:<22} {m['ok']:>5} {m['errors']:>6} "
+                         f"{m['throughput_rps']:>8.1f} {m['p50_ms']:>8.1f} {m['p99_ms']:>8.1f} "
+                         f"{m['mean_batch']:>10.1f} "
+                         f"{'yes' if m['graceful_shutdown'] else 'NO':>13}")
+            for e in m["error_examples"]:
+                lines.append(f"  error: {e}")
+        if "rounds" in r:
+            lines.append(f"{'':<5} -> round {i + 1}: {rd['speedup']:.2f}x")
+    spread = (f" (rounds: {r['speedup_min']:.2f}x–{r['speedup_max']:.2f}x)"
+              if "speedup_min" in r else "")
+    lines.append(f"dynamic batching throughput = {r['speedup']:.2f}x one request at a time, "
+                 f"median{spread}")
     return "\n".join(lines)

@@ -60,6 +60,18 @@ def _add_index_subcommands(subparsers: Any) -> None:
                    help="items per resumable shard")
     b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--multivector", action="store_true",
+                   help="also store token vectors (late interaction: FAISS token candidates, "
+                        "exact MaxSim rerank); fam search then uses them")
+    b.add_argument("--max-tokens", type=nonneg_int, default=0,
+                   help="--multivector: most token vectors per item (0 = all)")
+    b.add_argument("--token-pooling", choices=["cluster", "runs"], default="cluster",
+                   help="--multivector: how --max-tokens reduces an item: merge the most "
+                        "similar tokens (cluster) or mean contiguous runs (runs)")
+    b.add_argument("--candidate-tokens", type=positive_int, default=32,
+                   help="--multivector: nearest document tokens per query token (32)")
+    b.add_argument("--mv-tokens", choices=["content", "image", "text", "all"], default=None,
+                   help="--multivector: token set (default: the model's head's, else content)")
     b.set_defaults(func=cmd_index_build)
 
     s = subparsers.add_parser("search", help="search an index with a text and/or image query")
@@ -83,12 +95,17 @@ def _add_index_subcommands(subparsers: Any) -> None:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from fam.config import HnswConfig
     from fam.index import build_index
+    mv = None
+    if args.multivector:
+        from fam.config import MultiVectorIndexConfig
+        mv = MultiVectorIndexConfig(args.max_tokens, args.token_pooling, args.candidate_tokens,
+                                    args.mv_tokens)
     out = build_index(args.out, args.items, model=args.model, embeddings=args.embeddings,
                       image_root=args.image_root, kind=args.kind,
                       hnsw=HnswConfig(args.hnsw_m, args.ef_construction, args.ef_search),
                       query_prompt=args.query_prompt, document_prompt=args.document_prompt,
                       shard_size=args.shard_size, batch_size=args.batch_size,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, multivector=mv)
     print(f"index written to {out}")
     return 0
 
@@ -108,8 +125,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     model = load_query_model(index, args.model)
     text = args.text or ""
     print(index.describe_query(text, image is not None, args.query_prompt), file=sys.stderr)
-    q = embed(model, [index.query_item(text, image, args.query_prompt)])
-    hits = index.search(q, args.k)[0]
+    item = index.query_item(text, image, args.query_prompt)
+    if index.late is not None:  # multi-vector index: late interaction
+        from fam.index.multivector import query_encoder
+        _, toks = query_encoder(index, model, args.model).encode_multi_all([item])
+        hits = index.search_tokens(toks, args.k)[0]
+    else:
+        hits = index.search(embed(model, [item]), args.k)[0]
     if args.json:
         for h in hits:
             print(json.dumps(h.to_json(), ensure_ascii=False))

@@ -21,6 +21,8 @@ def _parse_prompts(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "multivector":
+        return _export_multivector(args)
     from fam.export import export_sentence_transformers
     res = export_sentence_transformers(args.model, args.out, prompts=_parse_prompts(args.prompt),
                                        results=args.results, check=not args.no_check,
@@ -35,6 +37,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_multivector(args: argparse.Namespace) -> int:
+    from fam.export.multivector import export_multivector
+    res = export_multivector(args.model, args.out, prompts=_parse_prompts(args.prompt),
+                             check=not args.no_check, overwrite=args.overwrite, lora=args.adapter)
+    chk = res.check
+    verdict = (f"checked with sentence-transformers {chk['sentence_transformers']}: max |Δ| "
+               f"token vectors {chk['max_token_diff']:.1e}, {chk['similarity']} scores "
+               f"{chk['max_score_diff']:.1e} over {chk['items']} probes"
+               if "max_token_diff" in chk else f"not checked ({chk['skipped']})")
+    print(f"exported the {res.family} model (token vectors of dim {res.dim}) to {res.path}; "
+          f"{verdict}")
+    print(f"use it: MultiVectorEncoder({str(res.path)!r})")
+    return 0
+
+
 def add_export_subcommand(sub: Any) -> None:
     """Register ``fam export`` on the CLI's subparsers."""
     ex = sub.add_parser("export", help="write a sentence-transformers / vLLM folder")
@@ -42,8 +59,9 @@ def add_export_subcommand(sub: Any) -> None:
     ex.add_argument("--out", required=True, help="export folder")
     ex.add_argument("--adapter", default=None,
                     help="peft adapter folder (LoRA/DoRA) trained on --model, merged first")
-    ex.add_argument("--format", default="st", choices=["st"],
-                    help="st: sentence-transformers (also what vLLM serves)")
+    ex.add_argument("--format", default="st", choices=["st", "multivector"],
+                    help="st: sentence-transformers (also what vLLM serves); multivector: "
+                         "sentence-transformers' MultiVectorEncoder (late interaction)")
     ex.add_argument("--prompt", action="append", default=[], metavar="NAME=TEXT",
                     help="set a prompt (repeatable; defaults: query, document for Scenes/MMEB "
                          "retrieval)")

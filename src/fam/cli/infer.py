@@ -126,9 +126,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(f"eval_results-{src.replace('/', '--')}.json")  # a hub id: in this folder
     out = output_file(args.out or default, "--out")  # before the work, not after it
     model = _load_model(args)
+    if args.scoring != "single":
+        from fam.model.multivector import TwoReadings, load_multivector
+        head = load_multivector(src if isinstance(src, Path) else None,
+                                model.adapter.hidden_size, tokens=args.mv_tokens,
+                                similarity=args.similarity).to(model.adapter.device)
+        model = TwoReadings(model, head)
     res = evaluate(model, args.data, args.image_root, datasets=args.datasets or None,
                    batch_size=args.batch_size, max_rows=args.max_rows,
-                   progress=not args.no_progress, ties=args.ties, split=args.split)
+                   progress=not args.no_progress, ties=args.ties, split=args.split,
+                   scoring=args.scoring, rerank_k=args.rerank_k)
     res["settings"].update(model=str(args.model), adapter=args.adapter)
     save_results(res, out)
     save_score_files(res, out.parent)
@@ -189,6 +196,16 @@ def add_infer_subcommands(sub: Any) -> None:
     ev.add_argument("--out", default=None,
                     help="results JSON (default: <model>/eval_results.json; for a hub id "
                          "eval_results-<org>--<name>.json here)")
+    ev.add_argument("--scoring", choices=["single", "maxsim", "hybrid"], default="single",
+                    help="single: pooled cosine; maxsim: late interaction over token vectors "
+                         "(the model's trained head, else its plain token states); hybrid: "
+                         "pooled top --rerank-k, reranked by MaxSim")
+    ev.add_argument("--rerank-k", type=positive_int, default=10,
+                    help="candidates --scoring hybrid reranks (default 10)")
+    ev.add_argument("--mv-tokens", choices=["content", "image", "text", "all"], default=None,
+                    help="token vectors read (default: the trained head's, else content)")
+    ev.add_argument("--similarity", choices=["maxsim", "meanmaxsim"], default=None,
+                    help="late-interaction similarity (default: the head's, else meanmaxsim)")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--compare", nargs="+", metavar="RESULTS", default=None,
                     help="print runs side by side, named by their run folders, with the "

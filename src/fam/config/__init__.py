@@ -15,13 +15,13 @@ Typed dataclasses are the single source of truth (STYLE practice 4); YAML files 
 A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in this package.
 """
 from fam.config.checks import Validated, bookkeeping_keys
-from fam.config.deploy import HnswConfig, ServeConfig
+from fam.config.deploy import HnswConfig, MultiVectorIndexConfig, ServeConfig
 from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
 from fam.config.scenes import ScenesConfig
-from fam.config.stages import (AdaptConfig, AlignConfig, CAbstractorConfig, ProjectorConfig,
-                               SftConfig, Stage0Config, TowerConfig, VeinConfig)
+from fam.config.stages import (AdaptConfig, AlignConfig, CAbstractorConfig, MultiVectorConfig,
+                               ProjectorConfig, SftConfig, Stage0Config, TowerConfig, VeinConfig)
 from fam.config.tools import GpuBenchConfig, PlanConfig, ProbeConfig
 from fam.config.training import BackboneConfig, LoraConfig, OptimConfig, RunConfig
 
@@ -29,7 +29,7 @@ __all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict
            "apply_overrides", "deep_merge", "read_yaml", "OptimConfig", "LoraConfig", "RunConfig",
            "BackboneConfig", "Stage0Config", "AlignConfig",
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "CAbstractorConfig", "TowerConfig",
-           "SftConfig",
+           "SftConfig", "MultiVectorConfig",
            "ScenesConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
-           "HnswConfig", "ServeConfig", "GpuBenchConfig"]
+           "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "GpuBenchConfig"]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fam.config.checks import Validated, fail, integers, number
+from fam.config.checks import Validated, choice, fail, integers, number
 
-__all__ = ["HnswConfig", "ServeConfig"]
+__all__ = ["HnswConfig", "ServeConfig", "MultiVectorIndexConfig"]
 
 
 @dataclass
@@ -18,6 +18,25 @@ class HnswConfig(Validated):
 
     def check(self, prefix: str) -> None:
         integers(self, prefix, m=1, ef_construction=1, ef_search=1)
+
+
+@dataclass
+class MultiVectorIndexConfig(Validated):
+    """The multi-vector index (``fam index build --multivector``, fam.index.multivector)."""
+
+    max_tokens: int = 0  # most token vectors per item; 0 = all
+    pooling: str = "cluster"  # how max_tokens reduces: cluster (merge similar) | runs (contiguous)
+    candidate_tokens: int = 32  # nearest document tokens fetched per query token
+    tokens: str | None = None  # token set (content|image|text|all); None = the model's head's
+    similarity: str | None = None  # maxsim | meanmaxsim; None = the model's head's
+
+    def check(self, prefix: str) -> None:
+        integers(self, prefix, max_tokens=0, candidate_tokens=1)
+        choice(prefix + "pooling", self.pooling, ("cluster", "runs"))
+        if self.tokens is not None:
+            choice(prefix + "tokens", self.tokens, ("content", "image", "text", "all"))
+        if self.similarity is not None:
+            choice(prefix + "similarity", self.similarity, ("maxsim", "meanmaxsim"))
 
 
 @dataclass

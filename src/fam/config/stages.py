@@ -14,7 +14,8 @@ from fam.errors import ConfigError
 
 __all__ = ["Stage0Config", "AlignConfig", "VeinConfig", "AdaptConfig", "ProjectorConfig",
            "TowerConfig", "SftConfig", "CAbstractorConfig", "PROJECTOR_TYPES", "BETA_SCHEDULES",
-           "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES", "VEIN_MEMORIES", "VEIN_MASK_INITS"]
+           "PATCH_POOLINGS", "C2F_REDUCTIONS", "TOWER_LOSSES", "VEIN_MEMORIES", "VEIN_MASK_INITS",
+           "MultiVectorConfig", "MULTIVECTOR_TOKENS", "MULTIVECTOR_SIMILARITIES"]
 
 PROJECTOR_TYPES = ("mlp", "linear", "cabstractor")
 #: How β reaches beta_max: a linear ramp (method.md §4) or from the first step.
@@ -29,6 +30,10 @@ PATCH_POOLINGS = ("mean", "coverage", "token")
 C2F_REDUCTIONS = ("mean", "sum")
 #: Image-text losses of the tower stage (fam.losses.tower).
 TOWER_LOSSES = ("clip", "siglip")
+#: Token sets and similarities of the multi-vector reading (fam.model.multivector.TOKEN_SETS,
+#: fam.losses.maxsim.SIMILARITIES; a test keeps them equal).
+MULTIVECTOR_TOKENS = ("content", "image", "text", "all")
+MULTIVECTOR_SIMILARITIES = ("maxsim", "meanmaxsim")
 
 _MODEL = "a checkpoint directory or hub id"
 _CAPTIONS = "an LLaVA caption JSON ([{image, caption | blip_caption}])"
@@ -149,6 +154,35 @@ class VeinConfig(Validated):
 
 
 @dataclass
+class MultiVectorConfig(Validated):
+    """Late interaction beside the pooled vector (fam.model.multivector, fam.losses.maxsim).
+
+    ``L = pooled_weight · L_pooled + weight · L_late``: ``L_late`` is InfoNCE over MaxSim
+    logits of the last layer's token vectors (in-batch targets and hard negatives), so one
+    model serves both readings.
+    """
+
+    enabled: bool = False  # add the late-interaction InfoNCE (and export the head with the model)
+    weight: float = 1.0  # weight of the late-interaction InfoNCE
+    pooled_weight: float = 1.0  # weight of the pooled InfoNCE (0: train the token vectors only)
+    dim: int = 128  # learned projection width (ColPali: 128, Linear without bias); 0 = none
+    tokens: str = "content"  # positions read as vectors: content | image | text | all
+    similarity: str = "meanmaxsim"  # maxsim (sum over query tokens) | meanmaxsim (their mean)
+    temperature: float = 0.02  # τ of the late-interaction InfoNCE (meanmaxsim lies in [-1, 1])
+
+    def check(self, prefix: str) -> None:
+        number(prefix + "weight", self.weight, 0.0)
+        number(prefix + "pooled_weight", self.pooled_weight, 0.0)
+        if self.enabled and self.weight == 0 and self.pooled_weight == 0:
+            fail(prefix + "weight", self.weight, "both losses have weight 0: nothing would "
+                 f"train; set {prefix}weight or {prefix}pooled_weight above 0")
+        integer(prefix + "dim", self.dim, 0)
+        choice(prefix + "tokens", self.tokens, MULTIVECTOR_TOKENS)
+        choice(prefix + "similarity", self.similarity, MULTIVECTOR_SIMILARITIES)
+        number(prefix + "temperature", self.temperature, 0.0, low_open=True)
+
+
+@dataclass
 class AdaptConfig(Validated):
     """Stage 2 / VLM2Vec baseline: contrastive adaptation on query/target pairs."""
 
@@ -172,6 +206,7 @@ class AdaptConfig(Validated):
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
     vein: VeinConfig = field(default_factory=VeinConfig)
+    multivector: MultiVectorConfig = field(default_factory=MultiVectorConfig)  # late interaction
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # prompt format, image size
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -185,8 +185,8 @@ def _score_rows(emb: torch.Tensor, q_idx: torch.Tensor, c_idx: torch.Tensor,
 
 
 def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 32,
-                  ties: Ties = "expected", progress: bool = True, desc: str = "encode"
-                  ) -> tuple[torch.Tensor, int]:
+                  ties: Ties = "expected", progress: bool = True, desc: str = "encode",
+                  scoring: str = "single", rerank_k: int = 10) -> tuple[torch.Tensor, int]:
     """Score one dataset's rows.
 
     Args:
@@ -196,6 +196,9 @@ def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 3
         ties: tie rule of :func:`~fam.eval.metrics.precision_at_1`.
         progress: show a progress bar.
         desc: progress-bar label.
+        scoring: ``"single"`` (pooled cosine), ``"maxsim"`` or ``"hybrid"``
+            (:mod:`fam.eval.late`; the encoder then needs ``encode_multi_all``).
+        rerank_k: candidates ``hybrid`` reranks with MaxSim.
 
     Returns:
         ``(credits, n_encoded)``: (R,) float64 per-row precision@1 credit in [0, 1], and
@@ -216,7 +219,19 @@ def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 3
 
     q_of = [slot(row.query) for row in rows]
     c_of = [[slot(c) for c in row.candidates] for row in rows]
-    emb = _encode_unique(encoder, list(index), batch_size, progress, desc)
+    if scoring == "single":
+        emb = _encode_unique(encoder, list(index), batch_size, progress, desc)
+
+        def score(q_idx: torch.Tensor, c_idx: torch.Tensor) -> torch.Tensor:
+            return _score_rows(emb, q_idx, c_idx, ties)
+    else:
+        from fam.eval.late import encode_both, row_scores
+        pooled, tokens = encode_both(encoder, list(index), batch_size, progress, desc)
+        sim = getattr(encoder, "similarity", "maxsim")
+
+        def score(q_idx: torch.Tensor, c_idx: torch.Tensor) -> torch.Tensor:
+            return precision_at_1(row_scores(pooled, tokens, q_idx, c_idx, scoring, rerank_k,
+                                             sim), 0, ties)
 
     credits = torch.zeros(len(rows), dtype=torch.float64)
     by_count: dict[int, list[int]] = {}
@@ -226,7 +241,7 @@ def evaluate_rows(encoder: Encoder, rows: Sequence[EvalRow], batch_size: int = 3
         q_idx = torch.tensor([q_of[i] for i in members], dtype=torch.long)
         c_idx = torch.tensor([c_of[i] for i in members], dtype=torch.long)
         try:
-            credits[members] = _score_rows(emb, q_idx, c_idx, ties)
+            credits[members] = score(q_idx, c_idx)
         except ValueError as e:
             row = rows[members[0]]
             raise ValueError(f"dataset {row.dataset} ({row.source}): {e}") from None
@@ -237,7 +252,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
              datasets: Iterable[str] | None = None, batch_size: int = 32,
              max_rows: int | None = None, progress: bool = True, ties: Ties = "expected",
              split: str | None = None, check_images: bool = True,
-             per_row: bool = False) -> dict[str, Any]:
+             per_row: bool = False, scoring: str = "single", rerank_k: int = 10
+             ) -> dict[str, Any]:
     """Run the MMEB protocol on every (or the chosen) dataset under ``data_dir``.
 
     Datasets are loaded and scored one at a time, so memory holds one dataset's rows and
@@ -266,6 +282,9 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
             data row rather than from inside the model.
         per_row: also keep each dataset's per-row credits (``credits``, in row order) for
             paired statistics between models evaluated on the same rows.
+        scoring: ``"single"`` | ``"maxsim"`` | ``"hybrid"`` (:mod:`fam.eval.late`), recorded
+            in ``settings`` when not ``"single"``.
+        rerank_k: candidates ``"hybrid"`` reranks.
 
     Returns:
         The results dict described in this module's docstring.
@@ -275,6 +294,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
             image (names file, line, field), or non-finite embeddings.
     """
     check_ties(ties)
+    from fam.eval.late import check_scoring
+    check_scoring(scoring, encoder, rerank_k)
     data_dir = Path(data_dir)
     found = discover_datasets(data_dir, "eval", split)
     infos = load_dataset_infos(data_dir)
@@ -314,7 +335,8 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
             raise DataError("dataset has no rows", found[name][0])
         if check_images:
             validate_images(rows, mode="verify", progress=progress)
-        credits, n_encoded = evaluate_rows(encoder, rows, batch_size, ties, progress, name)
+        credits, n_encoded = evaluate_rows(encoder, rows, batch_size, ties, progress, name,
+                                           scoring, rerank_k)
         counts = [len(r.candidates) for r in rows]
         info = meta[name]
         chance = info.chance if info is not None and info.chance is not None else \
@@ -343,6 +365,9 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
     results["other_datasets"] = other  # evaluated, not in any mean (not MMEB datasets)
     results["settings"] = {"data_dir": str(data_dir), "image_root": str(image_root),
                            "max_rows": max_rows, "split": split}
+    if scoring != "single":
+        results["settings"].update(scoring=scoring, similarity=getattr(encoder, "similarity", None),
+                                   **({"rerank_k": rerank_k} if scoring == "hybrid" else {}))
     backbone = getattr(getattr(encoder, "adapter", None), "settings", None)
     if backbone is not None and hasattr(backbone, "to_dict"):
         results["settings"]["backbone"] = backbone.to_dict()

@@ -212,12 +212,9 @@ def _write_hf(adapter, out: Path, spec: dict[str, Any]) -> None:
                                              encoding="utf-8")
 
 
-def _write_st(adapter, out: Path, prompts: dict[str, str]) -> None:
-    dim = adapter.hidden_size
-    _write_json(out / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": _ST_TRANSFORMER},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_POOLING},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_NORMALIZE}])
+def write_transformer_config(adapter, out: Path) -> None:
+    """``sentence_bert_config.json``: the Transformer module reading the folder's checkpoint
+    (every input through the chat template) and giving ``token_embeddings``."""
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}
     max_len = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 32768)
     _write_json(out / "sentence_bert_config.json", {
@@ -230,6 +227,26 @@ def _write_st(adapter, out: Path, prompts: dict[str, str]) -> None:
         "module_output_name": "token_embeddings",
         # Padding-free batching would need flash attention; Qwen2-VL's M-RoPE rules it out.
         "unpad_inputs": False})
+
+
+def versions() -> dict[str, str]:
+    """The sentence-transformers, transformers and torch versions (``__version__`` entry)."""
+    try:
+        import sentence_transformers
+        import transformers
+    except ImportError:
+        return {}
+    return {"sentence_transformers": sentence_transformers.__version__,
+            "transformers": transformers.__version__, "pytorch": torch.__version__}
+
+
+def _write_st(adapter, out: Path, prompts: dict[str, str]) -> None:
+    dim = adapter.hidden_size
+    _write_json(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": _ST_TRANSFORMER},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_POOLING},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_NORMALIZE}])
+    write_transformer_config(adapter, out)
     # Classic keys (what every sentence-transformers version and vLLM read) plus the
     # current single key.
     pooling = {"word_embedding_dimension": dim, "pooling_mode_cls_token": False,
@@ -245,14 +262,8 @@ def _write_st(adapter, out: Path, prompts: dict[str, str]) -> None:
         "requirements": {"sentence-transformers": {
             "specifier": ">=5.4", "reason": "multimodal Transformer module (modality_config, "
                                           "chat templates)"}}}
-    try:
-        import sentence_transformers
-        import transformers
-        st_cfg["__version__"] = {"sentence_transformers": sentence_transformers.__version__,
-                                 "transformers": transformers.__version__,
-                                 "pytorch": torch.__version__}
-    except ImportError:
-        pass
+    if versions():
+        st_cfg["__version__"] = versions()
     _write_json(out / "config_sentence_transformers.json", st_cfg)
 
 

@@ -22,7 +22,7 @@ from fam.index.embed import embed
 from fam.index.identity import model_identity, short
 from fam.index.index import Manifest
 from fam.index.items import ItemRecord, items_fingerprint, read_items
-from fam.config import HnswConfig
+from fam.config import HnswConfig, MultiVectorIndexConfig
 from fam.index.store import VectorIndex
 from fam.utils.checkpoint import atomic_dir
 from fam.utils.io import atomic_path, atomic_write_json
@@ -108,7 +108,10 @@ class _ShardedEncoder:
     def todo(self) -> list[int]:
         return [s for s in range(self.n_shards) if not self.shard_path(s).is_file()]
 
-    def run(self, load_model, batch_size: int, progress: bool) -> torch.Tensor:
+    def run(self, load_model, batch_size: int, progress: bool, head=None, max_tokens: int = 0,
+            pooling: str = "cluster") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Pooled vectors (n, d) and, with a multi-vector ``head``, each item's token vectors
+        (at most ``max_tokens``, :func:`fam.index.multivector.reduce_tokens`)."""
         from tqdm.auto import tqdm
 
         todo = self.todo()
@@ -124,22 +127,46 @@ class _ShardedEncoder:
                       disable=not progress) as bar:
                 for s in todo:
                     recs = self.records[s * self.shard_size:(s + 1) * self.shard_size]
-                    parts = []
+                    parts, toks = [], []
                     for b in range(0, len(recs), batch_size):
-                        parts.append(embed(model, [r.item for r in recs[b:b + batch_size]],
-                                           batch_size=batch_size))
-                        bar.update(len(recs[b:b + batch_size]))
+                        items = [r.item for r in recs[b:b + batch_size]]
+                        if head is None:
+                            parts.append(embed(model, items, batch_size=batch_size))
+                        else:
+                            from fam.index.multivector import reduce_tokens
+                            from fam.model.multivector import TwoReadings
+                            pooled, t = TwoReadings(model, head).encode_multi_all(
+                                items, batch_size=batch_size)
+                            parts.append(pooled)
+                            toks += [reduce_tokens(x, max_tokens, pooling) for x in t]
+                        bar.update(len(items))
+                    shard = {"embeddings": torch.cat(parts).contiguous()}
+                    if head is not None:
+                        shard["tokens"] = torch.cat(toks).contiguous()
+                        shard["counts"] = torch.tensor([len(x) for x in toks], dtype=torch.long)
                     with atomic_path(self.shard_path(s)) as tmp:
-                        save_file({"embeddings": torch.cat(parts).contiguous()}, str(tmp))
-        return torch.cat([load_file(str(self.shard_path(s)))["embeddings"]
-                          for s in range(self.n_shards)])
+                        save_file(shard, str(tmp))
+        shards = [load_file(str(self.shard_path(s))) for s in range(self.n_shards)]
+        vecs = torch.cat([sh["embeddings"] for sh in shards])
+        if head is None:
+            return vecs, None
+        per_item = [t for sh in shards for t in torch.split(sh["tokens"], sh["counts"].tolist())]
+        return vecs, per_item
+
+
+def _hidden_size(model: str | Path) -> int:
+    """The language model's width from the checkpoint's config (no weights loaded)."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(str(model))
+    return int(cfg.get_text_config().hidden_size)
 
 
 def build_index(out: str | Path, items: str | Path, *, model: str | Path | None = None,
                 embeddings: str | Path | None = None, image_root: str | Path | None = None,
                 kind: str = "flat", hnsw: HnswConfig | None = None, query_prompt: str = "",
                 document_prompt: str = "", shard_size: int = 1024, batch_size: int = 32,
-                progress: bool = True, embedding_model=None) -> Path:
+                progress: bool = True, embedding_model=None,
+                multivector: MultiVectorIndexConfig | None = None) -> Path:
     """Build an index folder (see :mod:`fam.index.index` for the layout).
 
     Args:
@@ -159,6 +186,9 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
         progress: show a progress bar.
         embedding_model: an already loaded :class:`fam.model.EmbeddingModel` for ``model``
             (skips loading it again).
+        multivector: build the multi-vector kind (:mod:`fam.index.multivector`): the model's
+            token vectors (its trained head, else its plain token states) are stored beside
+            the pooled vectors, from the same forwards.
 
     Returns:
         The index folder.
@@ -180,6 +210,12 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
     records = read_items(items, root, document_prompt)
     fp = items_fingerprint(records)
     work = out.parent / f".{out.name}.build"
+    head = None
+    if multivector is not None:
+        multivector.validate("multivector.")
+        if embeddings is not None or model is None:
+            raise ConfigError("--multivector encodes the items' token vectors: give --model, "
+                              "not --embeddings")
     if embeddings is not None:
         if document_prompt:
             raise ConfigError("--document-prompt cannot apply to --embeddings (already "
@@ -190,6 +226,15 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
         mpath = str(Path(model).resolve()) if Path(model).exists() else str(model)
         spec = {"model_identity": ident, "items_fingerprint": fp,
                 "document_prompt": document_prompt, "shard_size": shard_size}
+        if multivector is not None:
+            from dataclasses import asdict
+
+            from fam.model.multivector import load_multivector
+            hidden = _hidden_size(model)
+            head = load_multivector(model if Path(model).is_dir() else None, hidden,
+                                    tokens=multivector.tokens,
+                                    similarity=multivector.similarity)
+            spec["multivector"] = {**asdict(multivector), **head.settings()}
         enc = _ShardedEncoder(work, spec, records, shard_size)
 
         def load_model():
@@ -198,7 +243,9 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
             from fam.model.encode import load_embedding_model
             return load_embedding_model(model)  # no LM head in memory
 
-        vecs = enc.run(load_model, batch_size, progress)
+        vecs, per_item = enc.run(load_model, batch_size, progress, head,
+                                 multivector.max_tokens if multivector is not None else 0,
+                                 multivector.pooling if multivector is not None else "cluster")
         normalized = embedding_model.normalize if embedding_model is not None else True
     vectors = VectorIndex(vecs, kind, hnsw)
     manifest = Manifest(model_identity=ident, model_path=mpath, dim=int(vecs.shape[1]),
@@ -206,7 +253,15 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
                         query_prompt=query_prompt, document_prompt=document_prompt, kind=kind,
                         hnsw=hnsw.__dict__.copy(), image_root=str(root.resolve()),
                         items_source=str(Path(items).resolve()), items_fingerprint=fp)
+    store = None
+    if head is not None:
+        from fam.index.multivector import TokenStore
+        store = TokenStore.from_list(per_item, head.out_dim)
+        manifest.multivector = {**spec["multivector"], "count": int(len(store.tokens))}
     with atomic_dir(out) as tmp:
+        if store is not None:
+            from fam.index.multivector import TOKENS_FILE
+            store.save(tmp / TOKENS_FILE)
         save_file({"embeddings": vecs.contiguous()}, str(tmp / "embeddings.safetensors"))
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as f:
             for r in records:

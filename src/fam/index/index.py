@@ -6,6 +6,8 @@ Layout (written atomically by :func:`fam.index.build_index`)::
     IDX/embeddings.safetensors  'embeddings' (n, d) float32, row i = item i
     IDX/items.jsonl             one row per item: id, text, image (relative), metadata
     IDX/index.faiss             the HNSW graph (kind 'hnsw' only)
+    IDX/tokens.safetensors      the multi-vector kind: every item's token vectors
+                                (fam.index.multivector; manifest section 'multivector')
 
 A flat index is rebuilt from the embeddings at load (a copy), so a flat index also loads and
 searches on a machine without FAISS.
@@ -54,6 +56,8 @@ class Manifest:
         hnsw: HNSW parameters (kind ``hnsw``).
         image_root: absolute folder the items' image paths are relative to.
         items_source, items_fingerprint: the items file and a hash of what was embedded.
+        multivector: the multi-vector kind's settings (head token set, dim, similarity,
+            ``max_tokens``, ``candidate_tokens``, token count), None for a single-vector index.
     """
 
     model_identity: str
@@ -69,6 +73,7 @@ class Manifest:
     image_root: str | None = None
     items_source: str | None = None
     items_fingerprint: str | None = None
+    multivector: dict[str, Any] | None = None
     format: str = FORMAT
     version: int = VERSION
 
@@ -132,6 +137,8 @@ class Index:
         self.vectors = vectors
         root = image_root if image_root is not None else manifest.image_root
         self.image_root = Path(root).resolve() if root is not None else None
+        #: :class:`fam.index.multivector.MultiVectorSearch` of a multi-vector index (else None).
+        self.late = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -177,7 +184,17 @@ class Index:
             vectors = VectorIndex(emb, "hnsw", hnsw)  # built on the fly (benchmarks)
         else:
             vectors = VectorIndex.load(path, emb, use, hnsw)
-        return cls(path, manifest, rows, vectors, image_root)
+        index = cls(path, manifest, rows, vectors, image_root)
+        if manifest.multivector is not None:
+            from fam.index.multivector import TOKENS_FILE, MultiVectorSearch, TokenStore
+            store = TokenStore.load(path / TOKENS_FILE)
+            if len(store) != manifest.count:
+                raise ConfigError(f"{path}: token vectors of {len(store)} items for "
+                                  f"{manifest.count} items; rebuild the index")
+            mv = manifest.multivector
+            index.late = MultiVectorSearch(store, mv["similarity"], mv["candidate_tokens"],
+                                           "exact" if use == "exact" else "flat")
+        return index
 
     # ------------------------------------------------------------------ model check
     def check_model(self, identity: str, model_label: str) -> None:
@@ -234,7 +251,17 @@ class Index:
 
     def search(self, queries: torch.Tensor, k: int = 10) -> list[list[Hit]]:
         """Top-k hits for each query embedding (q, d), best first."""
-        scores, idx = self.vectors.search(queries, k)
+        return self._hits(*self.vectors.search(queries, k))
+
+    def search_tokens(self, queries: list[torch.Tensor], k: int = 10) -> list[list[Hit]]:
+        """Top-k hits by late interaction for each query's token vectors (multi-vector kind:
+        FAISS token candidates, exact MaxSim rerank; :mod:`fam.index.multivector`)."""
+        if self.late is None:
+            raise ConfigError(f"{self.path} is a single-vector index: build it with fam index "
+                              "build --multivector for late-interaction search")
+        return self._hits(*self.late.search(queries, min(k, len(self))))
+
+    def _hits(self, scores: torch.Tensor, idx: torch.Tensor) -> list[list[Hit]]:
         out = []
         for srow, irow in zip(scores.tolist(), idx.tolist()):
             hits = []

@@ -216,6 +216,16 @@ class VectorIndex:
         s, i = rescore(self.embeddings, q, idx)
         return s.float(), i
 
+    def candidates(self, queries: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 top-``m`` only (FAISS, or torch without it; HNSW: its graph search),
+        without the certified float64 re-ranking: for candidate generation, where an exact
+        rescoring decides (the multi-vector index)."""
+        m = min(int(m), len(self))
+        q = queries.float().contiguous()
+        if self._faiss is None:
+            return topk_float32(self.embeddings, q, m)
+        return self._faiss_search(q, m)
+
     def _faiss_search(self, q: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores, idx = self._faiss.search(np.ascontiguousarray(q.numpy()), m)
         s, i = torch.from_numpy(scores), torch.from_numpy(idx).long()

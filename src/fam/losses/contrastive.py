@@ -17,7 +17,7 @@ from fam.distributed import gather_no_grad, gather_with_grad
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["info_nce", "normalize_for_scores", "embedding_geometry"]
+__all__ = ["info_nce", "nce_from_scores", "normalize_for_scores", "embedding_geometry"]
 
 
 def normalize_for_scores(x: Tensor) -> Tensor:
@@ -144,14 +144,34 @@ def info_nce(
             col_ids = tid if neg is None else torch.cat([tid, gather_no_grad(col_ids[b:])])
 
     cols = t if neg is None else torch.cat([t, neg], dim=0)  # (Bg [+ Bg·K], d)
-    scores = q @ cols.T / temperature  # (Bg, Bg [+ Bg·K])
-    if neg_mask is not None:
-        col_valid = torch.cat([torch.ones(t.shape[0], dtype=torch.bool, device=t.device), neg_mask])
+    return nce_from_scores(q @ cols.T / temperature, neg_mask, col_ids)
+
+
+def nce_from_scores(scores: Tensor, negative_valid: Tensor | None = None,
+                    col_ids: Tensor | None = None) -> dict[str, Tensor]:
+    """Row-wise cross-entropy of a score matrix whose positive of row ``i`` is column ``i``.
+
+    The one place the InfoNCE bookkeeping lives, whatever made the scores (dot products in
+    :func:`info_nce`, MaxSim in :func:`fam.losses.maxsim.late_interaction_nce`).
+
+    Args:
+        scores: ``(B, B + M)`` logits (already divided by τ): targets, then ``M`` negatives.
+        negative_valid: ``(M,)`` bool, the negative columns that exist (others: -inf).
+        col_ids: ``(B + M,)`` content ids of the columns: a column identical to row ``i``'s
+            positive, other than the positive, is not a negative (-inf).
+
+    Returns:
+        ``{"loss": mean CE, "accuracy": fraction of rows whose positive strictly wins}``.
+    """
+    b = scores.shape[0]
+    if negative_valid is not None:
+        col_valid = torch.cat([torch.ones(b, dtype=torch.bool, device=scores.device),
+                               negative_valid.to(scores.device).bool()])
         scores = scores.masked_fill(~col_valid, float("-inf"))
-    labels = torch.arange(q.shape[0], device=q.device)
+    labels = torch.arange(b, device=scores.device)
     if col_ids is not None:
         # False negatives: columns identical to the row's positive, other than the positive.
-        dup = col_ids[None, :] == col_ids[:q.shape[0], None]  # (Bg, C)
+        dup = col_ids[None, :] == col_ids[:b, None]  # (B, C)
         dup[labels, labels] = False
         scores = scores.masked_fill(dup, float("-inf"))
     loss = F.cross_entropy(scores, labels)

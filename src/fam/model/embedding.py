@@ -33,6 +33,9 @@ class EmbeddingOutput:
         eos_index: (B,) long.
         has_image: (B,) bool.
         attentions: per-layer attention maps when asked for (eager attention only).
+        last_hidden_state: (B, L, d) the last layer's token states (what the embedding and
+            the multi-vector reading, :mod:`fam.model.multivector`, both read).
+        attention_mask: (B, L) bool, the real (non-padding) tokens.
     """
 
     embedding: torch.Tensor
@@ -42,6 +45,8 @@ class EmbeddingOutput:
     eos_index: torch.Tensor
     has_image: torch.Tensor
     attentions: tuple[torch.Tensor, ...] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
 
     def eos_state(self, layer: int) -> torch.Tensor:
         """(B, d) un-normalised state of the EOS token at ``layer``."""
@@ -118,7 +123,8 @@ class EmbeddingModel(nn.Module):
             emb = F.normalize(emb, dim=-1)
         wanted = {self.resolve_layer(l): out.hidden_states[self.resolve_layer(l)] for l in layers}
         return EmbeddingOutput(emb, wanted, batch.image_mask, batch.text_mask, batch.eos_index,
-                               batch.has_image, out.attentions if output_attentions else None)
+                               batch.has_image, out.attentions if output_attentions else None,
+                               last, batch.inputs["attention_mask"].bool())
 
     def encode(self, items: Sequence[MMItem], batch_size: int = 32, *,
                progress: bool = False) -> torch.Tensor:

@@ -130,11 +130,13 @@ class EncodePipeline:
         group_by_length: sort items by :func:`length_order` before batching.
         progress: show a progress bar.
         desc: the progress bar's label.
+        multivector: a :class:`fam.model.multivector.MultiVectorHead`: :meth:`encode_multi`
+            then returns each item's token vectors too, from the same forward.
     """
 
     def __init__(self, model: EmbeddingModel, *, batch_size: int = 32, prefetch: int = 2,
                  workers: int = 1, group_by_length: bool = True, progress: bool = False,
-                 desc: str = "encode"):
+                 desc: str = "encode", multivector: Any = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefetch < 0 or workers < 1:
@@ -146,6 +148,8 @@ class EncodePipeline:
         self.group_by_length = group_by_length
         self.progress = progress
         self.desc = desc
+        self.multivector = multivector
+        self._tokens: list[torch.Tensor | None] | None = None
         self._encode_lock = threading.Lock()
 
     # ------------------------------------------------------------------ stages
@@ -166,11 +170,35 @@ class EncodePipeline:
             return adapter.encode(items, loaded)
 
     @torch.inference_mode()
-    def _forward(self, batch: EncodedBatch) -> torch.Tensor:
+    def _run(self, batch: EncodedBatch, idx: list[int]) -> torch.Tensor:
+        """The batch's pooled vectors; with a multi-vector head and :meth:`encode_multi`
+        running, also its token vectors (stored under the items' indices)."""
         device = self.model.adapter.device
         batch = batch.to(device)
         with autocast_for(device, self.model.adapter.dtype):
-            return self.model(batch).embedding.float().cpu()
+            out = self.model(batch)
+            if self._tokens is not None:
+                from fam.model.multivector import compact_tokens
+                vecs, mask = self.multivector(out)
+                for i, t in zip(idx, compact_tokens(vecs, mask)):
+                    self._tokens[i] = t.float().cpu()
+            return out.embedding.float().cpu()
+
+    def encode_multi(self, items: Sequence[MMItem], images: Sequence[ImageArg] | None = None,
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Both readings of one forward: ``(pooled (n, d), [token vectors (n_i, D), ...])``.
+
+        Needs the pipeline's ``multivector`` head; token vectors are float32 unit vectors on
+        the CPU, in sequence order, only the positions the head counts.
+        """
+        if self.multivector is None:
+            raise ValueError("encode_multi needs EncodePipeline(..., multivector=head)")
+        self._tokens = [None] * len(items)
+        try:
+            pooled = self.encode(items, images)
+            return pooled, list(self._tokens)
+        finally:
+            self._tokens = None
 
     # ------------------------------------------------------------------ public
     def encode(self, items: Sequence[MMItem], images: Sequence[ImageArg] | None = None,
@@ -208,7 +236,7 @@ class EncodePipeline:
         try:
             if self.prefetch == 0:
                 for idx in chunks:
-                    out[idx] = self._forward(self._prepare(*sub(idx), None))
+                    out[idx] = self._run(self._prepare(*sub(idx), None), idx)
                     bar.update(len(idx))
                 return out
             # One thread prepares batches in order, ``prefetch`` ahead of the forward; a
@@ -229,7 +257,7 @@ class EncodePipeline:
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.append((nxt, prep.submit(self._prepare, *sub(nxt), img_pool)))
-                    out[idx] = self._forward(batch)
+                    out[idx] = self._run(batch, idx)
                     bar.update(len(idx))
             finally:
                 prep.shutdown(wait=True, cancel_futures=True)

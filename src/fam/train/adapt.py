@@ -32,6 +32,7 @@ from fam.config import AdaptConfig
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.data.types import MMItem
 from fam.losses.contrastive import embedding_geometry, info_nce
+from fam.losses.maxsim import late_interaction_nce
 from fam.losses.vein import default_vein_layers, global_sums, vein_verdict
 from fam.model import EmbeddingModel, merge_lora, save_lora, select_tokens
 from fam.train.embedder import prepare_embedder
@@ -161,18 +162,24 @@ class ContrastiveModule(nn.Module):
     sum with ``e`` shuffled across the batch, detached); under DDP/FSDP with hard negatives
     on and none in this batch, ``placeholder`` (below).
 
+    With a multi-vector head, also the token vectors of the same forwards (``q_tok``,
+    ``t_tok``, ``n_tok``: ``(rows, L, D)`` at every position of the side's padded length, so
+    GradCache's chunks concatenate) and which of them count (``*_tok_mask``).
+
     Args:
         embedder: the embedding model.
         vein: a :class:`fam.losses.vein.VeinHead` or None.
         vein_diagnose: also output ``rec_shuffled_sum``.
+        multivector: a :class:`fam.model.multivector.MultiVectorHead` or None.
     """
 
     def __init__(self, embedder: EmbeddingModel, vein: nn.Module | None = None,
-                 vein_diagnose: bool = False):
+                 vein_diagnose: bool = False, multivector: nn.Module | None = None):
         super().__init__()
         self.embedder = embedder
         self.vein = vein
         self.vein_diagnose = vein_diagnose and vein is not None
+        self.multivector = multivector
 
     def grad_norm_params(self) -> list[nn.Parameter]:
         """The backbone's trained weights: where the diagnostic measures gradient norms."""
@@ -196,9 +203,15 @@ class ContrastiveModule(nn.Module):
         layers = self._vein_layers()
         q = self.embedder(batch.query, layers)
         t = self.embedder(batch.target, layers)
-        n = self.embedder(batch.neg).embedding if batch.neg is not None else \
+        n_out = self.embedder(batch.neg) if batch.neg is not None else None
+        n = n_out.embedding if n_out is not None else \
             t.embedding.new_zeros((0, t.embedding.shape[1]))
         out: dict[str, Any] = {"q": q.embedding, "t": t.embedding, "n": n}
+        if self.multivector is not None:
+            # The second reading of the same forwards (no extra pass).
+            for key, side in (("q", q), ("t", t), ("n", n_out)):
+                if side is not None:
+                    out[f"{key}_tok"], out[f"{key}_tok_mask"] = self.multivector(side)
         if batch.neg is None and batch.hard_negatives and dist_utils.is_dist():
             # FSDP all-gathers each sharded block in every forward, so all ranks must run
             # the same forwards: a rank without negatives encodes a placeholder (its first
@@ -233,6 +246,10 @@ class ContrastiveLoss:
         grad_norm_every: every this many steps also return ``grad_terms`` (``task`` and
             ``vein``, with graph) for the trainer to measure the gradient each sends into
             the backbone (0: never).
+        pooled_weight: weight of the pooled InfoNCE.
+        mv_weight: weight of the late-interaction InfoNCE over the token vectors (used when
+            the module outputs them; :func:`fam.losses.maxsim.late_interaction_nce`).
+        mv_temperature, mv_similarity: its τ and MaxSim variant.
     """
 
     temperature: float = 0.02
@@ -240,9 +257,15 @@ class ContrastiveLoss:
     mask_duplicates: bool = True
     vein_memory: str = "unmasked"
     grad_norm_every: int = 0
+    pooled_weight: float = 1.0
+    mv_weight: float = 1.0
+    mv_temperature: float = 0.02
+    mv_similarity: str = "meanmaxsim"
 
     def __call__(self, q, t, n, rec_sum=None, rec_n: int = 0, rec_shuffled_sum=None,
-                 placeholder=None, *, batch: PairBatch, step: int = 0) -> dict[str, Any]:
+                 placeholder=None, q_tok=None, q_tok_mask=None, t_tok=None, t_tok_mask=None,
+                 n_tok=None, n_tok_mask=None, *, batch: PairBatch,
+                 step: int = 0) -> dict[str, Any]:
         negs = mask = None
         if batch.neg_rows.numel() or batch.hard_negatives:
             # Row i's negative in slot i; rows without one are masked out (-inf scores).
@@ -256,10 +279,15 @@ class ContrastiveLoss:
                         target_ids=batch.target_ids if ids else None,
                         negative_ids=batch.neg_ids if ids and negs is not None else None)
         loss = task["loss"]
+        terms: dict[str, Any] = {"task_loss": task["loss"].detach(), "accuracy": task["accuracy"],
+                                 **embedding_geometry(q, t)}
+        if q_tok is not None:
+            late = self._late(q_tok, q_tok_mask, t_tok, t_tok_mask, n_tok, n_tok_mask, batch)
+            loss = self.pooled_weight * loss + self.mv_weight * late["loss"]
+            terms.update(mv_loss=late["loss"].detach(), mv_accuracy=late["accuracy"])
         if placeholder is not None:  # FSDP placeholder forward: in the graph, weight 0
             loss = loss + 0.0 * placeholder.sum()
-        terms: dict[str, Any] = {"loss": loss, "task_loss": task["loss"].detach(),
-                                 "accuracy": task["accuracy"], **embedding_geometry(q, t)}
+        terms["loss"] = loss
         if rec_sum is not None:
             # λ L_rec = λ Σ_tokens rec / N over the global batch (method.md §3); W / N per
             # rank because DDP averages the ranks' gradients. One all-reduce per step.
@@ -274,6 +302,26 @@ class ContrastiveLoss:
             for k, v in sums.items():
                 terms[k] = torch.tensor(v / max(total, 1), dtype=torch.float64)
         return terms
+
+    def _late(self, q_tok, q_mask, t_tok, t_mask, n_tok, n_mask, batch: PairBatch) -> dict:
+        """Late-interaction InfoNCE; row ``i``'s hard negative in slot ``i`` (as the pooled)."""
+        negs = neg_mask = rows = None
+        b = t_tok.shape[0]
+        if batch.neg_rows.numel() or batch.hard_negatives:
+            width = n_tok.shape[1] if n_tok is not None else 1
+            negs = t_tok.new_zeros((b, width, t_tok.shape[2]))
+            neg_mask = torch.zeros(b, width, dtype=torch.bool, device=t_tok.device)
+            rows = torch.zeros(b, dtype=torch.bool, device=t_tok.device)
+            if batch.neg_rows.numel():
+                negs = negs.index_copy(0, batch.neg_rows, n_tok.to(t_tok.dtype))
+                neg_mask[batch.neg_rows] = n_mask.bool()
+                rows[batch.neg_rows] = True
+        ids = self.mask_duplicates
+        return late_interaction_nce(q_tok, q_mask, t_tok, t_mask, self.mv_temperature, negs,
+                                    neg_mask, rows, similarity=self.mv_similarity,
+                                    target_ids=batch.target_ids if ids else None,
+                                    negative_ids=batch.neg_ids if ids and negs is not None
+                                    else None)
 
     def log_notes(self, metrics: dict[str, float]) -> list[str]:
         """Warnings about logged metrics: whether VEIN's loss depends on ``e`` at all."""
@@ -313,7 +361,8 @@ class AdaptRecipe(Recipe):
 
     @property
     def name(self) -> str:
-        return "adapt+vein" if self.cfg.vein.enabled else "adapt"
+        return "adapt" + ("+vein" if self.cfg.vein.enabled else "") + \
+            ("+multivector" if self.cfg.multivector.enabled else "")
 
     def module(self) -> ContrastiveModule:
         from fam.losses.vein import VeinHead
@@ -332,7 +381,15 @@ class AdaptRecipe(Recipe):
                             detach_target=v.detach_target, dropout=v.dropout,
                             memory=v.memory, target_pos=v.target_pos, mask_init=v.mask_init,
                             visible_ratio=v.visible_ratio)
-        return ContrastiveModule(emb, vein, vein_diagnose=cfg.vein.diagnose)
+        head = None
+        if cfg.multivector.enabled:
+            from fam.model.multivector import MultiVectorHead
+            m = cfg.multivector
+            head = MultiVectorHead(emb.adapter.hidden_size, m.dim, m.tokens, m.similarity)
+            head.to(emb.adapter.dtype)
+            log.info("multi-vector: %s tokens, dim %s, %s, weight %g (pooled %g)", m.tokens,
+                     m.dim or "hidden", m.similarity, m.weight, m.pooled_weight)
+        return ContrastiveModule(emb, vein, vein_diagnose=cfg.vein.diagnose, multivector=head)
 
     def build(self) -> StageParts:
         cfg = self.cfg
@@ -343,9 +400,12 @@ class AdaptRecipe(Recipe):
         collate = PairCollator(module.embedder.adapter, cfg.hard_negatives, meta,
                                dict(cfg.vein.eligible_override))
         v = cfg.vein
+        m = cfg.multivector
         loss = ContrastiveLoss(cfg.temperature, v.weight, cfg.mask_duplicates, v.memory,
                                grad_norm_every=cfg.run.log_every if v.enabled and v.diagnose
-                               else 0)
+                               else 0, pooled_weight=m.pooled_weight if m.enabled else 1.0,
+                               mv_weight=m.weight, mv_temperature=m.temperature,
+                               mv_similarity=m.similarity)
         return StageParts(module, loss, pairs, collate, gradcache_chunk=cfg.gradcache_chunk)
 
     def export(self, module: ContrastiveModule, final: Path, result: TrainResult) -> None:
@@ -356,6 +416,9 @@ class AdaptRecipe(Recipe):
         merge_lora(emb)
         emb.adapter.model.eval()
         emb.adapter.save_pretrained(final)
+        if module.multivector is not None:
+            from fam.model.multivector import save_multivector
+            save_multivector(module.multivector, final)  # read back by load_multivector
 
 
 def run_adapt(cfg: AdaptConfig) -> Path:
