@@ -72,10 +72,11 @@ def test_table_gives_across_seed_sd_and_paired_difference(tmp_path):
     b = rows["baseline"]
     assert b["seeds"] == [0, 1, 2] and b["overall"]["n"] == 3
     assert math.isclose(b["overall"]["mean"], (34.6 + 41.5 + 43.3) / 3)
-    assert math.isclose(b["overall"]["sd"], 4.5924, abs_tol=1e-3)  # sample sd (ddof 1)
+    assert math.isclose(b["overall"]["sd"], 4.5924, abs_tol=1e-3)  # sample sd, quoted to 4 decimals
     assert b["overall"]["min"] == 34.6 and b["train_eval_s"] == 12.0
     d = rows["mac_only − baseline"]
-    assert math.isclose(d["difference"]["mean"], (8.9 + 1.9 + 0.3) / 3, abs_tol=1e-9)
+    assert math.isclose(d["difference"]["mean"], (8.9 + 1.9 + 0.3) / 3,
+                        abs_tol=1e-9)  # float rounding of 43.5 − 34.6 etc.
     # The README's ablation: ± 1 needs 82 seeds, ± 2 needs 23; ± 1.5 lies between.
     assert 23 < d["seeds_needed"] < 82
     md = format_sweep({"sweep": "t", "base": "ablation_quick", "table": list(rows.values())})
@@ -147,3 +148,15 @@ def test_adapt_seed_offset_moves_only_the_adaptation_seed(tmp_path):
     assert by["order+1"].stage0_key == by["demo"].stage0_key  # same initialisation, stage 0
     with pytest.raises(ConfigError, match="adapt_seed_offset"):
         load_sweep(_write(tmp_path, "sweep:\n  points: {a: [adapt_seed_offset=-1]}\n"))
+
+
+def test_baseline_stability_page_quotes_the_committed_results():
+    """Every run's overall precision@1 in docs/results/sweep appears, to one decimal, on the
+    page that reports the sweep (issue 22's rule: quoted numbers come from the JSON)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    runs = list((root / "docs" / "results" / "sweep").glob("points/*/seed*/results/*.json"))
+    page = (root / "docs" / "baseline_stability.md").read_text()
+    assert runs
+    for f in runs:
+        assert f"{json.loads(f.read_text())['results']['overall']:.1f}" in page, f
