@@ -26,7 +26,10 @@ def test_bench_encode_runs_and_results_are_equal(tmp_path):
     assert check(res, min_speedup=0.0, max_memory_ratio=1e9) == []
     assert res["ratios"]["items_per_s"] == pytest.approx(
         res["pipeline"]["items_per_s"] / res["sequential"]["items_per_s"])
+    # The forward alone on the same batches: the limit the pipeline is measured against.
+    assert res["pipeline"]["forward_only_seconds"] > 0
     report = format_report(res, "test")
+    assert "forward only" in report
     assert "ratios (pipeline / sequential)" in report.splitlines()[-1]
     assert "ratios (pipeline / control: background preprocessing)" in report
     assert res["ratios_vs_control"]["items_per_s"] == pytest.approx(

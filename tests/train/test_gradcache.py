@@ -299,3 +299,40 @@ def test_real_size_qwen2_vl_2b_shape_gradcache_step_fits_10gb(scene_images):
     assert torch.isfinite(terms["loss"])
     assert all(p.grad is not None for p in params)
     assert peak_gb < 10.0
+
+
+def test_split_encoded_drops_padding_columns_of_the_chunk(scene_images):
+    module, _ = make_module("task", dtype=torch.float32)
+    batch = _pair_batch(module, scene_images, 8, torch.float32)
+    q = batch.query
+    L = q.image_mask.shape[1]
+    short = [i for i in range(q.batch_size) if int(q.inputs["attention_mask"][i].sum()) < L]
+    assert short  # some row is padded
+    i = short[0]
+    part = gc.split_encoded(q, i, i + 1)
+    n = int(q.inputs["attention_mask"][i].sum())
+    assert part.inputs["input_ids"].shape[1] == part.image_mask.shape[1] == n
+    assert torch.equal(part.inputs["input_ids"][0], q.inputs["input_ids"][i, :n])
+    assert int(part.eos_index[0]) == n - 1
+    # The chunk's embedding equals the row's in the full padded batch (float64).
+    module64, _ = make_module("task")
+    b64 = _pair_batch(module64, scene_images, 8)
+    with torch.no_grad():
+        full = module64.embedder(b64.query).embedding[i]
+        alone = module64.embedder(gc.split_encoded(b64.query, i, i + 1)).embedding[0]
+    # float64: shorter padded length changes only the summation order (~1e-16 per op).
+    torch.testing.assert_close(alone, full, rtol=0, atol=1e-12)
+
+
+def test_forward_parts_are_the_forward_in_parts(scene_images):
+    module, _ = make_module("task")
+    batch = _pair_batch(module, scene_images, 6)
+    with torch.no_grad():
+        whole = module(batch, 0)
+        parts = list(module.forward_parts(batch, 0))
+    assert [sorted(p) for p in parts] == [["q"], ["t"], ["n"]]
+    for p in parts:
+        for k, v in p.items():
+            torch.testing.assert_close(v, whole[k], rtol=0, atol=0)
+    vein_module, _ = make_module("task", vein=True)
+    assert len(list(vein_module.forward_parts(_pair_batch(vein_module, scene_images, 4), 0))) == 1

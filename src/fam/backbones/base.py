@@ -189,6 +189,25 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
     def language_model(self) -> torch.nn.Module:
         return self.hf_model.model.language_model
 
+    def pooled_token_modules(self) -> list[torch.nn.Module]:
+        """The last decoder layer's token-wise modules (attention output projection, MLP),
+        which an EOS-pooled forward needs at one token (:mod:`fam.backbones.fastpath`);
+        ``[]`` when the layer does not have both, when gradient checkpointing would
+        recompute the layer outside the forward, or when a dropout in the layer is active
+        (fewer rows would draw other random masks)."""
+        if getattr(self.hf_model, "is_activation_checkpointing", False):
+            return []
+        try:
+            layer = self.language_model().layers[-1]
+        except (AttributeError, IndexError, TypeError):
+            return []
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training
+               for m in layer.modules()):
+            return []
+        mods = [getattr(getattr(layer, "self_attn", None), "o_proj", None),
+                getattr(layer, "mlp", None)]
+        return mods if all(isinstance(m, torch.nn.Module) for m in mods) else []
+
     #: Substrings of parameter names that belong to the vision tower (frozen by default
     #: when the language model is fully fine-tuned).
     vision_param_keys: ClassVar[tuple[str, ...]] = ("visual.", "vision_tower.", "vision_model.")

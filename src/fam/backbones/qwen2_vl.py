@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from fam.backbones.base import BackboneAdapter
+from fam.backbones.fastpath import patch_embed_as_matmul
 from fam.backbones.tokenizer import train_bpe_tokenizer
 from fam.errors import ConfigError
 
@@ -67,6 +68,8 @@ class Qwen2VLAdapter(BackboneAdapter):
         self.vision_start_id = int(cfg.vision_start_token_id)
         self.vision_end_id = int(cfg.vision_end_token_id)
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        # The patch embedding's Conv3d (kernel = stride) as the equal matrix product.
+        patch_embed_as_matmul(self.model)
 
     @classmethod
     def _model_class(cls):

@@ -74,3 +74,25 @@ class PeakMemory:
         else:
             now = self._resource.getrusage(self._resource.RUSAGE_SELF).ru_maxrss * 1024
         return now - self.before, self.method
+
+
+def run_worker(module: str, spec: dict, what: str) -> dict:
+    """``python -m <module> --_worker JSON(spec)`` in a fresh process that imports this
+    checkout's fam, with ``spec["threads"]`` OpenMP threads; returns the JSON of its last
+    stdout line. ``what`` names the measurement in the error when the worker fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    src_root = str(Path(__file__).resolve().parents[2])  # .../src, so `fam` imports as here
+    env = dict(os.environ)
+    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["OMP_NUM_THREADS"] = str(spec["threads"])
+    proc = subprocess.run([sys.executable, "-m", module, "--_worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker ({what}) failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

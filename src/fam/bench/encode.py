@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -101,10 +99,25 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak, method = meter.stop()
     save_file({"embeddings": emb.contiguous()}, spec["out"])
+    forward = _forward_only(pipe, items) if variant == "pipeline" else None
     return {"variant": variant, "n": len(items), "seconds": seconds, "cpu_seconds": cpu,
             "items_per_s": len(items) / seconds, "peak_bytes": int(max(peak, 0)),
             "memory_method": method, "parameters": n_params, "threads": torch.get_num_threads(),
-            "loaded_bytes": loaded}
+            "loaded_bytes": loaded, "forward_seconds": forward}
+
+
+def _forward_only(pipe, items) -> float:
+    """Seconds of the model's forwards alone on the pipeline's batches (prepared beforehand):
+    the limit the pipeline approaches when preprocessing is fully hidden."""
+    from fam.model.encode import length_order
+    order = length_order(items)
+    bs = pipe.batch_size
+    idx = [order[k:k + bs] for k in range(0, len(items), bs)]
+    batches = [pipe._prepare([items[i] for i in ix], None, None) for ix in idx]
+    t0 = time.perf_counter()
+    for b, ix in zip(batches, idx):
+        pipe._run(b, ix)
+    return time.perf_counter() - t0
 
 
 def _preimport(model: str) -> None:
@@ -119,20 +132,6 @@ def _preimport(model: str) -> None:
         cls._image_processor_class()
     from PIL import Image
     Image.init()
-
-
-def _run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    src_root = str(Path(__file__).resolve().parents[2])  # .../src, so `fam` imports as here
-    env = dict(os.environ)
-    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
-    proc = subprocess.run([sys.executable, "-m", "fam.bench.encode", "--_worker",
-                           json.dumps(spec)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker ({spec['variant']}) failed (exit "
-                           f"{proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def build_default(work: Path, size: str, n: int, layers: int = 0, image_size: int = 224,
@@ -183,6 +182,8 @@ def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_si
     """Measure the three variants ``repeats`` times (alternating); medians and result equality."""
     from safetensors.torch import load_file
 
+    from fam.bench import run_worker
+
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="fam-bench-encode-") as tmp:
         for r in range(repeats):
@@ -191,7 +192,7 @@ def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_si
                         "image_root": str(image_root) if image_root else None,
                         "batch_size": batch_size, "threads": threads, "prefetch": prefetch,
                         "workers": workers, "out": str(Path(tmp) / f"{v}.safetensors")}
-                res = _run_in_subprocess(spec)
+                res = run_worker("fam.bench.encode", spec, spec["variant"])
                 logger.info("encode bench round %d %s: %s", r, v, res)
                 runs[v].append(res)
         embs = {v: load_file(str(Path(tmp) / f"{v}.safetensors"))["embeddings"]
@@ -207,6 +208,10 @@ def run_bench(model: Path, items: Path, image_root: Path | None = None, batch_si
                       "memory_method": rs[0]["memory_method"], "threads": rs[0]["threads"],
                       "rounds": [{"items_per_s": x["items_per_s"], "peak_bytes": x["peak_bytes"],
                                   "cpu_seconds": x["cpu_seconds"]} for x in rs]}
+        fw = [x["forward_seconds"] for x in rs if x.get("forward_seconds")]
+        if fw:
+            summary[v]["forward_only_seconds"] = statistics.median(fw)
+            summary[v]["forward_only_items_per_s"] = rs[0]["n"] / statistics.median(fw)
     a = embs["sequential"]
     summary["equality"] = {}
     for v in VARIANTS[1:]:
@@ -248,6 +253,12 @@ def format_report(res: dict[str, Any], label: str) -> str:
         lines.append(f"{name:<12} | {x['items_per_s']:>9.1f} | {x['cpu_ms_per_item']:>11.1f} | "
                      f"{_mb(x['peak_bytes']):>12} | {_mb(x['loaded_bytes']):>11} | "
                      f"{x['parameters']:>10,}")
+    p = res["pipeline"]
+    if "forward_only_seconds" in p:
+        lines.append(f"forward only (the pipeline's batches, prepared beforehand): "
+                     f"{p['forward_only_seconds']:.2f} s = {p['forward_only_items_per_s']:.1f} "
+                     f"items/s; the pipeline reaches "
+                     f"{p['items_per_s'] / p['forward_only_items_per_s']:.0%} of that limit")
     for v in names[1:]:
         e = eq.get(v, eq)
         lines.append(f"equal results ({v} vs sequential): max |diff| {e['max_abs_diff']:.2e}, "

@@ -13,7 +13,7 @@
     fam search --index IDX --text T [--image P] top-k search of an index
     fam serve --model DIR [--index IDX]         HTTP server: /v1/embeddings, /v1/search, page
     fam export --model DIR --out DIR2           a sentence-transformers / vLLM folder
-    fam bench mac|gradcache|encode|search|serve|gpu|startup  benchmarks; GPU check; start-up
+    fam bench mac|gradcache|encode|peer|search|serve|gpu|startup  benchmarks; GPU check; start-up
     fam plan ...                                estimate peak memory, suggest a chunk size
     fam pad build --images DIR --out pad.jsonl  build a patch-aligned dataset (PAD)
 

@@ -1,5 +1,5 @@
-"""``fam bench mac|gradcache|encode|search|serve|gpu|startup`` (measured against a reference in the
-same run) and ``fam plan``."""
+"""``fam bench mac|gradcache|encode|peer|search|serve|gpu|startup`` (measured against a
+reference in the same run) and ``fam plan``."""
 from __future__ import annotations
 
 import argparse
@@ -97,6 +97,26 @@ def cmd_bench_encode(args: argparse.Namespace) -> int:
     return _verdict(check(res, args.min_speedup, args.max_memory_ratio))
 
 
+def cmd_bench_peer(args: argparse.Namespace) -> int:
+    from fam.bench.peer import MODALITIES, format_report, run_default_or_given
+    from fam.errors import ConfigError
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("fam bench peer compares with sentence-transformers, which is not "
+                          "installed: pip install 'fam[deploy]'") from None
+    tasks = tuple(args.tasks or (*MODALITIES, "train"))
+    res, label = run_default_or_given(args.model, args.work, args.size, args.layers, n=args.n,
+                                      batch_size=args.batch_size, pairs=args.pairs,
+                                      chunk=args.chunk, steps=args.steps, repeats=args.repeats,
+                                      threads=args.threads, device=args.device, tasks=tasks)
+    print(format_report(res, label))
+    if args.json:
+        from fam.utils.io import atomic_write_json
+        atomic_write_json(args.json, res)
+    return 0 if res["met"] else 1
+
+
 def cmd_bench_search(args: argparse.Namespace) -> int:
     if args.multivector:
         from fam.bench.search_multivector import (format_multivector_report,
@@ -156,7 +176,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_bench_subcommands(sub: Any) -> None:
-    """``fam bench mac|gradcache|encode|search|serve|gpu|startup`` and ``fam plan``."""
+    """``fam bench mac|gradcache|encode|peer|search|serve|gpu|startup`` and ``fam plan``."""
     from fam.config.tools import MAC_BENCH_SHAPES as DEFAULT_SHAPES
     from fam.bench.plan import KNOWN_SHAPES
     from fam.config import PlanConfig
@@ -237,6 +257,33 @@ def add_bench_subcommands(sub: Any) -> None:
                     help="target: pipeline / sequential peak memory (default %(default)s)")
     en.add_argument("--json", default=None, help="also write the figures to this JSON file")
     en.set_defaults(func=cmd_bench_encode)
+
+    pe = which.add_parser("peer", help="fam vs sentence-transformers on the same checkpoint "
+                                       "and items: encode items/s, LoRA GradCache step time "
+                                       "and memory; exit 1 when a target is missed")
+    pe.add_argument("--model", default=None,
+                    help="a fam model or `fam export` folder (default: a tiny random Qwen2-VL)")
+    pe.add_argument("--work", default=None,
+                    help="folder for the default model and items (default: a temporary one)")
+    pe.add_argument("--size", default="m", choices=["xs", "s", "m"],
+                    help="default model: tiny Qwen2-VL size (default m)")
+    pe.add_argument("--layers", type=positive_int, default=16,
+                    help="default model: language-model layers (default 16)")
+    pe.add_argument("--n", type=positive_int, default=256, help="items per encode (default 256)")
+    pe.add_argument("--batch-size", type=positive_int, default=32, help="encode batch (32)")
+    pe.add_argument("--pairs", type=positive_int, default=64, help="training batch (64)")
+    pe.add_argument("--chunk", type=positive_int, default=16, help="GradCache chunk (16)")
+    pe.add_argument("--steps", type=positive_int, default=2,
+                    help="training steps per process; the time is that of the steps after "
+                         "the first (default 2)")
+    pe.add_argument("--repeats", type=positive_int, default=3,
+                    help="alternating rounds (default 3)")
+    pe.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    pe.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    pe.add_argument("--tasks", nargs="+", choices=["text", "image", "mixed", "train"],
+                    default=None, help="what to measure (default all)")
+    pe.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    pe.set_defaults(func=cmd_bench_peer)
 
     se = which.add_parser("search", help="FAISS flat and HNSW vs a float64 exact search on the "
                                          "Scenes eval images: identical top-k, recall, queries/s")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.backbones.fastpath import pooled_rows_only
 from fam.data.types import MMItem
 from fam.utils.layers import resolve_layer
 
@@ -100,18 +101,26 @@ class EmbeddingModel(nn.Module):
         return resolve_layer(layer, self.num_layers)
 
     def forward(self, batch: EncodedBatch, layers: Sequence[int] = (),
-                output_attentions: bool = False) -> EmbeddingOutput:
+                output_attentions: bool = False, pooled_only: bool = False) -> EmbeddingOutput:
         """Embed a batch.
 
         Args:
             batch: from ``adapter.encode`` (already on the model's device).
             layers: hidden-state layers to return besides the embedding (may be negative).
             output_attentions: also return attention maps (needs eager attention).
+            pooled_only: the caller reads only ``embedding`` (not ``last_hidden_state``'s
+                other rows): the last layer's token-wise modules then run on the EOS row
+                alone (exact, less work; :mod:`fam.backbones.fastpath`).
         """
         # All layers' states only when some are asked for: the embedding needs the last one,
         # and keeping num_layers + 1 (B, L, d) tensors alive costs memory for nothing.
-        out = self.adapter.forward(batch, output_hidden_states=bool(layers),
-                                   output_attentions=output_attentions)
+        # Only the EOS row of the last layer is pooled: when the caller reads nothing else,
+        # its token-wise modules run on that row alone (exact, less work).
+        mods = self.adapter.pooled_token_modules() if (
+            pooled_only and not layers and not output_attentions) else []
+        with pooled_rows_only(mods, batch.eos_index):
+            out = self.adapter.forward(batch, output_hidden_states=bool(layers),
+                                       output_attentions=output_attentions)
         last = out.last_hidden_state
         idx = torch.arange(last.shape[0], device=last.device)
         emb = last[idx, batch.eos_index]

@@ -176,7 +176,7 @@ class EncodePipeline:
         device = self.model.adapter.device
         batch = batch.to(device)
         with autocast_for(device, self.model.adapter.dtype):
-            out = self.model(batch)
+            out = self.model(batch, pooled_only=self._tokens is None)
             if self._tokens is not None:
                 from fam.model.multivector import compact_tokens
                 vecs, mask = self.multivector(out)

@@ -21,7 +21,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -199,11 +199,28 @@ class ContrastiveModule(nn.Module):
         sample = eligible & out.has_image & (valid.sum(1) >= 2)
         return self.vein(hidden, emb, valid, sample, shuffle_check=self.vein_diagnose)
 
+    def forward_parts(self, batch: PairBatch, step: int = 0) -> Iterator[dict[str, Any]]:
+        """:meth:`forward`'s outputs in parts, computed in the same order: the queries', the
+        targets', the negatives' embeddings. GradCache back-propagates each part before the
+        next is computed, so one side's graph is alive at a time instead of all three. With
+        VEIN, a multi-vector head or the placeholder forward, the whole forward is one part."""
+        if self.vein is not None or self.multivector is not None or (
+                batch.neg is None and batch.hard_negatives and dist_utils.is_dist()):
+            yield self.forward(batch, step)
+            return
+        yield {"q": self.embedder(batch.query, pooled_only=True).embedding}
+        yield {"t": self.embedder(batch.target, pooled_only=True).embedding}
+        if batch.neg is not None:
+            yield {"n": self.embedder(batch.neg, pooled_only=True).embedding}
+
     def forward(self, batch: PairBatch, step: int = 0) -> dict[str, Any]:
         layers = self._vein_layers()
-        q = self.embedder(batch.query, layers)
-        t = self.embedder(batch.target, layers)
-        n_out = self.embedder(batch.neg) if batch.neg is not None else None
+        # Pooled vectors only unless the multi-vector head reads the token states (VEIN's
+        # layers turn the shortcut off by themselves); forward_parts does the same.
+        po = self.multivector is None
+        q = self.embedder(batch.query, layers, pooled_only=po)
+        t = self.embedder(batch.target, layers, pooled_only=po)
+        n_out = self.embedder(batch.neg, pooled_only=po) if batch.neg is not None else None
         n = n_out.embedding if n_out is not None else \
             t.embedding.new_zeros((0, t.embedding.shape[1]))
         out: dict[str, Any] = {"q": q.embedding, "t": t.embedding, "n": n}

@@ -73,8 +73,10 @@ def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
 def split_encoded(batch: EncodedBatch, start: int, end: int) -> EncodedBatch:
     """Rows ``start:end`` of an encoded batch, with their images' pixel inputs.
 
-    Sequences keep the batch's padded length L, so every row sees exactly the shapes of the
-    full-batch forward (bit-level parity; trimming would save a little memory).
+    Trailing columns that are padding in every row of the chunk are dropped (right padding:
+    a chunk of short texts is not run at the longest text's length of the whole batch), as
+    sentence-transformers' cached losses do; real tokens keep their positions, so results
+    change only by float rounding (other matrix shapes).
 
     Args:
         batch: B rows; ``inputs`` hold per-row ``(B, ...)`` tensors and per-image tensors
@@ -90,6 +92,12 @@ def split_encoded(batch: EncodedBatch, start: int, end: int) -> EncodedBatch:
     i0, i1 = img_before, img_before + img_in  # image index range of these rows
     inputs: dict[str, torch.Tensor] = {}
     grid = batch.inputs.get("image_grid_thw")
+    B, L = batch.image_mask.shape
+    attn = batch.inputs.get("attention_mask")
+    keep = L
+    if attn is not None and attn.dim() == 2 and end > start:
+        cols = attn[start:end].bool().any(0).nonzero()
+        keep = int(cols.max()) + 1 if cols.numel() else L
     for k, v in batch.inputs.items():
         if k == "pixel_values" and grid is not None:
             per_img = grid.prod(-1).tolist()  # patches per image
@@ -98,14 +106,17 @@ def split_encoded(batch: EncodedBatch, start: int, end: int) -> EncodedBatch:
             inputs[k] = v[p0:p1]
         elif k in _PER_IMAGE_KEYS:
             inputs[k] = v[i0:i1]
+        elif v.dim() >= 2 and v.shape[:2] == (B, L):
+            inputs[k] = v[start:end, :keep]
         else:
             inputs[k] = v[start:end]
     if img_in == 0:
         # A chunk of text-only rows: the model must not receive empty pixel tensors.
         for k in _PER_IMAGE_KEYS:
             inputs.pop(k, None)
-    return EncodedBatch(inputs, batch.image_mask[start:end], batch.text_mask[start:end],
-                        batch.eos_index[start:end], batch.has_image[start:end])
+    return EncodedBatch(inputs, batch.image_mask[start:end, :keep],
+                        batch.text_mask[start:end, :keep], batch.eos_index[start:end],
+                        batch.has_image[start:end])
 
 
 class RngState:
@@ -125,7 +136,8 @@ class RngState:
 def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The outputs of a batch from those of its chunks (see the module docstring).
 
-    Tensors with rows are concatenated (chunks without the key contribute nothing), scalars
+    Tensors with rows are concatenated (chunks without the key contribute nothing; per-token
+    ``(rows, L, ...)`` outputs are zero-padded to the longest chunk's L), scalars
     (0-dim tensors, numbers) are summed; a key whose values are all ``None`` stays ``None``.
     """
     keys = list(dict.fromkeys(k for p in parts for k in p))
@@ -134,6 +146,14 @@ def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         vals = [p[k] for p in parts if p.get(k) is not None]
         if not vals:
             out[k] = None
+        elif torch.is_tensor(vals[0]) and vals[0].dim() > 1 and len(
+                {v.shape[1] for v in vals}) > 1:
+            # Per-token outputs of chunks with different padded lengths (split_encoded drops
+            # a chunk's padding columns): padded again with zeros (False for masks).
+            n = max(v.shape[1] for v in vals)
+            out[k] = torch.cat([torch.cat([v, v.new_zeros((v.shape[0], n - v.shape[1],
+                                                           *v.shape[2:]))], 1)
+                                if v.shape[1] < n else v for v in vals])
         elif torch.is_tensor(vals[0]) and vals[0].dim() > 0:
             out[k] = torch.cat(vals)
         elif torch.is_tensor(vals[0]):
@@ -280,15 +300,26 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
         return out_terms
 
     # Pass 3: re-run each chunk with grad, replaying its RNG, and back-propagate ⟨r, g⟩.
+    # A module with ``forward_parts`` (its outputs in parts, e.g. the queries' then the
+    # targets') has each part back-propagated before the next is computed, so only one
+    # part's graph is alive at a time. (Not through a DDP wrapper: its hooks are on forward.)
+    parts = getattr(module, "forward_parts", None) if ddp_module is None else None
     for ci, c in enumerate(chunks):
         last = ci == len(chunks) - 1
         ctx = ddp_module.no_sync() if (ddp_module is not None and hasattr(ddp_module, "no_sync")
                                        and not (sync and last)) else contextlib.nullcontext()
         with ctx:
             states[ci].restore()
-            out = fwd(c, step)
-            surrogate = sum((out[k] * g.to(out[k].dtype)).sum()
-                            for k, g in cached[ci].items() if out[k].numel())
-            surrogate.backward()
+            for out in (parts(c, step) if parts is not None else [fwd(c, step)]):
+                _backward_surrogate(out, cached[ci])
     after.restore()
     return out_terms
+
+
+def _backward_surrogate(out: Mapping[str, Any], cached: Mapping[str, torch.Tensor]) -> None:
+    """Back-propagate ``Σ_k ⟨out[k], g_k⟩`` over the cached gradients of the keys in ``out``
+    (a scalar of a part is its share of the chunk's sum, so the same ``g`` applies)."""
+    terms = [(out[k] * g.to(out[k].dtype)).sum() for k, g in cached.items()
+             if torch.is_tensor(out.get(k)) and out[k].numel() and out[k].requires_grad]
+    if terms:
+        sum(terms).backward()
