@@ -39,6 +39,30 @@ class DataError(FamError, ValueError):
         super().__init__(prefix + message)
 
 
+class InputError(DataError):
+    """An input item (text or image) the contract refuses: the same ``reason`` everywhere.
+
+    ``fam encode``/``eval``/training print it with the data file, line and field (and the
+    image path); ``fam serve`` answers HTTP ``status`` with the request's JSON path and the
+    same reason (``fam.data.items``, ``fam.data.images``).
+
+    Args:
+        reason: what is wrong and what to do, without where.
+        path, line, field: as :class:`DataError`.
+        status: the HTTP status the server answers (400, or 413 for a size limit).
+        image: the image file the reason is about, when a data row referenced it.
+    """
+
+    def __init__(self, reason: str, path: str | Path | None = None, line: int | None = None,
+                 field: str | None = None, *, status: int = 400,
+                 image: str | Path | None = None):
+        super().__init__((f"image {image}: " if image is not None else "") + reason, path,
+                         line, field)
+        self.reason = reason
+        self.status = status
+        self.image = str(image) if image is not None else None
+
+
 class ConfigError(FamError, ValueError):
     """An invalid configuration value (names the key and the accepted values).
 

@@ -111,7 +111,11 @@ def test_a_valid_config_passes_and_every_shipped_config_is_valid():
         cls = next(c for k, c in kinds.items() if p.name.startswith(k))
         load_config(cls, p)
     from fam.experiments.presets import load_preset
+    from fam.experiments.sweep import load_sweep
     for p in sorted((root / "experiments").glob("*.yaml")):
+        if p.name.startswith("sweep_"):  # every point's recipe is loaded and validated
+            assert load_sweep(p.stem.removeprefix("sweep_")).points
+            continue
         cls = CompareConfig if p.name.startswith("projector") else DemoConfig
         load_preset(cls, p.stem).validate(require_inputs=False)
 

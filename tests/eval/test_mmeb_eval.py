@@ -192,7 +192,7 @@ def test_missing_and_corrupt_images(bench):
         evaluate(ColorEncoder(), bench, progress=False)
     (bench / "img/gone.png").write_bytes(b"garbage bytes, not a png")
     # A corrupt image surfaces from the encoder's load_image, still naming the row.
-    with pytest.raises(DataError, match=r"corrupt or unreadable image .*gone\.png.*line 1"):
+    with pytest.raises(DataError, match=r"line 1.*gone\.png: corrupt"):
         evaluate(ColorEncoder(), bench, datasets=["ColorRet"], progress=False)
 
 

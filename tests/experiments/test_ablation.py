@@ -182,7 +182,7 @@ def test_quick_ablation_reports_paired_intervals_and_mechanisms(tmp_path):
     for p in rep["paired"]:
         assert p["seeds"] == [0, 1]
         need = p["seeds_needed"]
-        assert set(need) == {"1", "2"} and need["1"] >= need["2"] >= 2
+        assert set(need) == {"1", "1.5", "2"} and need["1"] >= need["1.5"] >= need["2"] >= 2
         for m, d in p["metrics"].items():
             lo, hi = d["ci95"]
             assert lo <= d["mean"] <= hi
@@ -204,7 +204,7 @@ def test_quick_ablation_reports_paired_intervals_and_mechanisms(tmp_path):
     assert (out / "ablation.png").stat().st_size > 1000 and rep["plot"] == str(out / "ablation.png")
     md = (out / "ablation.md").read_text()
     assert "## Paired differences" in md and "## Mechanism checks" in md
-    assert "| fam − mac_only | 2 |" in md and "seeds for ±1/±2" in md
+    assert "| fam − mac_only | 2 |" in md and "seeds for ±1/±1.5/±2" in md
     # Every run trained once, by one of the workers; the locks are free again.
     results = sorted(p.name for p in (out / "seed1" / "results").iterdir())
     assert len(results) == len({r["key"] for r in rep["runs"]}) == 10

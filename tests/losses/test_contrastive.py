@@ -121,3 +121,20 @@ def test_duplicate_targets_are_not_negatives():
     assert info_nce(q, t, 0.1, n)["loss"] > out["loss"]
     with pytest.raises(ValueError, match="negative_ids"):
         info_nce(q, t, 0.1, n, target_ids=tid)
+
+
+def test_embedding_geometry_gauges():
+    """Orthogonal rows: no anisotropy, full effective rank after centring; rows in one
+    narrow cone: anisotropy near 1; queries equal to their targets: pos_cos 1."""
+    from fam.losses.contrastive import effective_rank, embedding_geometry
+    eye = torch.eye(4)
+    g = embedding_geometry(eye, eye)
+    assert float(g["pos_cos"]) == 1.0 and float(g["neg_cos"]) == 0.0
+    assert float(g["q_anisotropy"]) == 0.0 and float(g["t_anisotropy"]) == 0.0
+    # Centring 4 orthonormal rows leaves 3 equal directions: effective rank 3.
+    assert abs(float(g["q_eff_rank"]) - 3.0) < 1e-4  # float32 svd rounding
+    cone = torch.ones(8, 16) + 1e-3 * torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    assert float(embedding_geometry(cone, eye.repeat(2, 4))["q_anisotropy"]) > 0.999
+    line = torch.arange(1.0, 9.0)[:, None] * torch.ones(1, 16)
+    assert abs(float(effective_rank(line)) - 1.0) < 1e-4  # every row on one line
+    assert not embedding_geometry(eye.requires_grad_(), eye)["pos_cos"].requires_grad

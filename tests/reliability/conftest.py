@@ -46,3 +46,26 @@ def finished_run(scenes, tiny, tmp_path_factory) -> Path:
 @pytest.fixture
 def cli(capsys, caplog) -> Cli:
     return Cli(capsys, caplog)
+
+
+@pytest.fixture(scope="module")
+def three_paths(tiny_dirs, tmp_path_factory):
+    """The library, ``fam encode`` and ``fam serve`` on one tiny Qwen2-VL (issue 23):
+    :class:`contract_paths.ThreePaths`. The CLI's model load is cached for speed."""
+    pytest.importorskip("fastapi")
+    from contract_paths import ThreePaths
+    from fastapi.testclient import TestClient
+
+    import fam.model.encode as encode_module
+    from fam.config import ServeConfig
+    from fam.serve.app import Service, create_app
+    model_dir = tiny_dirs["qwen2_vl"]
+    model = encode_module.load_embedding_model(model_dir)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(encode_module, "load_embedding_model", lambda *a, **k: model)
+    try:
+        with TestClient(create_app(Service(model, ServeConfig(), model_path=str(model_dir)))) \
+                as client:
+            yield ThreePaths(model, model_dir, client, tmp_path_factory.mktemp("three"))
+    finally:
+        mp.undo()

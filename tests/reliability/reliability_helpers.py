@@ -1,6 +1,7 @@
 """Helpers of the reliability suite (imported by its tests and conftest)."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import struct
@@ -15,6 +16,17 @@ def adapt_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "adapt", f"model={model}", f"train_dir={data / 'train'}",
             f"image_root={data}", f"run.out_dir={out}", "optim.steps=2", "optim.batch_size=4",
             "run.progress=false", "run.save_every=1", "run.keep_checkpoints=5", *extra]
+
+
+def append_row(data: Path, subset: str, image: str) -> int:
+    """Append a training row whose query is ``image`` (referenced nowhere else); its line."""
+    path = data / "train" / f"{subset}.jsonl"
+    rows = path.read_text().splitlines()
+    rows.append(json.dumps({"qry": "<|image_1|> Represent the given image.",
+                            "qry_image_path": image, "pos_text": "a red circle",
+                            "pos_image_path": "", "neg_text": "", "neg_image_path": ""}))
+    path.write_text("\n".join(rows) + "\n")
+    return len(rows)
 
 
 def copy(src: Path, dst: Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import adapt_args, bomb_png, copy
+from reliability_helpers import adapt_args, append_row, bomb_png, copy
 
 
 def _first_row_images(jsonl: Path, field: str) -> str:
@@ -34,27 +34,16 @@ def test_decompression_bomb_in_eval_is_one_line_naming_the_row(tiny, scenes, tmp
     rc, _, _ = cli(*_eval_args(tiny, data, tmp_path, "--datasets", "Scenes-Count"))
     assert rc == 2
     assert "Scenes-Count.jsonl, line 1, field 'qry_img_path'" in cli.error
-    assert "too large to open safely" in cli.error and rel in cli.error
-
-
-def _append_row(data: Path, subset: str, image: str) -> int:
-    """Append a training row whose query is ``image`` (referenced nowhere else); its line."""
-    path = data / "train" / f"{subset}.jsonl"
-    rows = path.read_text().splitlines()
-    rows.append(json.dumps({"qry": "<|image_1|> Represent the given image.",
-                            "qry_image_path": image, "pos_text": "a red circle",
-                            "pos_image_path": "", "neg_text": "", "neg_image_path": ""}))
-    path.write_text("\n".join(rows) + "\n")
-    return len(rows)
+    assert "larger than the limit of" in cli.error and rel in cli.error
 
 
 def test_decompression_bomb_in_training_stops_before_the_first_step(tiny, scenes, tmp_path,
                                                                      cli):
     data = copy(scenes, tmp_path / "data")
     bomb_png(data / "images" / "train" / "bomb.png")
-    line = _append_row(data, "Scenes-T2I", "images/train/bomb.png")  # a late batch
+    line = append_row(data, "Scenes-T2I", "images/train/bomb.png")  # a late batch
     rc, _, _ = cli(*adapt_args(tiny, data, tmp_path / "run"))
-    assert rc == 2 and "too large to open safely" in cli.error and "bomb.png" in cli.error
+    assert rc == 2 and "larger than the limit of" in cli.error and "bomb.png" in cli.error
     assert f"Scenes-T2I.jsonl, line {line}, field 'qry_image_path'" in cli.error
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
 
@@ -77,7 +66,7 @@ def test_pad_build_skips_a_bomb_and_counts_it(scenes, tmp_path, cli):
     stats = json.loads(stdout)
     assert stats["images_done"] == 2 and stats["images_failed"] == 1
     assert stats["failed"][0]["image"] == "sub/bomb.png"
-    assert "too large" in stats["failed"][0]["error"]
+    assert "larger than the limit" in stats["failed"][0]["error"]
     assert len(out.read_text().splitlines()) == 2
 
 
@@ -88,9 +77,9 @@ def test_training_checks_every_image_before_the_first_step(tiny, scenes, tmp_pat
     data = copy(scenes, tmp_path / "data")
     png = next((data / "images" / "train").glob("*.png")).read_bytes()
     (data / "images" / "train" / "cut.png").write_bytes(png[:len(png) // 2])
-    line = _append_row(data, "Scenes-VQA-Relation", "images/train/cut.png")
+    line = append_row(data, "Scenes-VQA-Relation", "images/train/cut.png")
     rc, _, _ = cli(*adapt_args(tiny, data, tmp_path / "run"))
-    assert rc == 2 and "corrupt or unreadable image" in cli.error and "cut.png" in cli.error
+    assert rc == 2 and "corrupt or truncated image" in cli.error and "cut.png" in cli.error
     assert f"Scenes-VQA-Relation.jsonl, line {line}, field 'qry_image_path'" in cli.error
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -128,10 +117,10 @@ def test_eval_reports_a_non_mmeb_dataset_apart(tiny, scenes, tmp_path, cli):
 
 # ---------------------------------------------------------------- encode
 @pytest.mark.parametrize("row,says", [
-    ({}, "line 2, field 'text': an item needs 'text' and/or 'image'"),
-    ({"text": "<|image_1|> a photo"}, "line 2, field 'text': the text contains <|image_1|> "
-                                      "but 'image' is empty"),
-    ({"text": 3}, "line 2, field 'text': expected a string, got int"),
+    ({}, "line 2, field 'text': empty item"),
+    ({"text": "<|image_1|> a photo"}, "line 2, field 'text': the text names <|image_1|> but "
+                                      "the item has no image"),
+    ({"text": 3}, "line 2, field 'text': expected a string, got a number"),
     ({"text": "x", "image": ["a.png"]}, "line 2, field 'image': expected an image path"),
     ({"text": "", "image": ""}, "line 2, field 'text': empty item"),
 ])

@@ -186,7 +186,7 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(client, small
     _check_error(post("/v1/embeddings", json={"input": 5}), 400, "input", "got a number")
     _check_error(post("/v1/embeddings", json={"input": [1, 2]}), 400, "input[0]", "token-id")
     _check_error(post("/v1/embeddings", json={"input": ["ok", {"txt": "a"}]}), 400,
-                 "input[1]", "unknown field")
+                 "input[1].txt", "unknown key")
     _check_error(post("/v1/embeddings", json={"input": []}), 400, "empty list")
     _check_error(post("/v1/embeddings", json={"input": "a", "encoding_format": "hex"}), 400,
                  "encoding_format")

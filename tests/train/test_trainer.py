@@ -136,3 +136,21 @@ def test_extending_a_finished_run_follows_the_new_schedule(tmp_path):
     resumed.load_checkpoint(tmp_path / "a" / "checkpoints" / "step-4")
     f = lr_lambda(resumed.optim_cfg)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * f(4))
+
+
+def test_train_metrics_hold_the_curve(tmp_path):
+    """``train_metrics.json``'s history: one point per CURVE_EVERY steps plus the last step,
+    each the mean of its steps' terms, with the gradient norm and the learning rate."""
+    import json
+
+    from fam.train.trainer import CURVE_EVERY
+    t = _trainer(tmp_path / "c", CURVE_EVERY * 2 + 3)
+    t.train()
+    m = json.loads((tmp_path / "c" / "train_metrics.json").read_text())
+    h = m["history"]
+    assert [p["step"] for p in h] == [CURVE_EVERY, 2 * CURVE_EVERY, 2 * CURVE_EVERY + 3]
+    assert m["curve_every"] == CURVE_EVERY
+    for p in h:
+        assert set(p) >= {"loss", "grad_norm", "lr"} and p["loss"] > 0 and p["grad_norm"] > 0
+    assert h[-1]["lr"] == m["final"]["lr"]  # the last point is at the last step
+    assert h[0]["loss"] > h[-1]["loss"]  # the toy regression learns

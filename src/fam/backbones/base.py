@@ -50,6 +50,7 @@ from PIL import Image
 
 from fam.backbones.batch import EncodedBatch
 from fam.backbones.checks import check_tokenizer
+from fam.backbones.inputs import InputLimits
 from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
@@ -61,7 +62,7 @@ from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-class BackboneAdapter(PromptLayout, torch.nn.Module):
+class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
     """Base class of the per-family adapters.
 
     The adapter is a module whose only child is the transformers model (``self.model``),
@@ -372,10 +373,11 @@ class BackboneAdapter(PromptLayout, torch.nn.Module):
         return to_rgb(image, "drop" if self.prompt_format == "vlm2vec" else "composite")
 
     def load_item_image(self, item: MMItem) -> Image.Image | None:
-        """The item's image(s) as stored on disk (own mode; :meth:`prepare_image` converts):
-        one image, a list (``image`` then ``images``) or ``None``."""
-        ims = [load_image(p, source=item.source, line=item.line, field=item.field, rgb=False)
-               for p in item.all_images]
+        """The item's image(s) as stored on disk (normalised mode; :meth:`prepare_image`
+        converts), checked against this model's :attr:`input_rules`: one image, a list
+        (``image`` then ``images``) or ``None``."""
+        ims = [load_image(p, source=item.source, line=item.line, field=item.field, rgb=False,
+                          rules=self.input_rules.images) for p in item.all_images]
         return None if not ims else ims[0] if len(ims) == 1 else ims
 
     def encode(self, items: Sequence[MMItem],

@@ -26,6 +26,8 @@ log = logging.getLogger("fam.backbones.base")  # one logger for the adapter's me
 
 #: ``<|image_k|>``: MMEB's placeholder generalised to the k-th image of an item (1-based).
 _PLACEHOLDER_RE = re.compile(r"<\|image_(\d+)\|>")
+#: Tokens tokenised past a text cut before the first ``max_text_tokens`` count as final.
+_CUT_MARGIN = 16
 
 
 def _placeholder(k: int) -> str:
@@ -62,17 +64,39 @@ class PromptLayout:
     video_token_id: int
 
     def _tokenize_segment(self, text: str, offset: int, content: tuple[int, int] | None,
-                          ) -> tuple[list[int], list[bool]]:
+                          budget: int | None = None) -> tuple[list[int], list[bool], bool]:
+        """Token ids of user text, its content mask, and whether the text was cut early.
+
+        Special tokens typed in the text are split into plain text tokens (user text never
+        injects a control token). With a ``budget``, a long text is tokenised by growing
+        prefixes until one yields well over ``budget`` tokens, instead of tokenising it
+        whole (a 3.6 MB text would take seconds): the first ``budget`` tokens of such a
+        prefix are those of the whole text (a cut only changes the tokens near it).
+        """
         if not text:
-            return [], []
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return [], [], False
+        cut = False
+        if budget is not None:
+            limit = 16 * (budget + _CUT_MARGIN)
+            while limit < len(text):
+                enc = self._tokenize_user(text[:limit])
+                if len(enc["input_ids"]) > budget + _CUT_MARGIN:
+                    cut = True
+                    break
+                limit *= 4
+        if not cut:
+            enc = self._tokenize_user(text)
         ids = list(enc["input_ids"])
         is_text = []
         for tid, (s, e) in zip(ids, enc["offset_mapping"]):
             s, e = s + offset, e + offset
             inside = content is None or (s < content[1] and e > content[0])
             is_text.append(inside and tid not in self._special_ids and e > s)
-        return ids, is_text
+        return ids, is_text, cut
+
+    def _tokenize_user(self, text: str) -> Any:
+        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                              split_special_tokens=True)
 
     def _place_images(self, item: MMItem, n_images: int) -> tuple[str, tuple[int, int] | None]:
         """The item's text with exactly one ``<|image_k|>`` per image, and its content span.
@@ -117,16 +141,18 @@ class PromptLayout:
         text, _ = self._place_images(item, n_images)
         return [int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(text)]
 
-    def _note_truncation(self, item: MMItem, n_text: int, kept: int) -> None:
+    def _note_truncation(self, item: MMItem, n_text: int, kept: int,
+                         at_least: bool = False) -> None:
         """Count (and log, with a back-off) an item whose text ``max_text_tokens`` cut."""
         self.truncated_items += 1
         n = self.truncated_items
         if n == 1 or n in (10, 100, 1000) or n % 10000 == 0:
             where = (f"{item.source}, line {item.line}" if item.source and item.line
                      else repr(item.text[:60] + ("..." if len(item.text) > 60 else "")))
-            log.warning("max_text_tokens=%d cut a text of %d tokens to %d (%s); %d item(s) cut so "
-                        "far. Set max_text_tokens to none for no limit.", self.max_text_tokens,
-                        n_text, kept, where, n)
+            log.warning("max_text_tokens=%d cut a text of %s%d tokens to %d (%s); %d item(s) cut "
+                        "so far. Set max_text_tokens to none for no limit.",
+                        self.max_text_tokens, "at least " if at_least else "", n_text, kept,
+                        where, n)
 
     def _build_sequence(self, item: MMItem, n_image_tokens: int | Sequence[int] | None,
                         video_slot: int | None = None) -> _Seq:
@@ -164,14 +190,17 @@ class PromptLayout:
         budget = cap if cap is not None else sys.maxsize
         toks: list[tuple[list[int], list[bool]]] = []
         n_text = 0
+        early = False
         for seg, off in segments:
-            ids_, txt_ = self._tokenize_segment(seg, off, content)
+            ids_, txt_, cut = self._tokenize_segment(seg, off, content,
+                                                     budget if cap is not None else None)
+            early |= cut
             # Cut the end of the text (image blocks and the EOS token are never cut).
             toks.append((ids_[:budget], txt_[:budget]))
             budget = max(0, budget - len(ids_))
             n_text += len(ids_)
         if cap is not None and n_text > cap:
-            self._note_truncation(item, n_text, cap)
+            self._note_truncation(item, n_text, cap, at_least=early)
         bos = self.bos_ids()
         ids = list(bos)
         img = [False] * len(ids)

@@ -63,6 +63,8 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 class Qwen2VLAdapter(BackboneAdapter):
     family = "qwen2_vl"
+    # transformers' smart_resize: "absolute aspect ratio must be smaller than 200".
+    max_aspect = 200.0
     model_types = ("qwen2_vl",)
     vlm2vec_image_token = "<|image_pad|>"
     #: min_pixels/max_pixels (common load options) reach this family's image processor.

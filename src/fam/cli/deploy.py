@@ -163,7 +163,7 @@ def _add_serve_subcommand(subparsers: Any) -> None:
                    help="wait for a batch to fill (default 2 ms)")
     s.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body")
     s.add_argument("--max-image-mb", type=float, default=10.0, help="largest encoded image")
-    s.add_argument("--max-image-pixels", type=positive_int, default=25_000_000,
+    s.add_argument("--max-image-pixels", type=positive_int, default=64_000_000,
                    help="largest image width×height (decompression-bomb guard)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s) image URLs given in requests (off by default: a server "

@@ -58,6 +58,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from fam.experiments.ablation import run_ablation
     from fam.experiments.ablation_report import format_ablation
     from fam.experiments.presets import load_preset
+    if args.sweep:
+        from fam.experiments.sweep import format_sweep, run_sweep
+        report = run_sweep(args.out, args.sweep, seeds=args.seeds,
+                           progress=not args.no_progress, threads=args.threads,
+                           workers=args.workers, report_only=args.report_only,
+                           base=args.preset, export=args.export)
+        log.info("sweep written to %s\n%s", args.out, format_sweep(report))
+        return 0
     plan = load_preset(DemoConfig, args.preset) if args.preset else None
     report = run_ablation(args.out, seeds=args.seeds, size=args.size, groups=args.only,
                           progress=not args.no_progress, plan=plan, threads=args.threads,
@@ -95,6 +103,14 @@ def add_ablate_subcommand(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing; rebuild ablation.json/.md from finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--sweep", default=None, metavar="NAME",
+                   help="a recipe sweep instead of the groups: the preset sweep_NAME (or a "
+                        "YAML file) lists its points; every point over --seeds, resumable, "
+                        "--workers; --preset replaces the sweep's base; writes "
+                        "sweep_NAME.json/.md and the training curves")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="with --sweep: also copy the results, curves and reports (no "
+                        "checkpoints) to DIR, e.g. docs/results/sweep")
     p.add_argument("--no-probes", action="store_true",
                    help="skip the mechanism checks (FAM probes) on the checkpoints")
     p.set_defaults(func=cmd_ablate)

@@ -129,6 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default = src / "eval_results.json" if isinstance(src, Path) else \
         Path(f"eval_results-{src.replace('/', '--')}.json")  # a hub id: in this folder
     out = output_file(args.out or default, "--out")  # before the work, not after it
+    if not args.overwrite:
+        _refuse_overwrite(out, args)
     model = _load_model(args)
     from fam.eval.mmeb_v2 import is_v2_benchmark
     if is_v2_benchmark(args.data):
@@ -171,19 +173,44 @@ def _eval_v2(args: argparse.Namespace, model: Any, out: Path) -> int:
     return 0
 
 
+def _refuse_overwrite(out: Path, args: argparse.Namespace) -> None:
+    """Refuse, before any work, to replace the results of an earlier eval without --overwrite.
+
+    ``fam eval`` writes ``--out`` and a VLM2Vec ``{Dataset}_score.json`` per dataset beside
+    it; a second eval into the same folder would silently replace the first one's.
+    """
+    from fam.data.mmeb import discover_datasets
+    from fam.errors import ConfigError
+    try:
+        names = list(discover_datasets(args.data, "eval", args.split))
+    except Exception:  # noqa: BLE001 - the evaluation itself reports a bad --data
+        names = []
+    if args.datasets:
+        names = [n for n in names if n in args.datasets]
+    taken = ([out] if out.exists() else []) + [
+        p for p in (out.parent / f"{n}_score.json" for n in names) if p.exists()]
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise ConfigError(f"--out {out}: {taken[0]}{more} already hold(s) the results of an "
+                          "earlier eval; pass --overwrite to replace them, or give --out a "
+                          "new folder", key="--out")
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
     from fam.data.images import ImageRef, check_images
-    from fam.data.mmeb import read_items
+    from fam.data.items import check_items, read_items
     from fam.errors import DataError
     from fam.utils.io import atomic_path, output_file
     out = output_file(args.out, "--out")
-    items = read_items(args.input, args.image_root or Path(args.input).parent)
-    check_images(ImageRef(p, it.source, it.line, it.field) for it in items
-                 for p in it.all_images + list(it.video))
+    # The input contract: every row before the model loads, then what depends on the model.
+    items = [r.item for r in read_items(args.input, args.image_root or Path(args.input).parent)]
+    check_images((ImageRef(p, it.source, it.line, it.field) for it in items
+                  for p in it.all_images + list(it.video)), "exists")
     model = _load_model(args)
+    check_items(items, model.adapter.input_rules)
     emb = model.encode(items, batch_size=args.batch_size, progress=True)
     bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten().tolist()
     if bad:
@@ -222,6 +249,9 @@ def add_infer_subcommands(sub: Any) -> None:
     ev.add_argument("--out", default=None,
                     help="results JSON (default: <model>/eval_results.json; for a hub id "
                          "eval_results-<org>--<name>.json here)")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace the results (--out and the {Dataset}_score.json files beside "
+                         "it) of an earlier eval; without it fam eval refuses to overwrite them")
     ev.add_argument("--scoring", choices=["single", "maxsim", "hybrid"], default="single",
                     help="single: pooled cosine; maxsim: late interaction over token vectors "
                          "(the model's trained head, else its plain token states); hybrid: "

@@ -50,10 +50,10 @@ class ServeConfig(Validated):
     max_queue: int = 1024  # most requests waiting for the model; more are answered 503
     max_request_bytes: int = 32 * 1024 * 1024  # largest request body
     max_inputs: int = 256  # most inputs in one /v1/embeddings request
-    max_text_chars: int = 20_000  # longest text of one input
+    max_text_chars: int = 4_000_000  # longest text of one input (= data.items.MAX_TEXT_CHARS)
     max_image_bytes: int = 10 * 1024 * 1024  # largest encoded image (after base64 decoding)
-    max_image_pixels: int = 25_000_000  # largest width × height: decompression-bomb guard
-    max_images_per_input: int = 8
+    max_image_pixels: int = 64_000_000  # largest width × height (= data.images.MAX_IMAGE_PIXELS)
+    max_images_per_input: int = 8  # (= fam.data.items.MAX_IMAGES)
     max_k: int = 100  # largest k of a search
     api_key: str | None = None  # bearer token required by the API when set
     allow_image_urls: bool = False  # fetch http(s):// image URLs (off: data URIs / base64)

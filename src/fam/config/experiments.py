@@ -76,9 +76,11 @@ class DemoConfig(SceneModelConfig):
     adapt: AdaptConfig = field(default_factory=AdaptConfig)  # template: adaptation (baseline and FAM)
     vein: VeinConfig = field(default_factory=lambda: VeinConfig(enabled=True))  # FAM's VEIN
     fam: bool = True  # also train FAM (MAC + VEIN) and compare
+    adapt_seed_offset: int = 0  # added to the seed of every adaptation: another batch order with the same initialisation and stage 0 (docs/baseline_stability.md)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
+        integer(prefix + "adapt_seed_offset", self.adapt_seed_offset, 0)
         if self.adapt.vein.enabled:
             fail(prefix + "adapt.vein.enabled", True, "the baseline adapts without VEIN; set "
                  f"FAM's VEIN under {prefix}vein")

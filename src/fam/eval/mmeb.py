@@ -334,7 +334,12 @@ def evaluate(encoder: Encoder, data_dir: str | Path, image_root: str | Path | No
         if not rows:
             raise DataError("dataset has no rows", found[name][0])
         if check_images:
-            validate_images(rows, mode="verify", progress=progress)
+            # The backbone's image limits too (the input contract), so no dataset dies mid-way.
+            adapter = getattr(encoder, "adapter", None) or \
+                getattr(getattr(encoder, "model", None), "adapter", None)
+            rules = getattr(adapter, "input_rules", None)
+            validate_images(rows, mode="verify", progress=progress,
+                            rules=rules.images if rules is not None else None)
         credits, n_encoded = evaluate_rows(encoder, rows, batch_size, ties, progress, name,
                                            scoring, rerank_k)
         counts = [len(r.candidates) for r in rows]

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AblationRun", "GROUPS", "DEFAULT_GROUPS", "SIZES", "plan_for_size", "expand_groups",
            "vein_layer_sets", "align_config", "adapt_config", "caption_pairs_train_dir",
-           "mechanism_checks", "run_ablation", "CAPTION_SUBSET"]
+           "mechanism_checks", "run_ablation", "train_and_eval", "CAPTION_SUBSET"]
 
 MASK_RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.8)
 MAC_ALL: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -212,19 +212,19 @@ def align_config(weights: Sequence[float], stage0: str | Path, data: str | Path,
 
 def adapt_config(run: AblationRun, start: str | Path, data: str | Path, out: str | Path,
                  seed: int, plan: DemoConfig, progress: bool = False) -> AdaptConfig:
-    """The adaptation of a run: the preset's settings, VEIN as the run says; the control
-    trains on ``train_captions`` for align + adapt steps."""
-    data = Path(data)
+    """The adaptation of a run, seeded ``seed + adapt_seed_offset`` (the control: below)."""
     vein = dataclasses.replace(plan.vein, enabled=True, mask_ratio=run.mask_ratio,
                                layers=list(run.vein_layers), memory=run.vein_memory,
                                weight=run.vein_weight) if run.vein else plan.adapt.vein
     optim = plan.adapt.optim
-    if run.captions:
+    if run.captions:  # task pairs + MAC's caption pairs, for align + adapt steps
         optim = dataclasses.replace(optim, steps=optim.steps + plan.align.optim.steps)
+    data = Path(data)
     return dataclasses.replace(plan.adapt, model=str(start), image_root=str(data), vein=vein,
                                train_dir=str(data / ("train_captions" if run.captions else
                                                      "train")), optim=optim,
-                               run=stage_run(plan.adapt.run, Path(out), seed, plan, progress))
+                               run=stage_run(plan.adapt.run, Path(out),
+                                             seed + plan.adapt_seed_offset, plan, progress))
 
 
 def caption_pairs_train_dir(data: str | Path, plan: DemoConfig) -> Path:
@@ -264,7 +264,7 @@ def caption_pairs_train_dir(data: str | Path, plan: DemoConfig) -> Path:
 
 # --------------------------------------------------------------------------- running
 
-def _train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed: int,
+def train_and_eval(run: AblationRun, root: Path, stage0: Path, data: Path, seed: int,
                     plan: DemoConfig, progress: bool, probes: bool = True) -> dict[str, Any]:
     """Train one run (reusing finished stages), evaluate it (keeping per-row credits for
     the bootstrap) and run the mechanism checks; returns its result record."""
@@ -437,7 +437,7 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
                                                data, root / "align" / align, seed, plan,
                                                progress))
                 log.info("ablate seed %d: run %s", seed, key)
-                rec = _train_and_eval(run, root, root / "stage0" / "model", data, seed, plan,
+                rec = train_and_eval(run, root, root / "stage0" / "model", data, seed, plan,
                                       progress, probes)
                 atomic_write_json(root / "results" / f"{key}.json", rec)
                 log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s",

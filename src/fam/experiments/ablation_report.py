@@ -36,7 +36,7 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("vein_inversion", f"vein_only_w{INVERSION_WEIGHT:g}"),
     (f"vein_only_w{INVERSION_WEIGHT:g}", "vein_only"), ("mac_only", "control"))
 #: Half-widths (points overall) for which the report gives the seeds a t interval needs.
-HALF_WIDTHS: tuple[float, ...] = (1.0, 2.0)
+HALF_WIDTHS: tuple[float, ...] = (1.0, 1.5, 2.0)
 #: Beyond this many seeds the report says "more than" (the search is numeric).
 SEEDS_NEEDED_MAX = 1000
 #: Metrics aggregated over seeds (keys of :func:`fam.eval.mmeb.evaluate`'s summary).
@@ -111,8 +111,9 @@ def paired_differences(records: Sequence[Mapping[str, Any]],
     Returns:
         ``[{"config", "reference", "key", "reference_key", "seeds", "metrics": {metric:
         {"mean", "sd", "n", "ci95": [lo, hi] | None, "bootstrap_ci95": [lo, hi] | None}},
-        "seeds_needed": {"1": n, "2": n} | None}]``: ``seeds_needed`` = seeds whose t
-        interval of the overall difference would be ± 1 / ± 2 points at the measured sd
+        "seeds_needed": {"1": n, "1.5": n, "2": n} | None}]``: ``seeds_needed`` = seeds
+        whose t interval of the overall difference would be ± 1 / ± 1.5 / ± 2 points at the
+        measured sd
         (None: fewer than 2 seeds or no bootstrap requested; a value None: more than
         :data:`SEEDS_NEEDED_MAX`).
     """
@@ -145,7 +146,7 @@ def paired_differences(records: Sequence[Mapping[str, Any]],
                     metrics[m]["bootstrap_ci95"] = [100.0 * boot["lo"], 100.0 * boot["hi"]]
         o = metrics["overall"]
         # The budget that would tell a difference of the paper's size (1-2 points overall)
-        # from zero: seeds for a t interval of ± 1 / ± 2 points at this comparison's sd.
+        # from zero: seeds for a t interval of ± 1 / ± 1.5 / ± 2 points at this sd.
         need = ({f"{w:g}": seeds_for_half_width(o["sd"], w, max_n=SEEDS_NEEDED_MAX)
                  for w in HALF_WIDTHS} if n_boot > 0 and o.get("sd") is not None else None)
         out.append({"config": label, "reference": ref_label, "key": key,
@@ -234,11 +235,11 @@ def format_ablation(report: Mapping[str, Any]) -> str:
                   "Mean over seeds of `config − reference` (same seed = same stage-0 model); "
                   "t: 95 % Student-t interval over seeds; rows: 95 % bootstrap interval over "
                   "eval rows (evaluation noise alone).", "",
-                  "Seeds for ±1/±2: how many seeds the t interval of the overall difference "
-                  "would need to be ± 1 / ± 2 points wide at the measured sd (the budget to "
+                  "Seeds for ±1/±1.5/±2: how many seeds the t interval of the overall "
+                  "difference would need to be ± 1 / ± 1.5 / ± 2 points wide at the measured sd (the budget to "
                   "tell a difference of the paper's size, 1-2 points, from zero).", "",
                   "| comparison | seeds | Overall (t / rows) | IND | OOD | Class. | VQA | "
-                  "Retr. | Ground. | seeds for ±1/±2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Retr. | Ground. | seeds for ±1/±1.5/±2 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in paired:
             ms = p["metrics"]
             o = ms["overall"]

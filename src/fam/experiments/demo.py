@@ -79,7 +79,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     def adapt(start: Path, name: str, **kw: Any) -> Path:
         return run_stage(dataclasses.replace(
             exp.adapt, model=str(start), train_dir=str(data / "train"), image_root=str(data),
-            run=stage_run(exp.adapt.run, out / name, seed, exp, progress), **kw))
+            run=stage_run(exp.adapt.run, out / name, seed + exp.adapt_seed_offset, exp,
+                          progress), **kw))
 
     with timed("baseline"):
         models = {"untrained": tiny, "stage0": s0, "vlm2vec": adapt(s0, "baseline")}

@@ -238,10 +238,17 @@ def build_index(out: str | Path, items: str | Path, *, model: str | Path | None 
         enc = _ShardedEncoder(work, spec, records, shard_size)
 
         def load_model():
+            from fam.data.items import check_items
             if embedding_model is not None:
-                return embedding_model
-            from fam.model.encode import load_embedding_model
-            return load_embedding_model(model)  # no LM head in memory
+                m = embedding_model
+            else:
+                from fam.model.encode import load_embedding_model
+                m = load_embedding_model(model)  # no LM head in memory
+            # The input contract with this model's rules (its image limits, its control
+            # tokens), over every item before the first shard is encoded.
+            check_items([r.item for r in records], m.adapter.input_rules,
+                        progress=progress, desc="check items")
+            return m
 
         vecs, per_item = enc.run(load_model, batch_size, progress, head,
                                  multivector.max_tokens if multivector is not None else 0,

@@ -17,7 +17,7 @@ from fam.distributed import gather_no_grad, gather_with_grad
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["info_nce", "nce_from_scores", "normalize_for_scores"]
+__all__ = ["info_nce", "nce_from_scores", "normalize_for_scores", "embedding_geometry"]
 
 
 def normalize_for_scores(x: Tensor) -> Tensor:
@@ -180,3 +180,40 @@ def nce_from_scores(scores: Tensor, negative_valid: Tensor | None = None,
         others = scores.scatter(1, labels[:, None], float("-inf"))
         accuracy = (pos.squeeze(1) > others.max(dim=1).values).float().mean()
     return {"loss": loss, "accuracy": accuracy}
+
+
+def _mean_off_diagonal(sim: Tensor) -> Tensor:
+    n = sim.shape[0]
+    return (sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)
+
+
+def effective_rank(x: Tensor) -> Tensor:
+    """``exp(entropy)`` of the normalised squared singular values of the centred rows:
+    1 when every row lies on one line, ``min(n, d)`` when the batch fills its span evenly
+    (Roy & Vetterli 2007). A dimensional-collapse gauge for a ``(n, d)`` batch."""
+    x = x.float() - x.float().mean(0, keepdim=True)
+    s2 = torch.linalg.svdvals(x) ** 2
+    p = s2 / s2.sum().clamp_min(1e-12)
+    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
+
+
+@torch.no_grad()
+def embedding_geometry(query: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """Cheap, detached gauges of a batch's embedding geometry (training curves).
+
+    On L2-normalised rows: ``pos_cos`` (mean cosine of each query and its target),
+    ``neg_cos`` (mean cosine of a query and the other rows' targets), ``q_anisotropy`` /
+    ``t_anisotropy`` (mean cosine between distinct queries / targets: near 1 when the
+    embeddings crowd into a narrow cone) and ``q_eff_rank`` (:func:`effective_rank` of the
+    queries). Local to the caller's rows (no gathering under DDP).
+
+    Example:
+        >>> g = embedding_geometry(torch.eye(3), torch.eye(3))
+        >>> float(g["pos_cos"]), float(g["neg_cos"]), float(g["q_anisotropy"])
+        (1.0, 0.0, 0.0)
+    """
+    q, t = normalize_for_scores(query.detach()), normalize_for_scores(target.detach())
+    qt = q @ t.T
+    return {"pos_cos": qt.diagonal().mean(), "neg_cos": _mean_off_diagonal(qt),
+            "q_anisotropy": _mean_off_diagonal(q @ q.T),
+            "t_anisotropy": _mean_off_diagonal(t @ t.T), "q_eff_rank": effective_rank(q)}

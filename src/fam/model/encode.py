@@ -30,7 +30,9 @@ Example (the server of ``fam serve`` does the same with in-memory images)::
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,8 +44,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fam.backbones.base import EncodedBatch
+from fam.data.items import InputRules, check_item, check_text
 from fam.data.types import MMItem
 from fam.data.video import NUM_FRAMES
+from fam.errors import InputError
 from fam.model import EmbeddingModel, autocast_for
 
 log = logging.getLogger(__name__)
@@ -94,7 +98,7 @@ def _image_area(path: Path | None) -> int:
     try:
         with Image.open(path) as im:
             return im.width * im.height
-    except (OSError, ValueError, SyntaxError):
+    except Exception:  # noqa: BLE001 - a bomb, a corrupt header: opening it reports why
         return 0
 
 
@@ -119,6 +123,39 @@ def length_order(items: Sequence[MMItem], images: Sequence[ImageArg] | None = No
         return n, area, len(it.text)
 
     return sorted(range(len(items)), key=key)
+
+
+def check_encode_items(items: Sequence[MMItem], images: Sequence[ImageArg] | None,
+                       rules: InputRules) -> None:
+    """The input contract's text rules for items handed to the library directly.
+
+    Items read by fam's own readers were checked already; this makes a Python call refuse
+    what ``fam encode`` and ``fam serve`` refuse (an empty item, ``<|image_2|>`` with one
+    image, ...), with the same reason. In-memory images are checked against the model's
+    image limits too (files are, when they are opened).
+    """
+    # Decoded images passed their size limit where they were opened (a file, a request).
+    shape = dataclasses.replace(rules.images, max_pixels=sys.maxsize)
+    for i, it in enumerate(items):
+        given = images[i] if images is not None else None
+        if given is None:
+            n = int(it.image is not None)
+            ims: list[Image.Image] = []
+        else:
+            ims = list(given) if isinstance(given, (list, tuple)) else [given]
+            n = len(ims)
+        check_text(it.text, rules, path=it.source, line=it.line,
+                   field="text" if it.source else f"items[{i}].text")
+        check_item(it.text, n, rules, path=it.source, line=it.line,
+                   item_field=None if it.source else f"items[{i}]",
+                   text_field="text" if it.source else f"items[{i}].text")
+        for im in ims:
+            try:
+                shape.check_size(*im.size)
+            except InputError as e:
+                raise InputError(e.reason, it.source, it.line,
+                                 it.field if it.source else f"items[{i}].image",
+                                 status=e.status) from None
 
 
 class EncodePipeline:
@@ -220,11 +257,15 @@ class EncodePipeline:
             (n, d) float32 L2-normalised embeddings on the CPU.
 
         Raises:
-            DataError: an image is missing or unreadable (names the data file, row, field).
+            InputError: an item the input contract refuses (:func:`fam.data.items.check_item`:
+                empty, a placeholder naming no image, a reserved control token), or an image
+                that is missing, unreadable or outside the model's limits (names the data
+                file, row and field).
         """
         n = len(items)
         if images is not None and len(images) != n:
             raise ValueError(f"images has {len(images)} entries for {n} items")
+        check_encode_items(items, images, self.model.adapter.input_rules)
         d = self.model.adapter.hidden_size
         out = torch.empty(n, d, dtype=torch.float32)
         if n == 0:

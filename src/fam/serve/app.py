@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fam.errors import DataError
 from fam.serve.batching import BatchEncoder, QueueFull
 from fam.config import ServeConfig
 from fam.serve.inputs import ParsedInput, RequestError, load_images, parse_input, parse_messages
@@ -102,6 +103,8 @@ class Service:
         self.name = config.served_model_name or (Path(model_path).name if model_path else "fam")
         self.created = int(time.time())
         self.dim = int(model.adapter.hidden_size)
+        #: The model's input rules (the contract ``fam encode`` applies too).
+        self.rules = model.adapter.input_rules
         # A copy for usage counts on the event loop: the worker thread uses the adapter's
         # tokenizer, and a fast tokenizer must not be used from two threads at once.
         self.tokenizer = copy.deepcopy(model.adapter.tokenizer)
@@ -114,7 +117,7 @@ class Service:
                                     config.max_queue)
 
     async def embed(self, inputs: list[ParsedInput]) -> torch.Tensor:
-        images = await load_images(inputs, self.config)
+        images = await load_images(inputs, self.config, self.rules)
         try:
             fut = self.encoder.submit([p.item() for p in inputs], images)
         except QueueFull as e:
@@ -203,6 +206,14 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(error_body(e.status, e.message, e.type, e.param), status_code=e.status,
                             headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
 
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, e: DataError):
+        # The contract checks inputs before they are queued; one that only the model could
+        # refuse still gets a 400 with its reason, never a 500.
+        status = getattr(e, "status", 400)
+        return JSONResponse(error_body(status, getattr(e, "reason", str(e))),
+                            status_code=status)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         msg = {404: f"no such endpoint: {request.method} {request.url.path}",
@@ -277,8 +288,8 @@ def create_app(service: Service) -> FastAPI:
         if ("input" in body) == ("messages" in body):
             raise RequestError(400, "give exactly one of 'input' (text, or objects with "
                                     "'text'/'image') and 'messages' (chat-style)")
-        inputs = (parse_input(body["input"], cfg) if "input" in body
-                  else [parse_messages(body["messages"], cfg)])
+        inputs = (parse_input(body["input"], cfg, rules=service.rules) if "input" in body
+                  else [parse_messages(body["messages"], cfg, service.rules)])
         emb = await service.embed(inputs)
         n_tok = service.count_tokens(inputs)
         return _json({"object": "list",
@@ -306,9 +317,9 @@ def create_app(service: Service) -> FastAPI:
             if isinstance(body["query"], list):
                 raise RequestError(400, "query: expected one query (a string or an object with "
                                         "'text'/'image'), got an array", "query")
-            inp = parse_input(body["query"], cfg, "query")[0]
+            inp = parse_input(body["query"], cfg, "query", service.rules)[0]
         else:
-            inp = parse_messages(body["messages"], cfg)
+            inp = parse_messages(body["messages"], cfg, service.rules)
         # The query's text as fam search makes it (query prompt; image-only: as the documents).
         inp.text = index.query_text(inp.text, bool(inp.images))
         emb = await service.embed([inp])

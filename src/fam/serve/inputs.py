@@ -11,26 +11,31 @@ Accepted forms (``POST /v1/embeddings``):
   the whole conversation, images placed where their parts are).
 
 ``IMAGE`` is a data URI (``data:image/png;base64,...``) or bare base64; ``http(s)://`` URLs only
-when the server was started with ``--allow-image-urls``. Images are checked before they are
-decoded: encoded size, format (PNG, JPEG, WebP, GIF, BMP) and pixel count (a decompression bomb
-is refused from its header, without decoding it).
+when the server was started with ``--allow-image-urls``. The encoded size is this transport's
+limit; everything else is the input contract shared with ``fam encode``
+(:mod:`fam.data.items`, :mod:`fam.data.images`): keys, text, placeholders, control tokens,
+image format, pixel count (a decompression bomb is refused from its header), the backbone's
+limits, EXIF orientation, modes and transparency. Its refusals keep their reason and get the
+JSON path of the offending field (HTTP 400, or 413 for a size limit).
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+import contextlib
+import dataclasses
 import re
-import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from fam.data.types import MMItem
 from fam.config import ServeConfig
-
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+from fam.data import images as contract_images
+from fam.data import items as contract
+from fam.data.items import InputRules
+from fam.data.types import MMItem
+from fam.errors import InputError
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 
@@ -42,6 +47,24 @@ class RequestError(Exception):
                  type_: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type_
+
+
+@contextlib.contextmanager
+def contract_errors(where: str | None = None) -> Iterator[None]:
+    """Turn the contract's :class:`InputError` into a 4xx with the same reason and the JSON path."""
+    try:
+        yield
+    except InputError as e:
+        param = e.field or where
+        raise RequestError(e.status, f"{param}: {e.reason}" if param else e.reason,
+                           param) from None
+
+
+def serve_rules(rules: InputRules, cfg: ServeConfig) -> InputRules:
+    """The model's rules with the server's limits (which default to the contract's)."""
+    return dataclasses.replace(
+        rules, max_text_chars=cfg.max_text_chars, max_images=cfg.max_images_per_input,
+        images=dataclasses.replace(rules.images, max_pixels=cfg.max_image_pixels))
 
 
 @dataclass
@@ -78,8 +101,9 @@ def _decode_base64(s: str, where: str, cfg: ServeConfig) -> bytes:
 def image_source(value: Any, where: str, cfg: ServeConfig) -> bytes | str:
     """Bytes of an image given as a data URI / base64, or the URL to fetch (if allowed)."""
     if not isinstance(value, str) or not value:
+        got = "an empty string" if value == "" else _type_name(value)
         raise RequestError(400, f"{where}: expected an image as a data URI or base64 string, "
-                                f"got {_type_name(value)}", where)
+                                f"got {got}", where)
     if value[:8].lower().startswith(("http://", "https://")):
         if not cfg.allow_image_urls:
             raise RequestError(400, f"{where}: image URLs are not fetched by this server (start "
@@ -98,38 +122,20 @@ def image_source(value: Any, where: str, cfg: ServeConfig) -> bytes | str:
     return _decode_base64(value, where, cfg)
 
 
-def open_image(data: bytes, where: str, cfg: ServeConfig) -> Image.Image:
-    """Decode image bytes to RGB after checking format and pixel count from the header.
+def open_image(data: bytes, where: str, cfg: ServeConfig,
+               rules: InputRules | None = None) -> Image.Image:
+    """Decode image bytes through the input contract (:func:`fam.data.images.open_image`).
+
+    Returns the image upright in a normalised mode; the adapter converts it to RGB
+    (transparency onto white) exactly as for a file.
 
     Raises:
-        RequestError: 413 for too many pixels (decompression bombs), 400 for anything that is
-            not a readable image of an accepted format.
+        RequestError: 413 for too many pixels (decompression bombs), 400 for anything else
+            the contract refuses, with its reason.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(413, f"{where}: image has too many pixels (decompression bomb "
-                                "guard)", where) from None
-    except UnidentifiedImageError:
-        raise RequestError(400, f"{where}: not an image in an accepted format "
-                                f"({', '.join(IMAGE_FORMATS)})", where) from None
-    except Exception as e:  # noqa: BLE001 - a malformed header can raise many types
-        raise RequestError(400, f"{where}: unreadable image ({type(e).__name__})",
-                           where) from None
-    w, h = im.size
-    if w < 1 or h < 1 or w * h > cfg.max_image_pixels:
-        raise RequestError(413, f"{where}: image of {w}x{h} pixels exceeds the limit of "
-                                f"{cfg.max_image_pixels} pixels", where)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - truncated / corrupt data
-        raise RequestError(400, f"{where}: corrupt or truncated image ({type(e).__name__}: "
-                                f"{str(e)[:80]})", where) from None
+    rules = serve_rules(rules or InputRules(), cfg)
+    with contract_errors(where):
+        return contract_images.open_image(data, rules.images)
 
 
 async def fetch_image(url: str, where: str, cfg: ServeConfig) -> bytes:
@@ -153,7 +159,8 @@ async def fetch_image(url: str, where: str, cfg: ServeConfig) -> bytes:
                                 f"({type(e).__name__})", where) from None
 
 
-async def load_images(inputs: list[ParsedInput], cfg: ServeConfig) -> list[list[Image.Image]]:
+async def load_images(inputs: list[ParsedInput], cfg: ServeConfig,
+                      rules: InputRules | None = None) -> list[list[Image.Image]]:
     """Fetch (if allowed) and decode every input's images, off the event loop."""
     from starlette.concurrency import run_in_threadpool
 
@@ -164,7 +171,7 @@ async def load_images(inputs: list[ParsedInput], cfg: ServeConfig) -> list[list[
             where = f"{inp.where}.image" + (f"[{j}]" if len(inp.images) > 1 else "")
             if isinstance(src, str):
                 src = await fetch_image(src, where, cfg)
-            ims.append(await run_in_threadpool(open_image, src, where, cfg))
+            ims.append(await run_in_threadpool(open_image, src, where, cfg, rules))
         out.append(ims)
     return out
 
@@ -175,39 +182,50 @@ def _type_name(v: Any) -> str:
             int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
-def _text(value: Any, where: str, cfg: ServeConfig) -> str:
-    if not isinstance(value, str):
-        raise RequestError(400, f"{where}: expected a string, got {_type_name(value)}", where)
-    if len(value) > cfg.max_text_chars:
-        raise RequestError(413, f"{where}: text of {len(value)} characters is longer than the "
-                                f"limit of {cfg.max_text_chars}", where)
-    return value
+def _text(value: Any, where: str, cfg: ServeConfig, rules: InputRules | None = None) -> str:
+    with contract_errors(where):
+        return contract.check_text(value, serve_rules(rules or InputRules(), cfg), field=where)
 
 
-def _object_input(obj: dict, where: str, cfg: ServeConfig) -> ParsedInput:
-    unknown = set(obj) - {"text", "image"}
-    if unknown:
-        raise RequestError(400, f"{where}: unknown field(s) {sorted(unknown)}; an input object "
-                                "has 'text' and/or 'image'", where)
-    text = _text(obj.get("text", ""), f"{where}.text", cfg)
+def _checked(inp: ParsedInput, cfg: ServeConfig, rules: InputRules | None,
+             text_field: str) -> ParsedInput:
+    """The contract's rules between an input's text and its images."""
+    with contract_errors(inp.where):
+        contract.check_item(inp.text, len(inp.images), serve_rules(rules or InputRules(), cfg),
+                            text_field=text_field, item_field=inp.where)
+    return inp
+
+
+def _object_input(obj: dict, where: str, cfg: ServeConfig,
+                  rules: InputRules | None = None) -> ParsedInput:
+    with contract_errors(where):
+        contract.check_keys(obj, "http", field=where)
+    text = _text(obj.get("text", ""), f"{where}.text", cfg, rules) \
+        if obj.get("text") is not None else ""
     raw = obj.get("image")
     raws = raw if isinstance(raw, list) else ([] if raw is None else [raw])
     if len(raws) > cfg.max_images_per_input:
         raise RequestError(413, f"{where}.image: {len(raws)} images; at most "
-                                f"{cfg.max_images_per_input} per input", f"{where}.image")
+                                f"{cfg.max_images_per_input} per item", f"{where}.image")
     images = [image_source(v, f"{where}.image" + (f"[{j}]" if isinstance(raw, list) else ""),
                            cfg) for j, v in enumerate(raws)]
-    if not text and not images:
-        raise RequestError(400, f"{where}: give 'text' and/or 'image'", where)
-    return ParsedInput(text, images, where)
+    return _checked(ParsedInput(text, images, where), cfg, rules, f"{where}.text")
 
 
-def parse_input(value: Any, cfg: ServeConfig, where: str = "input") -> list[ParsedInput]:
-    """The ``input`` field: a string, an input object, or a non-empty list of those."""
+def parse_input(value: Any, cfg: ServeConfig, where: str = "input",
+                rules: InputRules | None = None) -> list[ParsedInput]:
+    """The ``input`` field: a string, an input object, or a non-empty list of those.
+
+    ``rules``: the model's (:attr:`fam.backbones.BackboneAdapter.input_rules`); the server's
+    limits apply on top.
+    """
+    def one_text(v: Any, w: str) -> ParsedInput:
+        return _checked(ParsedInput(_text(v, w, cfg, rules), [], w), cfg, rules, w)
+
     if isinstance(value, str):
-        return [ParsedInput(_text(value, where, cfg), [], where)]
+        return [one_text(value, where)]
     if isinstance(value, dict):
-        return [_object_input(value, where, cfg)]
+        return [_object_input(value, where, cfg, rules)]
     if isinstance(value, list):
         if not value:
             raise RequestError(400, f"{where}: empty list; give at least one input", where)
@@ -218,9 +236,9 @@ def parse_input(value: Any, cfg: ServeConfig, where: str = "input") -> list[Pars
         for i, v in enumerate(value):
             w = f"{where}[{i}]"
             if isinstance(v, str):
-                out.append(ParsedInput(_text(v, w, cfg), [], w))
+                out.append(one_text(v, w))
             elif isinstance(v, dict):
-                out.append(_object_input(v, w, cfg))
+                out.append(_object_input(v, w, cfg, rules))
             elif isinstance(v, (int, list)) and not isinstance(v, bool):
                 raise RequestError(400, f"{w}: token-id inputs are not supported; send text",
                                    w)
@@ -232,7 +250,8 @@ def parse_input(value: Any, cfg: ServeConfig, where: str = "input") -> list[Pars
                             f"list of those, got {_type_name(value)}", where)
 
 
-def parse_messages(value: Any, cfg: ServeConfig) -> ParsedInput:
+def parse_messages(value: Any, cfg: ServeConfig, rules: InputRules | None = None
+                   ) -> ParsedInput:
     """vLLM's chat-style ``messages``: one input, images where their ``image_url`` parts are."""
     where = "messages"
     if not isinstance(value, list) or not value:
@@ -249,7 +268,7 @@ def parse_messages(value: Any, cfg: ServeConfig) -> ParsedInput:
                                     f"{msg.get('role')!r}", f"{w}.role")
         content = msg.get("content")
         if isinstance(content, str):
-            texts.append(_text(content, f"{w}.content", cfg))
+            texts.append(_text(content, f"{w}.content", cfg, rules))
             continue
         if not isinstance(content, list):
             raise RequestError(400, f"{w}.content: expected a string or an array of parts, got "
@@ -258,7 +277,7 @@ def parse_messages(value: Any, cfg: ServeConfig) -> ParsedInput:
             pw = f"{w}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                texts.append(_text(part.get("text"), f"{pw}.text", cfg))
+                texts.append(_text(part.get("text"), f"{pw}.text", cfg, rules))
             elif kind == "image_url":
                 iu = part.get("image_url")
                 url = iu.get("url") if isinstance(iu, dict) else iu
@@ -272,9 +291,6 @@ def parse_messages(value: Any, cfg: ServeConfig) -> ParsedInput:
                                         f"got {kind!r}", pw)
     # Parts joined by newlines: an image then an instruction gives fam's own layout
     # ("<|image_1|>\nRepresent the given image.").
-    text = "\n".join(texts)
-    if len(text) > cfg.max_text_chars:
-        raise RequestError(413, f"{where}: text of {len(text)} characters is longer than the "
-                                f"limit of {cfg.max_text_chars}", where)
-    return ParsedInput(text, images, where)
+    text = _text("\n".join(texts), where, cfg, rules)
+    return _checked(ParsedInput(text, images, where), cfg, rules, where)
 

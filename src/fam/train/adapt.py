@@ -31,7 +31,7 @@ from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import AdaptConfig
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.data.types import MMItem
-from fam.losses.contrastive import info_nce
+from fam.losses.contrastive import embedding_geometry, info_nce
 from fam.losses.maxsim import late_interaction_nce
 from fam.losses.vein import default_vein_layers, global_sums, vein_verdict
 from fam.model import EmbeddingModel, merge_lora, save_lora, select_tokens
@@ -298,7 +298,8 @@ class ContrastiveLoss:
                         target_ids=batch.target_ids if ids else None,
                         negative_ids=batch.neg_ids if ids and negs is not None else None)
         loss = task["loss"]
-        terms: dict[str, Any] = {"task_loss": task["loss"].detach(), "accuracy": task["accuracy"]}
+        terms: dict[str, Any] = {"task_loss": task["loss"].detach(), "accuracy": task["accuracy"],
+                                 **embedding_geometry(q, t)}
         if q_tok is not None:
             late = self._late(q_tok, q_tok_mask, t_tok, t_tok_mask, n_tok, n_tok_mask, batch)
             loss = self.pooled_weight * loss + self.mv_weight * late["loss"]

@@ -74,6 +74,14 @@ class Recipe(ABC):
         """Write the trained result to ``final`` (called on rank 0, full weights)."""
 
 
+def _input_rules(module: nn.Module) -> Any:
+    """The input rules of the backbone inside ``module`` (the contract's defaults without one)."""
+    from fam.backbones.base import BackboneAdapter
+    from fam.data.items import InputRules
+    adapter = next((m for m in module.modules() if isinstance(m, BackboneAdapter)), None)
+    return adapter.input_rules if adapter is not None else InputRules()
+
+
 def run_stage(cfg: Any) -> Path:
     """Run the stage ``cfg`` configures; returns the exported model folder.
 
@@ -87,6 +95,7 @@ def run_stage(cfg: Any) -> Path:
     the model (``fam_config.json``), while the other ranks wait.
     """
     from fam.data.images import check_images
+    from fam.data.items import check_item, text_field
     from fam.utils.io import output_dir
 
     stage = stage_for(cfg)
@@ -106,11 +115,17 @@ def run_stage(cfg: Any) -> Path:
     torch.manual_seed(cfg.run.seed)
     recipe = stage.recipe()(cfg)
     parts = recipe.build()
-    # Every image the data references, before the first step (a bad one would otherwise
-    # stop the run when its batch comes up, possibly hours in).
+    # Every item and image the data references, through the input contract with the
+    # backbone's rules, before the first step (a bad one would otherwise stop the run when
+    # its batch comes up, possibly hours in).
+    rules = _input_rules(parts.module)
+    for ex in parts.dataset:
+        for it in getattr(ex, "items", list)():
+            check_item(it.text, int(it.image is not None), rules, path=it.source,
+                       line=it.line, text_field=text_field(it.field))
     n = check_images((r for ex in parts.dataset for r in getattr(ex, "image_refs", list)()),
                      cfg.run.check_images, progress=cfg.run.progress and dist_utils.rank() == 0,
-                     desc=f"{recipe.name}: check images")
+                     desc=f"{recipe.name}: check images", rules=rules.images)
     log.info("%s: %d images checked (%s)", recipe.name, n, cfg.run.check_images)
     trainer = Trainer(parts.module, parts.dataset, parts.collate, cfg.optim, cfg.run,
                       recipe.name, to_device=parts.to_device,

@@ -38,7 +38,12 @@ from fam.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "CURVE_EVERY"]
+
+#: Steps averaged into one point of ``train_metrics.json``'s ``history`` (the training
+#: curve: every logged term, the gradient norm and the learning rate), independent of
+#: ``run.log_every`` (which also paces diagnostics that cost extra backward passes).
+CURVE_EVERY = 10
 
 
 class TrainingDiverged(FamError):
@@ -285,6 +290,7 @@ class Trainer:
         try:
             for chunks in loader:
                 logger.add(self._step(chunks, wrapped))
+                logger.curve_point(self.step, self.scheduler.get_last_lr()[0])
                 if self.step % run.log_every == 0 or self.step == opt.steps:
                     logger.flush(self.step, self.scheduler.get_last_lr()[0])
                 if run.save_every and self.step % run.save_every == 0 and self.step < opt.steps:
@@ -295,7 +301,8 @@ class Trainer:
         seconds = time.time() - t0
         if dist_utils.rank() == 0:
             summary = {"stage": self.name, "steps": self.step, "seconds": seconds,
-                       "final": logger.last}
+                       "final": logger.last, "curve_every": CURVE_EVERY,
+                       "history": logger.history}
             notes = logger.summary_notes()
             if notes:
                 summary["notes"] = notes
@@ -341,6 +348,10 @@ class _MetricLog:
         self.last: dict[str, float] = {}
         self.agg: dict[str, float] = {}
         self.n: dict[str, int] = {}  # per term: some are only measured at some steps
+        # The curve (rank 0's own terms: no collective per point): CURVE_EVERY-step means.
+        self.history: list[dict[str, float]] = []
+        self.cagg: dict[str, float] = {}
+        self.cn: dict[str, int] = {}
         self.notes = notes
         self.said: set[str] = set()
         main = dist_utils.rank() == 0
@@ -360,9 +371,21 @@ class _MetricLog:
         for k, v in terms.items():
             self.agg[k] = self.agg.get(k, 0.0) + v
             self.n[k] = self.n.get(k, 0) + 1
+            self.cagg[k] = self.cagg.get(k, 0.0) + v
+            self.cn[k] = self.cn.get(k, 0) + 1
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{terms['loss']:.4f}")
+
+    def curve_point(self, step: int, lr: float) -> None:
+        """Close a point of the training curve every :data:`CURVE_EVERY` steps (and at the
+        last step): the mean of each term since the previous point, at ``step`` and ``lr``."""
+        if (step % CURVE_EVERY and step != self.total) or not self.cn:
+            return
+        point: dict[str, float] = {"step": step, "lr": lr}
+        point.update({k: v / self.cn[k] for k, v in self.cagg.items()})
+        self.history.append(point)
+        self.cagg, self.cn = {}, {}
 
     def flush(self, step: int, lr: float) -> None:
         self.last = dist_utils.mean_over_ranks({k: v / self.n[k] for k, v in self.agg.items()})

@@ -56,36 +56,49 @@ def resolve_under(root: str | Path, rel: str, *, source: str | Path | None = Non
                   line: int | None = None, field: str | None = None) -> Path:
     """Resolve ``rel`` against ``root`` and refuse paths that escape ``root``.
 
+    An absolute ``rel`` is accepted when it lies under ``root`` (so ``--image-root /`` takes
+    absolute paths).
+
     Args:
         root: the data root (image folder).
-        rel: a path from a data row, relative to ``root``.
+        rel: a path from a data row, relative to ``root`` (or absolute, under it).
         source, line, field: where ``rel`` came from, for the error message.
 
     Raises:
-        DataError: ``rel`` is absolute, empty, or resolves outside ``root``.
+        DataError: ``rel`` is empty, or resolves outside ``root``.
     """
     if not isinstance(rel, str) or not rel:
         raise DataError(f"expected a non-empty relative image path, got {rel!r}",
                         source, line, field)
     root_r = Path(root).resolve()
     cand = (root_r / rel).resolve()
-    if Path(rel).is_absolute() or (cand != root_r and root_r not in cand.parents):
-        raise DataError(f"image path {rel!r} escapes the data root {str(root_r)!r}; "
-                        "paths must be relative to the image root", source, line, field)
+    if cand != root_r and root_r not in cand.parents:
+        what = "is absolute and not under" if Path(rel).is_absolute() else "escapes"
+        raise DataError(f"image path {rel!r} {what} the data root {str(root_r)!r}; paths must "
+                        "be relative to the image root (or give --image-root / for absolute "
+                        "paths)", source, line, field)
     return cand
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, row)`` for each non-empty line of a JSONL file.
+    """Yield ``(line_number, row)`` for each non-empty line of a UTF-8 JSONL file.
 
     Raises:
-        DataError: a line is not valid JSON or not a JSON object (names file and line).
+        DataError: a line is not UTF-8 (names the byte and column: save the file as UTF-8),
+            not valid JSON or not a JSON object (names file and line).
     """
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path)
-    with path.open("r", encoding="utf-8") as f:
-        for i, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for i, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start + 1} "
+                                "of the line); save the file as UTF-8", path, i) from None
+            if i == 1 and raw.startswith("\ufeff"):
+                raw = raw[1:]  # a UTF-8 byte-order mark
             if not raw.strip():
                 continue
             try:

@@ -190,7 +190,14 @@ def iter_rows(path: Path, columns: Sequence[str], required: Sequence[str]
     files carry other columns we do not need); a missing required column is reported once.
     """
     if path.suffix == ".jsonl":
-        yield from read_jsonl(path)
+        extra: set[str] = set()
+        for line, row in read_jsonl(path):
+            extra.update(k for k in row if k not in columns)
+            yield line, row
+        if extra:
+            # MMEB rows carry other columns by design (ids, metadata): said once per file.
+            logger.warning("%s: column(s) %s are not MMEB fields fam reads; ignored", path,
+                       ", ".join(map(repr, sorted(extra))))
         return
     import pyarrow.parquet as pq  # heavy import, only needed for parquet data
 

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, Literal, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fam.data.images import ImageRef, check_images, load_image
+from fam.data.images import ImageRef, ImageRules, check_images, load_image
 from fam.data.types import MMItem
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,10 @@ class TrainPair:
         """The images of this row (for the up-front check of a training run)."""
         return image_refs(self)
 
+    def items(self) -> list[MMItem]:
+        """The row's items (query, positive, negative if any), for the up-front check."""
+        return [it for it in (self.query, self.pos, self.neg) if it is not None]
+
 
 @dataclass(slots=True)
 class EvalRow:
@@ -130,7 +134,8 @@ def collate_train_pairs(batch: list[TrainPair]) -> list[TrainPair]:
 
 
 def validate_images(records: Iterable[TrainPair | EvalRow], decode: bool = False, *,
-                    mode: str = "exists", progress: bool = False) -> int:
+                    mode: str = "exists", progress: bool = False,
+                    rules: ImageRules | None = None) -> int:
     """Check every image the records reference, up front (:func:`fam.data.images.check_images`).
 
     Each distinct image is checked once. Use before a long run so a bad file fails in
@@ -151,7 +156,8 @@ def validate_images(records: Iterable[TrainPair | EvalRow], decode: bool = False
             other images are missing.
     """
     return check_images((r for rec in records for r in image_refs(rec)),
-                        "decode" if decode else mode, progress)
+                        "decode" if decode else mode, progress,
+                        rules=rules if rules is not None else ImageRules())
 
 
 def image_refs(rec: TrainPair | EvalRow) -> Iterator[ImageRef]:

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 from fam.data.mmeb.layout import discover_datasets, guess_image_root, iter_rows
 from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, TRAIN_OPTIONAL, TRAIN_REQUIRED,
                                    EvalRow, TrainPair)
+from fam.data.items import check_item, visual_inputs as _visuals
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import DataError
 from fam.utils.io import read_jsonl, resolve_under
@@ -53,6 +54,9 @@ class _ItemFactory:
         if not text and image is None and not images and not video:
             raise DataError(f"empty item: both '{text_field}' and '{image_field}' are empty",
                             source, line, text_field)
+        # The input contract's placeholder rules (<|image_2|> with one image, twice the same).
+        check_item(text, int(image is not None) + len(images), path=source, line=line,
+                   text_field=text_field)
         src = self._sources.setdefault(source, str(source))  # one string per file, shared
         item = MMItem(text=text, image=image, images=images, video=video, source=src, line=line,
                       field=image_field if image is not None else text_field)
@@ -82,39 +86,6 @@ def _image_path(value: Any, source: Path, line: int, key: str) -> str:
         raise DataError(f"expected an image path string, got {type(value).__name__}",
                         source, line, key)
     return value
-
-
-#: The keys of several images and of a video, per side of a row (the only place rows name them).
-VISUAL_KEYS: dict[str, tuple[str | None, str]] = {
-    "query": (None, "qry_video"), "pos": (None, "pos_video"), "neg": (None, "neg_video"),
-    "item": ("images", "video")}
-
-
-def _visuals(row: dict, side: str, root: Path, source: Path, line: int
-             ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
-    """``(images, video frames)`` of one side of a row: ``images`` a list of paths, ``video``
-    a frame folder or a list of frame paths, all relative to ``root``."""
-    from fam.data.video import frame_paths
-    ikey, vkey = VISUAL_KEYS[side]
-
-    def paths(key: str) -> list[Path]:
-        value = row[key]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise DataError("expected a list of relative paths", source, line, key)
-        return [resolve_under(root, v, source=source, line=line, field=key) for v in value]
-
-    images = tuple(paths(ikey)) if ikey and row.get(ikey) is not None else ()
-    video: tuple[Path, ...] = ()
-    value = row.get(vkey)
-    if isinstance(value, str) and value:
-        folder = resolve_under(root, value, source=source, line=line, field=vkey)
-        video = tuple(frame_paths(folder, source=str(source), line=line, field=vkey))
-    elif value:
-        video = tuple(paths(vkey))
-    if images and video:
-        raise DataError(f"an item takes several images or a video, not both ('{ikey}', "
-                        f"'{vkey}')", source, line, vkey)
-    return images, video
 
 
 def _parse_train_row(row: dict, source: Path, line: int, dataset: str,
@@ -279,33 +250,13 @@ def load_eval(dir_or_file: str | Path, image_root: str | Path,
 
 
 def read_items(path: str | Path, image_root: str | Path) -> list[MMItem]:
-    """Validated items of an inference JSONL: one ``{"text", "image"}`` object per line
-    (also ``images``: a list of paths, or ``video``: a frame folder or a list of frames).
-
-    ``text`` (a string, may hold the image placeholder) and ``image`` (a path relative to
-    ``image_root``) are both optional, but an item needs at least one of them, and a
-    placeholder needs an image; other keys (ids) are ignored.
+    """Checked items of an inference JSONL (``fam encode``): :func:`fam.data.items.read_items`.
 
     Raises:
-        DataError: naming the file, line and field of the first bad row (not an object,
-            a non-string field, an empty item, a placeholder without an image, an image
-            path escaping the root), or an empty file.
+        DataError: naming the file, line and field of the first bad row.
     """
-    path = Path(path)
-    make = _ItemFactory(Path(image_root))
-    items = []
-    for line, row in read_jsonl(path):
-        if not any(k in row for k in ("text", "image", "images", "video")):
-            raise DataError("an item needs 'text' and/or 'image' (or 'images', 'video'; found "
-                            f"keys {sorted(row)})", path, line, "text")
-        text = _text(row, "text", path, line, required=False)
-        rel = _image_path(row.get("image"), path, line, "image")
-        images, video = _visuals(row, "item", make.image_root, path, line)
-        items.append(make(text, rel, path, line, "text", "image", images, video))
-    if not items:
-        raise DataError("no items: expected one JSON object {\"text\", \"image\"} per line",
-                        path)
-    return items
+    from fam.data.items import read_items as read_item_rows
+    return [r.item for r in read_item_rows(path, image_root)]
 
 
 def _select(found: dict[str, list[Path]], wanted: Iterable[str] | None, what: str,
