@@ -231,10 +231,11 @@ def test_case10_eval_refuses_to_overwrite_earlier_results(tiny, scenes, tmp_path
 def test_case11_unknown_and_misspelt_keys_are_refused_with_the_known_ones(three_paths):
     """Was: {"text": ..., "video": ...} embedded as the text alone, silently. (A Python
     call builds an MMItem, which has no free-form keys: the CLI and the server are compared.)"""
-    outcomes = three_paths.run("a red circle", extra={"video": "frames/clip1"})
+    # (items rows read 'video' since issue 18; a visual key fam does not read is refused)
+    outcomes = three_paths.run("a red circle", extra={"audio": "clips/clip1.wav"})
     cli, srv = outcomes[1], outcomes[2]
     for o in (cli, srv):
-        assert o.vector is None and "unknown key 'video'" in o.reason, o
+        assert o.vector is None and "unknown key 'audio'" in o.reason, o
         assert "'text', 'image'" in o.reason
     assert cli.status == 2 and srv.status == 400
     outcomes = three_paths.run("a red circle", extra={"imgae": "a.png"})

@@ -42,58 +42,25 @@ Every image passes :meth:`BackboneAdapter.prepare_image` first (optional pre-res
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
 
+from fam.backbones.batch import EncodedBatch
 from fam.backbones.checks import check_tokenizer
 from fam.backbones.inputs import InputLimits
 from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
                                    parse_image_resolution, pre_resize)
+from fam.backbones.video import place_videos
 from fam.data.images import load_image, to_rgb
 from fam.data.types import MMItem
 from fam.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class EncodedBatch:
-    """A tokenised, padded batch ready for the backbone.
-
-    Attributes:
-        inputs: keyword arguments for the model's forward (``input_ids`` (B, L),
-            ``attention_mask`` (B, L), and the family's pixel inputs).
-        image_mask: (B, L) bool, image-token positions.
-        text_mask: (B, L) bool, text-content positions.
-        eos_index: (B,) long, position of the last real token (the pooled token).
-        has_image: (B,) bool, whether the item carries an image.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    image_mask: torch.Tensor
-    text_mask: torch.Tensor
-    eos_index: torch.Tensor
-    has_image: torch.Tensor
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EncodedBatch":
-        """Move every tensor to ``device``; floating pixel inputs also to ``dtype`` if given."""
-        def mv(t: torch.Tensor) -> torch.Tensor:
-            if dtype is not None and t.is_floating_point():
-                return t.to(device=device, dtype=dtype)
-            return t.to(device)
-        return EncodedBatch({k: mv(v) for k, v in self.inputs.items()}, self.image_mask.to(device),
-                            self.text_mask.to(device), self.eos_index.to(device),
-                            self.has_image.to(device))
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.eos_index.shape[0])
-
 
 class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
     """Base class of the per-family adapters.
@@ -125,6 +92,11 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
     vlm2vec_image_token: ClassVar[str | None] = None
     #: Whether the processor has a min/max pixel budget (Qwen2-VL family).
     has_pixel_budget: ClassVar[bool] = False
+    #: How an item's video reaches the model: ``"native"``, ``"frames"`` (several images) or
+    #: ``None`` (refused); see :mod:`fam.backbones.video`.
+    video_input: ClassVar[str | None] = "frames"
+    #: The bare video token VLM2Vec-V2 writes (``prompt_format="vlm2vec"``, native video).
+    vlm2vec_video_token: ClassVar[str | None] = None
     #: Family-specific keyword options of ``from_pretrained`` (beside the common ones).
     extra_load_options: ClassVar[tuple[str, ...]] = ()
 
@@ -243,6 +215,15 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
 
     def process_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pixel inputs for the model and the number of image tokens each image yields."""
+        raise NotImplementedError
+
+    def video_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
+        """Token ids of one video's block (``video_input == "native"`` families)."""
+        raise NotImplementedError
+
+    def process_videos(self, videos: Sequence[Sequence[Image.Image]]
+                       ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Video pixel inputs and the number of video tokens each video yields."""
         raise NotImplementedError
 
     def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
@@ -392,12 +373,12 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
         return to_rgb(image, "drop" if self.prompt_format == "vlm2vec" else "composite")
 
     def load_item_image(self, item: MMItem) -> Image.Image | None:
-        """The item's image as stored on disk (normalised mode; :meth:`prepare_image` converts),
-        checked against this model's :attr:`input_rules`."""
-        if item.image is None:
-            return None
-        return load_image(item.image, source=item.source, line=item.line, field=item.field,
-                          rgb=False, rules=self.input_rules.images)
+        """The item's image(s) as stored on disk (normalised mode; :meth:`prepare_image`
+        converts), checked against this model's :attr:`input_rules`: one image, a list
+        (``image`` then ``images``) or ``None``."""
+        ims = [load_image(p, source=item.source, line=item.line, field=item.field, rgb=False,
+                          rules=self.input_rules.images) for p in item.all_images]
+        return None if not ims else ims[0] if len(ims) == 1 else ims
 
     def encode(self, items: Sequence[MMItem],
                images: Sequence[Image.Image | Sequence[Image.Image] | None] | None = None,
@@ -420,23 +401,33 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
         per_item: list[list[Image.Image]] = [
             [] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
             for im in images]
+        # A video becomes one more visual slot (native) or that many images (fam.backbones.video).
+        items, per_item, slots, videos = place_videos(self, items, per_item)
         # Images go to the processor in the order their blocks appear in the batch (the models
         # scatter features into image positions in that order), e.g. "<|image_2|> ... <|image_1|>".
-        orders = [self.image_order(it, len(ims)) if len(ims) > 1 else list(range(1, len(ims) + 1))
-                  for it, ims in zip(items, per_item)]
+        orders = [[k for k in self.image_order(it, len(ims) + (slot is not None)) if k != slot]
+                  if len(ims) + (slot is not None) > 1 else list(range(1, len(ims) + 1))
+                  for it, ims, slot in zip(items, per_item, slots)]
         present = [self.prepare_image(ims[k - 1]) for ims, order in zip(per_item, orders)
                    for k in order]
         pix: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if present:
             pix, counts = self.process_images(present)
-        count_iter = iter(counts)
+        video_counts: list[int] = []
+        if videos:
+            vpix, video_counts = self.process_videos(
+                [[self.prepare_image(f) for f in frames] for frames in videos])
+            pix.update(vpix)
+        count_iter, video_iter = iter(counts), iter(video_counts)
         seqs = []
-        for it, order in zip(items, orders):
+        for it, order, slot in zip(items, orders, slots):
             by_index = {k: next(count_iter) for k in order}
+            if slot is not None:
+                by_index[slot] = next(video_iter)
             n = [by_index[k] for k in sorted(by_index)]
             # One image keeps the scalar form of the contract.
-            seqs.append(self._build_sequence(it, n[0] if len(n) == 1 else (n or None)))
+            seqs.append(self._build_sequence(it, n[0] if len(n) == 1 else (n or None), slot))
         L = max(len(s.ids) for s in seqs)
         B = len(seqs)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
@@ -455,8 +446,9 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
             eos[b] = start + n - 1
         inputs = {"input_ids": input_ids, "attention_mask": attn, **pix}
         inputs.update(self.extra_inputs(input_ids, img_mask, attn))
-        has_image = torch.tensor([len(ims) > 0 for ims in per_item], dtype=torch.bool)
-        return EncodedBatch(inputs, img_mask, txt_mask, eos, has_image)
+        counts_t = torch.tensor([[len(ims), int(slot is not None)]
+                                 for ims, slot in zip(per_item, slots)], dtype=torch.long)
+        return EncodedBatch(inputs, img_mask, txt_mask, eos, counts_t.sum(1) > 0, counts_t)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: EncodedBatch, *, output_hidden_states: bool = True,

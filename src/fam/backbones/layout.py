@@ -48,7 +48,8 @@ class PromptLayout:
 
     Relies on the adapter's ``tokenizer``, ``prompt_format``, ``max_text_tokens``,
     ``image_token_id``, ``eos_token_id``, ``_special_ids``, ``truncated_items`` and its family
-    hooks ``bos_ids()`` / ``image_block_at()`` / ``vlm2vec_image_token``.
+    hooks ``bos_ids()`` / ``image_block_at()`` / ``video_block()`` / ``vlm2vec_image_token``
+    (and, with a native video, ``video_token_id`` / ``vlm2vec_video_token``).
     """
 
     tokenizer: Any
@@ -59,6 +60,8 @@ class PromptLayout:
     truncated_items: int
     _special_ids: set[int]
     vlm2vec_image_token: ClassVar[str | None] = None
+    vlm2vec_video_token: ClassVar[str | None] = None
+    video_token_id: int
 
     def _tokenize_segment(self, text: str, offset: int, content: tuple[int, int] | None,
                           budget: int | None = None) -> tuple[list[int], list[bool], bool]:
@@ -151,12 +154,14 @@ class PromptLayout:
                         self.max_text_tokens, "at least " if at_least else "", n_text, kept,
                         where, n)
 
-    def _build_sequence(self, item: MMItem, n_image_tokens: int | Sequence[int] | None) -> _Seq:
+    def _build_sequence(self, item: MMItem, n_image_tokens: int | Sequence[int] | None,
+                        video_slot: int | None = None) -> _Seq:
         """Token ids and masks of one item in the adapter's prompt format.
 
         ``n_image_tokens`` is the token count of the item's image, or a list of counts when the
         item carries several images (``<|image_1|>``, ``<|image_2|>``, ... in the text), or
-        ``None`` without an image.
+        ``None`` without an image. ``video_slot``: the ``<|image_k|>`` index that is a native
+        video (its block is the family's video block).
         """
         if n_image_tokens is None:
             counts: list[int] = []
@@ -165,10 +170,11 @@ class PromptLayout:
         else:
             counts = [n_image_tokens]
         if self.prompt_format == "vlm2vec":
-            return self._build_vlm2vec_sequence(item, counts)
-        return self._build_fam_sequence(item, counts, append_eos=True)
+            return self._build_vlm2vec_sequence(item, counts, video_slot)
+        return self._build_fam_sequence(item, counts, append_eos=True, video_slot=video_slot)
 
-    def _build_fam_sequence(self, item: MMItem, counts: list[int], append_eos: bool) -> _Seq:
+    def _build_fam_sequence(self, item: MMItem, counts: list[int], append_eos: bool,
+                            video_slot: int | None = None) -> _Seq:
         """fam's layout: ``[bos] text image-block text ... [eos]``, segments tokenised apart."""
         text, content = self._place_images(item, len(counts))
         # Segments of text between image blocks, with their character offsets in ``text``.
@@ -205,7 +211,8 @@ class PromptLayout:
             txt += s_txt
             if i < len(blocks):
                 k = blocks[i]
-                blk_ids, blk_img = self.image_block_at(counts[k - 1], k)
+                blk_ids, blk_img = (self.video_block(counts[k - 1]) if k == video_slot
+                                    else self.image_block_at(counts[k - 1], k))
                 ids += blk_ids
                 img += blk_img
                 txt += [False] * len(blk_ids)
@@ -215,7 +222,8 @@ class PromptLayout:
             txt += [False]
         return _Seq(ids, img, txt, sum(int(c) for c in counts))
 
-    def _build_vlm2vec_sequence(self, item: MMItem, counts: list[int]) -> _Seq:
+    def _build_vlm2vec_sequence(self, item: MMItem, counts: list[int],
+                                video_slot: int | None = None) -> _Seq:
         """VLM2Vec's layout (``docs/vlm2vec.md``): one tokenizer call on the expanded string.
 
         Each ``<|image_k|>`` becomes ``counts[k-1]`` copies of the family's bare image token
@@ -225,7 +233,7 @@ class PromptLayout:
         every image and added special token.
         """
         token = self.vlm2vec_image_token
-        assert token is not None
+        assert token is not None and (video_slot is None or self.vlm2vec_video_token)
         text, content = self._place_images(item, len(counts))
         # Expanded string, and where each text piece of ``text`` moved to (for ``content``).
         parts: list[str] = []
@@ -235,7 +243,8 @@ class PromptLayout:
             moved.append((pos, m.start(), new))
             parts.append(text[pos:m.start()])
             new += m.start() - pos
-            block = token * int(counts[int(m.group(1)) - 1])
+            k = int(m.group(1))
+            block = (self.vlm2vec_video_token if k == video_slot else token) * int(counts[k - 1])
             parts.append(block)
             new += len(block)
             pos = m.end()
@@ -251,12 +260,13 @@ class PromptLayout:
 
         span = (to_new(content[0]), to_new(content[1])) if content is not None else None
         enc = self.tokenizer(expanded, add_special_tokens=True, return_offsets_mapping=True)
+        visual_ids = {self.image_token_id} | ({self.video_token_id} if video_slot else set())
         ids, img, txt = [], [], []
         n_text = 0
         cap = self.max_text_tokens
         for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
             tid = int(tid)
-            is_img = tid == self.image_token_id
+            is_img = tid in visual_ids
             is_text = not is_img and e > s  # added specials (e.g. <s>) cover no characters
             if is_text:
                 n_text += 1

@@ -87,11 +87,11 @@ class Phi3VAdapter(BackboneAdapter):
         # VLM2Vec-Full is Phi-3.5-V; its processor writes the layout below, minus the EOS.
         return True
 
-    def _build_vlm2vec_sequence(self, item, counts):
+    def _build_vlm2vec_sequence(self, item, counts, video_slot=None):
         # Phi3VProcessor (VLM2Vec's copy, processing_phi3_v.py) tokenises each chunk between
         # image tags with the tokenizer's own specials and appends nothing: fam's chunked
         # layout without the EOS. A text-only item is one chunk, the same thing.
-        return self._build_fam_sequence(item, counts, append_eos=False)
+        return self._build_fam_sequence(item, counts, append_eos=False, video_slot=video_slot)
 
     # ------------------------------------------------------------------ model access
     def language_model(self) -> torch.nn.Module:

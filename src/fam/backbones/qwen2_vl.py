@@ -8,6 +8,11 @@ Image block: ``<|vision_start|>`` + N × ``<|image_pad|>`` + ``<|vision_end|>`` 
 sequential ``position_ids`` for every token, which is what VLM2Vec's forward computes: its
 ``get_rope_index`` only counts images that follow a ``<|vision_start|>``, finds none and falls
 back to ``0..n-1`` (``docs/vlm2vec.md``).
+
+Video (``video_input = "native"``, :mod:`fam.backbones.video`): ``<|vision_start|>`` + N ×
+``<|video_pad|>`` + ``<|vision_end|>`` with ``N = t·h·w / merge_size²`` from
+``video_grid_thw``, ``mm_token_type_ids`` 2 on video tokens; ``"vlm2vec"``: N bare
+``<|video_pad|>`` as VLM2Vec-V2 writes them.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from PIL import Image
 from fam.backbones.base import BackboneAdapter
 from fam.backbones.fastpath import patch_embed_as_matmul
 from fam.backbones.tokenizer import train_bpe_tokenizer
+from fam.backbones.video import qwen_video_patches
 from fam.errors import ConfigError
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -63,6 +69,8 @@ class Qwen2VLAdapter(BackboneAdapter):
     vlm2vec_image_token = "<|image_pad|>"
     #: min_pixels/max_pixels (common load options) reach this family's image processor.
     has_pixel_budget = True
+    video_input = "native"
+    vlm2vec_video_token = "<|video_pad|>"
 
     def __init__(self, model, tokenizer, image_processor, **kwargs: Any):
         super().__init__(model, tokenizer, image_processor, **kwargs)
@@ -70,6 +78,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         self.vision_start_id = int(cfg.vision_start_token_id)
         self.vision_end_id = int(cfg.vision_end_token_id)
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        self.video_token_id = int(cfg.video_token_id)
         # The patch embedding's Conv3d (kernel = stride) as the equal matrix product.
         patch_embed_as_matmul(self.model)
 
@@ -93,11 +102,24 @@ class Qwen2VLAdapter(BackboneAdapter):
         counts = (grid.prod(-1) // (self.merge_size ** 2)).tolist()
         return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, counts
 
+    def video_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
+        ids = [self.vision_start_id] + [self.video_token_id] * n_tokens + [self.vision_end_id]
+        return ids, [False] + [True] * n_tokens + [False]
+
+    def process_videos(self, videos: Sequence[Sequence[Image.Image]]
+                       ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        rows, grids = zip(*(qwen_video_patches(v, self.image_processor) for v in videos))
+        grid = torch.tensor(grids, dtype=torch.long)
+        counts = (grid.prod(-1) // (self.merge_size ** 2)).tolist()
+        return {"pixel_values_videos": torch.cat(rows), "video_grid_thw": grid}, counts
+
     def extra_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
                      attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.prompt_format == "vlm2vec":
             return super().extra_inputs(input_ids, image_mask, attention_mask)
-        return {"mm_token_type_ids": image_mask.to(torch.int32)}
+        # text 0, image 1, video 2 (Qwen2-VL's get_rope_index)
+        types = image_mask.to(torch.int32)
+        return {"mm_token_type_ids": types.masked_fill(input_ids == self.video_token_id, 2)}
 
     def processor_spec(self) -> dict[str, Any]:
         # Qwen2VLProcessor also loads a video processor, which needs torchvision. The

@@ -2,6 +2,7 @@
 
     fam demo [--quick] [--out DIR]              the main job on the embedded default
     fam data scenes --out DIR [...]             generate the built-in Scenes benchmark
+    fam data scenes-media --out DIR [...]       Scenes-Video and Scenes-Docs (MMEB-V2 layouts)
     fam model tiny --out DIR [--family ...]     save a tiny random-initialised backbone
     fam train <stage> [CONFIG] [k=v ...]        a training stage (fam.train.registry)
     fam analyze alignment|probes ...            alignment analysis, FAM probes

@@ -97,6 +97,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(runs) < 2:
         raise ConfigError(f"--compare {args.compare[0]}: one run; give two or more results "
                           "paths (or a demo results.json, which holds several)")
+    if all("groups" in r for _, r in runs):  # MMEB-V2 results (fam.eval.mmeb_v2)
+        from fam.eval.mmeb_v2 import format_v2_table
+        print(format_v2_table(runs, digits=args.digits))
+        return 0
     print(format_table(runs, per_dataset=True, digits=args.digits))
     rules = {r.get("ties") for _, r in runs}
     if len(rules) == 1 and (rule := rules.pop()) in TIE_RULES:
@@ -128,6 +132,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.overwrite:
         _refuse_overwrite(out, args)
     model = _load_model(args)
+    from fam.eval.mmeb_v2 import is_v2_benchmark
+    if is_v2_benchmark(args.data):
+        if args.scoring != "single":
+            raise ConfigError(f"--scoring {args.scoring}: an MMEB-V2 folder (videos, BEIR "
+                              "pages) is scored with single vectors only so far; use "
+                              "--scoring single")
+        return _eval_v2(args, model, out)
     if args.scoring != "single":
         from fam.model.multivector import TwoReadings, load_multivector
         head = load_multivector(src if isinstance(src, Path) else None,
@@ -144,6 +155,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table([(Path(args.model).name, res)], per_dataset=True))
     print(f"ties={args.ties}: {TIE_RULES[args.ties]}")
     print(f"results written to {out} (and {{Dataset}}_score.json beside it)")
+    return 0
+
+
+def _eval_v2(args: argparse.Namespace, model: Any, out: Path) -> int:
+    """``fam eval`` on an MMEB-V2 folder (video rows, clip folders, BEIR visual documents)."""
+    from fam.eval.mmeb import save_results
+    from fam.eval.mmeb_v2 import evaluate_v2, format_v2_table, save_v2_score_files
+    res = evaluate_v2(model, args.data, args.image_root, datasets=args.datasets or None,
+                      batch_size=args.batch_size, max_rows=args.max_rows,
+                      progress=not args.no_progress)
+    res["settings"].update(model=str(args.model), adapter=args.adapter)
+    save_results(res, out)
+    save_v2_score_files(res, out.parent)
+    print(format_v2_table(res))
+    print(f"results written to {out} (and {{Dataset}}_score.json beside it, VLM2Vec's keys)")
     return 0
 
 
@@ -181,8 +207,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     out = output_file(args.out, "--out")
     # The input contract: every row before the model loads, then what depends on the model.
     items = [r.item for r in read_items(args.input, args.image_root or Path(args.input).parent)]
-    check_images((ImageRef(it.image, it.source, it.line, it.field) for it in items
-                  if it.image is not None), "exists")
+    check_images((ImageRef(p, it.source, it.line, it.field) for it in items
+                  for p in it.all_images + list(it.video)), "exists")
     model = _load_model(args)
     check_items(items, model.adapter.input_rules)
     emb = model.encode(items, batch_size=args.batch_size, progress=True)

@@ -66,6 +66,17 @@ def cmd_data_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_scenes_media(args: argparse.Namespace) -> int:
+    from fam.config import ScenesMediaConfig, load_config
+    from fam.data.scenes.media import generate_media
+    cfg = load_config(ScenesMediaConfig, args.config, args.overrides)
+    summary = generate_media(cfg, args.out)
+    print(json.dumps({"train": summary["train"], "eval": summary["eval"]}, indent=2))
+    print(f"train: fam train adapt train_dir={args.out}/train_media image_root={args.out}; "
+          f"eval: fam eval --data {args.out}/eval_media")
+    return 0
+
+
 def cmd_model_tiny(args: argparse.Namespace) -> int:
     from fam.backbones import build_tiny
     from fam.data.captions import caption_texts
@@ -77,13 +88,19 @@ def cmd_model_tiny(args: argparse.Namespace) -> int:
 
 
 def add_data_subcommands(sub: Any) -> None:
-    """``fam data scenes`` and ``fam model tiny``."""
+    """``fam data scenes``, ``fam data scenes-media`` and ``fam model tiny``."""
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_cmd", required=True)
     sc = data.add_parser("scenes", help="generate the built-in Scenes benchmark")
     sc.add_argument("--out", required=True)
     sc.add_argument("--config", default=None, help="YAML with ScenesConfig fields")
     sc.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1")
     sc.set_defaults(func=cmd_data_scenes)
+    sm = data.add_parser("scenes-media", help="generate Scenes-Video and Scenes-Docs (MMEB-V2 "
+                         "layouts: frame folders, clip folders, BEIR pages)")
+    sm.add_argument("--out", required=True)
+    sm.add_argument("--config", default=None, help="YAML with ScenesMediaConfig fields")
+    sm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1")
+    sm.set_defaults(func=cmd_data_scenes_media)
 
     model = sub.add_parser("model", help="models").add_subparsers(dest="model_cmd", required=True)
     ti = model.add_parser("tiny", help="save a tiny random-initialised backbone")

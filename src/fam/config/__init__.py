@@ -19,7 +19,7 @@ from fam.config.deploy import HnswConfig, MultiVectorIndexConfig, ServeConfig
 from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
-from fam.config.scenes import ScenesConfig
+from fam.config.scenes import ScenesConfig, ScenesMediaConfig
 from fam.config.stages import (AdaptConfig, AlignConfig, CAbstractorConfig, MultiVectorConfig,
                                ProjectorConfig, SftConfig, Stage0Config, TowerConfig, VeinConfig)
 from fam.config.tools import GpuBenchConfig, PlanConfig, ProbeConfig
@@ -30,6 +30,6 @@ __all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict
            "BackboneConfig", "Stage0Config", "AlignConfig",
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "CAbstractorConfig", "TowerConfig",
            "SftConfig", "MultiVectorConfig",
-           "ScenesConfig", "TinyModelConfig",
+           "ScenesConfig", "ScenesMediaConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
            "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "GpuBenchConfig"]

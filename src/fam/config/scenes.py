@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fam.config.checks import Validated
 from fam.errors import ConfigError
 
-__all__ = ["ScenesConfig", "COLOURS", "SHAPES", "SIZES", "NUMBER_WORDS", "DEFAULT_HELDOUT_PAIRS"]
+__all__ = ["ScenesConfig", "ScenesMediaConfig", "COLOURS", "SHAPES", "SIZES", "NUMBER_WORDS", "DEFAULT_HELDOUT_PAIRS"]
 
 #: Object colours (name -> RGB). Chosen to stay distinct from each other and from the
 #: grey backgrounds after a processor's resize/normalise.
@@ -108,3 +108,40 @@ class ScenesConfig(Validated):
                           f"{sorted(COLOURS)}, shapes: {list(SHAPES)}")
         if len(set(self.heldout_pairs)) >= len(COLOURS) * len(SHAPES) // 2:
             raise bad("heldout_pairs", "hold out fewer than half of all colour x shape pairs")
+
+
+@dataclass
+class ScenesMediaConfig(Validated):
+    """Scenes-Video and Scenes-Docs (:mod:`fam.data.scenes.media`): clips of one moving,
+    appearing, disappearing or recolouring object, and rendered document pages."""
+
+    seed: int = 0  # master seed; every stream derives from it
+    frame_size: int = 56  # px, square frames
+    n_frames: int = 12  # frames per clip (the 8-frame sampler keeps 8)
+    n_train_videos: int = 240  # training clips (IND)
+    n_eval_videos: int = 56  # eval clips per pool (IND; OOD: striped, with a distractor)
+    n_moments: int = 24  # moment-retrieval rows (a 4-event video each)
+    page_size: int = 112  # px, square pages
+    n_train_docs: int = 60  # training documents (3 pages each)
+    n_eval_docs: int = 24  # eval documents per pool (IND; OOD: mirrored layout, dark ink)
+    png_compress_level: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def check(self, prefix: str) -> None:
+        for name in ("n_train_videos", "n_eval_videos", "n_moments", "n_train_docs",
+                     "n_eval_docs"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"{prefix}{name}={getattr(self, name)}: must be >= 2 "
+                                  f"(ScenesMediaConfig.{name})", key=prefix + name)
+        if not 4 <= self.n_frames <= 64:
+            raise ConfigError(f"{prefix}n_frames={self.n_frames}: must be in 4..64",
+                              key=prefix + "n_frames")
+        for name, lo in (("frame_size", 28), ("page_size", 56)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"{prefix}{name}={getattr(self, name)}: must be >= {lo}",
+                                  key=prefix + name)
+        if not 0 <= self.png_compress_level <= 9:
+            raise ConfigError(f"{prefix}png_compress_level={self.png_compress_level}: must be "
+                              "in 0..9", key=prefix + "png_compress_level")

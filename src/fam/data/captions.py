@@ -35,11 +35,13 @@ CAPTION_FIELDS: tuple[str, ...] = ("caption", "blip_caption")
 
 
 class CaptionRecord(NamedTuple):
-    """One validated record: its 1-based number, image path (as written) and caption."""
+    """One validated record: its 1-based number, image path (as written) and caption; a
+    video record (``{"video": frame folder, "caption"}``) has ``image == ""``."""
 
     line: int
     image: str
     caption: str
+    video: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,13 @@ class CaptionSample:
     source: str
     line: int
     field: str
+    video: tuple[Path, ...] = ()  # a video caption's frames (natural order), else ()
 
     def image_refs(self) -> list[ImageRef]:
-        """The sample's image and where it was referenced (the up-front image check);
-        none for a text-only sample."""
-        if self.image is None:
-            return []
-        return [ImageRef(self.image, self.source, self.line, self.field)]
+        """The sample's image (or video frames) and where it was referenced (the up-front
+        image check); none for a text-only sample."""
+        paths = ([self.image] if self.image is not None else []) + list(self.video)
+        return [ImageRef(p, self.source, self.line, self.field) for p in paths]
 
 
 def read_json_list(path: str | Path) -> list[Any]:
@@ -114,28 +116,51 @@ def iter_captions(path: str | Path, fields: Sequence[str] = CAPTION_FIELDS,
         if not isinstance(rec, dict):
             raise DataError(f"expected an object, got {type(rec).__name__}", path, i)
         img = rec.get("image")
-        if not isinstance(img, str) or not img:
-            raise DataError("missing or empty image path", path, i, "image")
+        vid = rec.get("video")
+        if isinstance(vid, str) and vid and img is None:
+            img = ""
+        elif not isinstance(img, str) or not img:
+            raise DataError("missing or empty image path (or 'video': a frame folder)", path,
+                            i, "image")
+        else:
+            vid = ""
         cap = _caption(rec, fields)
         if not cap:
             names = ", ".join(repr(f) for f in fields)
             raise DataError(f"no caption: expected a non-empty {names} or a 'gpt' turn in "
                             "'conversations'", path, i, fields[0] if fields else "caption")
-        yield CaptionRecord(i, img, cap)
+        yield CaptionRecord(i, img, cap, vid)
 
 
 def load_captions(path: str | Path, image_root: str | Path, prompt: str = "Describe the image.",
-                  ) -> list[CaptionSample]:
+                  *, allow_video: bool = False) -> list[CaptionSample]:
     """Caption records as training samples, image paths resolved under ``image_root``.
 
+    Args:
+        allow_video: read ``{"video": frame folder, "caption"}`` records too (their frames
+            in natural order); only MAC alignment (``fam train align``) takes them.
+
     Raises:
-        DataError: as :func:`iter_captions`, or an image path escaping ``image_root``.
+        DataError: as :func:`iter_captions`, an image path escaping ``image_root``, or a
+            video record where videos are not read.
     """
+    from fam.data.video import frame_paths
     path = Path(path)
-    return [CaptionSample(resolve_under(image_root, r.image, source=path, line=r.line,
-                                        field="image"), prompt, r.caption, str(path), r.line,
-                          "image")
-            for r in iter_captions(path)]
+    out = []
+    for r in iter_captions(path):
+        if r.video:
+            if not allow_video:
+                raise DataError("a video caption record: only fam train align reads videos "
+                                "here; give an 'image'", path, r.line, "video")
+            folder = resolve_under(image_root, r.video, source=path, line=r.line, field="video")
+            out.append(CaptionSample(None, prompt, r.caption, str(path), r.line, "video",
+                                     tuple(frame_paths(folder, source=str(path), line=r.line,
+                                                       field="video"))))
+            continue
+        out.append(CaptionSample(resolve_under(image_root, r.image, source=path, line=r.line,
+                                               field="image"), prompt, r.caption, str(path),
+                                 r.line, "image"))
+    return out
 
 
 def load_qa(path: str | Path, image_root: str | Path) -> list[CaptionSample]:
@@ -177,7 +202,7 @@ def caption_map(paths: str | Path | Sequence[str | Path],
     """``{image (as written): caption}`` over one or more caption files (later files win)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    return {r.image: r.caption for p in paths for r in iter_captions(p, fields)}
+    return {r.image: r.caption for p in paths for r in iter_captions(p, fields) if r.image}
 
 
 def caption_texts(path: str | Path) -> list[str]:

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from fam.data.images import DEFAULT_RULES, ImageRef, ImageRules, check_images
 from fam.data.types import MMItem
-from fam.errors import InputError
+from fam.errors import DataError, InputError
 from fam.utils.io import read_jsonl, resolve_under
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,16 @@ ITEM_KEYS: dict[str, ItemKey] = {k.name: k for k in (
     ItemKey("image", "visual", ("items", "http"),
             "an image: a path under the image root (JSONL), a data URI or base64 (HTTP, "
             "also a list)"),
+    ItemKey("images", "visual", ("items",),
+            "further images: a list of paths under the image root (<|image_2|>, ...)"),
+    ItemKey("video", "visual", ("items",),
+            "a video: a folder of frames (natural order) or a list of frame paths"),
     ItemKey("id", "id", ("items",), "the item's id (string or integer; default: row number)"),
 )}
 
 #: Keys fam reserves for visual inputs it does not read yet: refused even where other keys
 #: are kept as metadata, so a video is never silently embedded as its caption alone.
-RESERVED_KEYS = ("images", "video", "videos", "frames", "audio", "image_path", "img_path")
+RESERVED_KEYS = ("videos", "frames", "audio", "image_path", "img_path")
 
 
 def known_keys(fmt: str) -> list[str]:
@@ -218,10 +222,11 @@ def check_items(items: Sequence[MMItem], rules: InputRules = DEFAULT_INPUT_RULES
         The number of distinct images checked.
     """
     for it in items:
-        check_item(it.text, int(it.image is not None), rules, path=it.source, line=it.line,
-                   text_field=text_field(it.field))
-    return check_images((ImageRef(it.image, it.source, it.line, it.field) for it in items
-                         if it.image is not None), image_check, progress, desc, rules.images)
+        check_item(it.text or ("video" if it.video else ""), len(it.all_images), rules,
+                   path=it.source, line=it.line, text_field=text_field(it.field))
+    return check_images((ImageRef(p, it.source, it.line, it.field) for it in items
+                         for p in it.all_images + list(it.video)), image_check, progress, desc,
+                        rules.images)
 
 
 def text_field(field: str | None) -> str:
@@ -233,6 +238,39 @@ def text_field(field: str | None) -> str:
     if field.startswith("tgt_img_path"):
         return "tgt_text" + field[len("tgt_img_path"):]
     return known.get(field, field)
+
+
+#: The keys of several images and of a video, per side of a row (the only place rows name them).
+VISUAL_KEYS: dict[str, tuple[str | None, str]] = {
+    "query": (None, "qry_video"), "pos": (None, "pos_video"), "neg": (None, "neg_video"),
+    "item": ("images", "video")}
+
+
+def visual_inputs(row: dict, side: str, root: Path, source: Path, line: int
+             ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """``(images, video frames)`` of one side of a row: ``images`` a list of paths, ``video``
+    a frame folder or a list of frame paths, all relative to ``root``."""
+    from fam.data.video import frame_paths
+    ikey, vkey = VISUAL_KEYS[side]
+
+    def paths(key: str) -> list[Path]:
+        value = row[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise DataError("expected a list of relative paths", source, line, key)
+        return [resolve_under(root, v, source=source, line=line, field=key) for v in value]
+
+    images = tuple(paths(ikey)) if ikey and row.get(ikey) is not None else ()
+    video: tuple[Path, ...] = ()
+    value = row.get(vkey)
+    if isinstance(value, str) and value:
+        folder = resolve_under(root, value, source=source, line=line, field=vkey)
+        video = tuple(frame_paths(folder, source=str(source), line=line, field=vkey))
+    elif value:
+        video = tuple(paths(vkey))
+    if images and video:
+        raise DataError(f"an item takes several images or a video, not both ('{ikey}', "
+                        f"'{vkey}')", source, line, vkey)
+    return images, video
 
 
 @dataclass
@@ -302,8 +340,9 @@ def read_items(path: str | Path, image_root: str | Path | None = None, *,
             raise InputError(f"expected an image path (a string), got {type(img).__name__}",
                              path, line, "image")
         img = img or None
-        check_item(text, int(img is not None), rules, path=path, line=line,
-                   item_field="text")
+        images, video = visual_inputs(row, "item", root, path, line)
+        check_item(text or ("video" if video else ""), int(img is not None) + len(images),
+                   rules, path=path, line=line, item_field="text")
         rid = row.get("id", len(out))
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
             raise InputError(f"expected a string or integer id, got {type(rid).__name__}",
@@ -315,7 +354,7 @@ def read_items(path: str | Path, image_root: str | Path | None = None, *,
         seen[rid] = line
         resolved = resolve_under(root, img, source=path, line=line, field="image") \
             if img else None
-        item = MMItem(apply_prompt(prompt, text), resolved,
+        item = MMItem(apply_prompt(prompt, text), resolved, images=images, video=video,
                       source=str(path), line=line, field="image" if img else "text")
         out.append(ItemRow(rid, text, img, item,
                            {k: row[k] for k in extra}, line))

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 #: The MMEB image placeholder. Adapters translate it to their family's image token(s).
 IMAGE_PLACEHOLDER = "<|image_1|>"
+#: Where an item's video goes in its text (adapters translate it; absent: the video goes first).
+VIDEO_PLACEHOLDER = "<|video_1|>"
 
 
 @dataclass(frozen=True)
 class MMItem:
-    """One side of a pair: an instruction-formatted text, optionally with one image.
+    """One side of a pair: an instruction-formatted text with zero or more images or a video.
 
     ``text`` may contain :data:`IMAGE_PLACEHOLDER` where the image goes (MMEB convention);
     if ``image`` is set and the text has no placeholder, the image is placed first.
@@ -18,6 +21,11 @@ class MMItem:
     ``content`` optionally gives the character span ``(start, end)`` of the text *content*
     inside ``text`` (e.g. the caption after an instruction); tokens outside it are not
     text-content tokens (method.md §1). ``None`` means the whole text is content.
+    ``images`` are further images: the item's images are ``image`` (when set) then ``images``,
+    referred to in the text as ``<|image_1|>``, ``<|image_2|>``, ... (unmentioned ones go
+    first). ``video`` is a video as its frames: a list of frame paths, or a folder of frames
+    (expanded here to its frames in natural sort order, :func:`fam.data.video.frame_paths`);
+    the text refers to it as :data:`VIDEO_PLACEHOLDER` (absent: the video goes first).
     ``source``/``line``/``field`` say where the item came from, so that an error loading its
     image names the data file, row and field. They do not take part in equality.
     """
@@ -25,10 +33,26 @@ class MMItem:
     text: str
     image: Path | None = None
     content: tuple[int, int] | None = None
+    images: Sequence[Path] = ()
+    video: Sequence[Path] | Path | str = ()
     source: str | None = field(default=None, compare=False)
     line: int | None = field(default=None, compare=False)
     field: str | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
+        video = self.video
+        if isinstance(video, (str, Path)):
+            from fam.data.video import frame_paths
+            video = frame_paths(video, source=self.source, line=self.line, field=self.field)
+        object.__setattr__(self, "video", tuple(Path(p) for p in video))
+
+    @property
+    def all_images(self) -> list[Path]:
+        """``image`` (when set) followed by ``images``."""
+        return ([self.image] if self.image is not None else []) + list(self.images)
+
     @property
     def has_image(self) -> bool:
-        return self.image is not None
+        """Whether the item carries any visual input (an image or a video)."""
+        return self.image is not None or bool(self.images) or bool(self.video)

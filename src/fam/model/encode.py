@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from fam.backbones.base import EncodedBatch
 from fam.data.items import InputRules, check_item, check_text
 from fam.data.types import MMItem
+from fam.data.video import NUM_FRAMES
 from fam.errors import InputError
 from fam.model import EmbeddingModel, autocast_for
 
@@ -111,10 +112,14 @@ def length_order(items: Sequence[MMItem], images: Sequence[ImageArg] | None = No
         it = items[i]
         im = images[i] if images is not None else None
         if im is None:
-            n, area = (1, _image_area(it.image)) if it.image is not None else (0, 0)
+            paths = it.all_images
+            n, area = len(paths), sum(_image_area(p) for p in paths)
         else:
             ims = list(im) if isinstance(im, (list, tuple)) else [im]
             n, area = len(ims), sum(x.width * x.height for x in ims)
+        if it.video:  # NUM_FRAMES sampled frames of one size (fam.backbones.video)
+            k = min(len(it.video), NUM_FRAMES)
+            n, area = n + k, area + k * _image_area(it.video[0])
         return n, area, len(it.text)
 
     return sorted(range(len(items)), key=key)

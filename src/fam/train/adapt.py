@@ -97,13 +97,15 @@ class PairBatch:
 
 
 def item_id(item: MMItem | None) -> int:
-    """A stable 63-bit content id of an item (same text and image = same id; -1 for None).
+    """A stable 63-bit content id of an item (same text, images and video = same id; -1 for
+    None).
 
     Stable across processes (unlike ``hash``), so ids agree between DDP ranks.
     """
     if item is None:
         return -1
-    h = hashlib.blake2b(f"{item.text}\x00{item.image or ''}".encode(), digest_size=8)
+    visuals = "\x00".join(map(str, item.images + item.video))  # "" for a one-image item
+    h = hashlib.blake2b(f"{item.text}\x00{item.image or ''}{visuals}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "big") >> 1
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.config import AlignConfig
 from fam.data.captions import CaptionSample, load_captions
-from fam.data.types import IMAGE_PLACEHOLDER, MMItem
+from fam.data.types import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MMItem
 from fam.losses.mac import mac_loss_from_pooled, mac_pool
 from fam.model import EmbeddingModel, merge_lora
 from fam.train.embedder import prepare_embedder
@@ -59,8 +59,10 @@ class AlignCollator:
         self.txt_instr = text_instruction
 
     def __call__(self, samples: Sequence[CaptionSample]) -> AlignBatch:
-        imgs = [MMItem(f"{IMAGE_PLACEHOLDER}\n{self.img_instr}", s.image, source=s.source,
-                       line=s.line, field=s.field) for s in samples]
+        # A video caption: the video's tokens are its fine-grained tokens (image_mask).
+        imgs = [MMItem(f"{VIDEO_PLACEHOLDER if s.video else IMAGE_PLACEHOLDER}\n{self.img_instr}",
+                       s.image, video=s.video, source=s.source, line=s.line, field=s.field)
+                for s in samples]
         txts = []
         for s in samples:
             text = self.txt_instr + s.target
@@ -127,7 +129,8 @@ class AlignRecipe(Recipe):
     def build(self) -> StageParts:
         cfg = self.cfg
         module = self.module()
-        samples = load_captions(cfg.captions, cfg.image_root or str(Path(cfg.captions).parent))
+        samples = load_captions(cfg.captions, cfg.image_root or str(Path(cfg.captions).parent),
+                                allow_video=True)
         collate = AlignCollator(module.embedder.adapter, cfg.image_instruction,
                                 cfg.text_instruction)
         return StageParts(module, MACLoss(cfg.temperature, tuple(cfg.weights), cfg.c2f_reduction),

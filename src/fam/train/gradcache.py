@@ -61,6 +61,8 @@ Loss = Callable[..., dict[str, torch.Tensor]]
 #: is present (Qwen2-VL family): then it is the flat ``(Σ patches, C)`` patch list and
 #: image i owns ``prod(image_grid_thw[i])`` consecutive rows of it.
 _PER_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+#: The same for videos (Qwen2-VL: ``pixel_values_videos`` rows by ``video_grid_thw``).
+_PER_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
 
 
 def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
@@ -86,12 +88,22 @@ def split_encoded(batch: EncodedBatch, start: int, end: int) -> EncodedBatch:
     Returns:
         An :class:`EncodedBatch` of ``end - start`` rows.
     """
-    has = batch.has_image.bool().cpu()
-    img_before = int(has[:start].sum())
-    img_in = int(has[start:end].sum())
-    i0, i1 = img_before, img_before + img_in  # image index range of these rows
+    counts = batch.visual_counts
+    if counts is None:  # one image per row that has one
+        counts = torch.stack([batch.has_image.long(), torch.zeros_like(batch.eos_index)], 1)
+    counts = counts.cpu()
+    i0 = int(counts[:start, 0].sum())
+    i1 = i0 + int(counts[start:end, 0].sum())  # image index range of these rows
+    v0 = int(counts[:start, 1].sum())
+    v1 = v0 + int(counts[start:end, 1].sum())  # video index range
     inputs: dict[str, torch.Tensor] = {}
     grid = batch.inputs.get("image_grid_thw")
+    vgrid = batch.inputs.get("video_grid_thw")
+
+    def patch_rows(g: torch.Tensor, a: int, b: int) -> slice:
+        per = g.prod(-1).tolist()  # patches per image / video
+        return slice(sum(per[:a]), sum(per[:b]))
+
     B, L = batch.image_mask.shape
     attn = batch.inputs.get("attention_mask")
     keep = L
@@ -100,23 +112,25 @@ def split_encoded(batch: EncodedBatch, start: int, end: int) -> EncodedBatch:
         keep = int(cols.max()) + 1 if cols.numel() else L
     for k, v in batch.inputs.items():
         if k == "pixel_values" and grid is not None:
-            per_img = grid.prod(-1).tolist()  # patches per image
-            p0 = sum(per_img[:i0])
-            p1 = p0 + sum(per_img[i0:i1])
-            inputs[k] = v[p0:p1]
+            inputs[k] = v[patch_rows(grid, i0, i1)]
+        elif k == "pixel_values_videos" and vgrid is not None:
+            inputs[k] = v[patch_rows(vgrid, v0, v1)]
+        elif k == "video_grid_thw":
+            inputs[k] = v[v0:v1]
         elif k in _PER_IMAGE_KEYS:
             inputs[k] = v[i0:i1]
         elif v.dim() >= 2 and v.shape[:2] == (B, L):
             inputs[k] = v[start:end, :keep]
         else:
             inputs[k] = v[start:end]
-    if img_in == 0:
-        # A chunk of text-only rows: the model must not receive empty pixel tensors.
-        for k in _PER_IMAGE_KEYS:
-            inputs.pop(k, None)
+    # A chunk without images (videos): the model must not receive empty pixel tensors.
+    for keys, n in ((_PER_IMAGE_KEYS, i1 - i0), (_PER_VIDEO_KEYS, v1 - v0)):
+        if n == 0:
+            for k in keys:
+                inputs.pop(k, None)
     return EncodedBatch(inputs, batch.image_mask[start:end, :keep],
                         batch.text_mask[start:end, :keep], batch.eos_index[start:end],
-                        batch.has_image[start:end])
+                        batch.has_image[start:end], counts[start:end].to(batch.eos_index.device))
 
 
 class RngState:

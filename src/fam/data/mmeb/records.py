@@ -165,6 +165,9 @@ def image_refs(rec: TrainPair | EvalRow) -> Iterator[ImageRef]:
     for item, fld in _image_fields(rec):
         if item is not None and item.image is not None:
             yield ImageRef(item.image, rec.source, rec.line, fld)
+        if item is not None:  # further images and video frames (MMItem.images / .video)
+            for p in item.images + item.video:
+                yield ImageRef(p, rec.source, rec.line, item.field or fld)
 
 
 def _image_fields(rec: TrainPair | EvalRow) -> Iterator[tuple[MMItem | None, str]]:

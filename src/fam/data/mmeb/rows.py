@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 from fam.data.mmeb.layout import discover_datasets, guess_image_root, iter_rows
 from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, TRAIN_OPTIONAL, TRAIN_REQUIRED,
                                    EvalRow, TrainPair)
-from fam.data.items import check_item
+from fam.data.items import check_item, visual_inputs as _visuals
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import DataError
 from fam.utils.io import read_jsonl, resolve_under
@@ -34,8 +34,9 @@ class _ItemFactory:
         self._sources: dict[Path, str] = {}
 
     def __call__(self, text: str, rel: str, source: Path, line: int, text_field: str,
-                 image_field: str) -> MMItem:
-        key = (text, rel)
+                 image_field: str, images: tuple[Path, ...] = (),
+                 video: tuple[Path, ...] = ()) -> MMItem:
+        key = (text, rel, images, video)
         item = self._items.get(key)
         if item is not None:
             return item
@@ -46,17 +47,18 @@ class _ItemFactory:
                 image = resolve_under(self.image_root, rel, source=source, line=line,
                                       field=image_field)
                 self._paths[rel] = image
-        elif IMAGE_PLACEHOLDER in text:
+        elif IMAGE_PLACEHOLDER in text and not images:
             raise DataError(f"the text contains {IMAGE_PLACEHOLDER} but '{image_field}' is "
                             "empty; give the image path or remove the placeholder",
                             source, line, text_field)
-        if not text and image is None:
+        if not text and image is None and not images and not video:
             raise DataError(f"empty item: both '{text_field}' and '{image_field}' are empty",
                             source, line, text_field)
         # The input contract's placeholder rules (<|image_2|> with one image, twice the same).
-        check_item(text, int(image is not None), path=source, line=line, text_field=text_field)
+        check_item(text, int(image is not None) + len(images), path=source, line=line,
+                   text_field=text_field)
         src = self._sources.setdefault(source, str(source))  # one string per file, shared
-        item = MMItem(text=text, image=image, source=src, line=line,
+        item = MMItem(text=text, image=image, images=images, video=video, source=src, line=line,
                       field=image_field if image is not None else text_field)
         self._items[key] = item
         return item
@@ -96,10 +98,11 @@ def _parse_train_row(row: dict, source: Path, line: int, dataset: str,
         optional = side == "neg"
         text = _text(row, tkey, source, line, required=not optional)
         rel = _image_path(row.get(ikey), source, line, ikey)
-        if optional and not text and not rel:
+        _, video = _visuals(row, side, make.image_root, source, line)
+        if optional and not text and not rel and not video:
             sides[side] = None
             continue
-        sides[side] = make(text, rel, source, line, tkey, ikey)
+        sides[side] = make(text, rel, source, line, tkey, ikey, video=video)
     assert sides["query"] is not None and sides["pos"] is not None
     return TrainPair(query=sides["query"], pos=sides["pos"], neg=sides["neg"],
                      dataset=dataset, source=str(source), line=line)
