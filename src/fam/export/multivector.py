@@ -32,8 +32,8 @@ import torch
 
 from fam.errors import ConfigError
 from fam.export.st import (DEFAULT_PROMPTS, ExportError, ExportResult, _check_exportable,
-                           _load_merged, _probe_images, _write_hf, _write_json, versions,
-                           write_transformer_config)
+                           _load_merged, _probe_images, _write_hf, _write_json,
+                           processor_spec_or_fail, versions, write_transformer_config)
 
 __all__ = ["export_multivector", "check_multivector_export", "PARITY_MAX_ABS", "skiplist"]
 
@@ -159,8 +159,6 @@ def export_multivector(model_dir: str | Path, out_dir: str | Path, *,
         ConfigError: unsupported family, input settings or token set; ``out_dir`` exists.
         ExportError: the parity check failed (nothing is left at ``out_dir``).
     """
-    from transformers.models.auto.processing_auto import processor_class_from_name
-
     from fam.model.multivector import load_multivector
     from fam.utils.checkpoint import atomic_dir
 
@@ -181,10 +179,7 @@ def export_multivector(model_dir: str | Path, out_dir: str | Path, *,
         raise ConfigError(f"the model's multi-vector head reads tokens={head.tokens!r}, which "
                           f"MultiVectorEncoder cannot reproduce for queries and documents; "
                           f"exportable: {EXPORTABLE_TOKENS}")
-    spec = adapter.processor_spec()
-    if processor_class_from_name(spec["processor_class"]) is None:
-        raise ConfigError(f"this transformers has no {spec['processor_class']}: upgrade "
-                          f"transformers (>= 5.0) to export a {adapter.family} model")
+    spec = processor_spec_or_fail(adapter)
     prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
     result = ExportResult(out_dir, adapter.family, head.out_dim, prompts)
     adapter.model.eval()

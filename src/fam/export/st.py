@@ -323,6 +323,16 @@ def check_export(path: str | Path, adapter, prompts: dict[str, str],
 
 
 # ---------------------------------------------------------------------------------- entry
+def processor_spec_or_fail(adapter) -> dict:
+    """The adapter's processor spec, refused in one line when this transformers lacks its class."""
+    from transformers.models.auto.processing_auto import processor_class_from_name
+    spec = adapter.processor_spec()
+    if processor_class_from_name(spec["processor_class"]) is None:
+        raise ConfigError(f"this transformers has no {spec['processor_class']}: upgrade "
+                          f"transformers (>= 5.0) to export a {adapter.family} model")
+    return spec
+
+
 def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
                                  prompts: dict[str, str] | None = None,
                                  results: str | Path | None = None, check: bool = True,
@@ -357,11 +367,7 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
                           "--overwrite")
     adapter = _load_merged(model_dir, lora)
     _check_exportable(adapter)
-    spec = adapter.processor_spec()
-    from transformers.models.auto.processing_auto import processor_class_from_name
-    if processor_class_from_name(spec["processor_class"]) is None:
-        raise ConfigError(f"this transformers has no {spec['processor_class']}: upgrade "
-                          f"transformers (>= 5.0) to export a {adapter.family} model")
+    spec = processor_spec_or_fail(adapter)
     prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
     result = ExportResult(out_dir, adapter.family, adapter.hidden_size, prompts)
     adapter.model.eval()
