@@ -150,7 +150,7 @@ def test_fam_eval_end_to_end(bench, tiny_dirs, tmp_path, capsys):
         grades[q, p] = s
     # the same float32 embeddings: only the rounding of the cosine differs.
     assert score["ndcg_linear@5"] == pytest.approx(
-        ndcg_score(grades, (qe @ pe.T).numpy(), k=5), abs=1e-6)
+        ndcg_score(grades, (qe @ pe.T).numpy(), k=5), abs=1e-6)  # scores in float32
     assert "visdoc" in capsys.readouterr().out
     # --compare reads V2 results: the nine groups and the modalities, with differences
     assert main(["eval", "--compare", str(out), str(out)]) == 0
