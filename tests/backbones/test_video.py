@@ -134,7 +134,8 @@ def test_fam_format_video_block_and_rope_types(tiny_dirs, tmp_path, family):
         (rev / f"frame_{i + 1}.png").write_bytes(p.read_bytes())
     with torch.no_grad():
         emb_rev = EmbeddingModel(a).eval()(a.encode([MMItem(items[0].text, video=rev)])).embedding
-    assert not torch.allclose(emb[0], emb_rev[0], atol=1e-4)  # order must move it well past float32 noise
+    # order must move it well past float32 noise
+    assert not torch.allclose(emb[0], emb_rev[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "idefics3"])

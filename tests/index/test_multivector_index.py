@@ -47,7 +47,8 @@ def test_cluster_pooling_merges_the_most_similar_tokens_first():
     g = torch.Generator().manual_seed(4)
     t = F.normalize(torch.randn(15, 6, generator=g), dim=-1)
     for m in (1, 4, 9, 14):
-        torch.testing.assert_close(reduce_tokens(t, m), _cluster_loop(t, m), rtol=0, atol=1e-6)  # float32 output of a float64 sum: within 1e-6 of unit norm
+        # float32 output of a float64 sum: within 1e-6 of unit norm
+        torch.testing.assert_close(reduce_tokens(t, m), _cluster_loop(t, m), rtol=0, atol=1e-6)
     base = torch.eye(3)
     pairs = F.normalize(torch.stack([base[0], base[0] + 0.05, base[1], base[2], base[2] + 0.1]),
                         dim=-1)

@@ -34,8 +34,10 @@ def test_maxsim_equals_the_loop_in_values_and_gradients(similarity, chunk):
     w = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (got * w).sum().backward()
     (want * w).sum().backward()
-    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-12, atol=1e-12)  # float64, summation order only
-    torch.testing.assert_close(d1.grad, d2.grad, rtol=1e-12, atol=1e-12)  # float64, summation order only
+    # float64, summation order only
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-12, atol=1e-12)
+    # float64, summation order only
+    torch.testing.assert_close(d1.grad, d2.grad, rtol=1e-12, atol=1e-12)
     # padding tokens receive no gradient
     assert torch.all(d1.grad[~dm] == 0) and torch.all(q1.grad[~qm] == 0)
 
@@ -66,7 +68,8 @@ def test_single_token_late_interaction_equals_info_nce():
     got = late_interaction_nce(q[:, None], one, t[:, None], one, 0.05, n[:, None], one, rows,
                                target_ids=ids, negative_ids=nids)
     want = info_nce(q, t, 0.05, n, rows, target_ids=ids, negative_ids=nids)
-    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-12, atol=0)  # float64: one-token MaxSim is the dot product
+    # float64: one-token MaxSim is the dot product
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-12, atol=0)
     assert float(got["accuracy"]) == float(want["accuracy"])
 
 

@@ -55,8 +55,10 @@ def test_gradcache_with_multivector_equals_full_batch(scene_images, tokens, simi
     got = _grads(module)
     # float64, only the summation order differs between chunked and full forwards
     torch.testing.assert_close(terms["loss"], full["loss"].detach(), rtol=1e-9, atol=0)
-    torch.testing.assert_close(terms["mv_loss"], full["mv_loss"], rtol=1e-9, atol=0)  # float64, as above
-    _assert_same(got, want, rtol=1e-7, atol=1e-12)  # float64 gradients; chunked re-runs change the summation order only
+    # float64, as above
+    torch.testing.assert_close(terms["mv_loss"], full["mv_loss"], rtol=1e-9, atol=0)
+    # float64 gradients; chunked re-runs change the summation order only
+    _assert_same(got, want, rtol=1e-7, atol=1e-12)
 
 
 def test_late_loss_moves_the_total(scene_images):
