@@ -156,3 +156,30 @@ def test_embedding_only_with_a_peft_adapter(tiny_dirs, qwen_lora, mixed_items):
     assert (a - b).abs().max() <= F64_TOL
     plain = load_embedding_model(tiny_dirs["qwen2_vl"]).double().encode(mixed_items[:8])
     assert (plain - b).abs().max() > 1e-3  # the adapter changed the vectors
+
+
+def test_library_encode_counts_every_image_and_a_video(tiny_dirs, tmp_path):
+    """An item's further images (``images``) and its video count for the placeholder and
+    empty-item rules, in the library as in ``fam encode`` (one shared check_mm_item)."""
+    from fam.data.items import check_mm_item
+    from fam.errors import InputError
+    paths = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        p = tmp_path / f"im{i}.png"
+        Image.new("RGB", (56, 56), colour).save(p)
+        paths.append(p)
+    two = MMItem("<|image_1|> left of <|image_2|>", image=paths[0], images=[paths[1]])
+    video_only = MMItem("", video=paths)
+    check_mm_item(two)
+    check_mm_item(video_only)
+    with pytest.raises(InputError, match="has 1 image"):
+        check_mm_item(MMItem("<|image_2|>", image=paths[0]))
+    with pytest.raises(InputError, match="empty item"):
+        check_mm_item(MMItem(""))
+    model = load_embedding_model(tiny_dirs["qwen2_vl"])
+    emb = EncodePipeline(model, batch_size=2).encode([two, video_only])
+    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
+    # the two images in the other order give another vector: both were embedded
+    swapped = EncodePipeline(model).encode(
+        [MMItem("<|image_1|> left of <|image_2|>", image=paths[1], images=[paths[0]])])
+    assert not torch.equal(emb[0], swapped[0])

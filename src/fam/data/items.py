@@ -178,14 +178,17 @@ def check_text(value: Any, rules: InputRules = DEFAULT_INPUT_RULES, *,
 
 def check_item(text: str, n_images: int, rules: InputRules = DEFAULT_INPUT_RULES, *,
                path: str | Path | None = None, line: int | None = None,
-               text_field: str | None = "text", item_field: str | None = None) -> None:
+               text_field: str | None = "text", item_field: str | None = None,
+               has_video: bool = False) -> None:
     """The rules between a (checked) text and its images: non-empty, placeholders, tokens.
+
+    ``has_video``: the item also carries a video (then an empty text is fine).
 
     Raises:
         InputError: an empty item, a placeholder naming no image of the item (or twice),
             too many images, or a reserved control token in the text.
     """
-    if not text and n_images == 0:
+    if not text and n_images == 0 and not has_video:
         raise InputError("empty item: give a non-empty 'text' and/or an 'image'", path, line,
                          item_field)
     if n_images > rules.max_images:
@@ -210,6 +213,16 @@ def check_item(text: str, n_images: int, rules: InputRules = DEFAULT_INPUT_RULES
                              text_field)
 
 
+def check_mm_item(it: MMItem, rules: InputRules = DEFAULT_INPUT_RULES, *,
+                  n_images: int | None = None, item_field: str | None = None,
+                  text_name: str | None = None) -> None:
+    """:func:`check_item` for an :class:`MMItem`: every image (``image`` then ``images``, or
+    ``n_images`` given in memory) and its video count; errors name the item's source."""
+    check_item(it.text, len(it.all_images) if n_images is None else n_images, rules,
+               path=it.source, line=it.line, item_field=item_field,
+               text_field=text_name or text_field(it.field), has_video=bool(it.video))
+
+
 def check_items(items: Sequence[MMItem], rules: InputRules = DEFAULT_INPUT_RULES,
                 image_check: str = "verify", progress: bool = False,
                 desc: str = "check items") -> int:
@@ -222,8 +235,7 @@ def check_items(items: Sequence[MMItem], rules: InputRules = DEFAULT_INPUT_RULES
         The number of distinct images checked.
     """
     for it in items:
-        check_item(it.text or ("video" if it.video else ""), len(it.all_images), rules,
-                   path=it.source, line=it.line, text_field=text_field(it.field))
+        check_mm_item(it, rules)
     return check_images((ImageRef(p, it.source, it.line, it.field) for it in items
                          for p in it.all_images + list(it.video)), image_check, progress, desc,
                         rules.images)

@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fam.backbones.base import EncodedBatch
-from fam.data.items import InputRules, check_item, check_text
+from fam.data.items import InputRules, check_mm_item, check_text
 from fam.data.types import MMItem
 from fam.data.video import NUM_FRAMES
 from fam.errors import InputError
@@ -139,16 +139,15 @@ def check_encode_items(items: Sequence[MMItem], images: Sequence[ImageArg] | Non
     for i, it in enumerate(items):
         given = images[i] if images is not None else None
         if given is None:
-            n = int(it.image is not None)
+            n = len(it.all_images)
             ims: list[Image.Image] = []
         else:
             ims = list(given) if isinstance(given, (list, tuple)) else [given]
             n = len(ims)
         check_text(it.text, rules, path=it.source, line=it.line,
                    field="text" if it.source else f"items[{i}].text")
-        check_item(it.text, n, rules, path=it.source, line=it.line,
-                   item_field=None if it.source else f"items[{i}]",
-                   text_field="text" if it.source else f"items[{i}].text")
+        check_mm_item(it, rules, n_images=n, item_field=None if it.source else f"items[{i}]",
+                      text_name="text" if it.source else f"items[{i}].text")
         for im in ims:
             try:
                 shape.check_size(*im.size)

@@ -95,7 +95,7 @@ def run_stage(cfg: Any) -> Path:
     the model (``fam_config.json``), while the other ranks wait.
     """
     from fam.data.images import check_images
-    from fam.data.items import check_item, text_field
+    from fam.data.items import check_mm_item
     from fam.utils.io import output_dir
 
     stage = stage_for(cfg)
@@ -121,8 +121,7 @@ def run_stage(cfg: Any) -> Path:
     rules = _input_rules(parts.module)
     for ex in parts.dataset:
         for it in getattr(ex, "items", list)():
-            check_item(it.text, int(it.image is not None), rules, path=it.source,
-                       line=it.line, text_field=text_field(it.field))
+            check_mm_item(it, rules)
     n = check_images((r for ex in parts.dataset for r in getattr(ex, "image_refs", list)()),
                      cfg.run.check_images, progress=cfg.run.progress and dist_utils.rank() == 0,
                      desc=f"{recipe.name}: check images", rules=rules.images)
