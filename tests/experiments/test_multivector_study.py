@@ -15,7 +15,7 @@ from fam.experiments.ablation_report import (BASELINE_KEY, _comparison_pairs, fo
                                              write_report)
 from fam.experiments.multivector_study import (LATE_SCORINGS, CachedReadings, collect,
                                                format_study, map_check, report_groups,
-                                               study_file)
+                                               study_file, summary_table)
 
 MAC = (1.0, 1.0, 1.0)
 
@@ -115,6 +115,9 @@ def test_collect_and_the_report_read_the_study_files(tmp_path):
     assert "## MaxSim maps vs object masks" in md and "| mac_only − baseline | 2 |" in md
     assert "| baseline+mv · maxsim |" in md  # not run: shown as such
     assert format_study({}) == []
+    table = summary_table(rep)  # the README's: a row per checkpoint that ran
+    assert len(table) == 4 and table[2].startswith("| baseline | 2 | 37.5 | 81.2 | 81.2 | +43.8 [")
+    assert "0.305 (0.100)" in table[3] and "## One vector or many: summary" in md
 
 
 # --------------------------------------------------------------------------- tiny model

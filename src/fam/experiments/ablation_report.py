@@ -280,8 +280,8 @@ def format_ablation(report: Mapping[str, Any]) -> str:
                 f"{fmt(v.get('grad_ratio'), '{:.2g}')} |")
         lines.append("")
     if report.get("multivector"):
-        from fam.experiments.multivector_study import format_study
-        lines += format_study(report["multivector"])
+        from fam.experiments.multivector_study import format_study, summary_table
+        lines += format_study(report["multivector"], summary_table(report))
 
     t = report.get("time_per_config_s")
     if t and t.get("median"):

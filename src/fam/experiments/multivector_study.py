@@ -377,12 +377,19 @@ def _cell(d: Mapping[str, Any], fmt: str = "{:.3f}") -> str:
     return s
 
 
-def format_study(study: Mapping[str, Any]) -> list[str]:
-    """Markdown lines of the map check (the precision tables are the ablation's)."""
+def format_study(study: Mapping[str, Any], table: Sequence[str] = ()) -> list[str]:
+    """Markdown lines of the study's summary ``table`` (:func:`summary_table`) and the map
+    check (the precision tables are the ablation's)."""
+    lines = []
+    if table:
+        lines += ["## One vector or many: summary", "",
+                  "Overall precision@1 (%) of each reading, mean over seeds; maxsim − single "
+                  "paired by seed (Student t 95 %); retrieval and grounding single / maxsim; "
+                  "hybrid = MaxSim rerank of the pooled top " + f"{RERANK_K}.", "", *table, ""]
     per = study.get("maps") or {}
     if not per:
-        return []
-    lines = ["## MaxSim maps vs object masks", "",
+        return lines
+    lines += ["## MaxSim maps vs object masks", "",
              "Per object label of an eval image (query: the label's tokens after the T2I "
              "instruction; document: the image's tokens), the map = mean over the label's "
              "tokens of their similarity with each image token, against the union of that "
@@ -420,3 +427,43 @@ def plot_examples(path: Path, study: Mapping[str, Any], data: Path) -> str | Non
         return str(plot_token_maps(ex, data, path))
     except ImportError:  # pragma: no cover
         return None
+
+
+def summary_table(report: Mapping[str, Any]) -> list[str]:
+    """The study in one table (the README's): per checkpoint, overall precision@1 of each
+    reading (mean over seeds), ``maxsim − single`` paired by seed with its t interval,
+    retrieval and grounding single / maxsim, and the map mIoU (shuffled-cell chance)."""
+    groups = dict(report.get("groups", {}))
+    if STUDY_GROUP not in groups:
+        return []
+    keys = dict((lab, key) for lab, key in groups[STUDY_GROUP])
+    agg = report["aggregates"]
+    paired = {(p["config"], p["reference"]): p for p in report.get("paired") or []}
+    maps = (report.get("multivector") or {}).get("maps", {})
+
+    def mean(label: str, metric: str) -> str:
+        a = agg.get(keys.get(label, ""), {}).get(metric, {})
+        return "-" if a.get("mean") is None else f"{a['mean']:.1f}"
+
+    lines = ["| checkpoint | seeds | single | maxsim | hybrid | maxsim − single [t 95 %] | "
+             "Retr. single / maxsim | Ground. single / maxsim | map mIoU (shuffled) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lab in ZERO_SHOT + TRAINED:
+        if keys.get(lab) not in agg:
+            continue
+        p = paired.get((scored(lab, "maxsim"), lab))
+        d = p["metrics"]["overall"] if p else {}
+        delta = "-" if d.get("mean") is None else f"{d['mean']:+.1f}" + (
+            f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d.get("ci95") else "")
+        m = maps.get(lab)
+        miou = (f"{m['miou']['mean']:.3f} ({m['miou_shuffled']['mean']:.3f})" if m else "-")
+        name = lab.replace("+mv", " + multi-vector training")
+        late = agg.get(keys.get(scored(lab, "maxsim"), ""))
+        n = len((late or agg[keys[lab]])["seeds"])
+        lines.append(f"| {name} | {n} | {mean(lab, 'overall')} | "
+                     f"{mean(scored(lab, 'maxsim'), 'overall')} | "
+                     f"{mean(scored(lab, 'hybrid'), 'overall')} | {delta} | "
+                     f"{mean(lab, 'retrieval')} / {mean(scored(lab, 'maxsim'), 'retrieval')} | "
+                     f"{mean(lab, 'grounding')} / {mean(scored(lab, 'maxsim'), 'grounding')} | "
+                     f"{miou} |")
+    return lines
