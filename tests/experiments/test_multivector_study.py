@@ -57,7 +57,9 @@ def test_report_rows_and_paired_comparisons():
     keys = dict(rows)
     assert keys["baseline"].key == BASELINE_KEY
     assert keys["mac_only+mv · hybrid"].key == AblationRun(MAC, multivector=True).key + "@hybrid"
-    pairs = {(a, b) for a, _, b, _ in _comparison_pairs(report_groups(exp))}
+    listed = [(a, b) for a, _, b, _ in _comparison_pairs(report_groups(exp))]
+    pairs = set(listed)
+    assert len(pairs) == len(listed)  # each comparison once
     assert ("mac_only · maxsim", "mac_only") in pairs  # late vs pooled, one checkpoint
     assert ("mac_only · maxsim", "baseline · maxsim") in pairs  # MAC's effect, zero-shot
     assert ("mac_only+mv · maxsim", "baseline+mv · maxsim") in pairs  # and trained

@@ -186,7 +186,7 @@ def _comparison_pairs(expanded: Mapping[str, Sequence[tuple[str, AblationRun]]]
     pairs = [(label, k, "baseline", base) for label, k in keys.items() if k != base]
     pairs += [(a, keys[a], b, keys[b]) for a, b in COMPARISONS + STUDY_COMPARISONS
               if a in keys and b in keys]
-    return pairs
+    return list(dict.fromkeys(pairs))  # a study pair may also be "config − baseline"
 
 
 def _cell(d: Mapping[str, Any], signed: bool = False) -> str:
