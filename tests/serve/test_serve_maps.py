@@ -1,0 +1,207 @@
+"""``/v1/search`` on a multi-vector index: MaxSim hits as ``fam search``, similarity maps that
+are the score's own terms, the grid each adapter reports, and the one-line refusals."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+pytest.importorskip("fastapi")
+pytest.importorskip("faiss")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from fam.backbones import load_backbone  # noqa: E402
+from fam.cli import main  # noqa: E402
+from fam.config import ServeConfig  # noqa: E402
+from fam.config.deploy import MultiVectorIndexConfig  # noqa: E402
+from fam.data.types import MMItem  # noqa: E402
+from fam.index import Index, build_index  # noqa: E402
+from fam.index.maps import similarity_maps  # noqa: E402
+from fam.model import EmbeddingModel  # noqa: E402
+from fam.model.multivector import load_multivector  # noqa: E402
+from fam.serve.app import Service, create_app  # noqa: E402
+
+DOC = "<|image_1|>\nRepresent the given image."
+#: (width, height): square and non-square images (Qwen2-VL's grid follows the aspect).
+SIZES = [(112, 112), (168, 112), (112, 168), (112, 112), (224, 112), (140, 140)]
+
+
+def _collection(root):
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i, (w, h) in enumerate(SIZES):
+        im = Image.new("RGB", (w, h), (40, 40, 40))
+        ImageDraw.Draw(im).ellipse([8 + 6 * i, 10, 50 + 6 * i, 60],
+                                   fill=[(230, 30, 30), (30, 30, 230), (30, 200, 30)][i % 3])
+        im.save(root / "img" / f"{i}.png")
+        rows.append({"id": f"im-{i}", "text": DOC, "image": f"img/{i}.png"})
+    rows.append({"id": "caption", "text": "a red circle on grey"})
+    (root / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "items.jsonl"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_dirs):
+    """(model dir, image root, {name: index dir}) for content / image / capped indexes."""
+    work = tmp_path_factory.mktemp("maps")
+    model = tiny_dirs["qwen2_vl"]
+    items = _collection(work / "col")
+    out = {}
+    for name, mv in [("content", MultiVectorIndexConfig()),
+                     ("image", MultiVectorIndexConfig(tokens="image", similarity="maxsim")),
+                     ("capped", MultiVectorIndexConfig(max_tokens=6))]:
+        out[name] = build_index(work / name, items, model=model, image_root=work / "col",
+                                progress=False, multivector=mv, query_prompt="Find: ")
+    out["single"] = build_index(work / "single", items, model=model, image_root=work / "col",
+                                progress=False)
+    return model, work / "col", out
+
+
+@contextlib.contextmanager
+def _client(model, index):
+    svc = Service(EmbeddingModel(load_backbone(model)), ServeConfig(), Index.load(index),
+                  model_path=str(model))
+    with TestClient(create_app(svc)) as c:
+        yield c, svc
+
+
+def _uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_hits_are_fam_search_and_maps_are_the_score_terms(setup):
+    model, root, idx = setup
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["search", "--index", str(idx["content"]), "--text", "a red circle", "-k",
+                     "5", "--json"]) == 0
+    cli = [json.loads(line) for line in buf.getvalue().splitlines()]
+    with _client(model, idx["content"]) as (c, svc):
+        r = c.post("/v1/search", json={"query": "a red circle", "k": 5, "maps": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        plain = c.post("/v1/search", json={"query": "a red circle", "k": 5}).json()
+        assert c.get("/health").json()["multivector"] is True
+    # the same hits and scores as fam search on the same index (the same code path)
+    assert [(h["index"], h["score"]) for h in body["data"]] == \
+        [(h["index"], h["score"]) for h in cli]
+    assert [h["id"] for h in plain["data"]] == [h["id"] for h in cli]
+    assert "maps" not in plain["data"][0] and "query_tokens" not in plain
+    assert body["scoring"] == "maxsim" and body["similarity"] == "meanmaxsim"
+    # the query tokens offered are the vectors: the prompt and the text, no special token
+    toks = body["query_tokens"]
+    assert "".join(toks) == "Find: a red circle"
+    special = set(svc.model.adapter.tokenizer.all_special_tokens)
+    assert not special & set(toks)
+    for h in body["data"]:
+        if h["image"] is None:  # the caption-only item has no image: no map, and says so
+            assert h["maps"] is None and "no image" in h["maps_note"]
+            continue
+        m = h["maps"]
+        w, hgt = Image.open(root / h["image"]).size
+        rows, cols = m["grid"]
+        # Qwen2-VL resizes the whole image (no crop: the box is all of it) to a multiple of
+        # 28 px within its pixel budget: the grid follows the aspect
+        assert m["box"] == [0.0, 0.0, 1.0, 1.0]
+        assert (cols > rows, cols == rows) == (w > hgt, w == hgt)
+        assert len(m["values"]) == len(m["contribution"]) == len(toks)
+        assert all(len(v) == rows * cols for v in m["values"])
+        # meanmaxsim: the score is the mean of the terms (terms rounded to 5 digits)
+        assert abs(sum(m["contribution"]) / len(toks) - h["score"]) < 1e-5
+        # a map never exceeds its term (the item's text tokens are vectors too)
+        assert all(max(v) <= t for v, t in zip(m["values"], m["contribution"]))
+
+
+def test_maps_equal_a_plain_reading_of_the_item(setup):
+    """values[t, r·C + c] = q_t · (the head's vector of the item's image token at (r, c)),
+    from a fresh per-item forward; contribution[t] = max over every stored vector."""
+    model, root, idx = setup
+    with _client(model, idx["content"]) as (c, svc):
+        late = svc.late
+        q, _ = late.query(svc.index.query_item("a blue circle"))
+        emb, head = svc.model, late.head
+        for i in range(len(SIZES)):
+            m = late.maps(q, i)
+            item = MMItem(DOC, root / "img" / f"{i}.png")
+            batch = emb.adapter.encode([item])
+            with torch.no_grad():
+                out = emb(batch)
+                vecs, _ = head(out)
+            img_vecs = vecs[0][batch.image_mask[0]]  # sequence order = raster order
+            assert m.values.shape == (len(q), m.grid.rows * m.grid.cols)
+            ref = torch.tensor([[float(q[t] @ img_vecs[g]) for g in range(len(img_vecs))]
+                                for t in range(len(q))])
+            # float32 forwards of other batch shapes (index build vs one item)
+            assert torch.allclose(m.values, ref, atol=1e-5)
+            doc = svc.index.late.store.tokens[int(svc.index.late.store.offsets[i]):
+                                              int(svc.index.late.store.offsets[i + 1])]
+            want = torch.tensor([max(float(q[t] @ d) for d in doc) for t in range(len(q))])
+            assert torch.allclose(m.contribution, want, atol=1e-6)  # float32 dot products
+
+
+def test_image_token_index_each_maps_max_is_its_contribution(setup):
+    """With only image tokens as vectors, every query token's map maximum IS its MaxSim term
+    (exactly: one product), and their sum is the score."""
+    model, root, idx = setup
+    with _client(model, idx["image"]) as (c, svc):
+        body = c.post("/v1/search", json={"query": {"image": _uri(root / "img" / "1.png")},
+                                          "k": 4, "maps": True}).json()
+        assert body["data"][0]["id"] == "im-1"  # the image finds itself
+        toks = body["query_tokens"]
+        g = svc.model.adapter.image_token_grid(Image.open(root / "img" / "1.png"))
+        assert toks == [f"<image {n}>" for n in range(1, g.rows * g.cols + 1)]
+        for h in body["data"]:
+            m = h["maps"]
+            assert [max(v) for v in m["values"]] == m["contribution"]
+            assert abs(sum(m["contribution"]) - h["score"]) < 1e-3  # 24 terms rounded to 1e-5
+        # a text query has no vectors in this token set: one line, 400
+        r = c.post("/v1/search", json={"query": "a red circle", "maps": True})
+        assert r.status_code == 400 and "no token vectors" in r.json()["error"]["message"]
+
+
+def test_similarity_maps_is_one_product():
+    g = torch.Generator().manual_seed(0)
+    q, d = torch.randn(3, 8, generator=g), torch.randn(10, 8, generator=g)
+    rows = torch.tensor([1, 2, 5, 7])
+    values, contrib = similarity_maps(q, d, rows)
+    assert torch.equal(values, (q @ d.T)[:, rows])
+    assert torch.equal(contrib, (q @ d.T).max(1).values)
+
+
+def test_refusals_and_capped_items(setup):
+    model, _, idx = setup
+    with _client(model, idx["single"]) as (c, _):
+        r = c.post("/v1/search", json={"query": "a red circle", "maps": True})
+        assert r.status_code == 400 and "--multivector" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "maps" and "\n" not in r.json()["error"]["message"]
+        assert c.post("/v1/search", json={"query": "red"}).status_code == 200
+        assert c.get("/health").json()["multivector"] is False
+    with _client(model, idx["capped"]) as (c, _):
+        for bad in (1, "yes", None):
+            r = c.post("/v1/search", json={"query": "red", "maps": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "maps"
+        body = c.post("/v1/search", json={"query": "a red circle", "k": 7, "maps": True}).json()
+        capped = [h for h in body["data"] if h["image"]]
+        assert capped and all(h["maps"] is None and "--max-tokens 6" in h["maps_note"]
+                              for h in capped)
+
+
+def test_grids_match_the_image_token_counts(tiny_dirs):
+    """Each adapter's grid (+ leading tokens) is the number of image tokens it makes, and
+    LLaVA's centre crop is the box."""
+    for fam_ in ("qwen2_vl", "llava"):
+        ad = load_backbone(tiny_dirs[fam_])
+        for size in [(112, 112), (200, 100), (90, 150)]:
+            im = Image.new("RGB", size, (9, 9, 9))
+            grid = ad.image_token_grid(im)
+            _, counts = ad.process_images([ad.prepare_image(im)])
+            assert grid.first + grid.rows * grid.cols == counts[0]
+    ad = load_backbone(tiny_dirs["llava"])
+    assert ad.image_token_grid(Image.new("RGB", (200, 100))).box == (0.25, 0.0, 0.75, 1.0)
+    assert ad.image_token_grid(Image.new("RGB", (100, 200))).box == (0.0, 0.25, 1.0, 0.75)
