@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
@@ -28,39 +28,24 @@ from fam.model.multivector import load_multivector  # noqa: E402
 from fam.serve.app import Service, create_app  # noqa: E402
 
 DOC = "<|image_1|>\nRepresent the given image."
-#: (width, height): square and non-square images (Qwen2-VL's grid follows the aspect).
-SIZES = [(112, 112), (168, 112), (112, 168), (112, 112), (224, 112), (140, 140)]
-
-
-def _collection(root):
-    (root / "img").mkdir(parents=True)
-    rows = []
-    for i, (w, h) in enumerate(SIZES):
-        im = Image.new("RGB", (w, h), (40, 40, 40))
-        ImageDraw.Draw(im).ellipse([8 + 6 * i, 10, 50 + 6 * i, 60],
-                                   fill=[(230, 30, 30), (30, 30, 230), (30, 200, 30)][i % 3])
-        im.save(root / "img" / f"{i}.png")
-        rows.append({"id": f"im-{i}", "text": DOC, "image": f"img/{i}.png"})
-    rows.append({"id": "caption", "text": "a red circle on grey"})
-    (root / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "items.jsonl"
+N_IMAGES = 6  # maps_collection (conftest): six images of several aspects, one caption
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_dirs):
+def setup(tmp_path_factory, tiny_dirs, maps_collection):
     """(model dir, image root, {name: index dir}) for content / image / capped indexes."""
     work = tmp_path_factory.mktemp("maps")
     model = tiny_dirs["qwen2_vl"]
-    items = _collection(work / "col")
+    items, root = maps_collection
     out = {}
     for name, mv in [("content", MultiVectorIndexConfig()),
                      ("image", MultiVectorIndexConfig(tokens="image", similarity="maxsim")),
                      ("capped", MultiVectorIndexConfig(max_tokens=6))]:
-        out[name] = build_index(work / name, items, model=model, image_root=work / "col",
+        out[name] = build_index(work / name, items, model=model, image_root=root,
                                 progress=False, multivector=mv, query_prompt="Find: ")
-    out["single"] = build_index(work / "single", items, model=model, image_root=work / "col",
+    out["single"] = build_index(work / "single", items, model=model, image_root=root,
                                 progress=False)
-    return model, work / "col", out
+    return model, root, out
 
 
 @contextlib.contextmanager
@@ -126,7 +111,7 @@ def test_maps_equal_a_plain_reading_of_the_item(setup):
         late = svc.late
         q, _ = late.query(svc.index.query_item("a blue circle"))
         emb, head = svc.model, late.head
-        for i in range(len(SIZES)):
+        for i in range(N_IMAGES):
             m = late.maps(q, i)
             item = MMItem(DOC, root / "img" / f"{i}.png")
             batch = emb.adapter.encode([item])

@@ -127,7 +127,7 @@ class LateMaps:
             return "maps cover items with one image (this one has several, or a video)"
         path = idx.image_file(i)
         if path is None:
-            return "the item has no image file"
+            return "the item has no image"
         item = MMItem(apply_prompt(idx.manifest.document_prompt, str(row.get("text") or "")),
                       path)
         try:
