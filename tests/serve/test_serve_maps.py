@@ -190,3 +190,27 @@ def test_grids_match_the_image_token_counts(tiny_dirs):
     ad = load_backbone(tiny_dirs["llava"])
     assert ad.image_token_grid(Image.new("RGB", (200, 100))).box == (0.25, 0.0, 0.75, 1.0)
     assert ad.image_token_grid(Image.new("RGB", (100, 200))).box == (0.0, 0.25, 1.0, 0.75)
+
+
+def test_fam_search_maps_writes_the_same_maps_as_png(setup, tmp_path, caplog):
+    model, root, idx = setup
+    out = tmp_path / "maps"
+    assert main(["search", "--index", str(idx["content"]), "--image",
+                 str(root / "img" / "2.png"), "-k", "4", "--maps", str(out)]) == 0
+    saved = json.loads((out / "maps.json").read_text())
+    with _client(model, idx["content"]) as (c, _):
+        api = c.post("/v1/search", json={"query": {"image": _uri(root / "img" / "2.png")},
+                                         "k": 4, "maps": True}).json()
+    assert saved["query_tokens"] == api["query_tokens"]
+    assert [(h["id"], h["maps"]) for h in saved["hits"]] == \
+        [(h["id"], h["maps"]) for h in api["data"]]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [f"{h['rank']:02d}-{h['id']}.png" for h in api["data"] if h["maps"]]
+    sheet = Image.open(out / pngs[0])
+    # the image, then one panel per query token
+    assert sheet.width > len(api["query_tokens"]) * 100
+    caplog.clear()
+    assert main(["search", "--index", str(idx["single"]), "--text", "red", "--maps",
+                 str(tmp_path / "x")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "--multivector" in errors[0] and "\n" not in errors[0]

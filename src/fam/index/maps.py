@@ -17,6 +17,7 @@ no map; :meth:`LateMaps.maps` says why in one line.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,10 @@ from fam.data.types import MMItem
 from fam.errors import DataError
 from fam.index.items import apply_prompt
 
-__all__ = ["TokenMaps", "similarity_maps", "LateMaps", "LateResult"]
+__all__ = ["TokenMaps", "similarity_maps", "LateMaps", "LateResult", "overlay", "write_maps",
+           "RAMP"]
+
+log = logging.getLogger(__name__)
 
 #: Item layouts kept in memory (one small tensor each).
 _LAYOUT_CACHE = 4096
@@ -101,7 +105,10 @@ class LateMaps:
 
     def query(self, item: MMItem, image=None) -> tuple[torch.Tensor, list[str]]:
         """The query's token vectors ``(Nq, D)`` and each one's text (image tokens:
-        ``<image k>``): only the tokens that are vectors (special and masked ones are not)."""
+        ``<image k>``): only the tokens that are vectors (special and masked ones are not).
+        ``image``: decoded image(s) of the item (None: read from ``item``'s paths)."""
+        if image is None and (item.image is not None or item.images):
+            image = self.adapter.load_item_image(item)
         _, toks = self.encoder.encode_multi_all([item], images=[image])
         ids, is_image, _ = self._counted(item, image)
         tok = self.adapter.tokenizer
@@ -167,3 +174,82 @@ class LateMaps:
         q, texts = self.query(item, image)
         hits = self.index.search_tokens([q], k)[0]
         return LateResult(hits, texts, [self.maps(q, h.index) for h in hits] if maps else None)
+
+
+#: The colour ramp of the maps (inferno-like; the search page uses the same stops).
+RAMP = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
+
+
+def _heat(values: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``(..., 3)`` uint8 colours of ``values`` scaled from ``[lo, hi]`` onto :data:`RAMP`."""
+    ramp = torch.tensor(RAMP, dtype=torch.float32)
+    x = ((values.float() - lo) / (hi - lo) if hi > lo else torch.zeros_like(values.float()))
+    f = x.clamp(0, 1) * (len(RAMP) - 1)
+    i = f.floor().long().clamp(max=len(RAMP) - 2)
+    w = (f - i)[..., None]
+    return (ramp[i] + (ramp[i + 1] - ramp[i]) * w).round().to(torch.uint8)
+
+
+def overlay(image, maps: TokenMaps, t: int, lo: float, hi: float, alpha: float = 0.6):
+    """The image with query token ``t``'s map laid over the part its grid covers (cells as
+    blocks, no smoothing: each block is one image token)."""
+    from PIL import Image
+    g = maps.grid
+    heat = _heat(maps.values[t].reshape(g.rows, g.cols), lo, hi).numpy()
+    base = image.convert("RGB")
+    w, h = base.size
+    x0, y0, x1, y1 = (round(g.box[0] * w), round(g.box[1] * h), round(g.box[2] * w),
+                      round(g.box[3] * h))
+    cells = Image.fromarray(heat, "RGB").resize((max(x1 - x0, 1), max(y1 - y0, 1)),
+                                                Image.NEAREST)
+    region = base.crop((x0, y0, x1, y1))
+    base.paste(Image.blend(region, cells.resize(region.size, Image.NEAREST), alpha), (x0, y0))
+    return base
+
+
+def write_maps(out_dir, index, result: LateResult, panel: int = 160) -> list:
+    """One PNG per hit with maps (``NN-<id>.png``): the image, then one panel per query token
+    (its map over the image, its text and contribution below), one colour scale per token
+    across the hits; and ``maps.json`` (the tokens, each hit's maps as ``/v1/search``).
+
+    Returns:
+        The PNG paths written.
+    """
+    import json
+    import re
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with_maps = [(h, m) for h, m in zip(result.hits, result.maps or []) if not isinstance(m, str)]
+    scale = [(min(float(m.values[t].min()) for _, m in with_maps),
+              max(float(m.values[t].max()) for _, m in with_maps))
+             for t in range(len(result.tokens))] if with_maps else []
+    written = []
+    for h, m in with_maps:
+        image = Image.open(index.image_file(h.index))
+        size = (max(1, round(image.width * panel / image.height)), panel)
+        panels = [image.convert("RGB").resize(size)] + [
+            overlay(image, m, t, *scale[t]).resize(size) for t in range(len(result.tokens))]
+        sheet = Image.new("RGB", (len(panels) * (size[0] + 4), panel + 30), "white")
+        draw = ImageDraw.Draw(sheet)
+        for n, p in enumerate(panels):
+            x = n * (size[0] + 4)
+            sheet.paste(p, (x, 0))
+            label = (f"#{h.rank} {h.score:.4f}" if n == 0 else
+                     f"{result.tokens[n - 1].strip()!s} {float(m.contribution[n - 1]):.3f}")
+            draw.text((x + 2, panel + 8), label[:24], fill="black")
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", h.id)[:60]
+        path = out_dir / f"{h.rank:02d}-{safe}.png"
+        sheet.save(path)
+        written.append(path)
+    notes = {h.id: m for h, m in zip(result.hits, result.maps or []) if isinstance(m, str)}
+    (out_dir / "maps.json").write_text(json.dumps({
+        "query_tokens": result.tokens,
+        "hits": [{**h.to_json(), "maps": None if isinstance(m, str) else m.to_json(),
+                  **({"maps_note": m} if isinstance(m, str) else {})}
+                 for h, m in zip(result.hits, result.maps or [])]}, ensure_ascii=False))
+    if notes:
+        log.info("no map for %d hit(s): %s", len(notes), next(iter(notes.values())))
+    return written
