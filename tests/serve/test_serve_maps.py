@@ -103,11 +103,23 @@ def test_hits_are_fam_search_and_maps_are_the_score_terms(setup):
         assert all(max(v) <= t for v, t in zip(m["values"], m["contribution"]))
 
 
-def test_maps_equal_a_plain_reading_of_the_item(setup):
+@pytest.fixture(scope="module")
+def llava_index(tmp_path_factory, tiny_dirs, maps_collection):
+    items, root = maps_collection
+    model = tiny_dirs["llava"]
+    return model, build_index(tmp_path_factory.mktemp("maps-llava") / "idx", items, model=model,
+                              image_root=root, progress=False,
+                              multivector=MultiVectorIndexConfig())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_maps_equal_a_plain_reading_of_the_item(setup, llava_index, family):
     """values[t, r·C + c] = q_t · (the head's vector of the item's image token at (r, c)),
-    from a fresh per-item forward; contribution[t] = max over every stored vector."""
+    from a fresh per-item forward; contribution[t] = max over every stored vector. LLaVA's
+    grid covers the centre crop of a non-square image."""
     model, root, idx = setup
-    with _client(model, idx["content"]) as (c, svc):
+    model, index = (model, idx["content"]) if family == "qwen2_vl" else llava_index
+    with _client(model, index) as (c, svc):
         late = svc.late
         q, _ = late.query(svc.index.query_item("a blue circle"))
         emb, head = svc.model, late.head
@@ -128,6 +140,13 @@ def test_maps_equal_a_plain_reading_of_the_item(setup):
                                               int(svc.index.late.store.offsets[i + 1])]
             want = torch.tensor([max(float(q[t] @ d) for d in doc) for t in range(len(q))])
             assert torch.allclose(m.contribution, want, atol=1e-6)  # float32 dot products
+            w, h = Image.open(root / "img" / f"{i}.png").size
+            if family == "llava":  # shortest edge to 112, a 112x112 centre crop: 8x8 patches
+                assert (m.grid.rows, m.grid.cols) == (8, 8)
+                want_box = ((1 - h / w) / 2 if w > h else 0.0, (1 - w / h) / 2 if h > w else 0.0,
+                            (1 + h / w) / 2 if w > h else 1.0, (1 + w / h) / 2 if h > w else 1.0)
+                # the same fractions computed in another order (pixels, then divided)
+                assert m.grid.box == pytest.approx(want_box, abs=1e-12)
 
 
 def test_image_token_index_each_maps_max_is_its_contribution(setup):
