@@ -200,10 +200,9 @@ def overlay(image, maps: TokenMaps, t: int, lo: float, hi: float, alpha: float =
     w, h = base.size
     x0, y0, x1, y1 = (round(g.box[0] * w), round(g.box[1] * h), round(g.box[2] * w),
                       round(g.box[3] * h))
-    cells = Image.fromarray(heat, "RGB").resize((max(x1 - x0, 1), max(y1 - y0, 1)),
-                                                Image.NEAREST)
-    region = base.crop((x0, y0, x1, y1))
-    base.paste(Image.blend(region, cells.resize(region.size, Image.NEAREST), alpha), (x0, y0))
+    region = base.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
+    cells = Image.fromarray(heat, "RGB").resize(region.size, Image.NEAREST)
+    base.paste(Image.blend(region, cells, alpha), (x0, y0))
     return base
 
 
