@@ -233,3 +233,18 @@ def test_fam_search_maps_writes_the_same_maps_as_png(setup, tmp_path, caplog):
                  str(tmp_path / "x")]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "--multivector" in errors[0] and "\n" not in errors[0]
+
+
+def test_overlay_covers_exactly_the_grid_box():
+    """fam search --maps: a grid on the centre crop of a 2:1 image colours only that crop, one
+    block per token, the hottest block at the hottest token's place."""
+    from fam.backbones.batch import TokenGrid
+    from fam.index.maps import RAMP, TokenMaps, overlay
+    im = Image.new("RGB", (200, 100), (0, 0, 0))
+    values = torch.zeros(1, 4)
+    values[0, 3] = 1.0  # bottom-right cell of a 2x2 grid
+    m = TokenMaps(TokenGrid(2, 2, 0, (0.25, 0.0, 0.75, 1.0)), values, torch.ones(1))
+    out = overlay(im, m, 0, 0.0, 1.0, alpha=1.0)
+    assert out.getpixel((10, 50)) == (0, 0, 0) and out.getpixel((190, 50)) == (0, 0, 0)
+    assert out.getpixel((60, 20)) == RAMP[0] and out.getpixel((140, 80)) == RAMP[-1]
+    assert out.getpixel((140, 20)) == RAMP[0] and out.getpixel((60, 80)) == RAMP[0]
