@@ -384,7 +384,8 @@ def plot_token_maps(examples: Mapping[str, Mapping[str, Any]], image_root: str |
 
     Args:
         examples: model label → ``{"image": path under image_root, "caption", "tokens":
-            [n], "maps": (n, N) nested lists, "grid": [G_h, G_w]}``
+            [n], "maps": (n, N) nested lists, "grid": [G_h, G_w], "box": the part of the
+            image the grid covers, fractions (x0, y0, x1, y1), default the whole image}``
             (:func:`fam.experiments.multivector_study.map_check`'s ``example``).
         image_root: folder the images are relative to.
         path: output file.
@@ -412,7 +413,8 @@ def plot_token_maps(examples: Mapping[str, Mapping[str, Any]], image_root: str |
             if m is not None:
                 lo, hi = float(m.min()), float(m.max())
                 m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-                ax.imshow(m, cmap="jet", alpha=alpha, extent=(0, w, h, 0),
+                x0, y0, x1, y1 = e.get("box", (0.0, 0.0, 1.0, 1.0))
+                ax.imshow(m, cmap="jet", alpha=alpha, extent=(x0 * w, x1 * w, y1 * h, y0 * h),
                           interpolation="nearest", vmin=0.0, vmax=1.0)
             ax.set_title(f"'{name}'" if m is not None and name != "mean" else name, fontsize=8)
             if c == 0:

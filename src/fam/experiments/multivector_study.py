@@ -216,12 +216,27 @@ def _token_strings(tokenizer: Any, item: MMItem) -> list[str]:
     return [tokenizer.decode([i]).strip() or "·" for i in ids]
 
 
-def _grid(n: int, height: int, width: int) -> tuple[int, int]:
-    """The token grid of ``n`` image tokens over an ``height × width`` image (raster order;
-    the grid whose aspect is closest to the image's)."""
-    best = min(((gh, n // gh) for gh in range(1, n + 1) if n % gh == 0),
-               key=lambda g: abs(g[0] / g[1] - height / width))
-    return best
+def _grid(adapter: Any, rec: Any, n_tokens: int) -> Any:
+    """The record's image-token grid (the adapter's, :class:`fam.backbones.batch.TokenGrid`),
+    checked against the tokens the head read."""
+    from PIL import Image
+    with Image.open(rec.path) as im:
+        grid = adapter.image_token_grid(im.convert("RGB"))
+    if grid is None or grid.first + grid.rows * grid.cols > n_tokens:
+        raise ConfigError(f"{type(adapter).__name__}: no plain image-token grid for "
+                          f"{rec.image} ({n_tokens} image tokens); the map check needs one "
+                          "(Qwen2-VL and LLaVA-1.5 families)")
+    return grid
+
+
+def _masks_on_grid(masks: torch.Tensor, grid: Any) -> torch.Tensor:
+    """``(K, rows·cols)`` coverage of ``(K, H, W)`` masks by the grid's cells (the grid covers
+    ``grid.box`` of the image)."""
+    from fam.analysis.alignment import grid_coverage
+    h, w = masks.shape[1:]
+    x0, y0, x1, y1 = grid.box
+    crop = masks[:, round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)]
+    return grid_coverage(crop, (grid.rows, grid.cols))
 
 
 def _pick_example(recs: Sequence[Any]) -> int:
@@ -243,8 +258,8 @@ def map_check(model_dir: str | Path, data: str | Path, max_images: int = MAP_IMA
         T2I caption of eval image ``example`` (default: :func:`_pick_example`) and its
         per-token maps, for the figure).
     """
-    from fam.analysis.alignment import (contrast, grid_coverage, patch_miou,
-                                        pointing_accuracy, shuffled_miou, token_maps)
+    from fam.analysis.alignment import (contrast, patch_miou, pointing_accuracy,
+                                        shuffled_miou, token_maps)
     from fam.data.rle import rle_decode
     from fam.pad.records import read_pad
     from fam.projector.geometry import select_patches
@@ -258,37 +273,48 @@ def map_check(model_dir: str | Path, data: str | Path, max_images: int = MAP_IMA
     _, d_read = _readings(Path(model_dir), tokens="image")
     docs = [MMItem(text=IMAGE_TARGET, image=r.path) for r in recs]
     _, d_tok = d_read.encode_multi_all(docs)
+    grids = [_grid(model.adapter, r, len(t)) for r, t in zip(recs, d_tok)]
+    d_tok = [t[g.first:g.first + g.rows * g.cols] for t, g in zip(d_tok, grids)]
     queries, gts, owner = [], [], []
     for i, r in enumerate(recs):
         by_label: dict[str, torch.Tensor] = {}
         for reg in r.regions:
             m = torch.from_numpy(rle_decode(reg.mask).astype(bool))
             by_label[reg.label] = by_label[reg.label] | m if reg.label in by_label else m
-        n = len(d_tok[i])
-        grid = _grid(n, r.height, r.width)
         if not by_label:
             continue
-        cov = grid_coverage(torch.stack(list(by_label.values())), grid)
+        cov = _masks_on_grid(torch.stack(list(by_label.values())), grids[i])
         gts += list(torch.from_numpy(select_patches(cov.numpy(), 0.5, flat=True)))
         queries += list(by_label)
         owner += [i] * len(by_label)
     q_items = _label_items(queries)
     _, q_tok = q_read.encode_multi_all(q_items)
-    maps = torch.stack([token_maps(q_tok[k], d_tok[owner[k]]).mean(0) for k in range(len(q_items))])
-    gt = torch.stack(gts)
-    out = {"miou": patch_miou(maps, gt), "miou_shuffled": shuffled_miou(maps, gt),
-           "pointing": pointing_accuracy(maps, gt), "contrast": contrast(maps, gt),
-           "n_regions": len(q_items), "n_images": len(recs),
-           "grid": list(_grid(len(d_tok[0]), recs[0].height, recs[0].width))}
+    ious, points, contrasts, shuffled = [], [], [], []
+    for n in sorted({g.rows * g.cols for g in grids}):  # maps of one grid size together
+        ks = [k for k in range(len(q_items)) if len(d_tok[owner[k]]) == n]
+        maps = torch.stack([token_maps(q_tok[k], d_tok[owner[k]]).mean(0) for k in ks])
+        gt = torch.stack([gts[k] for k in ks])
+        w = len(ks)
+        ious.append((patch_miou(maps, gt), w))
+        points.append((pointing_accuracy(maps, gt), w))
+        contrasts.append((contrast(maps, gt), w))
+        shuffled.append((shuffled_miou(maps, gt), w))
+
+    def avg(xs: list[tuple[float, int]]) -> float:
+        return sum(v * w for v, w in xs) / sum(w for _, w in xs)
+
+    out = {"miou": avg(ious), "miou_shuffled": avg(shuffled), "pointing": avg(points),
+           "contrast": avg(contrasts), "n_regions": len(q_items), "n_images": len(recs),
+           "grid": [grids[0].rows, grids[0].cols]}
     example = _pick_example(recs) if example is None else example
-    out["example"] = _example(model, q_read, recs[example], d_tok[example], out["grid"], data)
+    out["example"] = _example(model, q_read, recs[example], d_tok[example], grids[example], data)
     return out
 
 
-def _example(model: Any, q_read: Any, rec: Any, d_tok: torch.Tensor, grid: Sequence[int],
+def _example(model: Any, q_read: Any, rec: Any, d_tok: torch.Tensor, grid: Any,
              data: Path) -> dict[str, Any]:
     """Per-token maps of the image's T2I caption (its scene caption) for the figure."""
-    from fam.analysis.alignment import grid_coverage, token_maps
+    from fam.analysis.alignment import token_maps
     from fam.data.rle import rle_decode
     caps = {Path(c["image"]).as_posix(): c["caption"]
             for c in json.loads((data / "captions_eval.json").read_text())}
@@ -301,9 +327,10 @@ def _example(model: Any, q_read: Any, rec: Any, d_tok: torch.Tensor, grid: Seque
     if len(names) != len(maps):
         names = [f"t{i + 1}" for i in range(len(maps))]
     masks = torch.stack([torch.from_numpy(rle_decode(r.mask).astype(bool)) for r in rec.regions])
-    cover = grid_coverage(masks.any(0, keepdim=True), tuple(grid))[0]
-    return {"image": rec.image, "caption": caption, "tokens": names,
-            "maps": maps.tolist(), "object_coverage": cover.tolist(), "grid": list(grid)}
+    cover = _masks_on_grid(masks.any(0, keepdim=True), grid)[0]
+    return {"image": rec.image, "caption": caption, "tokens": names, "maps": maps.tolist(),
+            "object_coverage": cover.tolist(), "grid": [grid.rows, grid.cols],
+            "box": list(grid.box)}
 
 
 # --------------------------------------------------------------------------- report
