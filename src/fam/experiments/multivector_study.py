@@ -260,15 +260,12 @@ def map_check(model_dir: str | Path, data: str | Path, max_images: int = MAP_IMA
     """
     from fam.analysis.alignment import (contrast, patch_miou, pointing_accuracy,
                                         shuffled_miou, token_maps)
+    from fam.analysis.probes import pad_records
     from fam.data.rle import rle_decode
-    from fam.pad.records import read_pad
     from fam.projector.geometry import select_patches
 
     data = Path(data)
-    recs = [r for r in read_pad(data / "pad.jsonl", data) if r.image.startswith("images/eval/")]
-    recs = recs[:max_images]
-    if not recs:
-        raise ConfigError(f"{data / 'pad.jsonl'}: no eval image records for the map check")
+    recs = pad_records(data, "eval", max_images)
     model, q_read = _readings(Path(model_dir))
     _, d_read = _readings(Path(model_dir), tokens="image")
     docs = [MMItem(text=IMAGE_TARGET, image=r.path) for r in recs]
