@@ -174,8 +174,8 @@ def test_map_check_on_scenes(scenes):
 def test_quick_study_end_to_end_and_resume(tmp_path):
     from fam.experiments.demo import demo_config
     plan = demo_config(quick=True)
-    plan.scenes = dataclasses.replace(plan.scenes, n_train_images=60, n_eval_images=12,
-                                      n_ood_images=6, eval_rows=4)
+    plan.scenes = dataclasses.replace(plan.scenes, n_train_images=60, n_eval_images=24,
+                                      n_ood_images=12, eval_rows=4)
     for stage in (plan.stage0, plan.align, plan.adapt):
         stage.optim.steps, stage.optim.batch_size = 2, 4
     out = tmp_path / "abl"
