@@ -353,7 +353,9 @@ def collect(out: Path, seeds: Sequence[int],
                 records += d["records"]
                 maps.setdefault(lab, {})[seed] = {**d["maps"], "head": d["head"],
                                                   "trained_head": d["trained_head"]}
-    return report_groups(expanded), records, summarise_maps(maps, list(labels.values()))
+    order = [lab for lab in ZERO_SHOT + TRAINED if lab in maps] + \
+        [lab for lab in labels.values() if lab not in ZERO_SHOT + TRAINED]
+    return report_groups(expanded), records, summarise_maps(maps, order)
 
 
 def _stats(xs: Sequence[float]) -> dict[str, Any]:
