@@ -46,7 +46,7 @@ from fam.export.card import model_card
 log = logging.getLogger(__name__)
 
 __all__ = ["export_sentence_transformers", "ExportResult", "chat_template", "DEFAULT_PROMPTS",
-           "check_export", "PARITY_MIN_COSINE"]
+           "check_export", "PARITY_MIN_COSINE", "st_video", "VIDEO_FPS"]
 
 #: The instructions of the Scenes/MMEB retrieval tasks fam trains on: a text query looking
 #: for an image, and an image document (``<|image_1|>`` places the image before the text).
@@ -56,6 +56,12 @@ DEFAULT_PROMPTS = {"query": "Find me an everyday image that matches the given ca
 PARITY_MIN_COSINE = 0.9999
 #: ``<|image_k|>`` tags the chat template resolves (fam accepts any k; MMEB uses 1).
 MAX_IMAGE_TAGS = 16
+
+#: The frame rate a video's frames are given to sentence-transformers with
+#: (``video_metadata``): fam gives Qwen2.5-VL no ``second_per_grid_ts``, which its M-RoPE
+#: reads as 1 s per temporal patch of 2 frames; transformers assumes 24 fps for frames
+#: without metadata. (Qwen2-VL has no time scale.)
+VIDEO_FPS = 2.0
 
 #: sentence-transformers module type names every version (and vLLM) resolves.
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"
@@ -307,6 +313,16 @@ def _probe_video(n: int, size: tuple[int, int]) -> list:
     return frames
 
 
+def st_video(frames: Sequence) -> dict[str, Any]:
+    """A video as sentence-transformers takes it for a ``--video`` export, embedded as fam
+    embeds the same frames: fam's 8 frames (:func:`fam.data.video.sample`) with
+    :data:`VIDEO_FPS` in their metadata."""
+    from fam.data.video import sample
+    chosen = sample(list(frames))
+    return {"array": chosen, "video_metadata": {"total_num_frames": len(chosen),
+                                                "fps": VIDEO_FPS}}
+
+
 def torchvision_missing() -> str | None:
     """Why transformers' video processors cannot run here (None when torchvision imports)."""
     try:
@@ -321,7 +337,6 @@ def _video_probes(st, adapter, folder: Path) -> tuple[torch.Tensor, list, list[P
     8; sentence-transformers is given those 8) without a placeholder, and 5 frames placed by
     ``<|video_1|>`` in the text."""
     from fam.data.types import MMItem
-    from fam.data.video import sample
     texts = ["what happens in the clip?", "clip: <|video_1|> where does the circle go?"]
     items, st_in = [], []
     for v, (n, text) in enumerate(zip((11, 5), texts)):
@@ -330,7 +345,7 @@ def _video_probes(st, adapter, folder: Path) -> tuple[torch.Tensor, list, list[P
         for k, f in enumerate(frames):
             f.save(folder / str(v) / f"frame_{k + 1}.png")
         items.append(MMItem(text, video=folder / str(v)))
-        st_in.append({"video": sample(frames), "text": text})
+        st_in.append({"video": st_video(frames), "text": text})
     emb = st.encode(st_in, prompt="", convert_to_tensor=True, show_progress_bar=False)
     return emb, items, [None] * len(items)
 
