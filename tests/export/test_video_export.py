@@ -21,7 +21,7 @@ from fam.data.types import MMItem
 from fam.data.video import sample
 from fam.errors import ConfigError
 from fam.export import PARITY_MIN_COSINE, export_sentence_transformers, st_video
-from fam.export.st import torchvision_missing
+from fam.export.video import torchvision_missing
 from fam.model.encode import load_embedding_model
 
 st_mod = pytest.importorskip("sentence_transformers")

@@ -280,20 +280,6 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
         raise ConfigError(f"fam export does not support the {self.family} family yet "
                           "(supported: qwen2_vl, qwen2_5_vl, llava, llava_next)")
 
-    def video_processor_spec(self) -> dict[str, Any]:
-        """What ``fam export --video`` writes on top of :meth:`processor_spec` so a stock
-        processor takes this family's videos natively: ``{"processor_class", "video_placeholder"
-        (the chat template's text for one video), "named_tokens", "video_processor_config"}``.
-
-        Raises:
-            ConfigError: the family takes no video natively.
-        """
-        raise ConfigError(f"--video exports a processor that takes a video natively, which the "
-                          f"{self.family} family does not"
-                          + (" (it takes a video as its frames: pass them to "
-                             "sentence-transformers as images, see docs/deploy.md)"
-                             if self.video_input == "frames" else ""))
-
     @classmethod
     def build_tiny(cls, out_dir: str | Path | None = None, **kwargs: Any) -> "BackboneAdapter":
         raise NotImplementedError

@@ -42,11 +42,12 @@ import torch
 
 from fam.errors import ConfigError, FamError
 from fam.export.card import model_card
+from fam.export.video import torchvision_missing, video_probes, video_spec_or_fail
 
 log = logging.getLogger(__name__)
 
 __all__ = ["export_sentence_transformers", "ExportResult", "chat_template", "DEFAULT_PROMPTS",
-           "check_export", "PARITY_MIN_COSINE", "st_video", "VIDEO_FPS"]
+           "check_export", "PARITY_MIN_COSINE"]
 
 #: The instructions of the Scenes/MMEB retrieval tasks fam trains on: a text query looking
 #: for an image, and an image document (``<|image_1|>`` places the image before the text).
@@ -56,12 +57,6 @@ DEFAULT_PROMPTS = {"query": "Find me an everyday image that matches the given ca
 PARITY_MIN_COSINE = 0.9999
 #: ``<|image_k|>`` tags the chat template resolves (fam accepts any k; MMEB uses 1).
 MAX_IMAGE_TAGS = 16
-
-#: The frame rate a video's frames are given to sentence-transformers with
-#: (``video_metadata``): fam gives Qwen2.5-VL no ``second_per_grid_ts``, which its M-RoPE
-#: reads as 1 s per temporal patch of 2 frames; transformers assumes 24 fps for frames
-#: without metadata. (Qwen2-VL has no time scale.)
-VIDEO_FPS = 2.0
 
 #: sentence-transformers module type names every version (and vLLM) resolves.
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"
@@ -301,62 +296,13 @@ def _probe_images() -> list:
     return ims
 
 
-def _probe_video(n: int, size: tuple[int, int]) -> list:
-    """``n`` frames of a circle crossing the frame (the order matters)."""
-    from PIL import Image, ImageDraw
-    frames = []
-    for i in range(n):
-        im = Image.new("RGB", size, (90, 100, 110))
-        x = 4 + i * (size[0] - 30) // max(1, n - 1)
-        ImageDraw.Draw(im).ellipse([x, 8, x + 24, 32], fill=(240, 40 + 17 * i, 30))
-        frames.append(im)
-    return frames
-
-
-def st_video(frames: Sequence) -> dict[str, Any]:
-    """A video as sentence-transformers takes it for a ``--video`` export, embedded as fam
-    embeds the same frames: fam's 8 frames (:func:`fam.data.video.sample`) with
-    :data:`VIDEO_FPS` in their metadata."""
-    from fam.data.video import sample
-    chosen = sample(list(frames))
-    return {"array": chosen, "video_metadata": {"total_num_frames": len(chosen),
-                                                "fps": VIDEO_FPS}}
-
-
-def torchvision_missing() -> str | None:
-    """Why transformers' video processors cannot run here (None when torchvision imports)."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception as e:  # ImportError, or a RuntimeError from ops built for another torch
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
-    return None
-
-
-def _video_probes(st, adapter, folder: Path) -> tuple[torch.Tensor, list, list[Path]]:
-    """sentence-transformers' and fam's inputs for two video probes: 11 frames (fam samples
-    8; sentence-transformers is given those 8) without a placeholder, and 5 frames placed by
-    ``<|video_1|>`` in the text."""
-    from fam.data.types import MMItem
-    texts = ["what happens in the clip?", "clip: <|video_1|> where does the circle go?"]
-    items, st_in = [], []
-    for v, (n, text) in enumerate(zip((11, 5), texts)):
-        frames = _probe_video(n, (96, 40))
-        (folder / str(v)).mkdir(parents=True)
-        for k, f in enumerate(frames):
-            f.save(folder / str(v) / f"frame_{k + 1}.png")
-        items.append(MMItem(text, video=folder / str(v)))
-        st_in.append({"video": st_video(frames), "text": text})
-    emb = st.encode(st_in, prompt="", convert_to_tensor=True, show_progress_bar=False)
-    return emb, items, [None] * len(items)
-
-
 def check_export(path: str | Path, adapter, prompts: dict[str, str],
                  min_cosine: float = PARITY_MIN_COSINE, video: bool = False) -> dict[str, Any]:
     """Load ``path`` with sentence-transformers and compare it with fam on probe items.
 
     Probes: a text query (with the ``query`` prompt), a text without prompt, an image with the
     ``document`` prompt, an image alone, and an image + text with ``<|image_1|>``; with
-    ``video``, two videos as well (:func:`_video_probes`).
+    ``video``, two videos as well (:func:`fam.export.video.video_probes`).
 
     Returns:
         ``{"min_cosine", "items", "sentence_transformers"}``.
@@ -387,7 +333,7 @@ def check_export(path: str | Path, adapter, prompts: dict[str, str],
     import tempfile
     with tempfile.TemporaryDirectory(prefix="fam-export-video-") as tmp:
         if video:
-            v_emb, v_items, v_images = _video_probes(st, adapter, Path(tmp))
+            v_emb, v_items, v_images = video_probes(st, Path(tmp))
             st_emb = torch.cat([st_emb, v_emb.float()])
             items, images = items + v_items, images + v_images
         fam_emb = EncodePipeline(EmbeddingModel(adapter), prefetch=0).encode(items, images)
@@ -454,7 +400,7 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
     _check_exportable(adapter)
     spec = processor_spec_or_fail(adapter)
     if video:
-        vspec = adapter.video_processor_spec()
+        vspec = video_spec_or_fail(adapter)
         spec = {**spec, **vspec, "named_tokens": {**spec.get("named_tokens", {}),
                                                   **vspec["named_tokens"]}}
     prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
