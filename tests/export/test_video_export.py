@@ -14,14 +14,14 @@ import json
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from fam.backbones import load_backbone
 from fam.data.types import MMItem
 from fam.data.video import sample
 from fam.errors import ConfigError
 from fam.export import PARITY_MIN_COSINE, export_sentence_transformers, st_video
-from fam.export.video import torchvision_missing
+from fam.export.video import probe_video, torchvision_missing
 from fam.model.encode import load_embedding_model
 
 st_mod = pytest.importorskip("sentence_transformers")
@@ -29,13 +29,7 @@ NO_TORCHVISION = torchvision_missing()
 
 
 def _frames(n, size=(96, 40)):
-    out = []
-    for i in range(n):
-        im = Image.new("RGB", size, (80, 90, 100))
-        x = 3 + i * (size[0] - 28) // max(1, n - 1)
-        ImageDraw.Draw(im).ellipse([x, 6, x + 22, 30], fill=(230, 30 + 19 * i, 40))
-        out.append(im)
-    return out
+    return probe_video(n, size)
 
 
 def _folder(tmp_path, name, frames):

@@ -17,7 +17,8 @@ import torch
 
 from fam.errors import ConfigError
 
-__all__ = ["VIDEO_FPS", "st_video", "torchvision_missing", "video_probes", "video_spec_or_fail"]
+__all__ = ["VIDEO_FPS", "probe_video", "st_video", "torchvision_missing", "video_probes",
+           "video_spec_or_fail"]
 
 #: The frame rate a video's frames are given to sentence-transformers with
 #: (``video_metadata``): fam gives Qwen2.5-VL no ``second_per_grid_ts``, which its M-RoPE
@@ -26,7 +27,7 @@ __all__ = ["VIDEO_FPS", "st_video", "torchvision_missing", "video_probes", "vide
 VIDEO_FPS = 2.0
 
 
-def _probe_video(n: int, size: tuple[int, int]) -> list:
+def probe_video(n: int, size: tuple[int, int]) -> list:
     """``n`` frames of a circle crossing the frame (the order matters)."""
     from PIL import Image, ImageDraw
     frames = []
@@ -65,7 +66,7 @@ def video_probes(st, folder: Path) -> tuple[torch.Tensor, list, list[None]]:
     texts = ["what happens in the clip?", "clip: <|video_1|> where does the circle go?"]
     items, st_in = [], []
     for v, (n, text) in enumerate(zip((11, 5), texts)):
-        frames = _probe_video(n, (96, 40))
+        frames = probe_video(n, (96, 40))
         (folder / str(v)).mkdir(parents=True)
         for k, f in enumerate(frames):
             f.save(folder / str(v) / f"frame_{k + 1}.png")
