@@ -321,7 +321,7 @@ def create_app(service: Service) -> FastAPI:
         else:
             inp = parse_messages(body["messages"], cfg, service.rules)
         # The query's text as fam search makes it (query prompt; image-only: as the documents).
-        inp.text = index.query_text(inp.text, bool(inp.images))
+        inp.text = index.query_text(inp.text, bool(inp.images or inp.video))
         emb = await service.embed([inp])
         hits = index.search(emb, k)[0]
         data = []
