@@ -308,6 +308,8 @@ class ItemRow:
         item: the :class:`MMItem` to embed (image resolved; ``prompt`` applied).
         metadata: the row's other keys (only where the format keeps them: the index).
         line: the 1-based line.
+        images: its ``images`` paths as written (relative to the image root).
+        video: its ``video`` as written: a frame folder or a list of frame paths, or None.
     """
 
     id: str
@@ -316,6 +318,8 @@ class ItemRow:
     item: MMItem
     metadata: dict[str, Any] = field(default_factory=dict)
     line: int = 0
+    images: list[str] = field(default_factory=list)
+    video: str | list[str] | None = None
 
 
 def apply_prompt(prompt: str, text: str) -> str:
@@ -382,8 +386,9 @@ def read_items(path: str | Path, image_root: str | Path | None = None, *,
                       source=str(path), line=line,
                       field="image" if img else "images" if images else
                       "video" if video else "text")
-        out.append(ItemRow(rid, text, img, item,
-                           {k: row[k] for k in extra}, line))
+        out.append(ItemRow(rid, text, img, item, {k: row[k] for k in extra}, line,
+                           list(row["images"]) if images else [],
+                           row["video"] if video else None))
     if not out:
         raise InputError("no items: expected one JSON object {\"text\", \"image\"} per line",
                          path)

@@ -6,6 +6,8 @@
     GET  /health          liveness, model, index size, batching counters
     GET  /                the search page (when an index is loaded)
     GET  /v1/index/items/{i}/image   the image of indexed item i (only files the index lists)
+    GET  /v1/index/items/{i}/images/{j}, .../video_frames/{j}   its further images, its
+                          video's sampled frames (the search page's frame strip)
 
 Client errors are answered ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
 status and one line naming the field; an unexpected failure is logged with its traceback and
@@ -41,6 +43,19 @@ log = logging.getLogger(__name__)
 
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                 ".webp": "image/webp", ".gif": "image/gif", ".bmp": "image/bmp"}
+
+
+def _visual_urls(index, hit) -> dict[str, list]:
+    """A hit's further images and its video's sampled frames as URLs of this server
+    (``images_urls``, ``frame_urls``; None for a file that is not there)."""
+    out: dict[str, list] = {}
+    for key, name in (("images", "images_urls"), ("video_frames", "frame_urls")):
+        paths = getattr(hit, key)
+        if paths:
+            out[name] = [f"/v1/index/items/{hit.index}/{key}/{j}"
+                         if index.image_file(hit.index, key, j) is not None else None
+                         for j in range(len(paths))]
+    return out
 
 
 def error_body(status: int, message: str, type_: str = "invalid_request_error",
@@ -329,6 +344,7 @@ def create_app(service: Service) -> FastAPI:
             d = h.to_json()
             d["image_url"] = (f"/v1/index/items/{h.index}/image"
                               if index.image_file(h.index) is not None else None)
+            d.update(_visual_urls(index, h))
             data.append(d)
         return _json({"object": "list", "data": data, "model": service.name})
 
@@ -339,6 +355,20 @@ def create_app(service: Service) -> FastAPI:
         path = index.image_file(i)
         if path is None or path.suffix.lower() not in _IMAGE_TYPES:
             raise RequestError(404, f"item {i} has no image in the index", type_="not_found")
+        return FileResponse(path, media_type=_IMAGE_TYPES[path.suffix.lower()],
+                            headers={"Cache-Control": "private, max-age=3600",
+                                     "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/v1/index/items/{i}/{key}/{j}")
+    async def item_visual(i: int, key: str, j: int, request: Request):
+        """Image ``j`` of an indexed item's ``images`` or of its video's sampled frames
+        (``video_frames``): only files the index lists."""
+        authorize(request)
+        index = need_index()
+        path = index.image_file(i, key, j) if key in ("images", "video_frames") else None
+        if path is None or path.suffix.lower() not in _IMAGE_TYPES:
+            raise RequestError(404, f"item {i} has no {key} entry {j} in the index",
+                               type_="not_found")
         return FileResponse(path, media_type=_IMAGE_TYPES[path.suffix.lower()],
                             headers={"Cache-Control": "private, max-age=3600",
                                      "X-Content-Type-Options": "nosniff"})
