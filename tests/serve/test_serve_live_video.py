@@ -3,6 +3,7 @@ page in headless Chromium shows a video result's frame strip (the frames the mod
 and a multi-image result's images; the API serves only the files the index lists."""
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import time
@@ -67,6 +68,28 @@ def test_search_api_gives_frame_and_image_urls(video_server, video_collection):
     i = clip["index"]
     assert httpx.get(f"{video_server}/v1/index/items/{i}/video_frames/8").status_code == 404
     assert httpx.get(f"{video_server}/v1/index/items/{i}/video/0").status_code == 404
+
+
+def test_search_queries_with_a_video_or_several_images_find_their_item(video_server,
+                                                                        video_collection):
+    """A query made of an indexed item's text and visuals (all 11 frames of a folder; two
+    images) is embedded as the index embedded that item: it comes first with cosine 1."""
+    _, root = video_collection
+
+    def uri(p):
+        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+
+    frames = [uri(root / "vid/a" / f"frame_{j}.png") for j in range(11)]
+    for query, want in (({"text": "a red square moving right", "video": frames}, "clip-a"),
+                        ({"text": "<|image_2|> beside <|image_1|>",
+                          "images": [uri(root / "img/0.png"), uri(root / "img/1.png")]},
+                         "pair")):
+        r = httpx.post(video_server + "/v1/search", json={"query": query, "k": 2})
+        assert r.status_code == 200, r.text
+        top = r.json()["data"][0]
+        assert top["id"] == want
+        # float32 unit vectors, same item through /v1/search and fam index build
+        assert top["score"] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install "
