@@ -89,3 +89,26 @@ def test_server_frame_and_pixel_limits(tiny_dirs):
         r = c.post("/v1/embeddings", json={"input": {"text": "x", "video": "frames/"}})
         assert r.status_code == 400
         assert r.json()["error"]["message"].startswith("input.video: expected a list of images")
+
+
+def test_library_takes_decoded_frames_as_visuals(three_paths, tmp_path):
+    """``EncodePipeline.encode(items, images=[Visuals(images, video)])`` (what the server
+    hands the model) equals the item read from frame files; decoded frames outside the
+    backbone's limits are refused naming the field."""
+    from fam.data.types import MMItem, Visuals
+    from fam.errors import InputError
+    from fam.model.encode import EncodePipeline
+
+    for j, b in enumerate(_frames(10, 8)):
+        (tmp_path / f"f{j}.png").write_bytes(b)
+    paths = [tmp_path / f"f{j}.png" for j in range(10)]
+    frames = [Image.open(p).convert("RGB") for p in paths]
+    model = three_paths.model
+    want = model.encode([MMItem("a clip", video=paths)], batch_size=1)
+    pipe = EncodePipeline(model, batch_size=1, prefetch=0)
+    got = pipe.encode([MMItem("a clip")], images=[Visuals((), frames)])
+    # the same frames, the same ops in one process: equal up to float summation order
+    assert float((got - want).abs().max()) <= 1e-6
+    with pytest.raises(InputError, match="aspect ratio") as e:
+        pipe.encode([MMItem("a clip")], images=[Visuals((), [Image.new("RGB", (600, 2))])])
+    assert e.value.field == "items[0].video"

@@ -152,12 +152,14 @@ def check_encode_items(items: Sequence[MMItem], images: Sequence[ImageArg] | Non
         check_mm_item(it, rules, n_images=n, item_field=None if it.source else f"items[{i}]",
                       text_name="text" if it.source else f"items[{i}].text",
                       has_video=isinstance(given, Visuals) and bool(given.video))
-        for im in ims:
+        frames = list(given.video) if isinstance(given, Visuals) else []
+        for key, im in [("image", x) for x in ims] + [("video", x) for x in frames]:
             try:
                 shape.check_size(*im.size)
             except InputError as e:
                 raise InputError(e.reason, it.source, it.line,
-                                 it.field if it.source else f"items[{i}].image",
+                                 it.field if it.source else
+                                 f"items[{i}].{key}",
                                  status=e.status) from None
 
 
