@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from test_index_build import _Killed
 
 from fam.backbones import load_backbone
 from fam.index import Index, build_index
@@ -80,10 +81,6 @@ def test_fingerprint_covers_images_and_frame_lists(video_collection, small_colle
     # Items without images/video keep their old fingerprint (earlier builds still resume).
     plain = read_items(*small_collection)
     assert items_fingerprint(plain) == _old_fingerprint(plain)
-
-
-class _Killed(BaseException):
-    """Stands for the process being killed mid-build."""
 
 
 def test_changed_frame_list_invalidates_the_resume(video_collection, tiny_dirs, emb_model,

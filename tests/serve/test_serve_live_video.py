@@ -4,9 +4,6 @@ and a multi-image result's images; the API serves only the files the index lists
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -14,9 +11,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
 httpx = pytest.importorskip("httpx")
 
-from test_serve_live import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from test_serve_live import CHROMIUM, _search_page, serve_process  # noqa: E402
 
-from fam.bench.serve import free_port  # noqa: E402
 from fam.index import build_index  # noqa: E402
 
 
@@ -27,31 +23,8 @@ def video_server(tmp_path_factory, video_collection, tiny_dirs):
     model = tiny_dirs["qwen2_vl"]
     work = tmp_path_factory.mktemp("live-video")
     index = build_index(work / "index", items, model=model, image_root=root, progress=False)
-    port = free_port()
-    log = work / "server.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "fam", "serve", "--model", str(model),
-                                 "--index", str(index), "--port", str(port)],
-                                stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"fam serve exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > 120:
-                pytest.fail("fam serve did not start within 120 s")
-            time.sleep(0.2)
+    with serve_process(model, index, work) as (url, _, _):
         yield url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_search_api_gives_frame_and_image_urls(video_server, video_collection):
@@ -95,40 +68,31 @@ def test_search_queries_with_a_video_or_several_images_find_their_item(video_ser
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install "
                                               "chromium; .ci/run installs it)")
 def test_page_shows_a_video_results_frame_strip(video_server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is "
-                                                                 "not installed")
     api = httpx.post(video_server + "/v1/search", json={"query": "a red square", "k": 4}).json()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760}, bypass_csp=True)
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(video_server + "/")
-            page.wait_for_function("document.getElementById('info').textContent"
-                                   ".includes('4 items')", timeout=20_000)
-            page.fill("#text", "a red square")
-            page.select_option("#k", "5")
-            page.click("#go")
-            page.wait_for_function("document.querySelectorAll('.card').length === 4",
-                                   timeout=20_000)
-            ids = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.id)")
-            assert ids == [h["id"] for h in api["data"]]
-            # The video's strip: its 8 sampled frames, in order, every one loaded.
-            strip = '.card[data-id="clip-a"] .strip.frames img'
-            page.wait_for_function(
-                f"Array.from(document.querySelectorAll('{strip}')).filter(i => i.complete && "
-                "i.naturalWidth === 56).length === 8", timeout=20_000)
-            alts = page.eval_on_selector_all(strip, "s => s.map(e => e.alt)")
-            assert alts == [f"frame {j}" for j in range(1, 9)]
-            assert "8 sampled frames" in page.text_content('.card[data-id="clip-a"] .kind')
-            five = '.card[data-id="clip-b"] .strip.frames img'
-            assert len(page.query_selector_all(five)) == 5
-            page.wait_for_function(
-                "Array.from(document.querySelectorAll('.card[data-id=\"pair\"] .strip.images "
-                "img')).filter(i => i.complete && i.naturalWidth > 0).length === 2",
-                timeout=20_000)
-            assert page.query_selector('.card[data-id="words"] .strip') is None
-            assert not errors, errors
-        finally:
-            browser.close()
+    with _search_page(video_server, items=4) as (page, errors):
+        page.fill("#text", "a red square")
+        page.select_option("#k", "5")
+        page.click("#go")
+        page.wait_for_function("document.querySelectorAll('.card').length === 4",
+                               timeout=20_000)
+        ids = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.id)")
+        assert ids == [h["id"] for h in api["data"]]
+        # The video's strip: its 8 sampled frames, in order, every one loaded.
+        strip = '.card[data-id="clip-a"] .strip.frames img'
+        page.wait_for_function(
+            f"Array.from(document.querySelectorAll('{strip}')).filter(i => i.complete && "
+            "i.naturalWidth === 56).length === 8", timeout=20_000)
+        alts = page.eval_on_selector_all(strip, "s => s.map(e => e.alt)")
+        assert alts == [f"frame {j}" for j in range(1, 9)]
+        clip = next(h for h in api["data"] if h["id"] == "clip-a")
+        srcs = page.eval_on_selector_all(strip, "s => s.map(e => e.dataset.src)")
+        assert srcs == clip["frame_urls"]  # the sampled frames, in the model's order
+        assert "8 sampled frames" in page.text_content('.card[data-id="clip-a"] .kind')
+        five = '.card[data-id="clip-b"] .strip.frames img'
+        assert len(page.query_selector_all(five)) == 5
+        page.wait_for_function(
+            "Array.from(document.querySelectorAll('.card[data-id=\"pair\"] .strip.images "
+            "img')).filter(i => i.complete && i.naturalWidth > 0).length === 2",
+            timeout=20_000)
+        assert page.query_selector('.card[data-id="words"] .strip') is None
+        assert not errors, errors
