@@ -118,6 +118,6 @@ def test_changed_frame_list_invalidates_the_resume(video_collection, tiny_dirs, 
     assert "starting over" in caplog.text
     assert sum(calls) == 4  # every item encoded again, the stale shard not reused
     fresh = build_index(tmp_path / "fresh", items, **kw)
+    resumed, ref = Index.load(out).vectors.embeddings, Index.load(fresh).vectors.embeddings
     # float32 unit vectors, same items and batches in both builds: summation order only
-    assert torch.allclose(Index.load(out).vectors.embeddings,
-                          Index.load(fresh).vectors.embeddings, atol=1e-6)
+    assert torch.allclose(resumed, ref, atol=1e-6)
