@@ -1,7 +1,8 @@
 """The HTTP API of ``fam serve`` (FastAPI), for one embedding model and optionally one index.
 
     POST /v1/embeddings   OpenAI's shape; images via vLLM's ``messages`` or an ``input`` object
-    POST /v1/search       top-k of the loaded index for a text and/or image query
+    POST /v1/search       top-k of the loaded index for a text and/or image query (MaxSim
+                          and per-query-token similarity maps on a multi-vector index)
     GET  /v1/models       the served model
     GET  /health          liveness, model, index size, batching counters
     GET  /                the search page (when an index is loaded)
@@ -36,26 +37,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fam.errors import DataError
 from fam.serve.batching import BatchEncoder, QueueFull
+from fam.serve.hits import hit_json
 from fam.config import ServeConfig
 from fam.serve.inputs import ParsedInput, RequestError, load_images, parse_input, parse_messages
+from fam.serve.late import check_maps_flag, late_maps, late_search
 
 log = logging.getLogger(__name__)
 
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                 ".webp": "image/webp", ".gif": "image/gif", ".bmp": "image/bmp"}
-
-
-def _visual_urls(index, hit) -> dict[str, list]:
-    """A hit's further images and its video's sampled frames as URLs of this server
-    (``images_urls``, ``frame_urls``; None for a file that is not there)."""
-    out: dict[str, list] = {}
-    for key, name in (("images", "images_urls"), ("video_frames", "frame_urls")):
-        paths = getattr(hit, key)
-        if paths:
-            out[name] = [f"/v1/index/items/{hit.index}/{key}/{j}"
-                         if index.image_file(hit.index, key, j) is not None else None
-                         for j in range(len(paths))]
-    return out
 
 
 def error_body(status: int, message: str, type_: str = "invalid_request_error",
@@ -130,6 +120,8 @@ class Service:
 
         self.encoder = BatchEncoder(encode, config.max_batch, config.max_wait_ms,
                                     config.max_queue)
+        #: Late interaction and similarity maps on a multi-vector index (fam.serve.late).
+        self.late = late_maps(index, model, model_path)
 
     async def embed(self, inputs: list[ParsedInput]) -> torch.Tensor:
         images = await load_images(inputs, self.config, self.rules)
@@ -271,7 +263,7 @@ def create_app(service: Service) -> FastAPI:
         s = service.encoder.stats
         return {"status": "ok", "model": service.name, "dim": service.dim,
                 "index": len(service.index) if service.index is not None else None,
-                "auth": cfg.api_key is not None,
+                "auth": cfg.api_key is not None, "multivector": service.late is not None,
                 "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
                              "requests": s.requests, "inputs": s.inputs, "batches": s.batches,
                              "largest_batch": s.max_batch_seen}}
@@ -319,12 +311,13 @@ def create_app(service: Service) -> FastAPI:
         index = need_index()
         body = _json_object(await request.body())
         service.check_model_name(body)
-        unknown = set(body) - {"model", "query", "messages", "k"}
+        unknown = set(body) - {"model", "query", "messages", "k", "maps"}
         if unknown:
             raise RequestError(400, f"unknown field(s) {sorted(unknown)}", sorted(unknown)[0])
         k = body.get("k", 10)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg.max_k:
             raise RequestError(400, f"k: expected an integer in 1..{cfg.max_k}, got {k!r}", "k")
+        maps = check_maps_flag(body, service.late)
         if ("query" in body) == ("messages" in body):
             raise RequestError(400, "give exactly one of 'query' (a string or an object with "
                                     "'text'/'image') and 'messages' (chat-style)")
@@ -337,15 +330,13 @@ def create_app(service: Service) -> FastAPI:
             inp = parse_messages(body["messages"], cfg, service.rules)
         # The query's text as fam search makes it (query prompt; image-only: as the documents).
         inp.text = index.query_text(inp.text, bool(inp.images or inp.video))
+        if service.late is not None:  # multi-vector index: MaxSim, maps on request
+            return _json(await late_search(service, inp, k, maps))
         emb = await service.embed([inp])
         hits = index.search(emb, k)[0]
         data = []
         for h in hits:
-            d = h.to_json()
-            d["image_url"] = (f"/v1/index/items/{h.index}/image"
-                              if index.image_file(h.index) is not None else None)
-            d.update(_visual_urls(index, h))
-            data.append(d)
+            data.append(hit_json(index, h))
         return _json({"object": "list", "data": data, "model": service.name})
 
     @app.get("/v1/index/items/{i}/image")
