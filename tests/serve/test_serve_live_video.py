@@ -4,6 +4,7 @@ and a multi-image result's images; the API serves only the files the index lists
 from __future__ import annotations
 
 import base64
+import os
 
 import pytest
 
@@ -95,4 +96,6 @@ def test_page_shows_a_video_results_frame_strip(video_server):
             "img')).filter(i => i.complete && i.naturalWidth > 0).length === 2",
             timeout=20_000)
         assert page.query_selector('.card[data-id="words"] .strip') is None
+        if os.environ.get("FAM_VIDEO_PAGE_SCREENSHOT"):
+            page.screenshot(path=os.environ["FAM_VIDEO_PAGE_SCREENSHOT"], full_page=True)
         assert not errors, errors
