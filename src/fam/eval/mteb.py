@@ -23,15 +23,13 @@ Each row of mteb's batches becomes one fam item, encoded by fam's own pipeline:
 - ``video`` (torchcodec's ``VideoDecoder``, as mteb's datasets give it, or frames as a
   ``(T, C, H, W)`` tensor/array or a list of PIL images) is the item's video: fam's 8 frames
   chosen by :func:`fam.data.video.sample_indices` over all of the video's frames (only those
-  8 are decoded), written losslessly (PNG) to a temporary folder that the item reads.
+  8 are decoded), handed to fam in memory (:class:`fam.data.types.Visuals`).
 
 So mteb's scores equal those of the same items embedded with fam directly
 (``tests/eval/test_mteb.py`` checks this on mteb's mock tasks).
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,7 +38,7 @@ from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 from mteb.models.model_meta import ModelMeta
 from PIL import Image
 
-from fam.data.types import MMItem
+from fam.data.types import MMItem, Visuals
 from fam.data.video import NUM_FRAMES, sample_indices
 from fam.errors import ConfigError
 
@@ -142,24 +140,24 @@ class MtebEncoder(AbsEncoder):
         key = get_prompt_name(self.model_prompts, task_metadata, prompt_type)
         return self.model_prompts[key] if key and self.model_prompts else ""
 
-    def rows_to_items(self, batch: dict[str, Sequence[Any]], prompt: str, frame_dir: Path
-                      ) -> tuple[list[MMItem], list[Image.Image | None]]:
-        """One fam item (and its in-memory image) per row of an mteb batch."""
+    def rows_to_items(self, batch: dict[str, Sequence[Any]], prompt: str
+                      ) -> tuple[list[MMItem], list[Image.Image | Visuals | None]]:
+        """One fam item and its in-memory visuals (an image, or :class:`Visuals` with a
+        video's 8 frames) per row of an mteb batch."""
         n = len(next(iter(batch.values())))
         texts = batch.get("text") or [None] * n
         images = batch.get("image") or [None] * n
         videos = batch.get("video") or [None] * n
         items: list[MMItem] = []
-        for i, (text, video) in enumerate(zip(texts, videos)):
-            frames: list[Path] = []
-            if video is not None:
-                folder = frame_dir / str(i)
-                folder.mkdir()
-                for k, frame in enumerate(video_frames(video)):
-                    frame.save(folder / f"{k}.png")
-                    frames.append(folder / f"{k}.png")
-            items.append(MMItem(prompt + (text or ""), video=frames))
-        return items, list(images)
+        visuals: list[Image.Image | Visuals | None] = []
+        for text, image, video in zip(texts, images, videos):
+            items.append(MMItem(prompt + (text or "")))
+            if video is None:
+                visuals.append(image)
+            else:
+                visuals.append(Visuals(images=() if image is None else (image,),
+                                       video=video_frames(video)))
+        return items, visuals
 
     def encode(self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str,
                prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
@@ -167,11 +165,10 @@ class MtebEncoder(AbsEncoder):
         prompt = self.prompt_for(task_metadata, prompt_type)
         out: list[np.ndarray] = []
         for batch in inputs:  # one mteb batch at a time: decoded pages/frames stay bounded
-            with tempfile.TemporaryDirectory(prefix="fam-mteb-") as tmp:
-                items, images = self.rows_to_items(batch, prompt, Path(tmp))
-                emb = self.model.encode_all(
-                    items, batch_size=self.batch_size, desc=f"mteb {task_metadata.name}",
-                    images=images if any(im is not None for im in images) else None)
+            items, visuals = self.rows_to_items(batch, prompt)
+            emb = self.model.encode_all(
+                items, batch_size=self.batch_size, desc=f"mteb {task_metadata.name}",
+                images=visuals if any(v is not None for v in visuals) else None)
             out.append(emb.float().cpu().numpy())
         if not out:
             return np.zeros((0, self.model.adapter.hidden_size), dtype=np.float32)
