@@ -45,6 +45,8 @@ __all__ = ["WorkerSpec", "WorkerUnavailable", "WorkerPaths", "runtime_dir", "sea
 PROTOCOL = 1
 #: The longest reply read (hits with their metadata).
 MAX_MESSAGE = 64 * 1024 * 1024
+#: Libraries whose upgrade makes a running worker stale (fam.serve.search_client.fingerprint).
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "faiss", "PIL", "numpy")
 #: A worker log is started afresh past this size.
 MAX_LOG_BYTES = 1024 * 1024
 
@@ -97,6 +99,8 @@ def runtime_dir() -> Path:
     Raises:
         WorkerUnavailable: the folder cannot be made, or another user could reach it.
     """
+    if not hasattr(socket, "AF_UNIX"):
+        raise WorkerUnavailable("this platform has no Unix sockets")
     if os.environ.get("FAM_RUNTIME_DIR"):
         d = Path(os.environ["FAM_RUNTIME_DIR"])
     elif os.environ.get("XDG_RUNTIME_DIR"):
@@ -120,10 +124,18 @@ def runtime_dir() -> Path:
 
 def fingerprint(spec: WorkerSpec, model_path: str | None) -> str:
     """A digest of what a worker's answers depend on: the names, sizes, modification times
-    and inodes of the index folder's files, the model folder's files and fam's source files.
-    A rebuilt index, a retrained model or an edited fam changes it."""
+    and inodes of the index folder's files, the model folder's files, fam's source files and
+    the entry files of the libraries a search runs on. A rebuilt index, a retrained model, an
+    edited fam or an upgraded library changes it."""
+    import importlib.util
+
     import fam
     entries: list[Any] = []
+    for lib in LIBRARIES:  # located, not imported
+        found = importlib.util.find_spec(lib)
+        if found is not None and found.origin and os.path.isfile(found.origin):
+            s = os.stat(found.origin)
+            entries.append([lib, found.origin, s.st_size, s.st_mtime_ns, s.st_ino])
     for folder in (spec.index, model_path):
         if folder is None or not os.path.isdir(folder):
             entries.append(folder)
