@@ -222,3 +222,21 @@ def test_fam_search_starts_reuses_restarts_and_stops_a_worker_process(
     last = lambda p: p.stderr.strip().splitlines()[-1].split(" ", 1)[1]  # noqa: E731
     assert last(warm) == last(cold) and "search with the model that built it" in last(cold)
     assert len(warm.stderr.strip().splitlines()) == 1
+
+
+def test_the_worker_is_the_default_of_a_fresh_command_only(monkeypatch):
+    from argparse import Namespace
+
+    from fam.cli.deploy import _use_worker
+    ns = lambda **kw: Namespace(**{"worker": None, "debug": False, **kw})  # noqa: E731
+    monkeypatch.delenv("FAM_SEARCH_WORKER", raising=False)
+    assert _use_worker(ns()) is False  # this process has torch: nothing to save
+    assert _use_worker(ns(worker=True)) is True
+    monkeypatch.delitem(sys.modules, "torch")  # as in a fresh `fam search`
+    assert _use_worker(ns()) is True
+    assert _use_worker(ns(worker=False)) is False
+    assert _use_worker(ns(debug=True)) is False  # a traceback needs this process
+    assert _use_worker(ns(worker=True, debug=True)) is False
+    monkeypatch.setenv("FAM_SEARCH_WORKER", "0")
+    assert _use_worker(ns()) is False
+    assert _use_worker(ns(worker=True)) is True  # the option wins over the environment

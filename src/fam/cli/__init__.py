@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in str(args.config):
         args.overrides = [args.config] + list(args.overrides)
         args.config = None
+    args.debug = debug  # (fam search: a traceback needs the search in this process)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -119,8 +119,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _use_worker(args: argparse.Namespace) -> bool:
-    """The query worker, unless refused; in a process that has torch loaded already (a
-    library caller, a test) there is no import to save and the search stays in-process."""
+    """The query worker, unless refused or ``--debug``; in a process that has torch loaded
+    already (a library caller, a test) there is no import to save: the search stays here."""
+    if getattr(args, "debug", False):
+        return False  # a traceback is only to be had from this process
     if args.worker is not None:
         return bool(args.worker)
     if os.environ.get("FAM_SEARCH_WORKER", "").strip().lower() in ("0", "false", "no", "off"):
