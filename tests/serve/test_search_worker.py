@@ -48,6 +48,11 @@ def rt(monkeypatch):
     monkeypatch.setenv("FAM_RUNTIME_DIR", str(d))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield d
+    for sock in d.glob("search-*.sock"):  # a test that failed half-way leaves no worker
+        try:
+            request(sock, {"op": "stop"}, timeout=10.0)
+        except (OSError, WorkerUnavailable):
+            pass
     shutil.rmtree(d, ignore_errors=True)
 
 
