@@ -82,6 +82,9 @@ def _add_index_subcommands(subparsers: Any) -> None:
     s.add_argument("--image", default=None, help="query image file")
     s.add_argument("-k", type=positive_int, default=10, help="results (default 10)")
     s.add_argument("--json", action="store_true", help="JSONL, one hit per line")
+    s.add_argument("--maps", default=None, metavar="DIR",
+                   help="multi-vector index: write each hit's similarity map per query token "
+                        "(NN-<id>.png: the image, then one overlay per token) and maps.json")
     s.add_argument("--image-root", default=None,
                    help="where the index's images are now (default: where they were at build)")
     s.add_argument("--query-prompt", default=None,
@@ -156,7 +159,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise ConfigError(f"--worker-idle {args.worker_idle:g}: give a number of seconds > 0")
         cfg = SearchWorkerConfig(idle_s=args.worker_idle)
     query = {"text": args.text or "", "image": str(image) if image else None, "k": args.k,
-             "prompt": args.query_prompt, "as_json": bool(args.json)}
+             "prompt": args.query_prompt, "as_json": bool(args.json),
+             "maps": os.path.abspath(args.maps) if args.maps else None}
     if _use_worker(args):
         from fam.serve.search_client import WorkerSpec, WorkerUnavailable, search
         try:
@@ -170,8 +174,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             sys.stdout.write(reply["stdout"])
             return 0
     # In this process (torch: after the checks), with the worker's own code.
-    from fam.index import Index, SearchQuery, load_query_model, run_query
+    from fam.index import Index, SearchQuery, check_maps, load_query_model, run_query
     index = Index.load(args.index, image_root=args.image_root)
+    check_maps(index, query["maps"])  # before the model loads
     model = load_query_model(index, args.model)
     note, out = run_query(index, model, SearchQuery(**query), args.model)
     print(note, file=sys.stderr)
