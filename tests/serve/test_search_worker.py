@@ -95,8 +95,9 @@ class _Running:
         return request(self.paths.socket, {"op": "search", "query": q}, timeout=60.0)
 
 
-def _query(text="", image=None, k=5, prompt=None, as_json=True) -> dict:
-    return {"text": text, "image": image, "k": k, "prompt": prompt, "as_json": as_json}
+def _query(text="", image=None, k=5, prompt=None, as_json=True, maps=None) -> dict:
+    return {"text": text, "image": image, "k": k, "prompt": prompt, "as_json": as_json,
+            "maps": maps}
 
 
 def test_worker_answers_exactly_as_the_in_process_search(built, small_collection, rt, capsys):
@@ -129,8 +130,14 @@ def test_bad_input_is_the_same_one_line_over_either_path(built, small_collection
     assert main(["search", "--index", str(built), "--no-worker", "--image", str(bad)]) == 2
     line = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(line) == 1 and str(bad) in line[0]
+    caplog.clear()
+    assert main(["search", "--index", str(built), "--no-worker", "--text", "red", "--maps",
+                 str(tmp_path / "m")]) == 2
+    maps_line = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(maps_line) == 1 and "--multivector" in maps_line[0]
     w = _Running(built)
     assert w.ask(_query("", str(bad))) == {"error": line[0]}
+    assert w.ask(_query("red", maps=str(tmp_path / "m"))) == {"error": maps_line[0]}
     assert "stdout" in w.ask(_query("a red circle"))  # it keeps serving
     request(w.paths.socket, {"op": "stop"}, timeout=10)
     w.thread.join(10)
@@ -245,3 +252,25 @@ def test_the_worker_is_the_default_of_a_fresh_command_only(monkeypatch):
     monkeypatch.setenv("FAM_SEARCH_WORKER", "0")
     assert _use_worker(ns()) is False
     assert _use_worker(ns(worker=True)) is True  # the option wins over the environment
+
+
+def test_worker_serves_a_multivector_index_and_its_maps_as_in_process(
+        tmp_path, tiny_dirs, maps_collection, rt, capsys):
+    from fam.config import MultiVectorIndexConfig
+    items, root = maps_collection
+    idx = build_index(tmp_path / "mv", items, model=tiny_dirs["qwen2_vl"], image_root=root,
+                      progress=False, multivector=MultiVectorIndexConfig(),
+                      query_prompt="Find: ")
+    img = str(sorted((root).rglob("*.png"))[0])
+    here, there = tmp_path / "maps-here", tmp_path / "maps-there"
+    out, err = _in_process(capsys, idx, ["--image", img, "-k", "3", "--json", "--maps",
+                                         str(here)])
+    w = _Running(idx)
+    reply = w.ask(_query("", img, 3, maps=str(there)))
+    assert reply["stdout"] == out  # the same MaxSim hits and scores
+    assert err.endswith(reply["stderr"].replace(str(there), str(here)) + "\n")
+    assert sorted(p.name for p in there.iterdir()) == sorted(p.name for p in here.iterdir())
+    assert json.loads((there / "maps.json").read_text()) == \
+        json.loads((here / "maps.json").read_text())
+    request(w.paths.socket, {"op": "stop"}, timeout=10)
+    w.thread.join(10)
