@@ -208,13 +208,16 @@ def test_fam_search_starts_reuses_restarts_and_stops_a_worker_process(
     want_out, want_err = _in_process(capsys, built, q)
     first = _fam("search", "--index", str(built), *q, env=env)
     assert (first.returncode, first.stdout) == (0, want_out) and want_err in first.stderr
+    assert "started a query worker" in first.stderr  # says so, once
     spec = WorkerSpec.from_args(str(built), None, None)
     paths = WorkerPaths.of(spec)
     pid = request(paths.socket, {"op": "ping"}, timeout=10)["pid"]
     # A warm search: the client imports none of the heavy libraries.
     argv = ["search", "--index", str(built), *q]
     assert _heavy_after_search(argv, env) == set()
-    assert request(paths.socket, {"op": "ping"}, timeout=10)["requests"] == 2
+    warm = _fam("search", "--index", str(built), *q, env=env)
+    assert warm.stdout == want_out and "started a query worker" not in warm.stderr
+    assert request(paths.socket, {"op": "ping"}, timeout=10)["requests"] == 3
     # The index changed: the next search gets a fresh worker, and the same answer.
     items = built / "items.jsonl"
     st = items.stat()

@@ -170,6 +170,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             log.warning("the query worker is unavailable (%s): searching in this process "
                         "(--no-worker skips the worker)", e)
         else:
+            if reply["started"]:
+                log.info("started a query worker (pid %s) that keeps this index and its model "
+                         "loaded for the next searches; it exits after %g s without one "
+                         "(--stop-worker stops it, --no-worker searches without it)",
+                         reply["pid"], cfg.idle_s)
             print(reply["stderr"], file=sys.stderr)
             sys.stdout.write(reply["stdout"])
             return 0

@@ -262,7 +262,8 @@ def search(spec: WorkerSpec, query: dict[str, Any],
         cfg: idle time and time limits.
 
     Returns:
-        ``{"stderr": line, "stdout": text, "pid": worker}`` as ``fam search`` prints them.
+        ``{"stderr": line, "stdout": text, "pid": worker, "started": bool}``: what
+        ``fam search`` prints, the worker's pid, whether this call started it.
 
     Raises:
         FamError: the index, model or query was refused (one line, as in-process).
@@ -270,19 +271,21 @@ def search(spec: WorkerSpec, query: dict[str, Any],
     """
     cfg = cfg or SearchWorkerConfig()
     paths = WorkerPaths.of(spec)
+    started = False
     for _ in range(3):  # a stale worker is replaced once; a third failure gives up
         try:
             reply = request(paths.socket, {"op": "search", "query": query},
                             cfg.request_timeout_s)
         except (FileNotFoundError, ConnectionRefusedError):
             _start(spec, paths, cfg)
+            started = True
             continue
         if reply.get("stale"):
             continue
         if "error" in reply:
             raise FamError(str(reply["error"]))
         if "stdout" in reply and "stderr" in reply:
-            return reply
+            return {**reply, "started": started}
         raise WorkerUnavailable(str(reply.get("internal") or "the worker's reply has no hits"))
     raise WorkerUnavailable("the worker kept restarting")
 
