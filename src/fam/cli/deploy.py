@@ -31,6 +31,7 @@ def add_deploy_subcommands(sub: Any) -> None:
 
 
 def _add_index_subcommands(subparsers: Any) -> None:
+    from fam.config import SearchWorkerConfig
     index = subparsers.add_parser("index", help="index a collection for search").add_subparsers(
         dest="index_cmd", required=True)
     b = index.add_parser("build", help="embed items and write an index folder (resumable)",
@@ -97,7 +98,7 @@ def _add_index_subcommands(subparsers: Any) -> None:
                         "FAM_SEARCH_WORKER=0); --no-worker searches in this process")
     s.add_argument("--worker-idle", type=float, default=None, metavar="SECONDS",
                    help="a worker started by this search exits after this long without a "
-                        "query (default 600)")
+                        f"query (default {SearchWorkerConfig().idle_s:g})")
     s.add_argument("--stop-worker", action="store_true",
                    help="stop the query workers of --index and exit")
     s.set_defaults(func=cmd_search)
