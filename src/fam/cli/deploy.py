@@ -215,6 +215,10 @@ def _add_serve_subcommand(subparsers: Any) -> None:
     s.add_argument("--max-image-mb", type=float, default=10.0, help="largest encoded image")
     s.add_argument("--max-image-pixels", type=positive_int, default=64_000_000,
                    help="largest image width×height (decompression-bomb guard)")
+    s.add_argument("--max-video-frames", type=positive_int, default=256,
+                   help="most frames of one input's video (8 of them are sampled)")
+    s.add_argument("--max-request-pixels", type=positive_int, default=256_000_000,
+                   help="total width×height of all images and video frames in one request")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s) image URLs given in requests (off by default: a server "
                         "that fetches URLs can be made to reach internal hosts)")
@@ -241,7 +245,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_wait_ms=args.max_wait_ms,
                       max_request_bytes=int(args.max_request_mb * mb),
                       max_image_bytes=int(args.max_image_mb * mb),
-                      max_image_pixels=args.max_image_pixels, api_key=args.api_key,
+                      max_image_pixels=args.max_image_pixels,
+                      max_video_frames=args.max_video_frames,
+                      max_request_pixels=args.max_request_pixels, api_key=args.api_key,
                       allow_image_urls=args.allow_image_urls,
                       served_model_name=args.served_model_name)
     service = load_service(args.model, cfg, args.index, args.image_root)
