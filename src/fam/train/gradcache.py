@@ -282,11 +282,15 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
     device = _device_of(module)
     # Pass 1: outputs without graph. The unwrapped module is enough (no grad means nothing
     # for DDP to reduce) and avoids DDP's per-forward buffer broadcast.
+    # A frozen vision tower computes the same features in pass 3: kept from pass 1.
+    memo = module.frozen_memo() if (ddp_module is None and hasattr(module, "frozen_memo")) \
+        else None
     states, outs = [], []
     with torch.no_grad():
-        for c in chunks:
+        for ci, c in enumerate(chunks):
             states.append(RngState(device))
-            outs.append(module(c, step))
+            with memo.record(ci) if memo is not None else contextlib.nullcontext():
+                outs.append(module(c, step))
     after = RngState(device)
 
     # Pass 2: the loss on detached leaves, and its gradient w.r.t. every float output.
@@ -322,7 +326,7 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
         last = ci == len(chunks) - 1
         ctx = ddp_module.no_sync() if (ddp_module is not None and hasattr(ddp_module, "no_sync")
                                        and not (sync and last)) else contextlib.nullcontext()
-        with ctx:
+        with ctx, memo.replay(ci) if memo is not None else contextlib.nullcontext():
             states[ci].restore()
             for out in (parts(c, step) if parts is not None else [fwd(c, step)]):
                 _backward_surrogate(out, cached[ci])
