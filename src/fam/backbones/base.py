@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from PIL import Image
 
-from fam.backbones.batch import EncodedBatch
+from fam.backbones.batch import EncodedBatch, TokenGrid
 from fam.backbones.checks import check_tokenizer
 from fam.backbones.fastpath import checkpointing, dropout_active
 from fam.backbones.inputs import InputLimits
@@ -56,7 +56,7 @@ from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
                                    parse_image_resolution, pre_resize)
-from fam.backbones.video import place_videos
+from fam.backbones.video import place_videos, split_visuals
 from fam.data.images import load_image, to_rgb
 from fam.data.types import MMItem
 from fam.errors import ConfigError
@@ -221,6 +221,11 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
     def process_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pixel inputs for the model and the number of image tokens each image yields."""
         raise NotImplementedError
+
+    def image_token_grid(self, image: Image.Image) -> "TokenGrid | None":
+        """The :class:`~fam.backbones.batch.TokenGrid` of one image's tokens (similarity
+        maps), or None where the family's image tokens are not one plain grid (tiles)."""
+        return None
 
     def video_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
         """Token ids of one video's block (``video_input == "native"`` families)."""
@@ -394,7 +399,8 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
             items: the batch. ``item.image`` is an absolute path (or ``None``).
             images: optional already-loaded images aligned with ``items`` (skips disk reads).
                 An entry may also be a list of images: the item's text then refers to them as
-                ``<|image_1|>``, ``<|image_2|>``, ... (images it does not mention go first).
+                ``<|image_1|>``, ``<|image_2|>``, ... (images it does not mention go first),
+                or a :class:`fam.data.types.Visuals` (images and a video's frames).
 
         Returns:
             An :class:`EncodedBatch` on the CPU.
@@ -403,11 +409,9 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
             raise ValueError("encode() needs at least one item")
         if images is None:
             images = [self.load_item_image(it) for it in items]
-        per_item: list[list[Image.Image]] = [
-            [] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
-            for im in images]
+        per_item, given = split_visuals(images)
         # A video becomes one more visual slot (native) or that many images (fam.backbones.video).
-        items, per_item, slots, videos = place_videos(self, items, per_item)
+        items, per_item, slots, videos = place_videos(self, items, per_item, given=given)
         # Images go to the processor in the order their blocks appear in the batch (the models
         # scatter features into image positions in that order), e.g. "<|image_2|> ... <|image_1|>".
         orders = [[k for k in self.image_order(it, len(ims) + (slot is not None)) if k != slot]
