@@ -15,7 +15,8 @@ Typed dataclasses are the single source of truth (STYLE practice 4); YAML files 
 A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in this package.
 """
 from fam.config.checks import Validated, bookkeeping_keys
-from fam.config.deploy import HnswConfig, MultiVectorIndexConfig, ServeConfig
+from fam.config.deploy import (HnswConfig, MultiVectorIndexConfig, SearchWorkerConfig,
+                               ServeConfig)
 from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
@@ -32,4 +33,5 @@ __all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict
            "SftConfig", "MultiVectorConfig",
            "ScenesConfig", "ScenesMediaConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
-           "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "GpuBenchConfig"]
+           "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "SearchWorkerConfig",
+           "GpuBenchConfig"]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from fam.config.checks import Validated, choice, fail, integers, number
 
-__all__ = ["HnswConfig", "ServeConfig", "MultiVectorIndexConfig"]
+__all__ = ["HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "SearchWorkerConfig"]
 
 
 @dataclass
@@ -73,3 +73,17 @@ class ServeConfig(Validated):
         number(prefix + "url_timeout_s", self.url_timeout_s, 0.0, low_open=True)
         if self.api_key is not None and not self.api_key.strip():
             fail(prefix + "api_key", self.api_key, "is empty; unset it to disable auth")
+
+
+@dataclass
+class SearchWorkerConfig(Validated):
+    """The query worker of ``fam search`` (fam.serve.search_worker): a background process
+    that keeps an index and its model loaded between searches."""
+
+    idle_s: float = 600.0  # the worker exits after this long without a request
+    start_timeout_s: float = 600.0  # longest wait for a new worker to load (then: in-process)
+    request_timeout_s: float = 600.0  # longest wait for one answer (then: in-process)
+
+    def check(self, prefix: str) -> None:
+        for key in ("idle_s", "start_timeout_s", "request_timeout_s"):
+            number(prefix + key, getattr(self, key), 0.0, low_open=True)
