@@ -16,7 +16,8 @@ A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in thi
 """
 from fam.config.checks import Validated, bookkeeping_keys
 from fam.config.deploy import HnswConfig, MultiVectorIndexConfig, ServeConfig
-from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
+from fam.config.experiments import (CompareConfig, DemoConfig, DemoMediaConfig,
+                                     SceneModelConfig, TinyModelConfig)
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
 from fam.config.scenes import ScenesConfig, ScenesMediaConfig
@@ -31,5 +32,6 @@ __all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "CAbstractorConfig", "TowerConfig",
            "SftConfig", "MultiVectorConfig",
            "ScenesConfig", "ScenesMediaConfig", "TinyModelConfig",
-           "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
+           "SceneModelConfig", "DemoConfig", "DemoMediaConfig", "CompareConfig", "ProbeConfig",
+           "PlanConfig",
            "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "GpuBenchConfig"]
