@@ -19,6 +19,7 @@ rounded down, with no second encoding.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ def media_train_dir(data: Path, replay: int, seed: int) -> Path:
     """``data/train_mix/``: every ``train_media`` file, and of each image training file
     (``train/``) ``replay`` rows drawn without replacement (seeded), kept in file order.
     Written once (``mix.json`` last); a rerun reuses it."""
+    from fam.data.scenes.media import MEDIA_DATASETS
     out = data / MIX_DIR
     if (out / "mix.json").exists():
         return out
@@ -62,10 +64,15 @@ def media_train_dir(data: Path, replay: int, seed: int) -> Path:
         if keep:
             atomic_write_text(out / f.name, "".join(lines[i] for i in keep))
             counts[f.stem] = len(keep)
+    # The subsets' meta-tasks (VEIN reads them): the benchmark's, and the media sets'.
+    infos = json.loads((data / "datasets.json").read_text(encoding="utf-8")) \
+        if (data / "datasets.json").is_file() else {}
     for f in sorted((data / "train_media").glob("*.jsonl")):
         text = f.read_text(encoding="utf-8")
         atomic_write_text(out / f.name, text)
         counts[f.stem] = len(text.splitlines())
+        infos[f.stem] = {"meta_task": MEDIA_DATASETS[f.stem][1], "split": "IND"}
+    atomic_write_json(out / "datasets.json", infos)
     atomic_write_json(out / "mix.json", {"image_replay": replay, "seed": seed, "rows": counts})
     return out
 
