@@ -91,3 +91,30 @@ def test_queue_full_is_reported():
     finally:
         m.gate.set()
         enc.close()
+
+
+def test_a_call_runs_alone_on_the_worker_between_batches():
+    """BatchEncoder.call (late-interaction search): on the worker thread, never batched with
+    encodes, in queue order; its exception reaches its caller only."""
+    m = _Model()
+    enc = BatchEncoder(m, max_batch=8, max_wait_ms=50)
+    try:
+        blocker = enc.submit([0.0], [None])
+        assert m.entered.wait(10)
+        a = enc.submit([1.0], [None])
+        seen = []
+        call = enc.call(lambda: seen.append((threading.current_thread().name,
+                                             len(m.batches))) or "done")
+        boom = enc.call(lambda: 1 / 0)
+        b = enc.submit([2.0], [None])
+        m.gate.set()
+        assert call.result(10) == "done"
+        with pytest.raises(ZeroDivisionError):
+            boom.result(10)
+        assert a.result(10)[0, 0].item() == 1.0 and b.result(10)[0, 0].item() == 2.0
+        blocker.result(10)
+        # the call ran on the worker after the batch before it, and split the encodes around it
+        assert seen == [("fam-model-worker", 2)]
+        assert m.batches == [[0.0], [1.0], [2.0]]
+    finally:
+        enc.close()

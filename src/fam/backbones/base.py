@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from PIL import Image
 
-from fam.backbones.batch import EncodedBatch
+from fam.backbones.batch import EncodedBatch, TokenGrid
 from fam.backbones.checks import check_tokenizer
 from fam.backbones.inputs import InputLimits
 from fam.backbones.layout import PromptLayout
@@ -216,6 +216,11 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
     def process_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pixel inputs for the model and the number of image tokens each image yields."""
         raise NotImplementedError
+
+    def image_token_grid(self, image: Image.Image) -> "TokenGrid | None":
+        """The :class:`~fam.backbones.batch.TokenGrid` of one image's tokens (similarity
+        maps), or None where the family's image tokens are not one plain grid (tiles)."""
+        return None
 
     def video_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
         """Token ids of one video's block (``video_input == "native"`` families)."""

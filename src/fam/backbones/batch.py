@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EncodedBatch"]
+__all__ = ["EncodedBatch", "TokenGrid"]
 
 
 @dataclass
@@ -45,3 +45,21 @@ class EncodedBatch:
     @property
     def batch_size(self) -> int:
         return int(self.eos_index.shape[0])
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where one image's tokens lie on the image (what a similarity map is drawn on).
+
+    Attributes:
+        rows, cols: the grid of image tokens the LLM reads, raster order.
+        first: the index of the grid's first token among the image's image tokens (1 when a
+            CLS token leads them).
+        box: ``(x0, y0, x1, y1)``, the part of the image the grid covers, as fractions of
+            its width and height (a centre crop covers less than the whole image).
+    """
+
+    rows: int
+    cols: int
+    first: int = 0
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from fam.backbones.base import BackboneAdapter
+from fam.backbones.batch import TokenGrid
 from fam.backbones.cabstractor import build_projector, projector_spec
 from fam.backbones.tokenizer import train_bpe_tokenizer
 from fam.errors import ConfigError
@@ -104,6 +105,24 @@ class LlavaAdapter(BackboneAdapter):
         cs = self.image_processor.crop_size
         p = self.config.vision_config.patch_size
         return cs["height"] // p, cs["width"] // p
+
+    def image_token_grid(self, image: Image.Image) -> TokenGrid:
+        # CLIP's processor: shortest edge to S (the long one int(S·long/short)), then a
+        # centre crop of crop_size; the grid covers that crop.
+        proc = self.image_processor
+        w, h = self.prepare_image(image).size
+        size = getattr(proc, "size", None) or {}
+        if getattr(proc, "do_resize", True) and "shortest_edge" in size:
+            s = int(size["shortest_edge"])
+            w, h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        box = (0.0, 0.0, 1.0, 1.0)
+        if getattr(proc, "do_center_crop", False):
+            cw, ch = int(proc.crop_size["width"]), int(proc.crop_size["height"])
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+            box = (x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h)
+        full = projector_spec(self.config) is None and \
+            self.config.vision_feature_select_strategy == "full"
+        return TokenGrid(*self.token_grid(), first=int(full), box=box)
 
     def token_grid(self) -> tuple[int, int]:
         """(rows, cols) of the image tokens the LLM reads: the patch grid, or a

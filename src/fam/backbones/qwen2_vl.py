@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from fam.backbones.base import BackboneAdapter
+from fam.backbones.batch import TokenGrid
 from fam.backbones.fastpath import patch_embed_as_matmul
 from fam.backbones.tokenizer import train_bpe_tokenizer
 from fam.backbones.video import qwen_video_patches
@@ -101,6 +102,12 @@ class Qwen2VLAdapter(BackboneAdapter):
         grid = out["image_grid_thw"]
         counts = (grid.prod(-1) // (self.merge_size ** 2)).tolist()
         return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, counts
+
+    def image_token_grid(self, image: Image.Image) -> TokenGrid:
+        # smart_resize scales the whole image (no crop); each token merges merge² patches.
+        _, h, w = (int(v) for v in self.image_processor(
+            [self.prepare_image(image)], return_tensors="pt")["image_grid_thw"][0])
+        return TokenGrid(h // self.merge_size, w // self.merge_size)
 
     def video_block(self, n_tokens: int) -> tuple[list[int], list[bool]]:
         ids = [self.vision_start_id] + [self.video_token_id] * n_tokens + [self.vision_end_id]

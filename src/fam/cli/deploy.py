@@ -83,6 +83,9 @@ def _add_index_subcommands(subparsers: Any) -> None:
     s.add_argument("--image", default=None, help="query image file")
     s.add_argument("-k", type=positive_int, default=10, help="results (default 10)")
     s.add_argument("--json", action="store_true", help="JSONL, one hit per line")
+    s.add_argument("--maps", default=None, metavar="DIR",
+                   help="multi-vector index: write each hit's similarity map per query token "
+                        "(NN-<id>.png: the image, then one overlay per token) and maps.json")
     s.add_argument("--image-root", default=None,
                    help="where the index's images are now (default: where they were at build)")
     s.add_argument("--query-prompt", default=None,
@@ -122,14 +125,23 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise ConfigError(f"--image {args.image}: file not found")
     from fam.index import Index, embed, format_hits, load_query_model  # torch: after the checks
     index = Index.load(args.index, image_root=args.image_root)
+    if args.maps and index.late is None:
+        raise ConfigError(f"--maps: {args.index} is a single-vector index; similarity maps need "
+                          "one built with fam index build --multivector")
     model = load_query_model(index, args.model)
     text = args.text or ""
     print(index.describe_query(text, image is not None, args.query_prompt), file=sys.stderr)
     item = index.query_item(text, image, args.query_prompt)
     if index.late is not None:  # multi-vector index: late interaction
+        from fam.index.maps import LateMaps, write_maps
         from fam.index.multivector import query_encoder
-        _, toks = query_encoder(index, model, args.model).encode_multi_all([item])
-        hits = index.search_tokens(toks, args.k)[0]
+        res = LateMaps(index, query_encoder(index, model, args.model)).search(
+            item, None, args.k, maps=bool(args.maps))
+        hits = res.hits
+        if args.maps:
+            pngs = write_maps(args.maps, index, res)
+            print(f"query tokens {res.tokens}; wrote {len(pngs)} map image(s) and maps.json to "
+                  f"{args.maps}", file=sys.stderr)
     else:
         hits = index.search(embed(model, [item]), args.k)[0]
     if args.json:

@@ -65,11 +65,17 @@ class MultiVectorHead(nn.Module):
 
     def token_mask(self, out: EmbeddingOutput) -> torch.Tensor:
         """(B, L) bool, the positions read as vectors."""
-        real = out.attention_mask.bool()
+        return self.counted(out.attention_mask, out.image_mask, out.text_mask)
+
+    def counted(self, attention_mask: torch.Tensor, image_mask: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool, the positions read as vectors, from an encoded batch's masks (so a
+        batch says which of its tokens are vectors without a forward)."""
+        real = attention_mask.bool()
         if self.tokens == "all":
             return real
-        mask = {"image": out.image_mask, "text": out.text_mask,
-                "content": out.image_mask | out.text_mask}[self.tokens]
+        mask = {"image": image_mask, "text": text_mask,
+                "content": image_mask | text_mask}[self.tokens]
         return mask.bool() & real
 
     def forward(self, out: EmbeddingOutput) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The HTTP API of ``fam serve`` (FastAPI), for one embedding model and optionally one index.
 
     POST /v1/embeddings   OpenAI's shape; images via vLLM's ``messages`` or an ``input`` object
-    POST /v1/search       top-k of the loaded index for a text and/or image query
+    POST /v1/search       top-k of the loaded index for a text and/or image query (MaxSim
+                          and per-query-token similarity maps on a multi-vector index)
     GET  /v1/models       the served model
     GET  /health          liveness, model, index size, batching counters
     GET  /                the search page (when an index is loaded)
@@ -36,6 +37,7 @@ from fam.errors import DataError
 from fam.serve.batching import BatchEncoder, QueueFull
 from fam.config import ServeConfig
 from fam.serve.inputs import ParsedInput, RequestError, load_images, parse_input, parse_messages
+from fam.serve.late import check_maps_flag, late_maps, late_search
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class Service:
 
         self.encoder = BatchEncoder(encode, config.max_batch, config.max_wait_ms,
                                     config.max_queue)
+        #: Late interaction and similarity maps on a multi-vector index (fam.serve.late).
+        self.late = late_maps(index, model, model_path)
 
     async def embed(self, inputs: list[ParsedInput]) -> torch.Tensor:
         images = await load_images(inputs, self.config, self.rules)
@@ -256,7 +260,7 @@ def create_app(service: Service) -> FastAPI:
         s = service.encoder.stats
         return {"status": "ok", "model": service.name, "dim": service.dim,
                 "index": len(service.index) if service.index is not None else None,
-                "auth": cfg.api_key is not None,
+                "auth": cfg.api_key is not None, "multivector": service.late is not None,
                 "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
                              "requests": s.requests, "inputs": s.inputs, "batches": s.batches,
                              "largest_batch": s.max_batch_seen}}
@@ -304,12 +308,13 @@ def create_app(service: Service) -> FastAPI:
         index = need_index()
         body = _json_object(await request.body())
         service.check_model_name(body)
-        unknown = set(body) - {"model", "query", "messages", "k"}
+        unknown = set(body) - {"model", "query", "messages", "k", "maps"}
         if unknown:
             raise RequestError(400, f"unknown field(s) {sorted(unknown)}", sorted(unknown)[0])
         k = body.get("k", 10)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg.max_k:
             raise RequestError(400, f"k: expected an integer in 1..{cfg.max_k}, got {k!r}", "k")
+        maps = check_maps_flag(body, service.late)
         if ("query" in body) == ("messages" in body):
             raise RequestError(400, "give exactly one of 'query' (a string or an object with "
                                     "'text'/'image') and 'messages' (chat-style)")
@@ -322,6 +327,8 @@ def create_app(service: Service) -> FastAPI:
             inp = parse_messages(body["messages"], cfg, service.rules)
         # The query's text as fam search makes it (query prompt; image-only: as the documents).
         inp.text = index.query_text(inp.text, bool(inp.images))
+        if service.late is not None:  # multi-vector index: MaxSim, maps on request
+            return _json(await late_search(service, inp, k, maps))
         emb = await service.embed([inp])
         hits = index.search(emb, k)[0]
         data = []

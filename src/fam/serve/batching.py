@@ -34,6 +34,8 @@ class _Job:
     items: list
     images: list
     future: Future = field(default_factory=Future)
+    #: A call run alone on the worker thread instead of an encode (:meth:`BatchEncoder.call`).
+    fn: Callable[[], object] | None = None
 
 
 @dataclass
@@ -73,9 +75,16 @@ class BatchEncoder:
 
     def submit(self, items: list, images: list) -> Future:
         """Queue one request; the future resolves to its (n, d) embeddings."""
+        return self._put(_Job(list(items), list(images)))
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Queue ``fn()`` to run alone on the worker thread (work that uses the model or its
+        tokenizer but is not a plain encode); the future resolves to its result."""
+        return self._put(_Job([], [], fn=fn))
+
+    def _put(self, job: _Job) -> Future:
         if self._closed:
             raise QueueFull("the server is shutting down")
-        job = _Job(list(items), list(images))
         try:
             self._q.put_nowait(job)
         except queue.Full:
@@ -107,6 +116,9 @@ class BatchEncoder:
             first = self._next(None)
             if first is _STOP:
                 break
+            if first.fn is not None:
+                self._call(first)
+                continue
             group, n = [first], len(first.items)
             deadline = time.monotonic() + self.max_wait
             while n < self.max_batch:
@@ -116,7 +128,7 @@ class BatchEncoder:
                 if job is _STOP:
                     stop = True
                     break
-                if n + len(job.items) > self.max_batch:
+                if job.fn is not None or n + len(job.items) > self.max_batch:
                     self._pending = job  # starts the next batch
                     break
                 group.append(job)
@@ -125,7 +137,16 @@ class BatchEncoder:
         # Drain: requests queued before close() still get their answer.
         while (job := self._next(0)) is not None:
             if job is not _STOP:
-                self._process([job])
+                self._call(job) if job.fn is not None else self._process([job])
+
+    def _call(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.fn())
+        except Exception as e:  # noqa: BLE001 - the caller gets it
+            job.future.set_exception(e)
+        self.stats.requests += 1
 
     def _process(self, group: list[_Job]) -> None:
         live = [j for j in group if j.future.set_running_or_notify_cancel()]
