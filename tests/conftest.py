@@ -106,3 +106,32 @@ def small_collection(tmp_path_factory):
     items = root / "items.jsonl"
     items.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return items, root
+
+
+@pytest.fixture(scope="session")
+def video_collection(tmp_path_factory):
+    """Items with videos and several images (issue 18): a frame folder of 11 frames, a video
+    as a list of 5 frame paths, an item with two images, a text item.
+
+    Returns ``(items_path, image_root)``.
+    """
+    root = tmp_path_factory.mktemp("videos")
+    for name, n, colour in (("a", 11, (230, 30, 30)), ("b", 5, (30, 30, 230))):
+        (root / "vid" / name).mkdir(parents=True)
+        for j in range(n):  # a square moving left to right
+            im = Image.new("RGB", (56, 56), (40, 40, 40))
+            ImageDraw.Draw(im).rectangle([4 * j, 20, 4 * j + 14, 34], fill=colour)
+            im.save(root / "vid" / name / f"frame_{j}.png")
+    (root / "img").mkdir()
+    for j, colour in enumerate(((30, 200, 30), (240, 220, 30))):
+        Image.new("RGB", (56, 56), colour).save(root / "img" / f"{j}.png")
+    rows = [{"id": "clip-a", "text": "a red square moving right", "video": "vid/a"},
+            {"id": "clip-b", "text": "<|video_1|>\na blue square",
+             "video": [f"vid/b/frame_{j}.png" for j in range(5)]},
+            {"id": "pair", "text": "<|image_2|> beside <|image_1|>",
+             "images": ["img/0.png", "img/1.png"]},
+            {"id": "words", "text": "a green and a yellow square"}]
+    import json
+    items = root / "items.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return items, root

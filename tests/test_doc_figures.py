@@ -118,8 +118,31 @@ def test_gradcache_row_quotes_gradcache_json():
         assert want in row, (want, row)
 
 
+def test_startup_row_quotes_startup_json():
+    runs = {r["index_items"]: r for r in _load("startup.json")["runs"]}
+    demo, tiny = runs[1023], runs[8]
+    c, t = demo["commands"], tiny["commands"]
+    row = _table_row("| `fam bench startup`")
+    for want in (f"**{c['search_text']['median_s']:.2f} s** text",
+                 f"**{c['search_image']['median_s']:.2f} s** image",
+                 f"tiny index {t['search_text']['median_s']:.2f} s / "
+                 f"{t['search_image']['median_s']:.2f} s",
+                 f"{c['search_text_cold']['median_s']:.1f} s / "
+                 f"{c['search_image_cold']['median_s']:.1f} s wall",
+                 f"{c['search_text_cold']['cpu_s']:.1f} / "
+                 f"{c['search_image_cold']['cpu_s']:.1f} CPU s",
+                 f"{c['model_import']['median_s']:.1f} s wall, "
+                 f"{c['model_import']['cpu_s']:.1f} CPU s",
+                 f"`fam --help` {c['help']['median_s']:.2f} s",
+                 f"load {demo['load_avg_before'][0]:.1f}",
+                 f"load {tiny['load_avg_before'][0]:.1f}"):
+        assert want in row, (want, row)
+    for r in (demo, tiny):  # "met": every target of both runs
+        assert r["all_ok"] and r["commands"]["search_text"]["target_s"] == 2.5
+
+
 @pytest.mark.parametrize("name", ["mac.json", "gradcache.json", "serve.json", "encode_history.json", "encode.json",
-                                  "serve_alternated.json"])
+                                  "serve_alternated.json", "startup.json"])
 def test_results_json_say_where_they_came_from(name):
     res = _load(name)
     assert res.get("command") or res.get("label")

@@ -5,6 +5,8 @@ so a bad row in a 100K-row file is found in seconds.
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 
@@ -74,3 +76,39 @@ class ConfigError(FamError, ValueError):
     def __init__(self, message: str, key: str | None = None):
         self.key = key
         super().__init__(message)
+
+
+#: What to do about an OSError on a named path, by errno.
+_OS_HINTS = {
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.EACCES: "permission denied; choose a path you can write to or fix its permissions",
+    errno.EPERM: "operation not permitted; choose another path",
+    errno.EROFS: "read-only file system; choose a writable path",
+    errno.EISDIR: "is a folder; give a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
+    errno.EEXIST: "already exists; choose another path",
+    errno.ENOSPC: "no space left on the device; free space and rerun (finished work is kept)",
+    errno.EDQUOT: "disk quota exceeded; free space and rerun (finished work is kept)",
+    errno.ENAMETOOLONG: "file name too long; choose a shorter path",
+}
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for an internal error.
+
+    A :class:`FamError` carries its own context. An ``OSError`` that names a path (a
+    folder where a file goes, an unwritable or full disk, a missing file) is the user's to
+    fix too; it is printed with the path and what to do. Anything else is a bug.
+    """
+    if isinstance(e, FamError):
+        return str(e)
+    if isinstance(e, OSError) and (e.filename is not None or e.errno == errno.ENOSPC):
+        hint = _OS_HINTS.get(e.errno or -1, e.strerror or str(e))
+        where = e.filename2 if e.filename2 is not None else e.filename
+        if e.errno == errno.EEXIST and where is not None and os.path.isfile(where):
+            hint = "is a file, not a folder; fix the path"  # mkdir over a file
+        return f"{where}: {hint}" if where is not None else hint
+    if isinstance(e, MemoryError):
+        return ("out of memory; lower the batch size (optim.batch_size / --batch-size), use "
+                "optim.grad_accum or gradcache_chunk, or a smaller model")
+    return None

@@ -43,16 +43,19 @@ def test_search_checks_its_arguments_before_loading_torch():
 
 def _fake(ok: bool) -> dict:
     row = {"median_s": 0.3, "min_s": 0.2, "cpu_s": 0.25}
-    return {"repeats": 3, "cores": 2, "load_before": [0.5, 0.4, 0.3],
-            "load_after": [0.6, 0.4, 0.3], "all_ok": ok, "commands": {
+    cold = {"median_s": 6.0, "min_s": 5.5, "cpu_s": 5.0, "target_s": None}
+    return {"command": "fam bench startup", "repeats": 3, "cores": 2, "index_items": 8,
+            "load_avg_before": [0.5, 0.4, 0.3], "load_avg_after": [0.6, 0.4, 0.3],
+            "all_ok": ok, "commands": {
                 "help": {**row, "target_s": 1.0, "ok": True},
                 "bad_argument": {**row, "target_s": 1.0, "ok": True},
-                "search_text": {"median_s": 2.0 if ok else 4.1, "min_s": 1.9, "cpu_s": 1.8,
+                "search_text_cold": cold, "search_image_cold": cold, "search_text_first": cold,
+                "search_text": {"median_s": 0.4 if ok else 4.1, "min_s": 0.3, "cpu_s": 0.2,
                                 "target_s": 2.5, "ok": ok},
-                "search_image": {"median_s": 2.1, "min_s": 2.0, "cpu_s": 1.9,
+                "search_image": {"median_s": 0.5, "min_s": 0.4, "cpu_s": 0.2,
                                  "target_s": 2.5, "ok": True},
                 "python": {"median_s": 0.02, "min_s": 0.02, "cpu_s": 0.02, "target_s": None},
-                "model_import": {"median_s": 1.5, "min_s": 1.4, "cpu_s": 1.4,
+                "model_import": {"median_s": 4.5, "min_s": 4.4, "cpu_s": 4.4,
                                  "target_s": None}}}
 
 
@@ -60,12 +63,13 @@ def _fake(ok: bool) -> dict:
 def test_bench_startup_prints_figures_and_targets_and_fails_on_a_miss(ok, monkeypatch, capsys,
                                                                      tmp_path):
     import fam.bench.startup as st
-    monkeypatch.setattr(st, "run_bench", lambda work, repeats: _fake(ok))
+    monkeypatch.setattr(st, "run_bench", lambda work, repeats, index: _fake(ok))
     out_json = tmp_path / "s.json"
     assert main(["bench", "startup", "--json", str(out_json)]) == (0 if ok else 1)
     out = capsys.readouterr().out
     lines = {ln.split("  ")[0].strip(): ln for ln in out.splitlines()}
     assert "<= 1 s  ok" in lines["fam --help"]
-    assert ("ok" if ok else "MISSED") in lines["fam search --text (built index)"]
+    assert ("ok" if ok else "MISSED") in lines["fam search --text, warm (worker)"]
+    assert lines["fam search --text, cold (--no-worker)"].rstrip().endswith("5.00")  # no target
     assert "load average 0.5 before, 0.6 after" in out
     assert json.loads(out_json.read_text())["all_ok"] is ok

@@ -79,6 +79,43 @@ class ThreePaths:
         return [self.library(text, d / rel if rel else None),
                 self.cli(text, rel, d, extra), self.serve(text, image, extra)]
 
+    def run_visual(self, text: str | None, image: bytes | None = None,
+                   images: list[bytes] | None = None, video: list[bytes] | None = None
+                   ) -> list[Outcome]:
+        """All three paths on an item with several images and/or a video given as frames
+        (PNG bytes): files + ``images``/``video`` keys for the library and ``fam encode``,
+        data URIs for ``fam serve``."""
+        self.n += 1
+        d = self.work / f"item{self.n}"
+        d.mkdir(parents=True)
+
+        def files(name: str, blobs: list[bytes] | None) -> list[str]:
+            out = []
+            for j, b in enumerate(blobs or []):
+                (d / f"{name}{j}.png").write_bytes(b)
+                out.append(f"{name}{j}.png")
+            return out
+
+        img = files("img", [image] if image is not None else None)
+        ims, frames = files("ims", images), files("frame", video)
+        row: dict[str, Any] = {} if text is None else {"text": text}
+        obj = dict(row)
+        uri = lambda b: "data:image/png;base64," + base64.b64encode(b).decode("ascii")  # noqa: E731
+        if img:
+            row["image"], obj["image"] = img[0], uri(image)
+        if images is not None:
+            row["images"], obj["images"] = ims, [uri(b) for b in images]
+        if video is not None:
+            row["video"], obj["video"] = frames, [uri(b) for b in video]
+        try:
+            item = MMItem(text or "", d / img[0] if img else None,
+                          images=[d / f for f in ims], video=[d / f for f in frames])
+            v = self.model.encode([item], batch_size=1)
+            lib = Outcome("library", vector=v[0])
+        except InputError as e:
+            lib = Outcome("library", reason=e.reason, status=e.status)
+        return [lib, self._cli_row(row, d), self._post(obj)]
+
     def library(self, text: str | None, image: Path | None) -> Outcome:
         try:
             v = self.model.encode([MMItem(text or "", image)], batch_size=1)
@@ -92,6 +129,9 @@ class ThreePaths:
             row["text"] = text
         if rel is not None:
             row["image"] = rel
+        return self._cli_row(row, d)
+
+    def _cli_row(self, row: dict, d: Path) -> Outcome:
         (d / "items.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
         out = d / "emb.safetensors"
         handler = _Errors()
@@ -114,6 +154,9 @@ class ThreePaths:
         if image is not None:
             obj["image"] = "data:application/octet-stream;base64," + \
                 base64.b64encode(image).decode("ascii")
+        return self._post(obj)
+
+    def _post(self, obj: dict) -> Outcome:
         # Serialised here with ASCII escapes: a lone surrogate in a text is valid JSON
         # (a client library's UTF-8 encoder would choke on it first).
         r = self.client.post("/v1/embeddings", content=json.dumps({"input": obj}),

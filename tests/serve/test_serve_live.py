@@ -29,13 +29,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, small_collection, tiny_dirs):
-    """(base url, process, log path) of ``fam serve --model --index`` on a free port."""
-    items, root = small_collection
-    model = tiny_dirs["qwen2_vl"]
-    work = tmp_path_factory.mktemp("live")
-    index = build_index(work / "index", items, model=model, image_root=root, progress=False)
+@contextlib.contextmanager
+def serve_process(model, index, work):
+    """(base url, process, log path) of ``fam serve --model --index`` on a free port; the
+    process is killed on exit if still running."""
     port = free_port()
     log = work / "server.log"
     with log.open("w") as f:
@@ -44,27 +41,40 @@ def server(tmp_path_factory, small_collection, tiny_dirs):
                                 stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"fam serve exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > 120:
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"fam serve exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - t0 > 120:
+                pytest.fail("fam serve did not start within 120 s")
+            time.sleep(0.2)
+        yield url, proc, log
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            pytest.fail("fam serve did not start within 120 s")
-        time.sleep(0.2)
-    yield url, proc, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_collection, tiny_dirs):
+    """(base url, process, log path) of ``fam serve --model --index`` on a free port."""
+    items, root = small_collection
+    model = tiny_dirs["qwen2_vl"]
+    work = tmp_path_factory.mktemp("live")
+    index = build_index(work / "index", items, model=model, image_root=root, progress=False)
+    with serve_process(model, index, work) as out:
+        yield out
 
 
 @contextlib.contextmanager
-def _search_page(url):
-    """The search page loaded in headless Chromium; yields (page, the page's JS errors)."""
+def _search_page(url, items: int = 13):
+    """The search page loaded in headless Chromium (its header showing ``items`` items);
+    yields (page, the page's JS errors)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is "
                                                                  "not installed")
     with sync_api.sync_playwright() as p:
@@ -76,7 +86,7 @@ def _search_page(url):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('info').textContent"
-                                   ".includes('13 items')", timeout=20_000)
+                                   f".includes('{items} items')", timeout=20_000)
             yield page, errors
         finally:
             browser.close()

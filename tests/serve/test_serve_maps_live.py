@@ -4,10 +4,6 @@ Needs Debian's ``chromium`` and the ``playwright`` package (as test_serve_live.p
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -15,14 +11,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
 httpx = pytest.importorskip("httpx")
 
-from fam.bench.serve import free_port  # noqa: E402
+from test_serve_live import CHROMIUM, CHROMIUM_ARGS, serve_process  # noqa: E402
+
 from fam.config.deploy import MultiVectorIndexConfig  # noqa: E402
 from fam.index import build_index  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 TOP = [252, 255, 164, 255]  # the colour ramp's ends (index.html: RAMP), opaque
 BOTTOM = [0, 0, 4, 255]
 
@@ -37,29 +30,8 @@ def mv_server(tmp_path_factory, maps_collection, tiny_dirs):
     work = tmp_path_factory.mktemp("maps-live")
     index = build_index(work / "index", items, model=model, image_root=root, progress=False,
                         multivector=MultiVectorIndexConfig(), query_prompt="Find: ")
-    port = free_port()
-    log = work / "server.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "fam", "serve", "--model", str(model),
-                                 "--index", str(index), "--port", str(port)],
-                                stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"fam serve exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > 120:
-            proc.kill()
-            pytest.fail("fam serve did not start within 120 s")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(60)
+    with serve_process(model, index, work) as (url, _, _):
+        yield url
 
 
 _CANVASES = """() => Array.from(document.querySelectorAll('.card')).map(c => {

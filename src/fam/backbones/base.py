@@ -55,7 +55,7 @@ from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
                                    check_max_text_tokens, check_prompt_format,
                                    parse_image_resolution, pre_resize)
-from fam.backbones.video import place_videos
+from fam.backbones.video import place_videos, split_visuals
 from fam.data.images import load_image, to_rgb
 from fam.data.types import MMItem
 from fam.errors import ConfigError
@@ -394,7 +394,8 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
             items: the batch. ``item.image`` is an absolute path (or ``None``).
             images: optional already-loaded images aligned with ``items`` (skips disk reads).
                 An entry may also be a list of images: the item's text then refers to them as
-                ``<|image_1|>``, ``<|image_2|>``, ... (images it does not mention go first).
+                ``<|image_1|>``, ``<|image_2|>``, ... (images it does not mention go first),
+                or a :class:`fam.data.types.Visuals` (images and a video's frames).
 
         Returns:
             An :class:`EncodedBatch` on the CPU.
@@ -403,11 +404,9 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
             raise ValueError("encode() needs at least one item")
         if images is None:
             images = [self.load_item_image(it) for it in items]
-        per_item: list[list[Image.Image]] = [
-            [] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
-            for im in images]
+        per_item, given = split_visuals(images)
         # A video becomes one more visual slot (native) or that many images (fam.backbones.video).
-        items, per_item, slots, videos = place_videos(self, items, per_item)
+        items, per_item, slots, videos = place_videos(self, items, per_item, given=given)
         # Images go to the processor in the order their blocks appear in the batch (the models
         # scatter features into image positions in that order), e.g. "<|image_2|> ... <|image_1|>".
         orders = [[k for k in self.image_order(it, len(ims) + (slot is not None)) if k != slot]

@@ -138,6 +138,31 @@ class Qwen2VLAdapter(BackboneAdapter):
         return {"processor_class": "PaddleOCRVLProcessor", "processor_config": {},
                 "image_placeholder": "".join(tokens), "named_tokens": {"image_token": tokens[1]}}
 
+    #: transformers' processor taking this family's videos (its video processor needs
+    #: torchvision).
+    video_processor_class = "Qwen2VLProcessor"
+
+    def video_processor_spec(self) -> dict[str, Any]:
+        # The stock processor whose Qwen2VLVideoProcessor patches frames as
+        # fam.backbones.video does: the image processor's pixel budget and normalisation,
+        # every frame given (fam samples its 8 first), no total-video pixel cap.
+        ip = self.image_processor
+        lo, hi = self.pixel_budget
+        tokens = self.tokenizer.convert_ids_to_tokens(
+            [self.vision_start_id, self.video_token_id, self.vision_end_id])
+        video_cfg = {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "size": {"shortest_edge": lo, "longest_edge": hi},
+            "patch_size": int(ip.patch_size), "temporal_patch_size": int(ip.temporal_patch_size),
+            "merge_size": int(ip.merge_size), "image_mean": list(ip.image_mean),
+            "image_std": list(ip.image_std), "do_resize": True, "do_rescale": True,
+            "rescale_factor": float(ip.rescale_factor), "do_normalize": True,
+            "do_convert_rgb": True, "resample": int(ip.resample), "do_sample_frames": False,
+            "cap_pixels_per_frame": False}
+        return {"processor_class": self.video_processor_class,
+                "video_placeholder": "".join(tokens), "named_tokens": {"video_token": tokens[1]},
+                "video_processor_config": video_cfg}
+
     @property
     def pixel_budget(self) -> tuple[int | None, int | None]:
         size = getattr(self.image_processor, "size", None) or {}
@@ -240,6 +265,7 @@ class Qwen2VLAdapter(BackboneAdapter):
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    video_processor_class = "Qwen2_5_VLProcessor"
 
     @classmethod
     def _model_class(cls):

@@ -32,29 +32,55 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from fam.data.images import load_image
-from fam.data.types import VIDEO_PLACEHOLDER, MMItem
-from fam.data.video import NUM_FRAMES, sample
-from fam.errors import ConfigError, DataError
+from fam.data.images import DEFAULT_RULES, ImageRules, load_image
+from fam.data.types import VIDEO_PLACEHOLDER, MMItem, Visuals
+from fam.data.video import NUM_FRAMES, check_frame_sizes, sample
+from fam.errors import ConfigError, InputError
 
-__all__ = ["load_video_frames", "place_videos", "qwen_video_patches"]
+__all__ = ["load_video_frames", "place_videos", "qwen_video_patches", "split_visuals"]
 
 
-def load_video_frames(item: MMItem, num_frames: int = NUM_FRAMES) -> list[Image.Image]:
-    """The item's sampled frames, loaded (in their own mode), all of one size.
+def load_video_frames(item: MMItem, num_frames: int = NUM_FRAMES,
+                      given: Sequence[Image.Image] | None = None,
+                      rules: ImageRules = DEFAULT_RULES) -> list[Image.Image]:
+    """The item's sampled frames, loaded (in their own mode) with the backbone's image
+    ``rules``, all of one size.
+
+    ``given``: the video's frames already decoded (:class:`fam.data.types.Visuals`, checked
+    where they were decoded), sampled here as frame files are.
 
     Raises:
-        DataError: a frame is missing/unreadable, or the frames differ in size.
+        InputError: a frame is missing/unreadable, or the frames differ in size.
     """
-    chosen = sample(list(item.video), num_frames)
-    frames = [load_image(p, source=item.source, line=item.line, field=item.field, rgb=False)
-              for p in chosen]
-    sizes = {f.size for f in frames}
-    if len(sizes) > 1:
-        raise DataError(f"the frames of one video must share one size; {chosen[0].parent} has "
-                        f"{sorted(sizes)}: resize them to one size", item.source or chosen[0],
-                        item.line, item.field)
+    if given:
+        frames = sample(list(given), num_frames)
+    else:
+        chosen = sample(list(item.video), num_frames)
+        frames = [load_image(p, source=item.source, line=item.line, field=item.field,
+                             rgb=False, rules=rules) for p in chosen]
+    try:
+        check_frame_sizes([f.size for f in frames])
+    except InputError as e:
+        where = item.source or (None if given else item.video[0].parent)
+        raise InputError(e.reason, where, item.line, item.field) from None
     return frames
+
+
+def split_visuals(images: Sequence[Any]) -> tuple[list[list[Image.Image]],
+                                                   list[Sequence[Image.Image] | None]]:
+    """Per item, ``(its images, its decoded video frames or None)`` from the entries of an
+    ``images`` argument: None, one image, a list of images or a :class:`Visuals`."""
+    per_item: list[list[Image.Image]] = []
+    given: list[Sequence[Image.Image] | None] = []
+    for im in images:
+        if isinstance(im, Visuals):
+            per_item.append(list(im.images))
+            given.append(im.video or None)
+        else:
+            per_item.append([] if im is None else list(im) if isinstance(im, (list, tuple))
+                            else [im])
+            given.append(None)
+    return per_item, given
 
 
 def _slot_text(item: MMItem, slot: str) -> MMItem:
@@ -76,14 +102,15 @@ def _slot_text(item: MMItem, slot: str) -> MMItem:
 
 def place_videos(adapter: Any, items: Sequence[MMItem], per_item: list[list[Image.Image]],
                  num_frames: int = NUM_FRAMES,
-                 ) -> tuple[list[MMItem], list[list[Image.Image]], list[int | None],
+                 given: Sequence[Sequence[Image.Image] | None] | None = None) -> tuple[list[MMItem], list[list[Image.Image]], list[int | None],
                             list[list[Image.Image]]]:
     """Turn each item's video into what its family takes.
 
     Returns ``(items, per_item images, video slot per item, native videos)``: with
     ``"native"`` the video becomes image slot ``k = n_images + 1`` (``<|image_k|>`` in the
     text, the slot number returned, its frames in ``native videos``); with ``"frames"`` it
-    becomes that many further images at its place.
+    becomes that many further images at its place. ``given``: per item, its video's frames
+    already decoded (None: read the item's frame files).
 
     Raises:
         ConfigError: an item has a video and the family takes none.
@@ -92,7 +119,8 @@ def place_videos(adapter: Any, items: Sequence[MMItem], per_item: list[list[Imag
     slots: list[int | None] = []
     videos: list[list[Image.Image]] = []
     for b, item in enumerate(items):
-        if not item.video:
+        frames_in = given[b] if given is not None else None
+        if not item.video and not frames_in:
             out_items.append(item)
             slots.append(None)
             continue
@@ -102,7 +130,7 @@ def place_videos(adapter: Any, items: Sequence[MMItem], per_item: list[list[Imag
                               "images per item; use a Qwen2-VL/Qwen2.5-VL (video) or a "
                               "multi-image family (llava_next, idefics3), or give one frame as "
                               "the item's image")
-        frames = load_video_frames(item, num_frames)
+        frames = load_video_frames(item, num_frames, frames_in, adapter.input_rules.images)
         n = len(per_item[b])
         if mode == "native":
             out_items.append(_slot_text(item, f"<|image_{n + 1}|>"))

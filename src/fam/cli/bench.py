@@ -153,7 +153,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench_startup(args: argparse.Namespace) -> int:
     from fam.bench.startup import format_report, run_bench
-    r = run_bench(args.work, args.repeats)
+    r = run_bench(args.work, args.repeats, args.index)
     print(format_report(r))
     if args.json:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
@@ -329,11 +329,15 @@ def add_bench_subcommands(sub: Any) -> None:
     sv.set_defaults(func=cmd_bench_serve)
 
     st = which.add_parser("startup", help="fam --help, a bad argument and fam search on a "
-                                          "built index, each in fresh processes: median wall "
+                                          "built index (warm: through the query worker; cold: "
+                                          "--no-worker), each in fresh processes: median wall "
                                           "seconds against the targets (exit 1 if missed)")
     st.add_argument("--repeats", type=positive_int, default=5, help="rounds (default 5)")
     st.add_argument("--work", type=Path, default=None,
                     help="folder for the tiny model and index (default: a temporary one)")
+    st.add_argument("--index", type=Path, default=None,
+                    help="time searches of this built index instead (its recorded model; "
+                         "the image query is its first image item)")
     st.add_argument("--json", type=Path, default=None, help="also write the figures here")
     st.set_defaults(func=cmd_bench_startup)
 

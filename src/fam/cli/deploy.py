@@ -10,7 +10,6 @@ The work is done by :mod:`fam.index` and :mod:`fam.serve`; this module parses ar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -32,6 +31,7 @@ def add_deploy_subcommands(sub: Any) -> None:
 
 
 def _add_index_subcommands(subparsers: Any) -> None:
+    from fam.config import SearchWorkerConfig
     index = subparsers.add_parser("index", help="index a collection for search").add_subparsers(
         dest="index_cmd", required=True)
     b = index.add_parser("build", help="embed items and write an index folder (resumable)",
@@ -92,6 +92,15 @@ def _add_index_subcommands(subparsers: Any) -> None:
                    help="prompt for this query ('{text}' is replaced, otherwise a prefix; '' "
                         "for none). Default: the index's query prompt for a text query; an "
                         "image-only query is embedded as the index's images were")
+    s.add_argument("--worker", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer through a background query worker that keeps the index and "
+                        "its model loaded, started on first use (default: yes, unless "
+                        "FAM_SEARCH_WORKER=0); --no-worker searches in this process")
+    s.add_argument("--worker-idle", type=float, default=None, metavar="SECONDS",
+                   help="a worker started by this search exits after this long without a "
+                        f"query (default {SearchWorkerConfig().idle_s:g})")
+    s.add_argument("--stop-worker", action="store_true",
+                   help="stop the query workers of --index and exit")
     s.set_defaults(func=cmd_search)
 
 
@@ -113,7 +122,29 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_worker(args: argparse.Namespace) -> bool:
+    """The query worker, unless refused or ``--debug``; in a process that has torch loaded
+    already (a library caller, a test) there is no import to save: the search stays here."""
+    if getattr(args, "debug", False):
+        return False  # a traceback is only to be had from this process
+    if args.worker is not None:
+        return bool(args.worker)
+    if os.environ.get("FAM_SEARCH_WORKER", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return "torch" not in sys.modules
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    from fam.config import SearchWorkerConfig
+    if args.stop_worker:
+        from fam.serve.search_client import WorkerUnavailable, stop_workers
+        try:
+            pids = stop_workers(args.index)
+        except WorkerUnavailable:
+            pids = []  # no usable worker folder: no worker
+        print(f"stopped the query worker(s) of {args.index}: pid {', '.join(map(str, pids))}"
+              if pids else f"no query worker of {args.index} is running")
+        return 0
     if not args.text and not args.image:
         raise ConfigError("give a query: --text T and/or --image PATH")
     if args.k < 1:
@@ -123,32 +154,39 @@ def cmd_search(args: argparse.Namespace) -> int:
         image = Path(args.image).resolve()
         if not image.is_file():
             raise ConfigError(f"--image {args.image}: file not found")
-    from fam.index import Index, embed, format_hits, load_query_model  # torch: after the checks
+    cfg = SearchWorkerConfig()
+    if args.worker_idle is not None:
+        if not args.worker_idle > 0:  # also refuses nan
+            raise ConfigError(f"--worker-idle {args.worker_idle:g}: give a number of seconds > 0")
+        cfg = SearchWorkerConfig(idle_s=args.worker_idle)
+    query = {"text": args.text or "", "image": str(image) if image else None, "k": args.k,
+             "prompt": args.query_prompt, "as_json": bool(args.json),
+             "maps": os.path.abspath(args.maps) if args.maps else None}
+    if _use_worker(args):
+        from fam.serve.search_client import WorkerSpec, WorkerUnavailable, search
+        try:
+            reply = search(WorkerSpec.from_args(args.index, args.model, args.image_root),
+                           query, cfg)
+        except WorkerUnavailable as e:
+            log.warning("the query worker is unavailable (%s): searching in this process "
+                        "(--no-worker skips the worker)", e)
+        else:
+            if reply["started"]:
+                log.info("started a query worker (pid %s) that keeps this index and its model "
+                         "loaded for the next searches; it exits after %g s without one "
+                         "(--stop-worker stops it, --no-worker searches without it)",
+                         reply["pid"], cfg.idle_s)
+            print(reply["stderr"], file=sys.stderr)
+            sys.stdout.write(reply["stdout"])
+            return 0
+    # In this process (torch: after the checks), with the worker's own code.
+    from fam.index import Index, SearchQuery, check_maps, load_query_model, run_query
     index = Index.load(args.index, image_root=args.image_root)
-    if args.maps and index.late is None:
-        raise ConfigError(f"--maps: {args.index} is a single-vector index; similarity maps need "
-                          "one built with fam index build --multivector")
+    check_maps(index, query["maps"])  # before the model loads
     model = load_query_model(index, args.model)
-    text = args.text or ""
-    print(index.describe_query(text, image is not None, args.query_prompt), file=sys.stderr)
-    item = index.query_item(text, image, args.query_prompt)
-    if index.late is not None:  # multi-vector index: late interaction
-        from fam.index.maps import LateMaps, write_maps
-        from fam.index.multivector import query_encoder
-        res = LateMaps(index, query_encoder(index, model, args.model)).search(
-            item, None, args.k, maps=bool(args.maps))
-        hits = res.hits
-        if args.maps:
-            pngs = write_maps(args.maps, index, res)
-            print(f"query tokens {res.tokens}; wrote {len(pngs)} map image(s) and maps.json to "
-                  f"{args.maps}", file=sys.stderr)
-    else:
-        hits = index.search(embed(model, [item]), args.k)[0]
-    if args.json:
-        for h in hits:
-            print(json.dumps(h.to_json(), ensure_ascii=False))
-    else:
-        print(format_hits(hits))
+    note, out = run_query(index, model, SearchQuery(**query), args.model)
+    print(note, file=sys.stderr)
+    sys.stdout.write(out)
     return 0
 
 
@@ -177,6 +215,10 @@ def _add_serve_subcommand(subparsers: Any) -> None:
     s.add_argument("--max-image-mb", type=float, default=10.0, help="largest encoded image")
     s.add_argument("--max-image-pixels", type=positive_int, default=64_000_000,
                    help="largest image width×height (decompression-bomb guard)")
+    s.add_argument("--max-video-frames", type=positive_int, default=256,
+                   help="most frames of one input's video (8 of them are sampled)")
+    s.add_argument("--max-request-pixels", type=positive_int, default=256_000_000,
+                   help="total width×height of all images and video frames in one request")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s) image URLs given in requests (off by default: a server "
                         "that fetches URLs can be made to reach internal hosts)")
@@ -203,7 +245,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_wait_ms=args.max_wait_ms,
                       max_request_bytes=int(args.max_request_mb * mb),
                       max_image_bytes=int(args.max_image_mb * mb),
-                      max_image_pixels=args.max_image_pixels, api_key=args.api_key,
+                      max_image_pixels=args.max_image_pixels,
+                      max_video_frames=args.max_video_frames,
+                      max_request_pixels=args.max_request_pixels, api_key=args.api_key,
                       allow_image_urls=args.allow_image_urls,
                       served_model_name=args.served_model_name)
     service = load_service(args.model, cfg, args.index, args.image_root)

@@ -22,11 +22,16 @@ def _parse_prompts(pairs: Sequence[str]) -> dict[str, str]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "multivector":
+        if args.video:
+            from fam.errors import ConfigError
+            raise ConfigError("--video writes the sentence-transformers processor of --format "
+                              "st; the multi-vector export takes no video yet")
         return _export_multivector(args)
     from fam.export import export_sentence_transformers
     res = export_sentence_transformers(args.model, args.out, prompts=_parse_prompts(args.prompt),
                                        results=args.results, check=not args.no_check,
-                                       overwrite=args.overwrite, lora=args.adapter)
+                                       overwrite=args.overwrite, lora=args.adapter,
+                                       video=args.video)
     chk = res.check
     verdict = (f"checked with sentence-transformers {chk['sentence_transformers']}: min cosine "
                f"{chk['min_cosine']:.6f} over {chk['items']} probes" if "min_cosine" in chk
@@ -68,6 +73,10 @@ def add_export_subcommand(sub: Any) -> None:
     ex.add_argument("--results", default=None,
                     help="evaluation results JSON for the model card (default: "
                          "<model>/eval_results.json or the demo's results.json)")
+    ex.add_argument("--video", action="store_true",
+                    help="Qwen2-VL/2.5-VL: write transformers' stock processor with its video "
+                         "processor, so sentence-transformers embeds {'video': frames, 'text': "
+                         "...} natively (loading it needs torchvision)")
     ex.add_argument("--no-check", action="store_true",
                     help="skip the sentence-transformers parity check")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")

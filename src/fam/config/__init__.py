@@ -15,9 +15,10 @@ Typed dataclasses are the single source of truth (STYLE practice 4); YAML files 
 A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in this package.
 """
 from fam.config.checks import Validated, bookkeeping_keys
-from fam.config.deploy import HnswConfig, MultiVectorIndexConfig, ServeConfig
+from fam.config.deploy import (HnswConfig, MultiVectorIndexConfig, SearchWorkerConfig,
+                               ServeConfig)
 from fam.config.experiments import (CompareConfig, DemoConfig, DemoMediaConfig,
-                                     SceneModelConfig, TinyModelConfig)
+                                    SceneModelConfig, TinyModelConfig)
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
 from fam.config.scenes import ScenesConfig, ScenesMediaConfig
@@ -34,4 +35,5 @@ __all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict
            "ScenesConfig", "ScenesMediaConfig", "TinyModelConfig",
            "SceneModelConfig", "DemoConfig", "DemoMediaConfig", "CompareConfig", "ProbeConfig",
            "PlanConfig",
-           "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "GpuBenchConfig"]
+           "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "SearchWorkerConfig",
+           "GpuBenchConfig"]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from fam.config.checks import Validated, choice, fail, integers, number
 
-__all__ = ["HnswConfig", "ServeConfig", "MultiVectorIndexConfig"]
+__all__ = ["HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "SearchWorkerConfig"]
 
 
 @dataclass
@@ -54,6 +54,8 @@ class ServeConfig(Validated):
     max_image_bytes: int = 10 * 1024 * 1024  # largest encoded image (after base64 decoding)
     max_image_pixels: int = 64_000_000  # largest width × height (= data.images.MAX_IMAGE_PIXELS)
     max_images_per_input: int = 8  # (= fam.data.items.MAX_IMAGES)
+    max_video_frames: int = 256  # most frames of one input's video (8 are sampled and decoded)
+    max_request_pixels: int = 256_000_000  # total width × height of a request's images + frames
     max_k: int = 100  # largest k of a search
     api_key: str | None = None  # bearer token required by the API when set
     allow_image_urls: bool = False  # fetch http(s):// image URLs (off: data URIs / base64)
@@ -63,10 +65,25 @@ class ServeConfig(Validated):
     def check(self, prefix: str) -> None:
         integers(self, prefix, max_batch=1, max_queue=1, max_request_bytes=1, max_inputs=1,
                  max_text_chars=1, max_image_bytes=1, max_image_pixels=1,
-                 max_images_per_input=1, max_k=1, port=0)
+                 max_images_per_input=1, max_video_frames=1, max_request_pixels=1, max_k=1,
+                 port=0)
         if self.port > 65535:
             fail(prefix + "port", self.port, "must be in 0..65535")
         number(prefix + "max_wait_ms", self.max_wait_ms, 0.0)
         number(prefix + "url_timeout_s", self.url_timeout_s, 0.0, low_open=True)
         if self.api_key is not None and not self.api_key.strip():
             fail(prefix + "api_key", self.api_key, "is empty; unset it to disable auth")
+
+
+@dataclass
+class SearchWorkerConfig(Validated):
+    """The query worker of ``fam search`` (fam.serve.search_worker): a background process
+    that keeps an index and its model loaded between searches."""
+
+    idle_s: float = 600.0  # the worker exits after this long without a request
+    start_timeout_s: float = 600.0  # longest wait for a new worker to load (then: in-process)
+    request_timeout_s: float = 600.0  # longest wait for one answer (then: in-process)
+
+    def check(self, prefix: str) -> None:
+        for key in ("idle_s", "start_timeout_s", "request_timeout_s"):
+            number(prefix + key, getattr(self, key), 0.0, low_open=True)

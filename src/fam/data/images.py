@@ -35,7 +35,8 @@ from PIL import Image, UnidentifiedImageError
 from fam.errors import InputError
 
 __all__ = ["ImageRef", "ImageRules", "AlphaRule", "to_rgb", "load_image", "open_image",
-           "check_image", "check_images", "CHECK_MODES", "IMAGE_FORMATS", "MAX_IMAGE_PIXELS"]
+           "verify_image", "check_image", "check_images", "CHECK_MODES", "IMAGE_FORMATS",
+           "MAX_IMAGE_PIXELS"]
 
 #: How thoroughly :func:`check_images` looks at each image: ``exists`` (the file is there),
 #: ``verify`` (the header: format, size and backbone limits, and the file's structure: PNG
@@ -243,6 +244,26 @@ def _verify(src: Path | bytes) -> None:
         raise InputError(TRUNCATED) from None
 
 
+def verify_image(src: Path | bytes, rules: ImageRules = DEFAULT_RULES) -> tuple[int, int]:
+    """Check one image without decoding it: format, size and the backbone's limits from the
+    header, then the file's structure (``check_images``' ``verify`` mode; video frames the
+    model does not sample are checked so).
+
+    Returns:
+        The displayed ``(width, height)``.
+
+    Raises:
+        InputError: as :func:`open_image` (the reason only).
+    """
+    im = _open(src, rules)
+    try:
+        size = _displayed_size(im)
+    finally:
+        im.close()
+    _verify(src)
+    return size
+
+
 def open_image(src: Path | bytes, rules: ImageRules = DEFAULT_RULES) -> Image.Image:
     """Open, check and decode one image (file path or encoded bytes), as every path does.
 
@@ -318,8 +339,7 @@ def check_image(ref: ImageRef, mode: Literal["exists", "verify", "decode"] = "ve
         load_image(ref.path, source=ref.source, line=ref.line, field=ref.field, rules=rules)
         return
     try:
-        _open(ref.path, rules).close()  # format, size and the backbone's limits
-        _verify(ref.path)
+        verify_image(ref.path, rules)  # format, size and the backbone's limits; structure
     except InputError as e:
         raise _locate(e, ref.path, ref.source, ref.line, ref.field) from None
 

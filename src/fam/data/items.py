@@ -77,10 +77,12 @@ ITEM_KEYS: dict[str, ItemKey] = {k.name: k for k in (
     ItemKey("image", "visual", ("items", "http"),
             "an image: a path under the image root (JSONL), a data URI or base64 (HTTP, "
             "also a list)"),
-    ItemKey("images", "visual", ("items",),
-            "further images: a list of paths under the image root (<|image_2|>, ...)"),
-    ItemKey("video", "visual", ("items",),
-            "a video: a folder of frames (natural order) or a list of frame paths"),
+    ItemKey("images", "visual", ("items", "http"),
+            "further images (<|image_2|>, ...): a list of paths under the image root (JSONL), "
+            "of data URIs or base64 (HTTP)"),
+    ItemKey("video", "visual", ("items", "http"),
+            "a video: a folder of frames (natural order) or a list of frame paths (JSONL); a "
+            "list of frames as data URIs or base64 (HTTP)"),
     ItemKey("id", "id", ("items",), "the item's id (string or integer; default: row number)"),
 )}
 
@@ -215,12 +217,17 @@ def check_item(text: str, n_images: int, rules: InputRules = DEFAULT_INPUT_RULES
 
 def check_mm_item(it: MMItem, rules: InputRules = DEFAULT_INPUT_RULES, *,
                   n_images: int | None = None, item_field: str | None = None,
-                  text_name: str | None = None) -> None:
+                  text_name: str | None = None, has_video: bool = False) -> None:
     """:func:`check_item` for an :class:`MMItem`: every image (``image`` then ``images``, or
-    ``n_images`` given in memory) and its video count; errors name the item's source."""
+    ``n_images`` given in memory) and its video (its frames, or ``has_video``: frames given in
+    memory); errors name the item's source."""
+    if it.images and it.video:
+        raise InputError(both_visuals_reason(), it.source, it.line,
+                         "video" if it.source else item_field)
     check_item(it.text, len(it.all_images) if n_images is None else n_images, rules,
                path=it.source, line=it.line, item_field=item_field,
-               text_field=text_name or text_field(it.field), has_video=bool(it.video))
+               text_field=text_name or text_field(it.field),
+               has_video=bool(it.video) or has_video)
 
 
 def check_items(items: Sequence[MMItem], rules: InputRules = DEFAULT_INPUT_RULES,
@@ -244,7 +251,8 @@ def check_items(items: Sequence[MMItem], rules: InputRules = DEFAULT_INPUT_RULES
 def text_field(field: str | None) -> str:
     """The text field beside an item's image field (MMEB rows, items JSONL)."""
     known = {"qry_image_path": "qry", "pos_image_path": "pos_text",
-             "neg_image_path": "neg_text", "qry_img_path": "qry_text", "image": "text"}
+             "neg_image_path": "neg_text", "qry_img_path": "qry_text", "image": "text",
+             "images": "text", "video": "text"}
     if field is None:
         return "text"
     if field.startswith("tgt_img_path"):
@@ -280,9 +288,13 @@ def visual_inputs(row: dict, side: str, root: Path, source: Path, line: int
     elif value:
         video = tuple(paths(vkey))
     if images and video:
-        raise DataError(f"an item takes several images or a video, not both ('{ikey}', "
-                        f"'{vkey}')", source, line, vkey)
+        raise InputError(both_visuals_reason(ikey or "images", vkey), source, line, vkey)
     return images, video
+
+
+def both_visuals_reason(ikey: str = "images", vkey: str = "video") -> str:
+    """Why an item with several images and a video is refused (files and HTTP alike)."""
+    return f"an item takes several images or a video, not both ('{ikey}', '{vkey}')"
 
 
 @dataclass
@@ -296,6 +308,8 @@ class ItemRow:
         item: the :class:`MMItem` to embed (image resolved; ``prompt`` applied).
         metadata: the row's other keys (only where the format keeps them: the index).
         line: the 1-based line.
+        images: its ``images`` paths as written (relative to the image root).
+        video: its ``video`` as written: a frame folder or a list of frame paths, or None.
     """
 
     id: str
@@ -304,6 +318,8 @@ class ItemRow:
     item: MMItem
     metadata: dict[str, Any] = field(default_factory=dict)
     line: int = 0
+    images: list[str] = field(default_factory=list)
+    video: str | list[str] | None = None
 
 
 def apply_prompt(prompt: str, text: str) -> str:
@@ -367,9 +383,12 @@ def read_items(path: str | Path, image_root: str | Path | None = None, *,
         resolved = resolve_under(root, img, source=path, line=line, field="image") \
             if img else None
         item = MMItem(apply_prompt(prompt, text), resolved, images=images, video=video,
-                      source=str(path), line=line, field="image" if img else "text")
-        out.append(ItemRow(rid, text, img, item,
-                           {k: row[k] for k in extra}, line))
+                      source=str(path), line=line,
+                      field="image" if img else "images" if images else
+                      "video" if video else "text")
+        out.append(ItemRow(rid, text, img, item, {k: row[k] for k in extra}, line,
+                           list(row["images"]) if images else [],
+                           row["video"] if video else None))
     if not out:
         raise InputError("no items: expected one JSON object {\"text\", \"image\"} per line",
                          path)

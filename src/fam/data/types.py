@@ -56,3 +56,23 @@ class MMItem:
     def has_image(self) -> bool:
         """Whether the item carries any visual input (an image or a video)."""
         return self.image is not None or bool(self.images) or bool(self.video)
+
+
+@dataclass(frozen=True)
+class Visuals:
+    """An item's visual inputs already decoded (what ``fam serve`` reads from a request), an
+    entry of the ``images`` argument of :meth:`fam.model.encode.EncodePipeline.encode` and
+    :meth:`fam.backbones.BackboneAdapter.encode` beside one image or a list of images.
+
+    ``images`` stand for the item's ``image`` then ``images`` (``<|image_1|>``, ...);
+    ``video`` is a video's frames in order (PIL images of one size). The adapter samples the
+    frames as it samples a video read from files (:func:`fam.data.video.sample`): a caller
+    may pass every frame, or the sampled ones only (sampling those again keeps them all).
+    """
+
+    images: tuple = ()
+    video: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", tuple(self.images))
+        object.__setattr__(self, "video", tuple(self.video))

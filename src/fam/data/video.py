@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from fam.errors import DataError
+from fam.errors import DataError, InputError
 
-__all__ = ["FRAME_SUFFIXES", "NUM_FRAMES", "natural_key", "frame_paths", "sample_indices"]
+__all__ = ["FRAME_SUFFIXES", "NUM_FRAMES", "natural_key", "frame_paths", "sample_indices",
+           "sample", "check_frame_sizes"]
 
 #: File suffixes read as frames (case-insensitive).
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -63,3 +64,16 @@ def sample_indices(n: int, k: int = NUM_FRAMES) -> list[int]:
 def sample(frames: Sequence, k: int = NUM_FRAMES) -> list:
     """The frames chosen by :func:`sample_indices`."""
     return [frames[i] for i in sample_indices(len(frames), k)]
+
+
+def check_frame_sizes(sizes: Sequence[tuple[int, int]]) -> None:
+    """The sampled frames of one video share one size (they become one video input).
+
+    Raises:
+        InputError: the sizes differ (the reason only; callers add where the video is).
+    """
+    distinct = sorted(set(sizes))
+    if len(distinct) > 1:
+        got = ", ".join(f"{w}x{h}" for w, h in distinct)
+        raise InputError(f"the frames of one video must share one size, got {got}: resize "
+                         "them to one size")

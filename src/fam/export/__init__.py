@@ -9,6 +9,8 @@ see :mod:`fam.export.st` for what is in it and :mod:`fam.export.card` for its mo
 from fam.export.multivector import export_multivector
 from fam.export.st import (DEFAULT_PROMPTS, PARITY_MIN_COSINE, ExportError, ExportResult,
                            chat_template, check_export, export_sentence_transformers)
+from fam.export.video import st_video
 
 __all__ = ["DEFAULT_PROMPTS", "PARITY_MIN_COSINE", "ExportError", "ExportResult",
-           "chat_template", "check_export", "export_sentence_transformers", "export_multivector"]
+           "chat_template", "check_export", "export_sentence_transformers", "export_multivector",
+           "st_video"]

@@ -42,6 +42,7 @@ import torch
 
 from fam.errors import ConfigError, FamError
 from fam.export.card import model_card
+from fam.export.video import torchvision_missing, video_probes, video_spec_or_fail
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def _jinja_str(s: str) -> str:
 
 
 def chat_template(image_placeholder: str, bos: str = "", eos: str = "",
-                  max_images: int = MAX_IMAGE_TAGS) -> str:
+                  max_images: int = MAX_IMAGE_TAGS, video_placeholder: str | None = None) -> str:
     """A Jinja chat template writing fam's token layout (see the module docstring).
 
     Args:
@@ -101,20 +102,32 @@ def chat_template(image_placeholder: str, bos: str = "", eos: str = "",
         bos: text of the tokens fam puts before every sequence ("" if none).
         eos: text of the token fam pools (the last token).
         max_images: ``<|image_k|>`` tags resolved, k = 1..max_images; higher ones are dropped.
+        video_placeholder: the text the processor expands into one video's block (``--video``
+            exports); a video part then goes where ``<|video_1|>`` is, else after the
+            unplaced images' blocks followed by a newline, as fam places an item's video.
     """
     ph, nl = _jinja_str(image_placeholder), _jinja_str("\n")
+    video = ""
+    if video_placeholder is not None:
+        vph = _jinja_str(video_placeholder)
+        video = ("{%- if ns.v > 0 and '<|video_1|>' in ns.text -%}"
+                 f"{{%- set ns.text = ns.text | replace('<|video_1|>', {vph}, 1) -%}}\n"
+                 f"{{%- elif ns.v > 0 -%}}{{%- set ns.text = {vph} ~ {nl} ~ ns.text -%}}\n"
+                 "{%- endif -%}\n")
     return (
         "{#- fam layout: [bos] <image block + newline for each image the text does not place> "
         "<text, <|image_k|> = k-th image> <eos>. Text = all text parts (prompt first). -#}\n"
-        '{%- set ns = namespace(text="", n=0, prefix="") -%}\n'
+        '{%- set ns = namespace(text="", n=0, v=0, prefix="") -%}\n'
         "{%- for message in messages -%}\n"
         "{%- if message['content'] is string -%}"
         "{%- set ns.text = ns.text ~ message['content'] -%}\n"
         "{%- else -%}{%- for part in message['content'] -%}\n"
         "{%- if part['type'] in ['image', 'image_url'] -%}{%- set ns.n = ns.n + 1 -%}\n"
+        "{%- elif part['type'] == 'video' -%}{%- set ns.v = ns.v + 1 -%}\n"
         "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text ~ part['text'] -%}\n"
         "{%- endif -%}{%- endfor -%}{%- endif -%}\n"
         "{%- endfor -%}\n"
+        + video +
         f"{{%- for k in range(1, {max_images + 1}) -%}}\n"
         "{%- set tag = '<|image_' ~ k ~ '|>' -%}\n"
         f"{{%- if k <= ns.n and tag in ns.text -%}}"
@@ -206,23 +219,28 @@ def _write_hf(adapter, out: Path, spec: dict[str, Any]) -> None:
     _write_json(tc_path, tc)
     _write_json(out / "processor_config.json",
                 {"processor_class": spec["processor_class"], **spec["processor_config"]})
+    if "video_processor_config" in spec:
+        _write_json(out / "video_preprocessor_config.json", spec["video_processor_config"])
     bos = "".join(adapter.tokenizer.convert_ids_to_tokens(adapter.bos_ids()))
     eos = adapter.tokenizer.convert_ids_to_tokens(adapter.eos_token_id)
-    (out / "chat_template.jinja").write_text(chat_template(spec["image_placeholder"], bos, eos),
-                                             encoding="utf-8")
+    (out / "chat_template.jinja").write_text(
+        chat_template(spec["image_placeholder"], bos, eos,
+                      video_placeholder=spec.get("video_placeholder")), encoding="utf-8")
 
 
-def write_transformer_config(adapter, out: Path) -> None:
+def write_transformer_config(adapter, out: Path, video: bool = False) -> None:
     """``sentence_bert_config.json``: the Transformer module reading the folder's checkpoint
-    (every input through the chat template) and giving ``token_embeddings``."""
+    (every input through the chat template) and giving ``token_embeddings``; ``video``: it
+    takes ``{"video": frames, "text": ...}`` inputs too."""
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    videos = {"video": forward, "text+video": forward} if video else {}
     max_len = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 32768)
     _write_json(out / "sentence_bert_config.json", {
         # fam never truncates the image block; the context length is the only cap here.
         "max_seq_length": max_len, "do_lower_case": False,
         "transformer_task": "feature-extraction",
         # Every input goes through the chat template ("message"), which writes fam's layout.
-        "modality_config": {"text": forward, "image": forward, "image+text": forward,
+        "modality_config": {"text": forward, "image": forward, "image+text": forward, **videos,
                             "message": {**forward, "format": "structured"}},
         "module_output_name": "token_embeddings",
         # Padding-free batching would need flash attention; Qwen2-VL's M-RoPE rules it out.
@@ -240,13 +258,13 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "pytorch": torch.__version__}
 
 
-def _write_st(adapter, out: Path, prompts: dict[str, str]) -> None:
+def _write_st(adapter, out: Path, prompts: dict[str, str], video: bool = False) -> None:
     dim = adapter.hidden_size
     _write_json(out / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": _ST_TRANSFORMER},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_POOLING},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_NORMALIZE}])
-    write_transformer_config(adapter, out)
+    write_transformer_config(adapter, out, video)
     # Classic keys (what every sentence-transformers version and vLLM read) plus the
     # current single key.
     pooling = {"word_embedding_dimension": dim, "pooling_mode_cls_token": False,
@@ -279,11 +297,12 @@ def _probe_images() -> list:
 
 
 def check_export(path: str | Path, adapter, prompts: dict[str, str],
-                 min_cosine: float = PARITY_MIN_COSINE) -> dict[str, Any]:
+                 min_cosine: float = PARITY_MIN_COSINE, video: bool = False) -> dict[str, Any]:
     """Load ``path`` with sentence-transformers and compare it with fam on probe items.
 
     Probes: a text query (with the ``query`` prompt), a text without prompt, an image with the
-    ``document`` prompt, an image alone, and an image + text with ``<|image_1|>``.
+    ``document`` prompt, an image alone, and an image + text with ``<|image_1|>``; with
+    ``video``, two videos as well (:func:`fam.export.video.video_probes`).
 
     Returns:
         ``{"min_cosine", "items", "sentence_transformers"}``.
@@ -310,11 +329,19 @@ def check_export(path: str | Path, adapter, prompts: dict[str, str],
         st.encode([{"image": im2, "text": vqa}], prompt="", convert_to_tensor=True, show_progress_bar=False)]).float()
     items = [MMItem(qp + "a red circle left of a blue square"), MMItem("a small green triangle"),
              MMItem(dp), MMItem(""), MMItem(vqa)]
-    fam_emb = EncodePipeline(EmbeddingModel(adapter), prefetch=0).encode(
-        items, [None, None, im1, im2, im2])
+    images = [None, None, im1, im2, im2]
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="fam-export-video-") as tmp:
+        if video:
+            v_emb, v_items, v_images = video_probes(st, Path(tmp))
+            st_emb = torch.cat([st_emb, v_emb.float()])
+            items, images = items + v_items, images + v_images
+        fam_emb = EncodePipeline(EmbeddingModel(adapter), prefetch=0).encode(items, images)
     cos = torch.nn.functional.cosine_similarity(st_emb.cpu(), fam_emb, dim=-1)
     result = {"min_cosine": float(cos.min()), "items": len(items),
               "sentence_transformers": sentence_transformers.__version__}
+    if video:
+        result["videos"] = 2
     if result["min_cosine"] < min_cosine:
         raise ExportError(f"the export does not reproduce fam's embeddings: cosine "
                           f"{[round(float(c), 6) for c in cos]} (need >= {min_cosine}); "
@@ -336,8 +363,8 @@ def processor_spec_or_fail(adapter) -> dict:
 def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
                                  prompts: dict[str, str] | None = None,
                                  results: str | Path | None = None, check: bool = True,
-                                 overwrite: bool = False,
-                                 lora: str | Path | None = None) -> ExportResult:
+                                 overwrite: bool = False, lora: str | Path | None = None,
+                                 video: bool = False) -> ExportResult:
     """Write ``model_dir`` as a sentence-transformers / vLLM folder at ``out_dir``.
 
     Args:
@@ -348,6 +375,10 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
         results: evaluation results for the model card (default: found beside the model).
         check: verify the export with sentence-transformers when it is installed.
         overwrite: replace an existing ``out_dir``.
+        video: write transformers' stock processor of the family with its video processor
+            (Qwen2-VL/2.5-VL), so sentence-transformers takes ``{"video": frames, "text": ...}``
+            natively. That processor needs torchvision to load; without it here the folder is
+            written and the check is skipped (said in ``fam_export.json``).
 
     Returns:
         An :class:`ExportResult`.
@@ -368,12 +399,16 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
     adapter = _load_merged(model_dir, lora)
     _check_exportable(adapter)
     spec = processor_spec_or_fail(adapter)
+    if video:
+        vspec = video_spec_or_fail(adapter)
+        spec = {**spec, **vspec, "named_tokens": {**spec.get("named_tokens", {}),
+                                                  **vspec["named_tokens"]}}
     prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
     result = ExportResult(out_dir, adapter.family, adapter.hidden_size, prompts)
     adapter.model.eval()
     with atomic_dir(out_dir) as tmp:
         _write_hf(adapter, tmp, spec)
-        _write_st(adapter, tmp, prompts)
+        _write_st(adapter, tmp, prompts, video)
         (tmp / "README.md").write_text(model_card(adapter, model_dir, prompts, spec, results),
                                        encoding="utf-8")
         if check:
@@ -381,14 +416,18 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, *,
             if importlib.util.find_spec("sentence_transformers") is None:
                 result.check = {"skipped": "sentence-transformers is not installed "
                                            "(pip install -e \".[deploy]\")"}
+            elif video and (why := torchvision_missing()):
+                result.check = {"skipped": f"--video: {spec['processor_class']} loads a video "
+                                           f"processor that needs torchvision, which does not "
+                                           f"import here ({why})"}
             else:
-                result.check = check_export(tmp, adapter, prompts)
+                result.check = check_export(tmp, adapter, prompts, video=video)
         else:
             result.check = {"skipped": "--no-check"}
         _write_json(tmp / "fam_export.json", {
             "format": "sentence-transformers", "family": adapter.family,
             "source": str(model_dir.resolve()), "dim": adapter.hidden_size,
-            "processor_class": spec["processor_class"], "prompts": prompts,
+            "processor_class": spec["processor_class"], "prompts": prompts, "video": video,
             "check": result.check})
     return result
 

@@ -16,8 +16,9 @@ from fam.index.identity import model_identity
 from fam.index.index import (Hit, Index, Manifest, ModelMismatchError, format_hits,
                             load_query_model)
 from fam.index.items import ItemRecord, apply_prompt, read_items
+from fam.index.query import SearchQuery, check_maps, run_query
 from fam.index.store import KINDS, VectorIndex, exact_search, rescore, topk_float32
 
 __all__ = ["build_index", "embeddings_metadata", "embed", "model_identity", "Hit", "Index", "format_hits", "load_query_model",
            "Manifest", "ModelMismatchError", "ItemRecord", "apply_prompt", "read_items", "KINDS",
-           "VectorIndex", "exact_search", "rescore", "topk_float32"]
+           "VectorIndex", "exact_search", "rescore", "topk_float32", "SearchQuery", "run_query", "check_maps"]

@@ -4,7 +4,9 @@ Layout (written atomically by :func:`fam.index.build_index`)::
 
     IDX/manifest.json           format, model identity, dim, metric, normalisation, prompts, kind
     IDX/embeddings.safetensors  'embeddings' (n, d) float32, row i = item i
-    IDX/items.jsonl             one row per item: id, text, image (relative), metadata
+    IDX/items.jsonl             one row per item: id, text, image (relative), images and
+                                video as given, video_frames (the frames the model sampled),
+                                metadata
     IDX/index.faiss             the HNSW graph (kind 'hnsw' only)
     IDX/tokens.safetensors      the multi-vector kind: every item's token vectors
                                 (fam.index.multivector; manifest section 'multivector')
@@ -27,7 +29,7 @@ import torch
 from fam.data.types import MMItem
 from fam.errors import ConfigError, DataError
 from fam.index.identity import short
-from fam.index.items import apply_prompt
+from fam.index.items import ROW_KEYS, apply_prompt
 from fam.config import HnswConfig
 from fam.index.store import VectorIndex
 from fam.utils.io import read_jsonl, resolve_under
@@ -108,10 +110,18 @@ class Hit:
     text: str
     image: str | None
     metadata: dict[str, Any]
+    #: Further images and the video's sampled frames (relative paths), when the item has them.
+    images: list[str] = field(default_factory=list)
+    video_frames: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": self.score, "text": self.text,
-                "image": self.image, "index": self.index, "metadata": self.metadata}
+        out = {"rank": self.rank, "id": self.id, "score": self.score, "text": self.text,
+               "image": self.image, "index": self.index, "metadata": self.metadata}
+        if self.images:
+            out["images"] = self.images
+        if self.video_frames:
+            out["video_frames"] = self.video_frames
+        return out
 
 
 class ModelMismatchError(ConfigError):
@@ -269,22 +279,26 @@ class Index:
                 if i < 0:
                     continue
                 row = self.rows[i]
-                meta = {k: v for k, v in row.items() if k not in ("id", "text", "image")}
+                meta = {k: v for k, v in row.items() if k not in ROW_KEYS}
                 hits.append(Hit(len(hits) + 1, i, str(row["id"]), float(s), row.get("text", ""),
-                                row.get("image"), meta))
+                                row.get("image"), meta, list(row.get("images") or []),
+                                list(row.get("video_frames") or [])))
             out.append(hits)
         return out
 
-    def image_file(self, i: int) -> Path | None:
-        """The image file of item ``i`` (only files the index references, under its root)."""
-        if not 0 <= i < len(self.rows):
+    def image_file(self, i: int, key: str = "image", j: int | None = None) -> Path | None:
+        """The image file of item ``i`` (only files the index references, under its root):
+        its ``image``, or entry ``j`` of its ``images`` or ``video_frames`` (``key``)."""
+        if not 0 <= i < len(self.rows) or key not in ("image", "images", "video_frames"):
             return None
-        rel = self.rows[i].get("image")
-        if not rel or self.image_root is None:
+        rel = self.rows[i].get(key)
+        if j is not None:
+            rel = rel[j] if isinstance(rel, list) and 0 <= j < len(rel) else None
+        if not rel or not isinstance(rel, str) or self.image_root is None:
             return None
         try:
             p = resolve_under(self.image_root, rel, source=self.path / "items.jsonl",
-                              line=i + 1, field="image")
+                              line=i + 1, field=key)
         except DataError:
             return None
         return p if p.is_file() else None

@@ -14,6 +14,7 @@ from typing import Any
 from fam.data.items import apply_prompt
 from fam.data.items import read_items as _read_items
 from fam.data.types import MMItem
+from fam.data.video import sample
 
 
 @dataclass
@@ -33,10 +34,33 @@ class ItemRecord:
     image: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
     item: MMItem | None = None
+    images: list[str] = field(default_factory=list)
+    video: str | list[str] | None = None
 
     def row(self) -> dict[str, Any]:
-        """The JSON row stored in the index (``id``, ``text``, ``image``, metadata)."""
-        return {"id": self.id, "text": self.text, "image": self.image, **self.metadata}
+        """The JSON row stored in the index (``id``, ``text``, ``image``, metadata; with
+        ``images`` and ``video`` as given, and the video's frames the model sampled in
+        ``video_frames`` (relative paths: the search page's frame strip), when present)."""
+        row: dict[str, Any] = {"id": self.id, "text": self.text, "image": self.image}
+        if self.images:
+            row["images"] = list(self.images)
+        if self.video:
+            row["video"] = self.video
+            row["video_frames"] = sampled_frames(self.video, self.item)
+        return {**row, **self.metadata}
+
+
+#: Keys of an index row that are the item itself (the rest is metadata).
+ROW_KEYS = ("id", "text", "image", "images", "video", "video_frames")
+
+
+def sampled_frames(video: str | list[str], item: MMItem | None) -> list[str]:
+    """The frames of a video the model takes (:func:`fam.data.video.sample`), as paths
+    relative to the image root: a folder's frames as ``folder/name``."""
+    if isinstance(video, str):
+        assert item is not None and item.video
+        return [f"{video.rstrip('/')}/{p.name}" for p in sample(list(item.video))]
+    return sample(list(video))
 
 
 def read_items(path: str | Path, image_root: str | Path | None = None,
@@ -55,16 +79,23 @@ def read_items(path: str | Path, image_root: str | Path | None = None,
         DataError: naming the file, line and field of the first bad row.
     """
     rows = _read_items(path, image_root, prompt=document_prompt)
-    return [ItemRecord(r.id, r.text, r.image, r.metadata, r.item) for r in rows]
+    return [ItemRecord(r.id, r.text, r.image, r.metadata, r.item, r.images, r.video)
+            for r in rows]
 
 
 def items_fingerprint(records: list[ItemRecord]) -> str:
-    """SHA-256 over what is embedded (text and image path per item, in order).
+    """SHA-256 over what is embedded (per item, in order: text, image path, and the paths of
+    its further images and of its video's frames, a folder expanded to its frames).
 
     Image *contents* are not hashed (that would mean reading the whole collection twice);
-    a resumed build therefore trusts that files under the same names did not change.
+    a resumed build therefore trusts that files under the same names did not change. An item
+    without ``images``/``video`` hashes as it did before they existed (old builds resume).
     """
     h = hashlib.sha256()
     for r in records:
-        h.update(r.item.text.encode() + b"\0" + str(r.item.image or "").encode() + b"\n")
+        h.update(r.item.text.encode() + b"\0" + str(r.item.image or "").encode())
+        for tag, paths in ((b"images", r.item.images), (b"video", r.item.video)):
+            if paths:
+                h.update(b"\0" + tag + b"".join(b"\0" + str(p).encode() for p in paths))
+        h.update(b"\n")
     return "sha256:" + h.hexdigest()

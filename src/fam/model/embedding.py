@@ -148,11 +148,13 @@ class EmbeddingModel(nn.Module):
         return self.encode_all(items, batch_size=batch_size, progress=progress)
 
     def encode_all(self, items: Sequence[MMItem], batch_size: int = 32, progress: bool = False,
-                   desc: str = "encode") -> torch.Tensor:
-        """:meth:`encode` with a progress-bar label (what :func:`fam.eval.evaluate` calls)."""
+                   desc: str = "encode", images=None) -> torch.Tensor:
+        """:meth:`encode` with a progress-bar label (what :func:`fam.eval.evaluate` calls);
+        ``images``: optional in-memory images aligned with ``items``
+        (:meth:`fam.model.encode.EncodePipeline.encode`)."""
         from fam.model.encode import EncodePipeline
         return EncodePipeline(self, batch_size=batch_size, progress=progress,
-                              desc=desc).encode(items)
+                              desc=desc).encode(items, images)
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):

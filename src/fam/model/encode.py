@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from fam.backbones.base import EncodedBatch
 from fam.data.items import InputRules, check_mm_item, check_text
-from fam.data.types import MMItem
+from fam.data.types import MMItem, Visuals
 from fam.data.video import NUM_FRAMES
 from fam.errors import InputError
 from fam.model import EmbeddingModel, autocast_for
@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 __all__ = ["EncodePipeline", "encode_items", "encode_sequential", "load_embedding_model",
            "length_order"]
 
-#: An entry of the ``images`` argument: one image, several, or None (load from ``item.image``).
-ImageArg = Image.Image | Sequence[Image.Image] | None
+#: An entry of the ``images`` argument: one image, several, decoded images and video frames
+#: (:class:`fam.data.types.Visuals`), or None (load from ``item.image``).
+ImageArg = Image.Image | Sequence[Image.Image] | Visuals | None
 
 
 def load_embedding_model(path: str | Path, *, device: str | torch.device | None = None,
@@ -111,15 +112,17 @@ def length_order(items: Sequence[MMItem], images: Sequence[ImageArg] | None = No
     def key(i: int) -> tuple[int, int, int]:
         it = items[i]
         im = images[i] if images is not None else None
+        frames = im.video if isinstance(im, Visuals) else ()
         if im is None:
             paths = it.all_images
             n, area = len(paths), sum(_image_area(p) for p in paths)
         else:
-            ims = list(im) if isinstance(im, (list, tuple)) else [im]
+            ims = _image_list(im)
             n, area = len(ims), sum(x.width * x.height for x in ims)
-        if it.video:  # NUM_FRAMES sampled frames of one size (fam.backbones.video)
-            k = min(len(it.video), NUM_FRAMES)
-            n, area = n + k, area + k * _image_area(it.video[0])
+        if frames or it.video:  # NUM_FRAMES sampled frames of one size (fam.backbones.video)
+            k = min(len(frames or it.video), NUM_FRAMES)
+            first = frames[0].width * frames[0].height if frames else _image_area(it.video[0])
+            n, area = n + k, area + k * first
         return n, area, len(it.text)
 
     return sorted(range(len(items)), key=key)
@@ -142,19 +145,29 @@ def check_encode_items(items: Sequence[MMItem], images: Sequence[ImageArg] | Non
             n = len(it.all_images)
             ims: list[Image.Image] = []
         else:
-            ims = list(given) if isinstance(given, (list, tuple)) else [given]
+            ims = _image_list(given)
             n = len(ims)
         check_text(it.text, rules, path=it.source, line=it.line,
                    field="text" if it.source else f"items[{i}].text")
         check_mm_item(it, rules, n_images=n, item_field=None if it.source else f"items[{i}]",
-                      text_name="text" if it.source else f"items[{i}].text")
-        for im in ims:
+                      text_name="text" if it.source else f"items[{i}].text",
+                      has_video=isinstance(given, Visuals) and bool(given.video))
+        frames = list(given.video) if isinstance(given, Visuals) else []
+        for key, im in [("image", x) for x in ims] + [("video", x) for x in frames]:
             try:
                 shape.check_size(*im.size)
             except InputError as e:
                 raise InputError(e.reason, it.source, it.line,
-                                 it.field if it.source else f"items[{i}].image",
+                                 it.field if it.source else
+                                 f"items[{i}].{key}",
                                  status=e.status) from None
+
+
+def _image_list(given: Any) -> list[Image.Image]:
+    """The images of one entry of an ``images`` argument (a video's frames not included)."""
+    if isinstance(given, Visuals):
+        return list(given.images)
+    return list(given) if isinstance(given, (list, tuple)) else [given]
 
 
 class EncodePipeline:

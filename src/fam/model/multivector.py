@@ -159,9 +159,10 @@ class TwoReadings:
         return self.head.similarity
 
     def encode_all(self, items, batch_size: int = 32, progress: bool = False,
-                   desc: str = "encode") -> torch.Tensor:
+                   desc: str = "encode", images=None) -> torch.Tensor:
         """Pooled vectors only (as :meth:`fam.model.EmbeddingModel.encode_all`)."""
-        return self.model.encode_all(items, batch_size=batch_size, progress=progress, desc=desc)
+        return self.model.encode_all(items, batch_size=batch_size, progress=progress, desc=desc,
+                                     images=images)
 
     def encode_multi_all(self, items, batch_size: int = 32, progress: bool = False,
                          desc: str = "encode", images=None

@@ -7,6 +7,8 @@
     GET  /health          liveness, model, index size, batching counters
     GET  /                the search page (when an index is loaded)
     GET  /v1/index/items/{i}/image   the image of indexed item i (only files the index lists)
+    GET  /v1/index/items/{i}/images/{j}, .../video_frames/{j}   its further images, its
+                          video's sampled frames (the search page's frame strip)
 
 Client errors are answered ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
 status and one line naming the field; an unexpected failure is logged with its traceback and
@@ -35,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fam.errors import DataError
 from fam.serve.batching import BatchEncoder, QueueFull
+from fam.serve.hits import hit_json
 from fam.config import ServeConfig
 from fam.serve.inputs import ParsedInput, RequestError, load_images, parse_input, parse_messages
 from fam.serve.late import check_maps_flag, late_maps, late_search
@@ -326,17 +329,14 @@ def create_app(service: Service) -> FastAPI:
         else:
             inp = parse_messages(body["messages"], cfg, service.rules)
         # The query's text as fam search makes it (query prompt; image-only: as the documents).
-        inp.text = index.query_text(inp.text, bool(inp.images))
+        inp.text = index.query_text(inp.text, bool(inp.images or inp.video))
         if service.late is not None:  # multi-vector index: MaxSim, maps on request
             return _json(await late_search(service, inp, k, maps))
         emb = await service.embed([inp])
         hits = index.search(emb, k)[0]
         data = []
         for h in hits:
-            d = h.to_json()
-            d["image_url"] = (f"/v1/index/items/{h.index}/image"
-                              if index.image_file(h.index) is not None else None)
-            data.append(d)
+            data.append(hit_json(index, h))
         return _json({"object": "list", "data": data, "model": service.name})
 
     @app.get("/v1/index/items/{i}/image")
@@ -346,6 +346,20 @@ def create_app(service: Service) -> FastAPI:
         path = index.image_file(i)
         if path is None or path.suffix.lower() not in _IMAGE_TYPES:
             raise RequestError(404, f"item {i} has no image in the index", type_="not_found")
+        return FileResponse(path, media_type=_IMAGE_TYPES[path.suffix.lower()],
+                            headers={"Cache-Control": "private, max-age=3600",
+                                     "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/v1/index/items/{i}/{key}/{j}")
+    async def item_visual(i: int, key: str, j: int, request: Request):
+        """Image ``j`` of an indexed item's ``images`` or of its video's sampled frames
+        (``video_frames``): only files the index lists."""
+        authorize(request)
+        index = need_index()
+        path = index.image_file(i, key, j) if key in ("images", "video_frames") else None
+        if path is None or path.suffix.lower() not in _IMAGE_TYPES:
+            raise RequestError(404, f"item {i} has no {key} entry {j} in the index",
+                               type_="not_found")
         return FileResponse(path, media_type=_IMAGE_TYPES[path.suffix.lower()],
                             headers={"Cache-Control": "private, max-age=3600",
                                      "X-Content-Type-Options": "nosniff"})

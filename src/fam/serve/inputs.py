@@ -5,14 +5,20 @@ Accepted forms (``POST /v1/embeddings``):
 - ``"input": "text"`` or ``["text", ...]`` (OpenAI);
 - ``"input": {"text": "...", "image": IMAGE}`` or a list mixing strings and such objects
   (``text`` may contain ``<|image_1|>`` to say where the image goes; ``image`` may also be a
-  list of images for ``<|image_1|>``, ``<|image_2|>``, ...);
+  list of images for ``<|image_1|>``, ``<|image_2|>``, ...; ``images``: a list of further
+  images, as the items JSONL's ``images``; ``video``: a video as a list of frames ``[IMAGE,
+  ...]`` in order, placed at ``<|video_1|>`` or first, 8 frames sampled as ``fam encode``
+  samples a frame folder);
 - ``"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url":
   IMAGE}}, {"type": "text", "text": "..."}]}]`` (vLLM's chat-style form: one embedding for
   the whole conversation, images placed where their parts are).
 
 ``IMAGE`` is a data URI (``data:image/png;base64,...``) or bare base64; ``http(s)://`` URLs only
 when the server was started with ``--allow-image-urls``. The encoded size is this transport's
-limit; everything else is the input contract shared with ``fam encode``
+limit, as are the frame count of a video (``max_video_frames``) and the total pixels of a
+request's images and frames (``max_request_pixels``, from the headers, before decoding);
+every frame is checked as ``fam encode`` checks frame files, only the sampled ones decoded.
+Everything else is the input contract shared with ``fam encode``
 (:mod:`fam.data.items`, :mod:`fam.data.images`): keys, text, placeholders, control tokens,
 image format, pixel count (a decompression bomb is refused from its header), the backbone's
 limits, EXIF orientation, modes and transparency. Its refusals keep their reason and get the
@@ -34,7 +40,8 @@ from fam.config import ServeConfig
 from fam.data import images as contract_images
 from fam.data import items as contract
 from fam.data.items import InputRules
-from fam.data.types import MMItem
+from fam.data.types import MMItem, Visuals
+from fam.data.video import check_frame_sizes, sample_indices
 from fam.errors import InputError
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,",
                        re.IGNORECASE)
@@ -69,17 +76,27 @@ def serve_rules(rules: InputRules, cfg: ServeConfig) -> InputRules:
 
 @dataclass
 class ParsedInput:
-    """One input to embed: text (with ``<|image_k|>`` placeholders) and encoded images.
+    """One input to embed: text (with ``<|image_k|>`` placeholders), encoded images and an
+    optional video's encoded frames.
 
-    ``images`` holds image *sources* (bytes or a URL still to fetch) until :func:`load_images`.
+    ``images`` and ``video`` hold image *sources* (bytes or a URL still to fetch) until
+    :func:`load_images`; ``image_where`` names each image's JSON path (default:
+    ``<where>.image[j]``).
     """
 
     text: str
     images: list[Any] = field(default_factory=list)
     where: str = "input"
+    video: list[Any] = field(default_factory=list)
+    image_where: list[str] | None = None
 
     def item(self) -> MMItem:
         return MMItem(self.text)
+
+    def image_path(self, j: int) -> str:
+        if self.image_where is not None:
+            return self.image_where[j]
+        return f"{self.where}.image" + (f"[{j}]" if len(self.images) > 1 else "")
 
 
 # ---------------------------------------------------------------------- images
@@ -160,20 +177,58 @@ async def fetch_image(url: str, where: str, cfg: ServeConfig) -> bytes:
 
 
 async def load_images(inputs: list[ParsedInput], cfg: ServeConfig,
-                      rules: InputRules | None = None) -> list[list[Image.Image]]:
-    """Fetch (if allowed) and decode every input's images, off the event loop."""
+                      rules: InputRules | None = None) -> list[list[Image.Image] | Visuals]:
+    """Fetch (if allowed), check and decode every input's images and video frames, off the
+    event loop: per input its images, or a :class:`Visuals` when it has a video.
+
+    Every image and frame is checked from its header first (format, size, the backbone's
+    limits, structure) and counted against ``max_request_pixels``; the images and the
+    frames the model samples (:func:`fam.data.video.sample`) are then decoded.
+    """
     from starlette.concurrency import run_in_threadpool
 
-    out = []
+    total = 0
+
+    async def verified(src: Any, where: str) -> bytes:
+        nonlocal total
+        if isinstance(src, str):
+            src = await fetch_image(src, where, cfg)
+        w, h = await run_in_threadpool(verify_image, src, where, cfg, rules)
+        total += w * h
+        if total > cfg.max_request_pixels:
+            raise RequestError(413, f"{where}: the request's images and video frames have more "
+                                    f"than {cfg.max_request_pixels} pixels in all; send fewer "
+                                    "or smaller ones", where)
+        return src
+
+    out: list[list[Image.Image] | Visuals] = []
     for inp in inputs:
         ims = []
         for j, src in enumerate(inp.images):
-            where = f"{inp.where}.image" + (f"[{j}]" if len(inp.images) > 1 else "")
-            if isinstance(src, str):
-                src = await fetch_image(src, where, cfg)
-            ims.append(await run_in_threadpool(open_image, src, where, cfg, rules))
-        out.append(ims)
+            where = inp.image_path(j)
+            ims.append(await run_in_threadpool(open_image, await verified(src, where), where,
+                                               cfg, rules))
+        if not inp.video:
+            out.append(ims)
+            continue
+        data = [await verified(src, f"{inp.where}.video[{j}]")
+                for j, src in enumerate(inp.video)]
+        chosen = sample_indices(len(data))
+        frames = [await run_in_threadpool(open_image, data[j], f"{inp.where}.video[{j}]", cfg,
+                                          rules) for j in chosen]
+        with contract_errors(f"{inp.where}.video"):
+            check_frame_sizes([f.size for f in frames])
+        out.append(Visuals(ims, frames))
     return out
+
+
+def verify_image(data: bytes, where: str, cfg: ServeConfig,
+                 rules: InputRules | None = None) -> tuple[int, int]:
+    """Check image bytes from the header and structure without decoding
+    (:func:`fam.data.images.verify_image`); returns the displayed ``(width, height)``."""
+    rules = serve_rules(rules or InputRules(), cfg)
+    with contract_errors(where):
+        return contract_images.verify_image(data, rules.images)
 
 
 # ---------------------------------------------------------------------- inputs
@@ -189,11 +244,20 @@ def _text(value: Any, where: str, cfg: ServeConfig, rules: InputRules | None = N
 
 def _checked(inp: ParsedInput, cfg: ServeConfig, rules: InputRules | None,
              text_field: str) -> ParsedInput:
-    """The contract's rules between an input's text and its images."""
+    """The contract's rules between an input's text and its images (and video)."""
     with contract_errors(inp.where):
         contract.check_item(inp.text, len(inp.images), serve_rules(rules or InputRules(), cfg),
-                            text_field=text_field, item_field=inp.where)
+                            text_field=text_field, item_field=inp.where,
+                            has_video=bool(inp.video))
     return inp
+
+
+def _image_list(value: Any, where: str) -> list[Any]:
+    """An ``images`` / ``video`` value: a list (of encoded images, checked one by one later)."""
+    if not isinstance(value, list):
+        raise RequestError(400, f"{where}: expected a list of images (data URIs or base64), "
+                                f"got {_type_name(value)}", where)
+    return value
 
 
 def _object_input(obj: dict, where: str, cfg: ServeConfig,
@@ -204,12 +268,28 @@ def _object_input(obj: dict, where: str, cfg: ServeConfig,
         if obj.get("text") is not None else ""
     raw = obj.get("image")
     raws = raw if isinstance(raw, list) else ([] if raw is None else [raw])
+    wheres = [f"{where}.image" + (f"[{j}]" if isinstance(raw, list) else "")
+              for j in range(len(raws))]
+    more = _image_list(obj["images"], f"{where}.images") if obj.get("images") is not None \
+        else []
+    wheres += [f"{where}.images[{j}]" for j in range(len(more))]
+    raws = raws + more
+    frames = _image_list(obj["video"], f"{where}.video") if obj.get("video") is not None \
+        else []
+    if more and frames:
+        raise RequestError(400, f"{where}.video: {contract.both_visuals_reason()}",
+                           f"{where}.video")
+    key = "images" if more else "image"
     if len(raws) > cfg.max_images_per_input:
-        raise RequestError(413, f"{where}.image: {len(raws)} images; at most "
-                                f"{cfg.max_images_per_input} per item", f"{where}.image")
-    images = [image_source(v, f"{where}.image" + (f"[{j}]" if isinstance(raw, list) else ""),
-                           cfg) for j, v in enumerate(raws)]
-    return _checked(ParsedInput(text, images, where), cfg, rules, f"{where}.text")
+        raise RequestError(413, f"{where}.{key}: {len(raws)} images; at most "
+                                f"{cfg.max_images_per_input} per item", f"{where}.{key}")
+    if len(frames) > cfg.max_video_frames:
+        raise RequestError(413, f"{where}.video: {len(frames)} frames; at most "
+                                f"{cfg.max_video_frames} per video", f"{where}.video")
+    images = [image_source(v, w, cfg) for v, w in zip(raws, wheres)]
+    video = [image_source(v, f"{where}.video[{j}]", cfg) for j, v in enumerate(frames)]
+    return _checked(ParsedInput(text, images, where, video, wheres), cfg, rules,
+                    f"{where}.text")
 
 
 def parse_input(value: Any, cfg: ServeConfig, where: str = "input",

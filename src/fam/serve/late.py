@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from fam.data.types import Visuals
 from fam.serve.batching import QueueFull
+from fam.serve.hits import hit_json
 from fam.serve.inputs import ParsedInput, RequestError, load_images
 
 __all__ = ["late_maps", "late_search", "check_maps_flag"]
@@ -49,7 +51,9 @@ async def late_search(service, inp: ParsedInput, k: int, maps: bool) -> dict[str
     """The ``/v1/search`` answer for one query on the multi-vector index."""
     late = service.late
     images = (await load_images([inp], service.config, service.rules))[0]
-    image = images[0] if len(images) == 1 else (images or None)
+    # One image, several, or a Visuals with a video's frames (the encode paths take all three).
+    image = images if isinstance(images, Visuals) else \
+        images[0] if len(images) == 1 else (images or None)
 
     def run():
         return late.search(inp.item(), image, k, maps)
@@ -66,9 +70,7 @@ async def late_search(service, inp: ParsedInput, k: int, maps: bool) -> dict[str
     index = service.index
     data = []
     for n, h in enumerate(res.hits):
-        d = h.to_json()
-        d["image_url"] = (f"/v1/index/items/{h.index}/image"
-                          if index.image_file(h.index) is not None else None)
+        d = hit_json(index, h)
         if res.maps is not None:
             m = res.maps[n]
             d["maps"] = None if isinstance(m, str) else m.to_json()
