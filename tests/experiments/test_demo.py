@@ -1,4 +1,4 @@
-"""The main job end to end (`fam demo --quick`) and the CLI on its artefacts."""
+"""The main job end to end (`fam demo` at the quick size, with its video/document part) and the CLI on its artefacts."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--preset", "demo_media_quick", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -122,7 +122,7 @@ def test_demo_writes_the_plot_and_the_gallery(demo_out):
 
 def test_demo_rerun_resumes_without_retraining(demo_out, capsys):
     before = (demo_out / "fam_media" / "model" / "model.safetensors").stat().st_mtime
-    assert main(["demo", "--quick", "--out", str(demo_out), "--no-progress"]) == 0
+    assert main(["demo", "--preset", "demo_media_quick", "--out", str(demo_out), "--no-progress"]) == 0
     assert (demo_out / "fam_media" / "model" / "model.safetensors").stat().st_mtime == before
     assert "Overall" in capsys.readouterr().out
 

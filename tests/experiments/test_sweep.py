@@ -39,16 +39,17 @@ def test_shipped_sweep_presets_load():
 
 
 def test_the_demo_video_part_leaves_ablations_and_sweeps_image_only(tmp_path):
-    """The demo preset turns its video/document part on; the ablation sizes and the sweeps
-    drop it, so their recipe keys (the folders of earlier runs) and recorded settings are
-    those of the preset without the media section."""
+    """The demo_media presets turn the demo's video/document part on (the demo keeps it off);
+    the ablation sizes and the sweeps drop it, so their recipe keys (the folders of earlier
+    runs) and recorded settings are those of the preset without the media section."""
     import yaml
 
     from fam.config import DemoConfig, DemoMediaConfig, to_dict
     from fam.experiments.ablation import SIZES, plan_for_size
     from fam.experiments.demo import demo_config
-    from fam.experiments.presets import _read
-    assert demo_config().media.enabled and demo_config(quick=True).media.enabled
+    from fam.experiments.presets import _read, load_preset
+    assert not demo_config().media.enabled and not demo_config(quick=True).media.enabled
+    assert all(load_preset(DemoConfig, n).media.enabled for n in ("demo_media", "demo_media_quick"))
     default = to_dict(DemoMediaConfig())
     for size in SIZES:
         assert to_dict(plan_for_size(size).media) == default, size
@@ -56,12 +57,14 @@ def test_the_demo_video_part_leaves_ablations_and_sweeps_image_only(tmp_path):
         assert all(to_dict(p.plan.media) == default for p in load_sweep(name).points)
     # a sweep on the demo preset written without its media section: the same keys
     plain = _read("demo")
-    assert plain.pop("media")["enabled"] is True
+    assert plain.pop("media")["enabled"] is False
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
     ours = load_sweep("order")
     theirs = load_sweep("order", base=str(tmp_path / "plain.yaml"))
     assert [p.key for p in ours.points] == [p.key for p in theirs.points]
     assert [p.stage0_key for p in ours.points] == [p.stage0_key for p in theirs.points]
+    media = load_sweep("order", base="demo_media")  # on: still the image-only keys
+    assert [p.key for p in media.points] == [p.key for p in ours.points]
     assert isinstance(ours.points[0].plan, DemoConfig)
 
 
