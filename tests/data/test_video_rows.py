@@ -61,3 +61,30 @@ def test_fam_encode_embeds_video_items_like_the_library(media, tiny_dirs):
                          MMItem("two", images=[media / "a.png", media / "b.png"])])
     # the same model and inputs; batching may pad differently: float32 rounding.
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_training_rows_keep_their_videos_in_either_format(media, fmt, caplog):
+    """qry_video / pos_video / neg_video are read from JSONL and from parquet (which reads
+    only the columns fam asks for), without the 'not MMEB fields' warning."""
+    from fam.data.mmeb import load_train
+    rows = [{"qry": "<|video_1|> which event?", "qry_image_path": "", "qry_video": "clip",
+             "pos_text": "moves right", "pos_image_path": ""},
+            {"qry": "find the clip", "qry_image_path": "", "pos_text": "<|video_1|> a clip",
+             "pos_image_path": "", "pos_video": ["clip/f1.png", "clip/f2.png"],
+             "neg_text": "<|video_1|>", "neg_image_path": "", "neg_video": "clip"}]
+    (media / "train").mkdir()
+    if fmt == "jsonl":
+        _jsonl(media / "train" / "Vid.jsonl", rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        keys = sorted({k for r in rows for k in r})  # from_pylist takes the first row's keys
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]),
+                       media / "train" / "Vid.parquet")
+    with caplog.at_level("WARNING"):
+        pairs = load_train(media / "train", media)
+    assert "not MMEB fields" not in caplog.text
+    assert [p.name for p in pairs[0].query.video] == ["f1.png", "f2.png", "f10.png"]
+    assert [p.name for p in pairs[1].pos.video] == ["f1.png", "f2.png"]
+    assert len(pairs[1].neg.video) == 3 and not pairs[0].pos.video

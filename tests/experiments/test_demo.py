@@ -1,4 +1,4 @@
-"""The main job end to end (`fam demo --quick`) and the CLI on its artefacts."""
+"""The main job end to end (`fam demo` at the quick size, with its video/document part) and the CLI on its artefacts."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--preset", "demo_media_quick", "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+def _model(demo_out, name="fam"):
+    """The model the demo reports as ``name`` (FAM: after its media stage)."""
+    return json.loads((demo_out / "results.json").read_text())["paths"][name]
 
 
 def test_demo_results_hold_every_model_and_aggregate(demo_out):
@@ -29,9 +34,66 @@ def test_demo_results_hold_every_model_and_aggregate(demo_out):
         assert r["chance"]["overall"] > 0
     # stage 0 learned the language of the captions
     assert res["caption_nll"]["stage0"] < res["caption_nll"]["untrained"]
-    for stage in ("stage0", "baseline", "fam_align", "fam"):
+    for stage in ("stage0", "baseline", "fam_align", "fam", "baseline_media", "fam_media"):
         assert (demo_out / stage / "model" / "config.json").exists()
-    assert "FAM vs the VLM2Vec baseline" in (demo_out / "results.md").read_text()
+    # the reported trained models are the ones after the video/document stage
+    assert res["paths"]["vlm2vec"] == str(demo_out / "baseline_media" / "model")
+    assert res["paths"]["fam"] == str(demo_out / "fam_media" / "model")
+    md = (demo_out / "results.md").read_text()
+    assert "FAM vs the VLM2Vec baseline" in md and "MMEB-V2" in md and "visdoc/retrieval" in md
+
+
+def test_demo_reports_the_nine_groups_per_model(demo_out):
+    from fam.eval.mmeb_v2 import V2_GROUPS
+    res = json.loads((demo_out / "results.json").read_text())
+    assert set(res["mmeb_v2"]) == set(res["models"])
+    groups = {f"{m}/{g}" for m, gs in V2_GROUPS.items() for g in gs}
+    for name, r in res["mmeb_v2"].items():
+        assert set(r["groups"]) == groups and all(v is not None for v in r["groups"].values())
+        ds = r["datasets"]
+        # 14 image datasets and the 7 Scenes-Video/Docs datasets, equal weight each
+        assert sum(d["modality"] == "image" for d in ds.values()) == 14
+        assert {n for n, d in ds.items() if d["modality"] != "image"} == {
+            "SceneVideoCls", "SceneVideoCls-OOD", "SceneVideoQA", "SceneVideoRet",
+            "SceneMomentRet", "SceneDocRet", "SceneDocRet-OOD"}
+        for key in ("image", "video", "visdoc"):
+            vals = [d["score"] for d in ds.values() if d["modality"] == key]
+            assert r[key] == pytest.approx(sum(vals) / len(vals))
+        assert r["overall"] == pytest.approx(sum(d["score"] for d in ds.values()) / len(ds))
+        assert r["chance"]["video"] > 0 and r["chance"]["visdoc"] is None
+        # image hit@1 is the image table's precision@1 without tie credit: never above it
+        for n, d in ds.items():
+            if d["modality"] == "image":
+                assert d["score"] <= res["models"][name]["datasets"][n]["precision@1"] + 1e-9
+
+
+def test_image_hit1_equals_an_evaluation_with_pessimistic_ties(demo_out):
+    """The V2 image scores (from the expected-tie credits) equal evaluating again with
+    ties="pessimistic"; the media scores equal fam eval on eval_media (same model)."""
+    from fam.backbones import load_backbone
+    from fam.eval.mmeb import evaluate
+    from fam.model import EmbeddingModel
+    res = json.loads((demo_out / "results.json").read_text())
+    for name in ("untrained", "fam"):
+        model = EmbeddingModel(load_backbone(res["paths"][name], min_pixels=56 * 56))
+        again = evaluate(model, demo_out / "data" / "eval", demo_out / "data", progress=False,
+                         ties="pessimistic")
+        for n, d in again["datasets"].items():
+            got = res["mmeb_v2"][name]["datasets"][n]["score"]
+            # the same credits averaged the same way: only float summation order differs
+            assert got == pytest.approx(d["precision@1"], abs=1e-9), (name, n)
+
+
+def test_fam_eval_on_eval_media_gives_the_demo_media_scores(demo_out, tmp_path):
+    out = tmp_path / "media.json"
+    assert main(["eval", "--model", _model(demo_out), "--data",
+                 str(demo_out / "data" / "eval_media"), "--out", str(out),
+                 "--no-progress"]) == 0
+    mine = json.loads(out.read_text())["datasets"]
+    demo = json.loads((demo_out / "results.json").read_text())["mmeb_v2"]["fam"]["datasets"]
+    # the same model on the same rows: equal up to float summation order
+    assert mine and all(demo[n]["score"] == pytest.approx(d["score"], abs=1e-9)
+                        for n, d in mine.items())
 
 
 def test_demo_writes_the_plot_and_the_gallery(demo_out):
@@ -41,6 +103,14 @@ def test_demo_writes_the_plot_and_the_gallery(demo_out):
         assert res["figures"][name] == str(demo_out / f"{name}.png")
     gal = json.loads((demo_out / "gallery.json").read_text())
     assert gal["models"] == ["VLM2Vec", "FAM"] and gal["k"] == 3
+    assert gal["video"]["dataset"] == "SceneVideoCls"
+    assert gal["visdoc"]["dataset"] == "SceneDocRet"
+    assert len(gal["video"]["rows"][0]["query"]["video"]) == 4  # the quick clips' frames
+    for d in ("video", "visdoc"):
+        row = gal[d]["rows"][0]
+        assert all("grade" in c for c in row["candidates"])
+        for label in gal["models"]:
+            assert len({i for i, _ in row["top"][label]}) == 3
     for d in ("t2i", "i2t"):
         assert gal[d]["dataset"].startswith("Scenes-") and len(gal[d]["rows"]) == 3
         for row in gal[d]["rows"]:
@@ -51,14 +121,14 @@ def test_demo_writes_the_plot_and_the_gallery(demo_out):
 
 
 def test_demo_rerun_resumes_without_retraining(demo_out, capsys):
-    before = (demo_out / "fam" / "model" / "model.safetensors").stat().st_mtime
-    assert main(["demo", "--quick", "--out", str(demo_out), "--no-progress"]) == 0
-    assert (demo_out / "fam" / "model" / "model.safetensors").stat().st_mtime == before
+    before = (demo_out / "fam_media" / "model" / "model.safetensors").stat().st_mtime
+    assert main(["demo", "--preset", "demo_media_quick", "--out", str(demo_out), "--no-progress"]) == 0
+    assert (demo_out / "fam_media" / "model" / "model.safetensors").stat().st_mtime == before
     assert "Overall" in capsys.readouterr().out
 
 
 def test_cli_eval_and_encode(demo_out, tmp_path, capsys):
-    model = demo_out / "fam" / "model"
+    model = _model(demo_out)
     out = tmp_path / "res.json"
     assert main(["eval", "--model", str(model), "--data", str(demo_out / "data" / "eval"),
                  "--image-root", str(demo_out / "data"), "--out", str(out),
@@ -83,7 +153,7 @@ def test_cli_eval_and_encode(demo_out, tmp_path, capsys):
 def test_cli_reports_bad_input_without_traceback(demo_out, tmp_path, capsys):
     items = tmp_path / "items.jsonl"
     items.write_text(json.dumps({"text": "x", "image": "../../escape.png"}) + "\n")
-    rc = main(["encode", "--model", str(demo_out / "fam" / "model"), "--input", str(items),
+    rc = main(["encode", "--model", _model(demo_out), "--input", str(items),
                "--image-root", str(demo_out / "data"), "--out", str(tmp_path / "e.st")])
     assert rc == 2
 
@@ -102,7 +172,7 @@ def test_demo_items_index_and_search_at_once(demo_out, tmp_path, capsys):
     steps = next_steps(res)
     assert str(items) in steps and "fam index build" in steps and "fam search" in steps
     index = tmp_path / "index"
-    assert main(["index", "build", "--model", str(demo_out / "fam" / "model"), "--items",
+    assert main(["index", "build", "--model", _model(demo_out), "--items",
                  str(items), "--out", str(index), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["search", "--index", str(index), "--image", str(demo_out / rows[3]["image"]),
@@ -116,7 +186,7 @@ def test_demo_items_index_and_search_at_once(demo_out, tmp_path, capsys):
 
 def test_compare_the_demo_results_with_fam_eval_results(demo_out, tmp_path, capsys):
     out = tmp_path / "mine" / "model" / "eval_results.json"
-    assert main(["eval", "--model", str(demo_out / "fam" / "model"), "--data",
+    assert main(["eval", "--model", _model(demo_out), "--data",
                  str(demo_out / "data" / "eval"), "--image-root", str(demo_out / "data"),
                  "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()

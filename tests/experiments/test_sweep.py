@@ -38,6 +38,36 @@ def test_shipped_sweep_presets_load():
     assert load_sweep("mac").points[0].key == base.key
 
 
+def test_the_demo_video_part_leaves_ablations_and_sweeps_image_only(tmp_path):
+    """The demo_media presets turn the demo's video/document part on (the demo keeps it off);
+    the ablation sizes and the sweeps drop it, so their recipe keys (the folders of earlier
+    runs) and recorded settings are those of the preset without the media section."""
+    import yaml
+
+    from fam.config import DemoConfig, DemoMediaConfig, to_dict
+    from fam.experiments.ablation import SIZES, plan_for_size
+    from fam.experiments.demo import demo_config
+    from fam.experiments.presets import _read, load_preset
+    assert not demo_config().media.enabled and not demo_config(quick=True).media.enabled
+    assert all(load_preset(DemoConfig, n).media.enabled for n in ("demo_media", "demo_media_quick"))
+    default = to_dict(DemoMediaConfig())
+    for size in SIZES:
+        assert to_dict(plan_for_size(size).media) == default, size
+    for name in ("recipe", "mac", "order"):
+        assert all(to_dict(p.plan.media) == default for p in load_sweep(name).points)
+    # a sweep on the demo preset written without its media section: the same keys
+    plain = _read("demo")
+    assert plain.pop("media")["enabled"] is False
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    ours = load_sweep("order")
+    theirs = load_sweep("order", base=str(tmp_path / "plain.yaml"))
+    assert [p.key for p in ours.points] == [p.key for p in theirs.points]
+    assert [p.stage0_key for p in ours.points] == [p.stage0_key for p in theirs.points]
+    media = load_sweep("order", base="demo_media")  # on: still the image-only keys
+    assert [p.key for p in media.points] == [p.key for p in ours.points]
+    assert isinstance(ours.points[0].plan, DemoConfig)
+
+
 def test_equal_recipes_share_a_key_and_bad_presets_fail(tmp_path):
     sw = load_sweep(_write(tmp_path, "sweep:\n  base: ablation_quick\n  points:\n"
                                      "    a: []\n    b: [adapt.optim.lr=5.0e-4]\n"))

@@ -336,3 +336,37 @@ def test_forward_parts_are_the_forward_in_parts(scene_images):
             torch.testing.assert_close(v, whole[k], rtol=0, atol=0)
     vein_module, _ = make_module("task", vein=True)
     assert len(list(vein_module.forward_parts(_pair_batch(vein_module, scene_images, 4), 0))) == 1
+
+
+def test_gradcache_runs_a_frozen_vision_tower_once_per_chunk(scene_images):
+    module, loss = make_module("task")
+    batch = _pair_batch(module, scene_images, 8)
+    full = _full(module, loss, batch)
+    full["loss"].backward()
+    want = _grads(module)
+    ran = []
+    visual = module.embedder.adapter.hf_model.model.visual
+    visual.patch_embed.register_forward_hook(lambda m, a, o: ran.append(1))
+    with torch.no_grad():
+        for c in batch.split(3):
+            module(c, 0)
+    once = len(ran)
+    assert once > 0
+    gc.gradcache_step(module, loss, batch, 0, 3)
+    # Pass 3 replays pass 1's features of the frozen tower (LoRA on the language model).
+    assert len(ran) == 2 * once
+    _assert_same(_grads(module), want)
+
+
+def test_gradcache_keeps_the_last_chunks_graph_instead_of_a_re_run(scene_images):
+    module, loss = make_module("task")
+    batch = _pair_batch(module, scene_images, 8)
+    full = _full(module, loss, batch)
+    full["loss"].backward()
+    want = _grads(module)
+    calls = []
+    module.embedder.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    gc.gradcache_step(module, loss, batch, 0, 3)  # chunks 3, 3, 2; 3 sides each
+    # Pass 1: chunks 0-1 without grad, chunk 2 with (kept); pass 3 re-runs chunks 0-1 only.
+    assert calls == [False] * 6 + [True] * 3 + [True] * 6
+    _assert_same(_grads(module), want)

@@ -249,7 +249,8 @@ def atoms_table(atoms: Any, decode: Callable[[int], str], row_labels: Sequence[s
 def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str, float | None],
                    path: str | Path, title: str = "precision@1 (%)",
                    heading: str = "precision@1 per meta-task, IND, OOD and overall "
-                                  "(dashed: chance)") -> Path:
+                                  "(dashed: chance)",
+                   metrics: Sequence[str] | None = None) -> Path:
     """Grouped bars of precision@1 per meta-task, IND, OOD and overall, one bar per model,
     each bar without a CI whisker labelled with its value.
 
@@ -260,14 +261,18 @@ def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str,
         path: output file.
         title: y-axis label.
         heading: the figure's title.
+        metrics: the metrics in order (default: the four meta-tasks, IND, OOD, overall);
+            a ``/`` in a name breaks its tick label (``video/qa``).
     """
     plt = _plt()
-    metrics = [m for m in ("classification", "vqa", "retrieval", "grounding", "IND", "OOD",
-                           "overall")
+    metrics = [m for m in (metrics or ("classification", "vqa", "retrieval", "grounding", "IND",
+                                       "OOD", "overall"))
                if any(_value(v.get(m))[0] is not None for v in models.values())]
     labels = list(models)
     width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) * max(1, len(labels)) ** 0.5), 3.6))
+    # 16 in at most (a 13-metric, 4-model figure would be 29 in wide)
+    fig_w = min(16.0, max(6.0, 1.1 * len(metrics) * max(1, len(labels)) ** 0.5))
+    fig, ax = plt.subplots(figsize=(fig_w, 3.6))
     cmap = plt.get_cmap("tab10")
     for i, label in enumerate(labels):
         xs, ys, err = [], [], [[], []]
@@ -293,7 +298,7 @@ def plot_precision(models: Mapping[str, Mapping[str, Any]], chance: Mapping[str,
             ax.hlines(c, j - 0.45, j + 0.45, colors="k", linestyles="dashed", lw=0.9,
                       label="chance" if j == 0 else None)
     ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels(metrics, fontsize=8)
+    ax.set_xticklabels([m.replace("/", "\n") for m in metrics], fontsize=8)
     ax.set_ylabel(title)
     ax.set_title(heading, fontsize=9)
     ax.margins(y=0.08)
@@ -312,45 +317,48 @@ def _value(v: Any) -> tuple[float | None, tuple[float, float] | None]:
 
 
 def plot_gallery(gallery: Mapping[str, Any], path: str | Path) -> Path:
-    """Draw :func:`fam.experiments.gallery.retrieval_gallery`'s result: one row per query,
-    the query first, then each model's top-k (images for text→image, captions for image→text), the correct one in
-    green, wrong ones in red."""
+    """Draw :func:`fam.experiments.gallery.retrieval_gallery`'s (and
+    :func:`~fam.experiments.gallery.media_gallery`'s) result: one row per query, the query
+    first, then each model's top-k, the correct one (a relevant one: ``grade`` > 0) in green,
+    wrong ones in red. Images are drawn, a video as a grid of its frames (in order, left to
+    right, top to bottom), texts as text."""
     import textwrap
 
-    from PIL import Image as PILImage
     plt = _plt()
     models, k = list(gallery["models"]), int(gallery["k"])
-    blocks = [(d, gallery[d]) for d in ("t2i", "i2t") if d in gallery]
+    blocks = [(d, gallery[d]) for d in ("t2i", "i2t", "video", "visdoc") if d in gallery]
     n_rows = sum(len(b["rows"]) for _, b in blocks)
     n_cols = 1 + len(models) * k
     height = 1.9 * n_rows + 0.4
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, height), squeeze=False)
     # The title's band is 0.4 in, whatever the number of rows (no empty band under it).
     fig.subplots_adjust(top=1 - 0.55 / height, bottom=0.02, hspace=0.5)
+
+    def draw(ax: Any, item: Mapping[str, Any], width: int, colour: str = "k") -> str:
+        if item.get("video"):
+            ax.imshow(_frame_grid(item["video"]))
+            return "video"
+        if item.get("image"):
+            from PIL import Image as PILImage
+            ax.imshow(PILImage.open(item["image"]).convert("RGB"))
+            return "image"
+        ax.text(0.02, 0.5, textwrap.fill(item["text"], width), fontsize=6 if width > 22
+                else 5.5, va="center", color=colour, transform=ax.transAxes)
+        return "text"
+
     r = 0
-    for direction, block in blocks:
+    for _, block in blocks:
         for row in block["rows"]:
             digits = _tie_digits([cos for label in models for _, cos in row["top"][label]])
-            ax = axes[r][0]
-            q = row["query"]
-            if direction == "i2t":
-                ax.imshow(PILImage.open(q["image"]).convert("RGB"))
-                ax.set_title(f"{block['dataset']}\nquery image", fontsize=7)
-            else:
-                ax.text(0.0, 0.5, textwrap.fill(q["text"], 24), fontsize=6, va="center",
-                        transform=ax.transAxes)
-                ax.set_title(f"{block['dataset']}\nquery text", fontsize=7)
+            what = draw(axes[r][0], row["query"], 24)
+            axes[r][0].set_title(f"{block['dataset']}\nquery {what}", fontsize=7)
             for m, label in enumerate(models):
                 for j, (idx, cos) in enumerate(row["top"][label]):
                     a = axes[r][1 + m * k + j]
-                    ok = idx == 0
-                    colour = "#1a7f37" if ok else "#cf222e"
                     cand = row["candidates"][idx]
-                    if direction == "t2i":
-                        a.imshow(PILImage.open(cand["image"]).convert("RGB"))
-                    else:
-                        a.text(0.02, 0.5, textwrap.fill(cand["text"], 22), fontsize=5.5,
-                               va="center", color=colour, transform=a.transAxes)
+                    ok = cand.get("grade", 1.0 if idx == 0 else 0.0) > 0
+                    colour = "#1a7f37" if ok else "#cf222e"
+                    draw(a, cand, 22, colour)
                     for s in a.spines.values():
                         s.set_visible(True)
                         s.set_edgecolor(colour)
@@ -365,6 +373,23 @@ def plot_gallery(gallery: Mapping[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"top-{k} retrievals (cosine), first rows of each dataset (green = correct)",
                  fontsize=8, y=1 - 0.12 / height, va="top")
     return _save(fig, path)
+
+
+def _frame_grid(frames: Sequence[str | Path]) -> np.ndarray:
+    """The frames a model sees (:func:`fam.data.video.sample`: 8 by index) as one image,
+    four per row (two when there are at most four), 2-px white gaps."""
+    from PIL import Image as PILImage
+
+    from fam.data.video import sample
+    shown = [np.asarray(PILImage.open(f).convert("RGB")) for f in sample(list(frames))]
+    h, w = shown[0].shape[:2]
+    cols = 4 if len(shown) > 4 else 2
+    rows = math.ceil(len(shown) / cols)
+    grid = np.full((rows * (h + 2) - 2, cols * (w + 2) - 2, 3), 255, dtype=np.uint8)
+    for i, f in enumerate(shown):
+        y, x = divmod(i, cols)
+        grid[y * (h + 2):y * (h + 2) + h, x * (w + 2):x * (w + 2) + w] = f[:h, :w]
+    return grid
 
 
 def _tie_digits(values: Sequence[float], least: int = 2, most: int = 6) -> int:

@@ -50,6 +50,7 @@ from PIL import Image
 
 from fam.backbones.batch import EncodedBatch, TokenGrid
 from fam.backbones.checks import check_tokenizer
+from fam.backbones.fastpath import checkpointing, dropout_active
 from fam.backbones.inputs import InputLimits
 from fam.backbones.layout import PromptLayout
 from fam.backbones.options import (DEFAULT_MAX_TEXT_TOKENS, BackboneSettings,
@@ -168,18 +169,22 @@ class BackboneAdapter(PromptLayout, InputLimits, torch.nn.Module):
         ``[]`` when the layer does not have both, when gradient checkpointing would
         recompute the layer outside the forward, or when a dropout in the layer is active
         (fewer rows would draw other random masks)."""
-        if getattr(self.hf_model, "is_activation_checkpointing", False):
-            return []
         try:
-            layer = self.language_model().layers[-1]
+            lm = self.language_model()
+            layer = lm.layers[-1]
         except (AttributeError, IndexError, TypeError):
             return []
-        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training
-               for m in layer.modules()):
+        if checkpointing(lm) or dropout_active(layer):
             return []
         mods = [getattr(getattr(layer, "self_attn", None), "o_proj", None),
                 getattr(layer, "mlp", None)]
         return mods if all(isinstance(m, torch.nn.Module) for m in mods) else []
+
+    #: Whether text-only batches may run their rows' shared leading tokens once
+    #: (:mod:`fam.backbones.prefix`; needs plain ``0..n-1`` positions for text).
+    shared_prefix_ok: ClassVar[bool] = False
+    #: Leading dimensions of the language model's ``position_ids`` (3: multimodal RoPE).
+    position_id_dims: ClassVar[int] = 0
 
     #: Substrings of parameter names that belong to the vision tower (frozen by default
     #: when the language model is fully fine-tuned).

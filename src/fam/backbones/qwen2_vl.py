@@ -72,6 +72,8 @@ class Qwen2VLAdapter(BackboneAdapter):
     has_pixel_budget = True
     video_input = "native"
     vlm2vec_video_token = "<|video_pad|>"
+    shared_prefix_ok = True
+    position_id_dims = 3
 
     def __init__(self, model, tokenizer, image_processor, **kwargs: Any):
         super().__init__(model, tokenizer, image_processor, **kwargs)

@@ -19,7 +19,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fam.experiments.presets import load_preset
     plan = load_preset(DemoConfig, args.preset) if args.preset else None
     res = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
-                   plan=plan, threads=args.threads)
+                   plan=plan, threads=args.threads, workers=args.workers)
     print(format_report(res))
     print(f"artefacts in {Path(args.out).resolve()} (results.json, results.md, */model)")
     print(next_steps(res))
@@ -49,6 +49,9 @@ def add_demo_subcommand(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--threads", type=nonneg_int, default=None,
                    help="torch threads (default 1: fastest for the tiny models; 0 = torch's own)")
+    d.add_argument("--workers", type=int, choices=(1, 2), default=2,
+                   help="processes: 2 (default) trains FAM's stages beside the baseline's, "
+                        "1 one after the other (the same models)")
     d.set_defaults(func=cmd_demo)
     return d
 

@@ -17,7 +17,8 @@ A test (``tests/test_architecture.py``) keeps every ``*Config`` dataclass in thi
 from fam.config.checks import Validated, bookkeeping_keys
 from fam.config.deploy import (HnswConfig, MultiVectorIndexConfig, SearchWorkerConfig,
                                ServeConfig)
-from fam.config.experiments import CompareConfig, DemoConfig, SceneModelConfig, TinyModelConfig
+from fam.config.experiments import (CompareConfig, DemoConfig, DemoMediaConfig,
+                                    SceneModelConfig, TinyModelConfig)
 from fam.config.loader import (apply_overrides, deep_merge, from_dict, load_config, read_yaml,
                                to_dict)
 from fam.config.scenes import ScenesConfig, ScenesMediaConfig
@@ -32,6 +33,7 @@ __all__ = ["Validated", "bookkeeping_keys", "load_config", "from_dict", "to_dict
            "VeinConfig", "AdaptConfig", "ProjectorConfig", "CAbstractorConfig", "TowerConfig",
            "SftConfig", "MultiVectorConfig",
            "ScenesConfig", "ScenesMediaConfig", "TinyModelConfig",
-           "SceneModelConfig", "DemoConfig", "CompareConfig", "ProbeConfig", "PlanConfig",
+           "SceneModelConfig", "DemoConfig", "DemoMediaConfig", "CompareConfig", "ProbeConfig",
+           "PlanConfig",
            "HnswConfig", "ServeConfig", "MultiVectorIndexConfig", "SearchWorkerConfig",
            "GpuBenchConfig"]

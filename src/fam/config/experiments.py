@@ -8,14 +8,16 @@ are the shared base :class:`SceneModelConfig`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from fam.config.checks import Validated, choice, fail, integer, number
-from fam.config.scenes import ScenesConfig
+from fam.config.scenes import ScenesConfig, ScenesMediaConfig
 from fam.config.stages import (BETA_SCHEDULES, PROJECTOR_TYPES, AdaptConfig, AlignConfig,
                                ProjectorConfig, SftConfig, Stage0Config, TowerConfig, VeinConfig)
+from fam.config.training import OptimConfig
 
-__all__ = ["TinyModelConfig", "SceneModelConfig", "DemoConfig", "CompareConfig", "TINY_SIZES",
+__all__ = ["TinyModelConfig", "SceneModelConfig", "DemoMediaConfig", "DemoConfig", "CompareConfig", "TINY_SIZES",
            "TINY_FAMILIES", "TINY_LLMS", "SCENES_POOLS", "ABLATION_SIZES", "ABLATION_GROUPS",
            "ABLATION_DEFAULT_GROUPS"]
 
@@ -69,6 +71,29 @@ class SceneModelConfig(Validated):
 
 
 @dataclass
+class DemoMediaConfig(Validated):
+    """The demo's video and document part (docs/mmeb_v2.md): Scenes-Video and Scenes-Docs,
+    one more adaptation of the baseline and of FAM (with VEIN) on their training rows with
+    image rows replayed, and the MMEB-V2 evaluation (nine groups, image/video/visdoc/overall).
+
+    Off by default: ``fam ablate`` and the sweeps build on the demo's budgets and stay
+    image-only (they drop this section); the ``demo`` preset turns it on."""
+
+    enabled: bool = False  # train and evaluate the video and document tasks too
+    scenes: ScenesMediaConfig = field(default_factory=ScenesMediaConfig)  # Scenes-Video/Docs sizes (seed: the run's)
+    image_replay: int = 64  # image training rows per Scenes dataset mixed into the media stage (a seeded sample)
+    # Qwen2-VL pixel floor of every model's load in the demo (0: the model's own). The tiny
+    # models' floor is the 112-px image's, which would upscale 56-px frames 4x; the images
+    # (112 px, inside the budget) are unchanged by it.
+    min_pixels: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, steps=150))  # the media stage
+
+    def check(self, prefix: str) -> None:
+        integer(prefix + "image_replay", self.image_replay, 0)
+        integer(prefix + "min_pixels", self.min_pixels, 0)
+
+
+@dataclass
 class DemoConfig(SceneModelConfig):
     """The main job and the ablations: stage 0, the VLM2Vec baseline and FAM from it."""
 
@@ -77,6 +102,13 @@ class DemoConfig(SceneModelConfig):
     vein: VeinConfig = field(default_factory=lambda: VeinConfig(enabled=True))  # FAM's VEIN
     fam: bool = True  # also train FAM (MAC + VEIN) and compare
     adapt_seed_offset: int = 0  # added to the seed of every adaptation: another batch order with the same initialisation and stage 0 (docs/baseline_stability.md)
+    media: DemoMediaConfig = field(default_factory=DemoMediaConfig)  # video and documents (off: image-only)
+
+    def image_only(self) -> "DemoConfig":
+        """These budgets without the video and document part (``media`` back to its
+        default, off): what ``fam ablate`` and the sweeps run, so their runs, recipe keys
+        and recorded settings are those of the image-only demo whatever ``media`` says."""
+        return dataclasses.replace(self, media=DemoMediaConfig())
 
     def check(self, prefix: str) -> None:
         super().check(prefix)

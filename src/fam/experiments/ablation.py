@@ -132,11 +132,11 @@ def plan_for_size(size: str) -> DemoConfig:
 
     ``quick``: a few steps per stage (every group's code path in CI time). ``small``: a 4-layer
     tiny model with short stages, sized so that every group with 2 seeds fits in about 40
-    minutes on 2 shared CPU cores. ``demo``: the full demo's budgets (hours on a CPU).
+    minutes on 2 shared CPU cores. ``demo``: the full demo's, image-only (hours on a CPU).
     """
     if size not in SIZES:
         raise ConfigError(f"unknown ablation size {size!r}; choose one of {list(SIZES)}")
-    return load_preset(DemoConfig, SIZES[size])
+    return load_preset(DemoConfig, SIZES[size]).image_only()
 
 
 SIZES = ABLATION_SIZES  #: ablation sizes and their presets (fam.config.experiments)
@@ -311,14 +311,14 @@ def run_ablation(out: str | Path, seeds: Sequence[int] = (0, 1), size: str = "sm
 
     before = torch.get_num_threads()
     try:
-        plan, out = start_experiment(plan or plan_for_size(size), out, "ablate", threads=threads)
+        plan = (plan or plan_for_size(size)).image_only()  # image-only, whatever the preset
+        plan, out = start_experiment(plan, out, "ablate", threads=threads)
         groups = list(groups or DEFAULT_GROUPS)
         t_start = time.time()
         if report_only:
             return _report(out, seeds, size, groups, plan, configs, t_start, final=True)
-        # The benchmark is generated once, with seed 0, and shared by every seed: the seed
-        # varies the model's initialisation, stage 0 and the training order. It is built
-        # before any worker starts, so workers only read it.
+        # The benchmark is generated once, with seed 0, and shared by every seed (which varies
+        # the initialisation, stage 0 and training order), before any worker starts.
         prepare_scenes(out / "data", dataclasses.replace(plan.scenes, seed=0), progress=False)
         if workers == 1:
             _work(out, seeds, groups, plan, configs, progress, probes,

@@ -139,14 +139,15 @@ def load_sweep(name: str, base: str | None = None) -> Sweep:
     if not isinstance(points, dict) or not points:
         raise ConfigError(f"{path}: sweep.points must map each point's label to a list of "
                           "key=value overrides")
-    base_dict = to_dict(load_preset(DemoConfig, base))
+    # Sweeps are image-only (DemoConfig.image_only): the demo's video part is not swept.
+    base_dict = to_dict(load_preset(DemoConfig, base).image_only())
     out = []
     for label, ovs in points.items():
         if not isinstance(ovs, list) or not all(isinstance(o, str) for o in ovs):
             raise ConfigError(f"{path}: sweep.points.{label} must be a list of key=value "
                               f"strings, got {ovs!r}")
         try:
-            plan = load_preset(DemoConfig, base, ovs)
+            plan = load_preset(DemoConfig, base, ovs).image_only()
         except ConfigError as e:
             raise ConfigError(f"{path}: sweep.points.{label}: {e}") from None
         if to_dict(plan.scenes) != base_dict["scenes"]:
@@ -286,8 +287,8 @@ def run_sweep(out: str | Path, name: str, seeds: Sequence[int] = (0, 1, 2),
     sweep = load_sweep(name, base)
     before = torch.get_num_threads()
     try:
-        base_plan, out = start_experiment(load_preset(DemoConfig, sweep.base), out, "sweep",
-                                          threads=threads)
+        base_plan, out = start_experiment(load_preset(DemoConfig, sweep.base).image_only(), out,
+                                          "sweep", threads=threads)
         t_start = time.time()
         if not report_only:
             prepare_scenes(out / "data", dataclasses.replace(base_plan.scenes, seed=0),

@@ -16,6 +16,7 @@ from torch import nn
 
 from fam.backbones.base import BackboneAdapter, EncodedBatch
 from fam.backbones.fastpath import pooled_rows_only
+from fam.backbones.prefix import shared_prefix_forward, shared_prefix_len
 from fam.data.types import MMItem
 from fam.utils.layers import resolve_layer
 
@@ -116,12 +117,18 @@ class EmbeddingModel(nn.Module):
         # and keeping num_layers + 1 (B, L, d) tensors alive costs memory for nothing.
         # Only the EOS row of the last layer is pooled: when the caller reads nothing else,
         # its token-wise modules run on that row alone (exact, less work).
-        mods = self.adapter.pooled_token_modules() if (
-            pooled_only and not layers and not output_attentions) else []
-        with pooled_rows_only(mods, batch.eos_index):
-            out = self.adapter.forward(batch, output_hidden_states=bool(layers),
-                                       output_attentions=output_attentions)
-        last = out.last_hidden_state
+        pooled_only = pooled_only and not layers and not output_attentions
+        mods = self.adapter.pooled_token_modules() if pooled_only else []
+        # Rows sharing their leading tokens (an instruction): those run once (exact).
+        shared = shared_prefix_len(self.adapter, batch) if pooled_only else 0
+        if shared:
+            out = None
+            last = shared_prefix_forward(self.adapter, batch, shared, mods)
+        else:
+            with pooled_rows_only(mods, batch.eos_index):
+                out = self.adapter.forward(batch, output_hidden_states=bool(layers),
+                                           output_attentions=output_attentions)
+            last = out.last_hidden_state
         idx = torch.arange(last.shape[0], device=last.device)
         emb = last[idx, batch.eos_index]
         if self.normalize:

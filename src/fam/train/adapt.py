@@ -28,6 +28,7 @@ from torch import nn
 
 from fam import distributed as dist_utils
 from fam.backbones.base import BackboneAdapter, EncodedBatch
+from fam.backbones.fastpath import frozen_vision_memo
 from fam.config import AdaptConfig
 from fam.data.mmeb import TrainPair, dataset_info, load_dataset_infos, load_train
 from fam.data.types import MMItem
@@ -182,6 +183,11 @@ class ContrastiveModule(nn.Module):
         self.vein = vein
         self.vein_diagnose = vein_diagnose and vein is not None
         self.multivector = multivector
+
+    def frozen_memo(self):
+        """What GradCache may keep between a chunk's two passes: the frozen vision tower's
+        outputs (:func:`fam.backbones.fastpath.frozen_vision_memo`; None when trained)."""
+        return frozen_vision_memo(self.embedder.adapter)
 
     def grad_norm_params(self) -> list[nn.Parameter]:
         """The backbone's trained weights: where the diagnostic measures gradient norms."""

@@ -33,6 +33,11 @@ the global RNG, so they are replayed like dropout.
 
 Memory: pass 1 holds one chunk's activations without graph, pass 3 one chunk's graph; the
 full batch only ever exists as its small outputs (plus the inputs).
+
+Less work, same gradients (single process): the last chunk's pass 1 runs with grad and its
+graph is back-propagated first in pass 3 instead of being re-run (its graph is then the one
+alive), and a module's ``frozen_memo()`` (:class:`fam.backbones.fastpath.OutputMemo`, a
+frozen vision tower) records its outputs in pass 1 and replays them in pass 3.
 """
 from __future__ import annotations
 
@@ -282,16 +287,29 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
     device = _device_of(module)
     # Pass 1: outputs without graph. The unwrapped module is enough (no grad means nothing
     # for DDP to reduce) and avoids DDP's per-forward buffer broadcast.
+    # A frozen vision tower computes the same features in pass 3: kept from pass 1.
+    memo = module.frozen_memo() if (ddp_module is None and hasattr(module, "frozen_memo")) \
+        else None
+    # The last chunk's pass 1 runs with grad and its graph is kept for pass 3 (back-
+    # propagated first, so one chunk's graph is alive at a time): no re-run for it.
+    # (Not under DDP/FSDP, whose hooks must see the re-runs.)
+    keep = len(chunks) - 1 if ddp_module is None else -1
+    kept = None
     states, outs = [], []
-    with torch.no_grad():
-        for c in chunks:
-            states.append(RngState(device))
+    for ci, c in enumerate(chunks):
+        states.append(RngState(device))
+        if ci == keep:
+            kept = module(c, step)
+            outs.append(kept)
+            continue
+        with torch.no_grad(), memo.record(ci) if memo is not None else contextlib.nullcontext():
             outs.append(module(c, step))
     after = RngState(device)
 
     # Pass 2: the loss on detached leaves, and its gradient w.r.t. every float output.
     leaves = [{k: (v.detach().requires_grad_(True) if torch.is_tensor(v) and
-                   v.is_floating_point() else v) for k, v in o.items()} for o in outs]
+                   v.is_floating_point() else v.detach() if torch.is_tensor(v) else v)
+               for k, v in o.items()} for o in outs]
     terms = loss(**combine(leaves), batch=batch, step=step)
     # Gradient-norm diagnostics need the whole graph, which GradCache never holds.
     terms.pop("grad_terms", None)
@@ -318,11 +336,16 @@ def gradcache_step(module: nn.Module, loss: Loss, batch: Any, step: int, chunk_s
     # targets') has each part back-propagated before the next is computed, so only one
     # part's graph is alive at a time. (Not through a DDP wrapper: its hooks are on forward.)
     parts = getattr(module, "forward_parts", None) if ddp_module is None else None
+    if kept is not None:
+        _backward_surrogate(kept, cached[keep])
+        kept = outs[keep] = None
     for ci, c in enumerate(chunks):
+        if ci == keep:
+            continue
         last = ci == len(chunks) - 1
         ctx = ddp_module.no_sync() if (ddp_module is not None and hasattr(ddp_module, "no_sync")
                                        and not (sync and last)) else contextlib.nullcontext()
-        with ctx:
+        with ctx, memo.replay(ci) if memo is not None else contextlib.nullcontext():
             states[ci].restore()
             for out in (parts(c, step) if parts is not None else [fwd(c, step)]):
                 _backward_surrogate(out, cached[ci])

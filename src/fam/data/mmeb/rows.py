@@ -9,12 +9,15 @@ from typing import Any, Iterable, Sequence
 from fam.data.mmeb.layout import discover_datasets, guess_image_root, iter_rows
 from fam.data.mmeb.records import (EVAL_FIELDS, TRAIN_FIELDS, TRAIN_OPTIONAL, TRAIN_REQUIRED,
                                    EvalRow, TrainPair)
-from fam.data.items import check_item, visual_inputs as _visuals
+from fam.data.items import VISUAL_KEYS, check_item, visual_inputs as _visuals
 from fam.data.types import IMAGE_PLACEHOLDER, MMItem
 from fam.errors import DataError
 from fam.utils.io import read_jsonl, resolve_under
 
 logger = logging.getLogger(__name__)
+#: Training-row columns read (parquet reads only these): MMEB's, and each side's video.
+_TRAIN_COLUMNS = [*TRAIN_REQUIRED, *TRAIN_OPTIONAL,
+                  *(VISUAL_KEYS[side][1] for side in ("query", "pos", "neg"))]
 
 
 class _ItemFactory:
@@ -190,7 +193,7 @@ def load_train(data_dir_or_file: str | Path, image_root: str | Path | None,
     for name in names:
         rows: list[TrainPair] = []
         for f in found[name]:
-            for line, row in iter_rows(f, TRAIN_REQUIRED + TRAIN_OPTIONAL, TRAIN_REQUIRED):
+            for line, row in iter_rows(f, _TRAIN_COLUMNS, TRAIN_REQUIRED):
                 rows.append(_parse_train_row(row, f, line, name, make))
         if max_per_subset is not None and len(rows) > max_per_subset:
             keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(rows)),
