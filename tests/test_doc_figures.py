@@ -150,3 +150,18 @@ def test_results_json_say_where_they_came_from(name):
         if "load_avg_before" in run or name != "encode_history.json":
             # timings: the machine's load beside them
             assert run["load_avg_before"] and run["load_avg_after"]
+
+
+def test_multivector_study_table_is_the_reports():
+    """The README's study table (issue 19) is summary_table of the committed report, row for
+    row, and its one-sentence answer quotes the report's paired differences."""
+    from fam.experiments.multivector_study import summary_table
+    report = _load("multivector_study/ablation.json")
+    table = summary_table(report)
+    assert len(table) > 2
+    readme = (ROOT / "README.md").read_text()
+    for row in table:
+        assert row in readme, row
+    paired = {(p["config"], p["reference"]): p["metrics"]["overall"] for p in report["paired"]}
+    late = paired[("mac_only · maxsim", "mac_only")]
+    assert f"{late['mean']:+.1f} [{late['ci95'][0]:+.1f}, {late['ci95'][1]:+.1f}]" in readme

@@ -109,3 +109,33 @@ def test_plots_write_files(tmp_path):
     lines = table.splitlines()
     assert lines[0] == "| row | atom 1 | atom 2 |" and len(lines) == 4
     assert "␣hand (0.50)" in lines[2] and "a\\|b (0.10)" in lines[3]
+
+
+# --------------------------------------------------------------------------- MaxSim maps
+
+def test_grid_coverage_equals_a_per_pixel_count():
+    from fam.analysis.alignment import grid_coverage
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 12, 9, generator=g) > 0.6
+    cov = grid_coverage(masks, (4, 3))
+    for k in range(3):
+        for i in range(4):
+            for j in range(3):
+                cell = [bool(masks[k, y, x]) for y in range(3 * i, 3 * i + 3)
+                        for x in range(3 * j, 3 * j + 3)]
+                assert float(cov[k, i * 3 + j]) == pytest.approx(sum(cell) / 9)  # float32 mean of 9
+
+
+def test_token_maps_pointing_and_shuffled_chance():
+    from fam.analysis.alignment import (patch_miou, pointing_accuracy, shuffled_miou,
+                                        token_maps)
+    q, d = torch.eye(4)[:2], torch.eye(4)
+    assert torch.equal(token_maps(q, d), torch.eye(4)[:2])
+    gt = torch.zeros(6, 16, dtype=torch.bool)
+    for k in range(6):
+        gt[k, 2 * k:2 * k + 2] = True
+    perfect = gt.float()
+    assert patch_miou(perfect, gt) == 1.0 and pointing_accuracy(perfect, gt) == 1.0
+    assert shuffled_miou(perfect, gt) < 0.5  # placement lost: far below the perfect map
+    wrong = torch.roll(perfect, 4, dims=1)
+    assert pointing_accuracy(wrong, gt) == 0.0

@@ -163,3 +163,60 @@ def alignment_report(vision_tokens: torch.Tensor, label_embs: torch.Tensor,
     return {"miou": _nanmean(ious), "in_mask_cos": _nanmean(inside),
             "out_mask_cos": _nanmean(outside), "contrast": _nanmean(diff),
             "n_regions": float(ok.sum())}
+
+
+# --------------------------------------------------------------------------- MaxSim maps
+
+def grid_coverage(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each cell of a ``(G_h, G_w)`` grid that each mask covers, cells splitting
+    the image evenly (what an encoder that resizes the whole image, without cropping, reads:
+    Qwen2-VL's merged tokens on a Scenes image).
+
+    Args:
+        masks: ``(K, H, W)`` bool masks at image resolution.
+        grid: ``(G_h, G_w)`` token grid (raster order).
+
+    Returns:
+        ``(K, G_h·G_w)`` float32 coverage in ``[0, 1]``.
+    """
+    k, h, w = masks.shape
+    gh, gw = grid
+    rows = [round(i * h / gh) for i in range(gh + 1)]
+    cols = [round(j * w / gw) for j in range(gw + 1)]
+    m = masks.float()
+    out = torch.zeros(k, gh, gw)
+    for i in range(gh):
+        for j in range(gw):
+            cell = m[:, rows[i]:rows[i + 1], cols[j]:cols[j + 1]]
+            out[:, i, j] = cell.mean(dim=(1, 2)) if cell.numel() else 0.0
+    return out.reshape(k, gh * gw)
+
+
+def token_maps(query_tokens: torch.Tensor, doc_tokens: torch.Tensor) -> torch.Tensor:
+    """MaxSim's similarity maps: ``(n_q, N)``, query token ``j``'s similarity with each of the
+    document's ``N`` tokens (MaxSim takes each row's max). Inputs are unit vectors, so this
+    is their cosine."""
+    return query_tokens.detach().float() @ doc_tokens.detach().float().T
+
+
+def pointing_accuracy(sim_maps: torch.Tensor, gt_patch_sets: torch.Tensor) -> float:
+    """Fraction of regions (with a non-empty ``S_k``) whose map peaks inside ``S_k``."""
+    gt = gt_patch_sets.to(sim_maps.device).bool()
+    ok = gt.any(-1)
+    if not bool(ok.any()):
+        return float("nan")
+    hit = gt.gather(1, sim_maps.float().argmax(-1, keepdim=True)).squeeze(1)
+    return float(hit[ok].float().mean())
+
+
+def shuffled_miou(sim_maps: torch.Tensor, gt_patch_sets: torch.Tensor, threshold: float = 0.5,
+                  repeats: int = 20, seed: int = 0) -> float:
+    """Chance level of :func:`patch_miou`: the same maps with their cells permuted at random
+    (each map its own permutation, ``repeats`` draws averaged), so a map's value spread is
+    kept and only its placement on the image is lost."""
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(repeats):
+        perm = torch.rand(sim_maps.shape, generator=g).argsort(dim=-1)
+        vals.append(patch_miou(sim_maps.float().gather(1, perm), gt_patch_sets, threshold))
+    return float(sum(vals) / len(vals))

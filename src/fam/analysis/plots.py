@@ -400,3 +400,51 @@ def _tie_digits(values: Sequence[float], least: int = 2, most: int = 6) -> int:
         if len({round(v, d) for v in values}) == distinct:
             return d
     return most
+
+
+def plot_token_maps(examples: Mapping[str, Mapping[str, Any]], image_root: str | Path,
+                    path: str | Path, alpha: float = 0.55) -> Path:
+    """MaxSim maps of one query over one image: a row per model, a column per query token
+    (then their mean), each map min-max stretched over the image on its token grid.
+
+    Args:
+        examples: model label → ``{"image": path under image_root, "caption", "tokens":
+            [n], "maps": (n, N) nested lists, "grid": [G_h, G_w], "box": the part of the
+            image the grid covers, fractions (x0, y0, x1, y1), default the whole image}``
+            (:func:`fam.experiments.multivector_study.map_check`'s ``example``).
+        image_root: folder the images are relative to.
+        path: output file.
+    """
+    from PIL import Image as PILImage
+
+    plt = _plt()
+    cols = max(len(e["tokens"]) for e in examples.values()) + 2
+    rows = len(examples)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.8 * rows + 0.4), squeeze=False)
+    first = next(iter(examples.values()))
+    for r, (label, e) in enumerate(examples.items()):
+        img = np.asarray(PILImage.open(Path(image_root) / e["image"]).convert("RGB"))
+        h, w = img.shape[:2]
+        gh, gw = e["grid"]
+        maps = np.asarray(e["maps"], dtype=np.float32).reshape(-1, gh, gw)
+        panels = [("image", None)] + list(zip(e["tokens"], maps)) + [("mean", maps.mean(0))]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c >= len(panels):
+                continue
+            name, m = panels[c]
+            ax.imshow(img)
+            if m is not None:
+                lo, hi = float(m.min()), float(m.max())
+                m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+                x0, y0, x1, y1 = e.get("box", (0.0, 0.0, 1.0, 1.0))
+                ax.imshow(m, cmap="jet", alpha=alpha, extent=(x0 * w, x1 * w, y1 * h, y0 * h),
+                          interpolation="nearest", vmin=0.0, vmax=1.0)
+            ax.set_title(f"'{name}'" if m is not None and name != "mean" else name, fontsize=8)
+            if c == 0:
+                ax.text(-0.08, 0.5, label, transform=ax.transAxes, rotation=90, va="center",
+                        ha="right", fontsize=8)
+    fig.suptitle(f"MaxSim maps of \"{first['caption']}\" over its image (query token × image "
+                 "token similarity, min-max per map)", fontsize=9)
+    return _save(fig, path)

@@ -50,8 +50,8 @@ from fam.utils.layers import negative_layer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProbeConfig", "ProbeRegion", "ProbeImage", "load_probe_images", "crop_region",
-           "load_probe_model", "embed_items", "similarity_probes", "attention_probe",
+__all__ = ["ProbeConfig", "ProbeRegion", "ProbeImage", "load_probe_images", "pad_records",
+           "crop_region", "load_probe_model", "embed_items", "similarity_probes", "attention_probe",
            "run_probes", "format_probes", "plot_similarity_probes", "plot_layer_attention"]
 
 
@@ -69,6 +69,18 @@ class ProbeImage:
 
 
 # --------------------------------------------------------------------------- data
+
+def pad_records(data_dir: str | Path, split: str = "eval", max_images: int = 64) -> list[Any]:
+    """The first ``max_images`` validated PAD records (:class:`fam.pad.records.PadRecord`, with
+    region masks) of one split's images in ``<data_dir>/pad.jsonl``, counterfactual renders
+    included (the multi-vector study's map check)."""
+    prefix = f"images/{split}/"
+    recs = [r for r in iter_pad(Path(data_dir) / "pad.jsonl", data_dir, select=prefix)
+            if r.image.startswith(prefix)]
+    if not recs:
+        raise DataError(f"no image under {prefix!r}", Path(data_dir) / "pad.jsonl")
+    return recs[:max_images]
+
 
 def load_probe_images(data_dir: str | Path, split: str = "eval", max_images: int = 64,
                       ) -> list[ProbeImage]:

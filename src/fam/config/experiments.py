@@ -34,8 +34,8 @@ SCENES_POOLS = ("eval", "novel", "crowded", "striped")
 ABLATION_SIZES: dict[str, str] = {"quick": "ablation_quick", "small": "ablation_small",
                                   "demo": "demo"}
 #: Ablation groups in report order (fam.experiments.ablation_report.GROUPS).
-ABLATION_GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms", "control",
-                                    "mask_ratio", "vein_layers")
+ABLATION_GROUPS: tuple[str, ...] = ("main", "multivector", "inversion", "vein_weight",
+                                    "mac_terms", "control", "mask_ratio", "vein_layers")
 #: Groups run when none is named: the decisive comparison (the γ and layer sweeps are
 #: opt-in with ``--only``).
 ABLATION_DEFAULT_GROUPS: tuple[str, ...] = ("main", "inversion", "vein_weight", "mac_terms",

@@ -21,6 +21,10 @@ MMEB with Qwen2-VL-2B; VEIN position: none 55.0, all 54.2, last 55.3, second-to-
   than none).
 * ``vein_layers`` — VEIN only at the last, the second-to-last, the last three and all
   layers (paper's position ablation, also VEIN only).
+* ``multivector`` — one vector or many (:mod:`fam.experiments.multivector_study`): the
+  baseline, MAC only and FAM read zero-shot as MaxSim over their token states, and the
+  baseline and MAC only adapted with ``multivector.enabled=true``; each scored single,
+  maxsim and hybrid, plus MaxSim maps against the objects' masks.
 
 For each seed the Scenes data (generated once, with seed 0, shared by every seed: the
 seed varies the model's initialisation, stage 0 and the training order, not the
@@ -55,10 +59,10 @@ from typing import Any, Callable, Sequence
 
 from fam.config import AdaptConfig, AlignConfig, DemoConfig
 from fam.config.experiments import ABLATION_SIZES
-from fam.data.types import IMAGE_PLACEHOLDER
 from fam.errors import ConfigError
 from fam.experiments.ablation_report import (DEFAULT_GROUPS, GROUPS, INVERSION_WEIGHT,
                                              mechanism_checks, write_report)
+from fam.experiments.control import CAPTION_SUBSET, caption_pairs_train_dir
 from fam.experiments.pipeline import (base_model, num_layers, prepare_scenes, stage_run,
                                       start_experiment)
 from fam.experiments.presets import load_preset
@@ -77,10 +81,8 @@ MAC_ALL: tuple[float, float, float] = (1.0, 1.0, 1.0)
 #: Order in which groups' runs are trained (every seed of a config before the next
 #: config): the paper's comparison, the inversion variant, the data control, the MAC
 #: terms, then the extra references and the sweeps.
-RUN_PRIORITY: tuple[str, ...] = ("main", "inversion", "control", "mac_terms", "vein_weight",
-                                 "mask_ratio", "vein_layers")
-#: Name of the caption subset the control adds to the task pairs.
-CAPTION_SUBSET = "Scenes-Captions"
+RUN_PRIORITY: tuple[str, ...] = ("main", "multivector", "inversion", "control", "mac_terms",
+                                 "vein_weight", "mask_ratio", "vein_layers")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class AblationRun:
         vein_weight: λ.
         captions: the Table 3 control: MAC's image-caption pairs join the task pairs and
             the adaptation runs as many steps as MAC + adaptation.
+        multivector: adaptation with the late-interaction loss (``multivector.enabled``).
     """
 
     align_weights: tuple[float, float, float] | None = None
@@ -106,6 +109,7 @@ class AblationRun:
     vein_memory: str = "unmasked"
     vein_weight: float = 1.0
     captions: bool = False
+    multivector: bool = False
 
     @property
     def key(self) -> str:
@@ -119,7 +123,8 @@ class AblationRun:
                 vein += f"_{self.vein_memory}"
             if self.vein_weight != 1.0:
                 vein += f"_w{self.vein_weight:g}"
-        return f"mac{mac}__vein{vein}" + ("__captions" if self.captions else "")
+        return (f"mac{mac}__vein{vein}" + ("__captions" if self.captions else "")
+                + ("__mv" if self.multivector else ""))
 
 
 def plan_for_size(size: str) -> DemoConfig:
@@ -196,6 +201,9 @@ def expand_groups(groups: Sequence[str], num_layers: int,
         elif g == "vein_layers":
             out[g] = [(name, AblationRun(vein=True, mask_ratio=default_ratio, vein_layers=ls))
                       for name, ls in vein_layer_sets(num_layers).items()]
+        elif g == "multivector":
+            from fam.experiments.multivector_study import study_runs
+            out[g] = study_runs(MAC_ALL, vein)
     return out
 
 
@@ -220,46 +228,14 @@ def adapt_config(run: AblationRun, start: str | Path, data: str | Path, out: str
     if run.captions:  # task pairs + MAC's caption pairs, for align + adapt steps
         optim = dataclasses.replace(optim, steps=optim.steps + plan.align.optim.steps)
     data = Path(data)
+    mv = dataclasses.replace(plan.adapt.multivector, enabled=run.multivector or
+                             plan.adapt.multivector.enabled)
     return dataclasses.replace(plan.adapt, model=str(start), image_root=str(data), vein=vein,
+                               multivector=mv,
                                train_dir=str(data / ("train_captions" if run.captions else
                                                      "train")), optim=optim,
                                run=stage_run(plan.adapt.run, Path(out),
                                              seed + plan.adapt_seed_offset, plan, progress))
-
-
-def caption_pairs_train_dir(data: str | Path, plan: DemoConfig) -> Path:
-    """``<data>/train_captions``: the task subsets plus MAC's image-caption pairs as a
-    retrieval subset (the Table 3 control's training data).
-
-    The pairs are exactly MAC's (:func:`fam.data.captions.load_captions` on
-    ``captions.json``, the caption field MAC reads) with MAC's prompts: query = the image
-    after ``align.image_instruction``, positive = the caption after
-    ``align.text_instruction``. Written once (atomically); the task subsets are linked.
-    """
-    import shutil
-
-    from fam.data.captions import load_captions
-
-    data = Path(data)
-    out = data / "train_captions"
-    if (out / f"{CAPTION_SUBSET}.jsonl").exists():
-        return out
-    tmp = data / "train_captions.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in sorted((data / "train").iterdir()):
-        (tmp / f.name).symlink_to(f.resolve())
-    mac = plan.align
-    lines = []
-    for c in load_captions(data / "captions.json", data):
-        rel = Path(c.image).resolve().relative_to(data.resolve())
-        lines.append(json.dumps({"qry": f"{IMAGE_PLACEHOLDER}\n{mac.image_instruction}",
-                                 "qry_image_path": str(rel),
-                                 "pos_text": mac.text_instruction + c.target,
-                                 "pos_image_path": ""}))
-    (tmp / f"{CAPTION_SUBSET}.jsonl").write_text("\n".join(lines) + "\n")
-    tmp.rename(out)
-    return out
 
 
 # --------------------------------------------------------------------------- running
@@ -392,7 +368,7 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
     locks = out / "locks"
     pending: list[tuple[int, str]] = [(s, "stage0") for s in seeds]
     rank: dict[str, int] = {}  # run key -> priority (:data:`RUN_PRIORITY`)
-    runs_of: dict[int, dict[str, AblationRun]] = {}
+    runs_of: dict[int, tuple[dict[str, list[tuple[str, AblationRun]]], dict[str, AblationRun]]] = {}
     while pending:
         did = waiting = False
         for task in list(pending):
@@ -418,15 +394,21 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
                 if did:
                     break
                 continue
-            if (root / "results" / f"{key}.json").exists():
+            expanded, runs = runs_of.setdefault(seed, _seed_runs(root, groups, plan, configs))
+            study = _study_todo(root, key, expanded)  # the multi-vector study's reading
+            done = (root / "results" / f"{key}.json").exists()
+            if done and study is None:
                 pending.remove(task)
                 continue
-            run = runs_of.setdefault(seed, _seed_runs(root, groups, plan, configs)[1])[key]
+            run = runs[key]
             with try_lock(locks / f"seed{seed}-{key}.lock") as got:
-                if not got:
-                    pending.remove(task)  # another worker trains it and reports it
+                if not got:  # another worker trains it and reports it (then: its reading)
+                    waiting |= study is not None
+                    if study is None:
+                        pending.remove(task)
                     continue
-                align = run.align_weights and "-".join(f"{w:g}" for w in run.align_weights)
+                align = (not done and run.align_weights
+                         and "-".join(f"{w:g}" for w in run.align_weights))
                 if align and not (root / "align" / align / "model" / "config.json").exists():
                     with try_lock(locks / f"seed{seed}-align-{align}.lock") as got_align:
                         if not got_align:
@@ -436,13 +418,18 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
                         run_stage(align_config(run.align_weights, root / "stage0" / "model",
                                                data, root / "align" / align, seed, plan,
                                                progress))
-                log.info("ablate seed %d: run %s", seed, key)
-                rec = train_and_eval(run, root, root / "stage0" / "model", data, seed, plan,
-                                      progress, probes)
-                atomic_write_json(root / "results" / f"{key}.json", rec)
-                log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s",
-                         seed, key, rec["results"]["overall"], rec["results"]["IND"],
-                         rec["results"]["OOD"], sum(rec["timings_s"].values()))
+                if not done:
+                    log.info("ablate seed %d: run %s", seed, key)
+                    rec = train_and_eval(run, root, root / "stage0" / "model", data, seed, plan,
+                                         progress, probes)
+                    atomic_write_json(root / "results" / f"{key}.json", rec)
+                    log.info("ablate seed %d: %s overall %.1f (IND %.1f, OOD %.1f) in %.0f s",
+                             seed, key, rec["results"]["overall"], rec["results"]["IND"],
+                             rec["results"]["OOD"], sum(rec["timings_s"].values()))
+                if study is not None:
+                    from fam.experiments.multivector_study import study_eval
+                    log.info("ablate seed %d: multi-vector readings of %s", seed, key)
+                    atomic_write_json(study, study_eval(run, root, data, seed, plan, progress))
             pending.remove(task)
             did = True
             if on_run is not None:
@@ -454,6 +441,17 @@ def _work(out: Path, seeds: Sequence[int], groups: Sequence[str], plan: DemoConf
             if not waiting:
                 return
             time.sleep(poll_s)  # a checkpoint this worker needs is being trained elsewhere
+
+
+def _study_todo(root: Path, key: str, expanded: dict[str, list[tuple[str, AblationRun]]]
+                ) -> Path | None:
+    """The multi-vector study's result file of run ``key`` if the study wants it and it is
+    not written yet (:mod:`fam.experiments.multivector_study`)."""
+    from fam.experiments.multivector_study import STUDY_GROUP, study_file
+    if all(r.key != key for _, r in expanded.get(STUDY_GROUP, ())):
+        return None
+    f = study_file(root, key)
+    return None if f.exists() else f
 
 
 def _worker_main(out: str, seeds: list[int], groups: list[str], plan: DemoConfig,
@@ -496,5 +494,7 @@ def _report(out: Path, seeds: Sequence[int], size: str, groups: Sequence[str],
                 records.append(json.loads(rpath.read_text()))
             elif final:
                 log.info("ablate seed %d: %s not finished; left out of the report", seed, key)
-    return write_report(out, records, expanded, seeds, size, plan, stage0_times, t_start,
-                        final=final)
+    from fam.experiments.multivector_study import collect
+    expanded, late, study = collect(out, seeds, expanded)
+    return write_report(out, records + late, expanded, seeds, size, plan, stage0_times,
+                        t_start, final=final, study=study)

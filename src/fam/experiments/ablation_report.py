@@ -182,9 +182,11 @@ def _comparison_pairs(expanded: Mapping[str, Sequence[tuple[str, AblationRun]]]
         for label, r in cfgs:
             keys.setdefault(label, r.key)
     base = BASELINE_KEY
+    from fam.experiments.multivector_study import STUDY_COMPARISONS
     pairs = [(label, k, "baseline", base) for label, k in keys.items() if k != base]
-    pairs += [(a, keys[a], b, keys[b]) for a, b in COMPARISONS if a in keys and b in keys]
-    return pairs
+    pairs += [(a, keys[a], b, keys[b]) for a, b in COMPARISONS + STUDY_COMPARISONS
+              if a in keys and b in keys]
+    return list(dict.fromkeys(pairs))  # a study pair may also be "config − baseline"
 
 
 def _cell(d: Mapping[str, Any], signed: bool = False) -> str:
@@ -277,6 +279,9 @@ def format_ablation(report: Mapping[str, Any]) -> str:
                 f"{fmt(v.get('e_gap'), '{:+.2%}')}{_ignored(v)} | "
                 f"{fmt(v.get('grad_ratio'), '{:.2g}')} |")
         lines.append("")
+    if report.get("multivector"):
+        from fam.experiments.multivector_study import format_study, summary_table
+        lines += format_study(report["multivector"], summary_table(report))
 
     t = report.get("time_per_config_s")
     if t and t.get("median"):
@@ -314,9 +319,11 @@ def _chance_line(report: Mapping[str, Any]) -> str:
 def write_report(out: Path, records: list[dict[str, Any]],
                  expanded: Mapping[str, list[tuple[str, AblationRun]]], seeds: Sequence[int],
                  size: str, plan: DemoConfig, stage0_times: Sequence[float], t_start: float,
-                 final: bool = True) -> dict[str, Any]:
+                 final: bool = True, study: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write ``ablation.json``/``.md`` (and, when ``final``, the bootstrap intervals and
-    ``ablation.png``, which the intermediate reports during a run skip)."""
+    ``ablation.png``, which the intermediate reports during a run skip). ``study``: the
+    multi-vector study's map summary (:func:`fam.experiments.multivector_study.collect`),
+    its section and, when final, its figure ``multivector_maps.png``."""
     per_run = sorted(sum(r["timings_s"].values()) for r in records)
     s0 = sorted(stage0_times)
     report = {
@@ -334,6 +341,11 @@ def write_report(out: Path, records: list[dict[str, Any]],
         "wall_s": time.time() - t_start,
     }
     report["plot"] = _plot(out / "ablation.png", report, expanded) if final else None
+    if study:
+        from fam.experiments.multivector_study import plot_examples
+        report["multivector"] = dict(study)
+        report["multivector"]["plot"] = (plot_examples(out / "multivector_maps.png", study,
+                                                       out / "data") if final else None)
     atomic_write_json(out / "ablation.json", report)
     atomic_write_text(out / "ablation.md", format_ablation(report))
     return report
