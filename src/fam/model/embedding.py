@@ -119,8 +119,11 @@ class EmbeddingModel(nn.Module):
         # its token-wise modules run on that row alone (exact, less work).
         pooled_only = pooled_only and not layers and not output_attentions
         mods = self.adapter.pooled_token_modules() if pooled_only else []
-        # Rows sharing their leading tokens (an instruction): those run once (exact).
-        shared = shared_prefix_len(self.adapter, batch) if pooled_only else 0
+        # Rows sharing their leading tokens (an instruction): those run once. Encoding only:
+        # the split forward equals the plain one to float32 rounding (rotary tables and masks),
+        # not to float64's, so in training a batch's path would depend on how it is split
+        # (DDP ranks, GradCache chunks) and the float64 parity of those would break.
+        shared = shared_prefix_len(self.adapter, batch) if pooled_only and not self.training else 0
         if shared:
             out = None
             last = shared_prefix_forward(self.adapter, batch, shared, mods)
